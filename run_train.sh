@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Start a fine-tuning run; settings by environment variable (defaults in brackets).
+#
+#   bash run_train.sh                       the demo: embedded data and a small model, CPU is fine, no network
+#   BASE_MODEL=nvidia/segformer-b0-finetuned-ade-512-512 DATA_DIR=/data/uw-madison-gi-tract-image-segmentation \
+#     GPUS=0,1 bash run_train.sh            the real thing, one process per GPU through accelerate launch
+#
+#   BASE_MODEL   hub id or local folder            [demo: demo/models/tiny-segformer, built on first use]
+#   DATA_DIR     Kaggle-layout folder              [demo: demo/data, generated on first use]
+#   EPOCHS       [demo 12, else 15]   BATCH_SIZE [8]   LR [demo 2e-3, else 6e-5]   IMAGE_SIZE [demo 128, else 288]
+#   MIXED_PRECISION  no | fp16 | bf16  [no]
+#   OUTPUT_DIR   [runs/<model>-<time>]             LOG_FILE  [logs/<model>-<time>.log]
+#   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu)   [unset: default device]
+#   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
+#   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return)
+#   PYTHON       interpreter [.venv/bin/python if present, else python3]
+set -euo pipefail
+cd "$(dirname "$0")"
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+
+if [ -z "${DATA_DIR:-}" ]; then
+  DEMO=1
+  DATA_DIR=demo/data
+  [ -f "$DATA_DIR/train.csv" ] || { echo "creating demo data in $DATA_DIR"; "$PYTHON" demo_data.py --out "$DATA_DIR" >/dev/null; }
+else
+  DEMO=0
+fi
+if [ -z "${BASE_MODEL:-}" ]; then
+  BASE_MODEL=demo/models/tiny-segformer
+  [ -f "$BASE_MODEL/config.json" ] || { echo "creating demo model in $BASE_MODEL"; \
+    "$PYTHON" model.py make-tiny --family segformer --width 2 --out "$BASE_MODEL" >/dev/null; }
+fi
+if [ "$DEMO" = 1 ]; then
+  EPOCHS=${EPOCHS:-12}; LR=${LR:-2e-3}; IMAGE_SIZE=${IMAGE_SIZE:-128}; WARMUP=${WARMUP:-20}
+else
+  EPOCHS=${EPOCHS:-15}; LR=${LR:-6e-5}; IMAGE_SIZE=${IMAGE_SIZE:-288}; WARMUP=${WARMUP:-200}
+fi
+BATCH_SIZE=${BATCH_SIZE:-8}
+MIXED_PRECISION=${MIXED_PRECISION:-no}
+NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)"
+OUTPUT_DIR=${OUTPUT_DIR:-runs/$NAME}
+LOG_FILE=${LOG_FILE:-logs/$NAME.log}
+mkdir -p "$(dirname "$LOG_FILE")"
+
+ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
+      --epochs "$EPOCHS" --train_batch_size "$BATCH_SIZE" --lr "$LR" --image_size "$IMAGE_SIZE"
+      --warmup_steps "$WARMUP" --mixed_precision "$MIXED_PRECISION")
+# shellcheck disable=SC2206
+ARGS+=(${EXTRA_ARGS:-})
+if [ -n "${GPUS:-}" ]; then
+  export CUDA_VISIBLE_DEVICES="$GPUS"
+  NPROC=$(awk -F, '{print NF}' <<<"$GPUS")
+  if [ "$NPROC" -gt 1 ]; then
+    CMD=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1
+         --mixed_precision "$MIXED_PRECISION" --dynamo_backend no "${ARGS[@]}")
+  else
+    CMD=("$PYTHON" "${ARGS[@]}")
+  fi
+else
+  CMD=("$PYTHON" "${ARGS[@]}")
+fi
+
+run() {
+  echo "$(date '+%Y-%m-%d %H:%M:%S') run start: ${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${CMD[*]}"
+  local status=0
+  "${CMD[@]}" || status=$?
+  echo "$(date '+%Y-%m-%d %H:%M:%S') run end: exit status $status"
+  return "$status"
+}
+
+if [ "${FOREGROUND:-0}" = 1 ]; then
+  echo "log: $LOG_FILE   output: $OUTPUT_DIR"
+  set +e
+  run 2>&1 | tee "$LOG_FILE"
+  exit "${PIPESTATUS[0]}"
+fi
+nohup bash -c "$(declare -p CMD); $(declare -f run); run" >"$LOG_FILE" 2>&1 </dev/null &
+echo "started (pid $!): output in $OUTPUT_DIR"
+echo "log:    $LOG_FILE"
+echo "follow: tail -f $LOG_FILE"
