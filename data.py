@@ -154,7 +154,7 @@ def normalise_scan(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5
     lo, hi = np.percentile(img, [low_pct, high_pct])
     if hi <= lo:
         return np.zeros_like(img)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((img - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
 
 
 def case_folds(index: pd.DataFrame, n_folds: int, seed: int = 42) -> dict[int, int]:

@@ -47,14 +47,14 @@ def _draw_slice(rng: np.random.Generator, shape: tuple[int, int], z: float, anat
 
     masks = {}
     # Large bowel: a thick C-shaped tube along the body wall, dark, striped.
-    p = presence(0.20, 0.92)
+    p = presence(0.22, 0.82)
     r = np.hypot((yy - cy) / (0.30 * h), (xx - cx) / (0.33 * w))
     ang = np.arctan2(yy - cy, xx - cx)
     thick = 0.16 * p
     lb = (np.abs(r - 0.85) < thick) & (np.cos(ang - anatomy["lb_gap"]) < 0.55) & body if p > 0.15 else np.zeros(shape, bool)
     masks["large_bowel"] = lb
     # Small bowel: speckled loops near the centre; the first loop sits on the large bowel's wall.
-    p = presence(0.30, 0.85)
+    p = presence(0.32, 0.78)
     sb = np.zeros(shape, bool)
     if p > 0.15:
         for i, (oy, ox) in enumerate(anatomy["sb_loops"]):
@@ -63,7 +63,7 @@ def _draw_slice(rng: np.random.Generator, shape: tuple[int, int], z: float, anat
         sb &= body
     masks["small_bowel"] = sb
     # Stomach: a large bright smooth ellipse, upper part of the abdomen.
-    p = presence(0.05, 0.55)
+    p = presence(0.12, 0.58)
     st = _ellipse(yy, xx, cy - 0.14 * h, cx + 0.16 * w, 0.16 * h * p, 0.12 * w * p) & body if p > 0.2 else np.zeros(shape, bool)
     masks["stomach"] = st
 

@@ -7,6 +7,8 @@ slices. Global Dice pools every pixel of the split per class. IoU likewise.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -58,7 +60,8 @@ def summarise(stats: np.ndarray | torch.Tensor, empty: str = "1", classes: tuple
     ``global_dice_<class>``, ``global_dice_mean``, ``iou_<class>``, ``iou_mean``."""
     s = np.asarray(stats.cpu() if isinstance(stats, torch.Tensor) else stats, dtype=np.float64)
     out: dict[str, float] = {}
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a class skipped on every slice has no mean: NaN
         dice = np.nanmean(dice_from_stats(s, empty), axis=0) if len(s) else np.full(len(classes), np.nan)
         iou = np.nanmean(iou_from_stats(s, empty), axis=0) if len(s) else np.full(len(classes), np.nan)
     pooled = s.sum(axis=0)
@@ -67,7 +70,9 @@ def summarise(stats: np.ndarray | torch.Tensor, empty: str = "1", classes: tuple
         out[f"dice_{name}"] = float(dice[c])
         out[f"global_dice_{name}"] = float(gdice[c])
         out[f"iou_{name}"] = float(iou[c])
-    out["dice_mean"] = float(np.nanmean(dice))
-    out["global_dice_mean"] = float(np.nanmean(gdice))
-    out["iou_mean"] = float(np.nanmean(iou))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["dice_mean"] = float(np.nanmean(dice))
+        out["global_dice_mean"] = float(np.nanmean(gdice))
+        out["iou_mean"] = float(np.nanmean(iou))
     return out

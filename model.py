@@ -184,6 +184,27 @@ class SegmentationModel(nn.Module):
         return logits, aux
 
 
+def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> list[str]:
+    """Mark parameters that the forward pass never reaches as frozen; return their names.
+
+    Some architectures carry weights their segmentation forward does not use (DPT: the backbone's final
+    layernorm and the first fusion layer's first residual unit). Frozen, they change nothing in training and
+    DDP needs no ``find_unused_parameters`` search every step."""
+    was_training = model.training
+    model.eval()  # eval: batch-norm running statistics stay untouched; gradients flow all the same
+    model.zero_grad(set_to_none=True)
+    device = next(model.parameters()).device
+    logits, aux = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    (logits.float().sum() + (aux.float().sum() if aux is not None else 0)).backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return unused
+
+
 def save_model(hf_model: nn.Module, out_dir: str | Path, image_size: int, mean, std,
                state_dict: dict | None = None) -> None:
     """``save_pretrained`` (safetensors) plus the image processor, written atomically to ``out_dir``.

@@ -248,7 +248,7 @@ def train(cfg: TrainConfig) -> dict:
     from data import build_index, neighbour_table, split_by_case
     from dataset import SliceDataset
     from losses import SegmentationLoss, upsample_like
-    from model import SegmentationModel, load_model, save_model
+    from model import SegmentationModel, freeze_unused_parameters, load_model, save_model
 
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
@@ -300,6 +300,10 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.task, list(loaded.model.config.id2label.values()))
     logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
     model = SegmentationModel(loaded.model)
+    frozen = freeze_unused_parameters(model)
+    if frozen:
+        logger.info("frozen %d parameter tensors the architecture never uses: %s", len(frozen),
+                    ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
     if cfg.torch_compile:
         model = torch.compile(model)
 

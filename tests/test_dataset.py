@@ -1,0 +1,67 @@
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from augment import eval_transform, train_transform
+from cache import build_cache
+from data import build_index, neighbour_table
+from dataset import SliceDataset, multiclass_targets, unpack_targets
+
+
+@pytest.fixture(scope="module")
+def cached(demo_dir, tmp_path_factory):
+    index = build_index(demo_dir)
+    return index, build_cache(index, 64, tmp_path_factory.mktemp("cache"))
+
+
+def test_item_shapes_and_plain_mode_repeats_the_slice(cached):
+    index, cache = cached
+    ds = SliceDataset(cache, np.arange(len(index)), neighbour_table(index, 1), None, (0, 0, 0), (1, 1, 1))
+    item = ds[3]
+    assert item["pixel_values"].shape == (3, 64, 64) and item["pixel_values"].dtype == torch.float32
+    assert item["mask"].shape == (64, 64) and item["mask"].dtype == torch.uint8
+    px = item["pixel_values"]
+    assert torch.equal(px[0], px[1]) and torch.equal(px[1], px[2])
+    np.testing.assert_allclose(px[0].numpy(), cache.images[3].astype(np.float32))
+
+
+def test_25d_mode_stacks_neighbouring_slices(cached):
+    index, cache = cached
+    nb = neighbour_table(index, 3, stride=1)
+    ds = SliceDataset(cache, np.arange(len(index)), nb, None, (0, 0, 0), (1, 1, 1))
+    i = 4  # inside the first volume
+    px = ds[i]["pixel_values"].numpy()
+    for ch, j in enumerate((i - 1, i, i + 1)):
+        np.testing.assert_allclose(px[ch], cache.images[j].astype(np.float32))
+
+
+def test_normalisation_uses_the_model_statistics(cached):
+    index, cache = cached
+    ds = SliceDataset(cache, np.arange(len(index)), neighbour_table(index, 1), None, (0.5, 0.5, 0.5), (0.25,) * 3)
+    np.testing.assert_allclose(ds[0]["pixel_values"][0].numpy(), (cache.images[0].astype(np.float32) - 0.5) / 0.25,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("strong", [False, True])
+def test_augmentation_keeps_packed_mask_values_and_warns_nothing(cached, strong):
+    index, cache = cached
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warnings from albumentations 2.x argument names
+        tf = train_transform(64, strong=strong)
+        ds = SliceDataset(cache, np.arange(len(index)), neighbour_table(index, 1), tf)
+        for i in range(len(index)):
+            m = ds[i]["mask"].numpy()
+            assert set(np.unique(m)) <= set(np.unique(cache.masks))  # nearest neighbour: no blended bit patterns
+    assert eval_transform(64)(image=np.zeros((64, 64, 3), np.float32))["image"].shape == (64, 64, 3)
+
+
+def test_unpack_and_multiclass_priority():
+    packed = torch.tensor([[[0, 1, 2, 4], [3, 5, 6, 7]]], dtype=torch.uint8)  # bits: lb=1, sb=2, st=4
+    ml = unpack_targets(packed)
+    assert ml.shape == (1, 3, 2, 4)
+    assert ml[0, :, 1, 0].tolist() == [1, 1, 0]  # large and small bowel overlap, both kept
+    mc = multiclass_targets(packed)
+    # 0 background, 1 large_bowel, 2 small_bowel, 3 stomach; priority stomach > large_bowel > small_bowel
+    assert mc[0].tolist() == [[0, 1, 2, 3], [1, 3, 3, 3]]

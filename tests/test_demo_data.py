@@ -1,0 +1,30 @@
+import numpy as np
+import pandas as pd
+
+from cache import slice_masks
+from data import build_index
+from demo_data import make_demo_data
+
+
+def test_demo_data_is_in_the_kaggle_layout_with_overlaps_and_empty_slices(demo_dir):
+    df = pd.read_csv(demo_dir / "train.csv", keep_default_na=False)
+    assert list(df.columns) == ["id", "class", "segmentation"]
+    assert df.groupby("id").size().eq(3).all()
+    index = build_index(demo_dir)  # validates every code against its scan size
+    assert index["case"].nunique() >= 5 and len(index.groupby(["case", "day"])) > index["case"].nunique()
+    assert {(360, 310), (266, 266)} <= set(zip(index["width"], index["height"]))
+    masks = [slice_masks(r) for r in index.itertuples()]
+    empty = sum(not m.any() for m in masks)
+    assert empty >= len(index) // 5
+    assert any((m.sum(0) > 1).any() for m in masks)  # organs overlap somewhere
+    for c in range(3):
+        assert sum(m[c].any() for m in masks) > 0
+
+
+def test_demo_data_is_deterministic(tmp_path):
+    a = make_demo_data(tmp_path / "a", slices_per_day=3)
+    b = make_demo_data(tmp_path / "b", slices_per_day=3)
+    assert (a / "train.csv").read_text() == (b / "train.csv").read_text()
+    fa = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert fa == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in fa[:5])

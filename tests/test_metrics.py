@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import torch
+
+from metrics import dice_from_stats, mask_stats, predict_masks, summarise
+
+
+def _stats(pred, true):
+    return mask_stats(torch.as_tensor(pred)[None, None], torch.as_tensor(true)[None, None])
+
+
+def test_dice_of_hand_computed_cases():
+    a = np.zeros((4, 4), bool)
+    a[0, :2] = True  # 2 pixels
+    b = np.zeros((4, 4), bool)
+    b[0, 1:4] = True  # 3 pixels, 1 shared
+    assert dice_from_stats(_stats(a, b))[0, 0] == pytest.approx(2 * 1 / 5)
+    assert dice_from_stats(_stats(a, a))[0, 0] == 1.0
+    assert dice_from_stats(_stats(a, np.zeros_like(a)))[0, 0] == 0.0  # prediction on an empty truth
+
+
+@pytest.mark.parametrize("rule, expected", [("1", 1.0), ("0", 0.0), ("skip", None)])
+def test_empty_prediction_on_empty_truth_follows_the_rule(rule, expected):
+    z = np.zeros((3, 3), bool)
+    d = dice_from_stats(_stats(z, z), rule)[0, 0]
+    assert np.isnan(d) if expected is None else d == expected
+
+
+def test_summary_means_per_slice_and_pools_globally():
+    # slice 0: class 0 perfect (4 px); slice 1: class 0 misses 1 of 1 px; class 1,2 empty everywhere
+    stats = np.zeros((2, 3, 3))
+    stats[0, 0] = [4, 4, 4]
+    stats[1, 0] = [0, 0, 1]
+    out = summarise(stats, "1")
+    assert out["dice_large_bowel"] == pytest.approx(0.5)
+    assert out["global_dice_large_bowel"] == pytest.approx(8 / 9)
+    assert out["dice_stomach"] == 1.0
+    assert out["dice_mean"] == pytest.approx((0.5 + 1 + 1) / 3)
+    skip = summarise(stats, "skip")
+    assert skip["dice_large_bowel"] == pytest.approx(0.5) and np.isnan(skip["dice_stomach"])
+    assert skip["dice_mean"] == pytest.approx(0.5)
+
+
+def test_predict_masks_multilabel_threshold_and_multiclass_argmax():
+    logits = torch.tensor([[[[2.0]], [[-2.0]], [[0.1]]]])  # (1, 3, 1, 1)
+    assert predict_masks(logits, "multilabel", 0.5).flatten().tolist() == [True, False, True]
+    assert predict_masks(logits, "multilabel", [0.5, 0.5, 0.9]).flatten().tolist() == [True, False, False]
+    mc = torch.tensor([[[[0.0]], [[1.0]], [[3.0]], [[2.0]]]])  # argmax = 2 -> small_bowel
+    assert predict_masks(mc, "multiclass").flatten().tolist() == [False, True, False]

@@ -1,0 +1,61 @@
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from conftest import ROOT
+
+
+def _env(tmp_path, **kw):
+    env = {**os.environ, "PYTHON": sys.executable, "EPOCHS": "1", "IMAGE_SIZE": "64",
+           "EXTRA_ARGS": f"--num_workers 0 --n_folds 3 --cache_dir {tmp_path / 'cache'}",
+           "OUTPUT_DIR": str(tmp_path / "out"), "LOG_FILE": str(tmp_path / "logs" / "run.log")}
+    env.update(kw)
+    return env
+
+
+def test_foreground_run_logs_start_command_dice_and_exit_status(demo_dir, tiny_models, tmp_path):
+    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["beit"]))
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert "run start:" in log and "trainer.py --base_model" in log
+    assert "dice large_bowel" in log and "run end: exit status 0" in log.splitlines()[-1]
+    assert (tmp_path / "out" / "best" / "config.json").is_file()
+
+
+def test_failing_run_exits_non_zero_with_a_one_line_error(demo_dir, tiny_models, tmp_path):
+    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]), LR="-1")
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert "error: --lr must be > 0" in log and "Traceback" not in log
+    assert "run end: exit status 2" in log
+
+
+def test_background_run_returns_at_once_and_finishes_in_the_log(demo_dir, tiny_models, tmp_path):
+    env = _env(tmp_path, DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]))
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and time.monotonic() - t0 < 30
+    assert f"tail -f {tmp_path / 'logs' / 'run.log'}" in res.stdout
+    log = tmp_path / "logs" / "run.log"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "run end:" not in (log.read_text() if log.exists() else ""):
+        time.sleep(1)
+    assert "run end: exit status 0" in log.read_text()
+
+
+def test_default_demo_run_builds_its_data_and_model_without_network(tmp_path):
+    """`bash run_train.sh` with no settings, in a fresh copy of the project (2 epochs to stay quick)."""
+    proj = tmp_path / "proj"
+    shutil.copytree(ROOT, proj, ignore=shutil.ignore_patterns(".venv", ".git", "demo", "runs", "cache", "logs",
+                                                              "__pycache__", ".pytest_cache"))
+    env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "EPOCHS": "2", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(["bash", "run_train.sh"], cwd=proj, env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert (proj / "demo" / "data" / "train.csv").is_file()
+    assert (proj / "demo" / "models" / "tiny-segformer" / "config.json").is_file()
+    logs = list((proj / "logs").glob("*.log"))
+    assert len(logs) == 1 and "eval epoch 2" in logs[0].read_text()

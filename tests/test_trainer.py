@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import TrainConfig, build_parser, lr_factor, parse_config, train, validate_config
+from utils import CLASSES, UserError
+
+
+def _cfg(demo_dir, model, out, tmp_path, **kw) -> TrainConfig:
+    base = dict(base_model=str(model), data_dir=str(demo_dir), output_dir=str(out), image_size=64, epochs=1,
+                train_batch_size=8, eval_batch_size=16, lr=2e-3, num_workers=0, n_folds=3,
+                cache_dir=str(tmp_path / "cache"), log_every=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_one_epoch_run_writes_loadable_models_metrics_and_state(demo_dir, tiny_models, tmp_path):
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    out = tmp_path / "run"
+    last = train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path))
+    for key in ("epoch", "step", "train_loss", "val_loss", "dice_mean", *(f"dice_{c}" for c in CLASSES)):
+        assert key in last
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["epoch"] == 1 and records[0]["step"] > 0
+    assert 0.0 <= records[0]["dice_mean"] <= 1.0
+    assert json.loads((out / "run_config.json").read_text())["base_model"] == str(tiny_models["segformer"])
+    assert list((out / "checkpoints").glob("step_*"))
+    for tag in ("best", "last"):
+        assert (out / tag / "model.safetensors").is_file()
+        model = AutoModelForSemanticSegmentation.from_pretrained(out / tag)
+        proc = AutoImageProcessor.from_pretrained(out / tag)
+        assert proc.size == {"height": 64, "width": 64}
+        with torch.no_grad():
+            logits = model(pixel_values=torch.randn(1, 3, 64, 64)).logits
+        assert logits.shape[1] == 3 and model.config.id2label[2] == "stomach"
+    log = (out / "train.log").read_text()
+    assert "re-initialised for our labels: decode_head.classifier" in log
+    assert "dice large_bowel" in log and "\r" not in log
+
+
+def test_resume_continues_from_the_saved_step(demo_dir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    first = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, max_train_steps=3, save_every_steps=2)
+    train(first)
+    state = json.loads(sorted((out / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["epoch"] == 0 and state["batches_in_epoch"] == 3
+    resumed = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, resume_from_checkpoint="latest")
+    train(resumed)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records]
+    assert steps[0] == 3 and steps == sorted(steps) and len(set(steps)) == len(steps)
+    per_epoch = steps[-1] // 2
+    assert steps[-1] == 2 * per_epoch and records[-1]["epoch"] == 2
+    assert "resumed from" in (out / "train.log").read_text()
+
+
+def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_path):
+    last = train(_cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass",
+                      context_slices=3, gradient_accumulation_steps=2, scheduler_name="MultiStepLR"))
+    assert np.isfinite(last["val_loss"]) and 0 <= last["dice_mean"] <= 1
+
+
+def test_output_dir_of_a_finished_run_is_not_overwritten(demo_dir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(lr=0), "--lr must be > 0"), (dict(train_batch_size=0), "--train_batch_size"),
+    (dict(image_size=100), "multiple of 32"), (dict(fold=5, n_folds=5), "--fold must be in"),
+    (dict(threshold=1.5), "--threshold"), (dict(lr_milestones="a,b"), "--lr_milestones"),
+])
+def test_out_of_range_arguments_are_rejected_by_name(change, message):
+    with pytest.raises(UserError, match=message):
+        validate_config(TrainConfig(**change))
+
+
+def test_unknown_optimizer_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--optimizer", "Lion"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_documents_every_option():
+    text = build_parser().format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in text
+    assert "empty" in text and "skip" in text
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(warmup_steps=10, scheduler_name="cosine", epochs=10)
+    assert lr_factor(0, 110, cfg, 11) == pytest.approx(0.1)
+    assert lr_factor(10, 110, cfg, 11) == pytest.approx(1.0)
+    assert lr_factor(110, 110, cfg, 11) == pytest.approx(0.0)
+    ms = TrainConfig(scheduler_name="MultiStepLR", epochs=10, lr_milestones="2,5")
+    assert [lr_factor(s, 100, ms, 10) for s in (19, 20, 49, 50)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    assert lr_factor(50, 100, TrainConfig(scheduler_name="poly"), 10) == pytest.approx(0.5)
