@@ -7,7 +7,7 @@
 #
 #   BASE_MODEL   hub id or local folder            [demo: demo/models/tiny-segformer, built on first use]
 #   DATA_DIR     Kaggle-layout folder              [demo: demo/data, generated on first use]
-#   EPOCHS       [demo 12, else 15]   BATCH_SIZE [8]   LR [demo 2e-3, else 6e-5]   IMAGE_SIZE [demo 128, else 288]
+#   EPOCHS       [demo 20, else 15]   BATCH_SIZE [8]   LR [demo 2e-3, else 6e-5]   IMAGE_SIZE [demo 128, else 288]
 #   MIXED_PRECISION  no | fp16 | bf16  [no]
 #   OUTPUT_DIR   [runs/<model>-<time>]             LOG_FILE  [logs/<model>-<time>.log]
 #   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu)   [unset: default device]
@@ -32,7 +32,7 @@ if [ -z "${BASE_MODEL:-}" ]; then
     "$PYTHON" model.py make-tiny --family segformer --width 2 --out "$BASE_MODEL" >/dev/null; }
 fi
 if [ "$DEMO" = 1 ]; then
-  EPOCHS=${EPOCHS:-12}; LR=${LR:-2e-3}; IMAGE_SIZE=${IMAGE_SIZE:-128}; WARMUP=${WARMUP:-20}
+  EPOCHS=${EPOCHS:-20}; LR=${LR:-2e-3}; IMAGE_SIZE=${IMAGE_SIZE:-128}; WARMUP=${WARMUP:-20}
 else
   EPOCHS=${EPOCHS:-15}; LR=${LR:-6e-5}; IMAGE_SIZE=${IMAGE_SIZE:-288}; WARMUP=${WARMUP:-200}
 fi

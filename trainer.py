@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import CLASSES, UserError, atomic_write_json, atomic_write_text, logger, quiet_third_party, setup_logging
+from utils import (CLASSES, UserError, atomic_write_json, atomic_write_text, json_safe, logger, quiet_third_party,
+                   setup_logging)
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")
@@ -90,6 +91,9 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting over in a used output_dir"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off)"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    final_eval: bool = field(default=False, metadata={
+        "help": "after training, predict the validation fold with best/ at original scan sizes and score it "
+                "(val_submission.csv, val_scores.json: Dice, IoU, 3D Hausdorff, competition score, time saved)"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +240,25 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator) -> tuple[dic
     return out, all_stats, all_rows
 
 
+def final_evaluation(cfg: TrainConfig, output_dir: Path, index, val_rows, cache, neighbours, device) -> dict:
+    """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
+    from predict import load_for_inference, predict_rows, write_submission
+    from score import format_table, score_predictions, submission_to_wide
+
+    model, spec = load_for_inference(output_dir / "best", device)
+    sub = predict_rows(model, spec, index, val_rows, cache, neighbours, cfg.eval_batch_size, device,
+                       cfg.mixed_precision, thresholds=(cfg.threshold,) * len(CLASSES))
+    write_submission(sub, output_dir / "val_submission.csv")
+    overall, per_case = score_predictions(index, submission_to_wide(sub), cfg.empty_dice)
+    atomic_write_json(output_dir / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
+                                                       "empty_dice": cfg.empty_dice})
+    for line in format_table(overall, per_case).splitlines():
+        logger.info("final eval | %s", line)
+    logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
+                overall["dice_mean"], overall["hausdorff"], overall["score"], output_dir / "val_scores.json")
+    return overall
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run the whole fine-tuning; returns the last evaluation's figures."""
     validate_config(cfg)
@@ -299,6 +322,8 @@ def train(cfg: TrainConfig) -> dict:
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
     logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
+    loaded.model.config.gi_context_slices = cfg.context_slices  # saved with the model: predict.py reads them
+    loaded.model.config.gi_context_stride = cfg.context_stride
     model = SegmentationModel(loaded.model)
     frozen = freeze_unused_parameters(model)
     if frozen:
@@ -435,11 +460,16 @@ def train(cfg: TrainConfig) -> dict:
                         output_dir / "best")
         save_models("last")
         if is_main:
-            atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
         path = save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
         logger.info("saved %s and resumable state %s", output_dir / "last", path)
     logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", state["global_step"], state["best_dice"],
                 state["best_step"], output_dir / "best")
+    if cfg.final_eval:
+        if is_main:
+            final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device)
+            last_eval = {**last_eval, **{f"final_{k}": v for k, v in final.items()}}
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return last_eval
 

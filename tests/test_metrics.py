@@ -47,3 +47,59 @@ def test_predict_masks_multilabel_threshold_and_multiclass_argmax():
     assert predict_masks(logits, "multilabel", [0.5, 0.5, 0.9]).flatten().tolist() == [True, False, False]
     mc = torch.tensor([[[[0.0]], [[1.0]], [[3.0]], [[2.0]]]])  # argmax = 2 -> small_bowel
     assert predict_masks(mc, "multiclass").flatten().tolist() == [False, True, False]
+
+
+from metrics import competition_score, hausdorff_3d, time_saved  # noqa: E402
+
+
+def test_hausdorff_empty_rules():
+    z = np.zeros((4, 5, 6), bool)
+    one = z.copy()
+    one[1, 2, 3] = True
+    assert np.isnan(hausdorff_3d(z, z))
+    assert hausdorff_3d(one, z) == 1.0 and hausdorff_3d(z, one) == 1.0
+    assert hausdorff_3d(one, one) == 0.0
+
+
+def test_hausdorff_one_voxel_off_along_each_axis_is_normalised_by_axis_size():
+    shape = (4, 5, 8)
+    for axis in range(3):
+        a = np.zeros(shape, bool)
+        b = np.zeros(shape, bool)
+        a[1, 1, 1] = True
+        pos = [1, 1, 1]
+        pos[axis] += 1
+        b[tuple(pos)] = True
+        assert hausdorff_3d(a, b) == pytest.approx((1 / shape[axis]) / np.sqrt(3))
+
+
+def test_hausdorff_of_a_shifted_cube():
+    shape = (10, 20, 20)
+    a = np.zeros(shape, bool)
+    a[2:5, 4:8, 4:8] = True
+    b = np.roll(a, 3, axis=2)  # shifted 3 voxels along W
+    assert hausdorff_3d(a, b) == pytest.approx((3 / 20) / np.sqrt(3))
+
+
+def test_hausdorff_matches_scipy_directed_hausdorff_on_random_volumes():
+    from scipy.spatial.distance import directed_hausdorff
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        shape = tuple(rng.integers(3, 12, size=3))
+        a, b = rng.random(shape) < 0.05, rng.random(shape) < 0.05
+        a[0, 0, 0] = b[-1, -1, -1] = True
+        pa, pb = np.argwhere(a) / np.array(shape), np.argwhere(b) / np.array(shape)
+        expected = max(directed_hausdorff(pa, pb)[0], directed_hausdorff(pb, pa)[0]) / np.sqrt(3)
+        assert hausdorff_3d(a, b) == pytest.approx(expected)
+
+
+def test_time_saved_counts_only_slices_showing_the_organ():
+    dice = np.array([[0.95, 1.0], [0.5, 1.0], [1.0, 0.0], [np.nan, 0.95]])
+    present = np.array([[True, False], [True, False], [False, True], [True, True]])
+    np.testing.assert_allclose(time_saved(dice, present, 0.9), [1 / 3, 1 / 2])
+
+
+def test_competition_score_weights():
+    assert competition_score(1.0, 0.0) == 1.0
+    assert competition_score(0.5, 0.5) == pytest.approx(0.4 * 0.5 + 0.6 * 0.5)

@@ -1,0 +1,165 @@
+"""Score a submission (id,class,predicted run-length codes) against the ground truth of a data folder.
+
+    python score.py --pred submission.csv --data_dir <folder with train.csv> [--json scores.json]
+
+Figures, overall and per case: per-slice Dice per class and mean (the --empty_dice rule for empty/empty pairs),
+global (pooled) Dice, IoU, 3D Hausdorff per case-day volume (metrics.hausdorff_3d: per class, then the mean
+over the volume-class pairs where either mask is non-empty; `hausdorff_merged` uses the union of the three
+organs), the competition score 0.4 * dice_mean + 0.6 * (1 - hausdorff), and "time saved": per class, the share
+of slices showing the organ whose Dice clears --time_saved_threshold. Only the case-days present in the
+submission are scored, and each of them must be complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, summarise, time_saved
+from rle import RLEError, decode_rle
+from utils import CLASSES, UserError, atomic_write_json
+
+SUBMISSION_COLUMNS = ("id", "class", "predicted")
+
+
+def read_submission(path: str | Path) -> pd.DataFrame:
+    """A submission as one row per id with a ``pred_<class>`` run-length column per class."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"submission {path} not found")
+    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path))
+
+
+def submission_to_wide(df: pd.DataFrame, path: str = "submission") -> pd.DataFrame:
+    """Validate long submission rows (id, class, predicted) and pivot them to id + pred_<class>."""
+    missing = [c for c in SUBMISSION_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; expected {list(SUBMISSION_COLUMNS)}")
+    unknown = sorted(set(df["class"]) - set(CLASSES))
+    if unknown:
+        raise UserError(f"{path}: unknown class {unknown[0]!r}; known classes: {list(CLASSES)}")
+    dup = df.duplicated(["id", "class"])
+    if dup.any():
+        raise UserError(f"{path}: duplicate row for id {df.loc[dup, 'id'].iloc[0]!r}, class {df.loc[dup, 'class'].iloc[0]!r}")
+    counts = df.groupby("id").size()
+    if (counts != len(CLASSES)).any():
+        raise UserError(f"{path}: id {counts.index[counts != len(CLASSES)][0]!r} lacks a row for some class; "
+                        f"each id needs {len(CLASSES)} rows ({', '.join(CLASSES)})")
+    wide = df.pivot(index="id", columns="class", values="predicted").reindex(columns=list(CLASSES))
+    return wide.rename(columns={c: f"pred_{c}" for c in CLASSES}).reset_index()
+
+
+def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str) -> pd.DataFrame:
+    extra = sorted(set(pred["id"]) - set(index["id"]))
+    if extra:
+        raise UserError(f"{source}: {len(extra)} id(s) not in the ground truth, e.g. {extra[0]!r}")
+    scored = index.merge(pred[["id"]], on="id")
+    volumes = set(zip(scored["case"], scored["day"]))
+    wanted = index[[cd in volumes for cd in zip(index["case"], index["day"])]]
+    missing = sorted(set(wanted["id"]) - set(pred["id"]))
+    if missing:
+        raise UserError(f"{source}: {len(missing)} slice(s) of the scored case-days have no prediction, e.g. "
+                        f"{missing[0]!r}; 3D Hausdorff needs whole volumes")
+    return wanted.merge(pred, on="id", how="left").sort_values(["case", "day", "slice"]).reset_index(drop=True)
+
+
+def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float) -> dict:
+    out = summarise(stats, empty)
+    dice = dice_from_stats(stats, empty)
+    present = (stats[..., 1] + stats[..., 2]) > 0
+    saved = time_saved(dice, present, threshold)
+    with np.errstate(invalid="ignore"):
+        for c, name in enumerate(CLASSES):
+            col = hd[:, c]
+            out[f"hausdorff_{name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
+            out[f"time_saved_{name}"] = float(saved[c])
+        out["hausdorff"] = float(np.nanmean(hd)) if np.isfinite(hd).any() else float("nan")
+        out["hausdorff_merged"] = float(np.nanmean(hd_merged)) if np.isfinite(hd_merged).any() else float("nan")
+        out["time_saved_mean"] = float(np.nanmean(saved)) if np.isfinite(saved).any() else float("nan")
+    hd_for_score = 0.0 if np.isnan(out["hausdorff"]) else out["hausdorff"]  # nothing anywhere: perfect
+    out["score"] = competition_score(out["dice_mean"], hd_for_score)
+    out["n_slices"] = int(len(stats))
+    out["n_volumes"] = int(len(hd))
+    return out
+
+
+def score_predictions(index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1", threshold: float = 0.9,
+                      source: str = "submission") -> tuple[dict, pd.DataFrame]:
+    """Overall figures and a per-case table for predictions ``pred`` (id + pred_<class>) against ``index``."""
+    if empty not in EMPTY_RULES:
+        raise UserError(f"--empty_dice must be one of {EMPTY_RULES}, got {empty!r}")
+    rows = _align(index, pred, source)
+    stats = np.zeros((len(rows), len(CLASSES), 3))
+    vol_case, hd, hd_merged = [], [], []
+    for (case, _day), grp in rows.groupby(["case", "day"], sort=False):
+        shape = (int(grp["height"].iloc[0]), int(grp["width"].iloc[0]))
+        vp = np.zeros((len(CLASSES), len(grp), *shape), bool)
+        vt = np.zeros_like(vp)
+        for k, r in enumerate(grp.itertuples()):
+            if (r.height, r.width) != shape:
+                raise UserError(f"{r.id}: size {r.width}x{r.height} differs from the rest of its case-day")
+            for c, name in enumerate(CLASSES):
+                try:
+                    vp[c, k] = decode_rle(getattr(r, f"pred_{name}"), shape, where=f"{source} id {r.id} class {name}")
+                except RLEError as e:
+                    raise UserError(str(e)) from None
+                vt[c, k] = decode_rle(getattr(r, f"rle_{name}"), shape)
+        inter = (vp & vt).sum((2, 3))
+        stats[grp.index] = np.stack([inter, vp.sum((2, 3)), vt.sum((2, 3))], -1).transpose(1, 0, 2)
+        hd.append([hausdorff_3d(vp[c], vt[c]) for c in range(len(CLASSES))])
+        hd_merged.append(hausdorff_3d(vp.any(0), vt.any(0)))
+        vol_case.append(case)
+    hd, hd_merged, vol_case = np.array(hd), np.array(hd_merged), np.array(vol_case)
+    overall = _figures(stats, hd, hd_merged, empty, threshold)
+    per_case = []
+    for case in sorted(rows["case"].unique()):
+        sel, vsel = rows["case"].to_numpy() == case, vol_case == case
+        per_case.append({"case": int(case), **_figures(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold)})
+    return overall, pd.DataFrame(per_case)
+
+
+def format_table(overall: dict, per_case: pd.DataFrame) -> str:
+    """A Markdown table: one row per case and an 'all' row."""
+    cols = [*(f"dice_{c}" for c in CLASSES), "dice_mean", "global_dice_mean", "iou_mean", "hausdorff", "score",
+            "time_saved_mean"]
+    head = "| case | slices | " + " | ".join(cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 2)]
+    for rec in [*per_case.to_dict("records"), {"case": "all", **overall}]:
+        lines.append(f"| {rec['case']} | {rec['n_slices']} | " + " | ".join(f"{rec[c]:.4f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
+    ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
+    ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")
+    ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES,
+                    help="Dice of an empty prediction on an empty truth: 1 (default), 0, or skip")
+    ap.add_argument("--time_saved_threshold", type=float, default=0.9,
+                    help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
+    args = ap.parse_args(argv)
+    from data import build_index
+
+    try:
+        index = build_index(args.data_dir)
+        overall, per_case = score_predictions(index, read_submission(args.pred), args.empty_dice,
+                                              args.time_saved_threshold, source=args.pred)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(overall, per_case))
+    print(f"\nscore {overall['score']:.4f} = 0.4 * dice_mean {overall['dice_mean']:.4f} + 0.6 * (1 - hausdorff "
+          f"{overall['hausdorff']:.4f}); empty/empty Dice rule: {args.empty_dice}")
+    if args.json:
+        atomic_write_json(args.json, {**overall, "per_case": per_case.to_dict("records"),
+                                      "empty_dice": args.empty_dice, "time_saved_threshold": args.time_saved_threshold})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

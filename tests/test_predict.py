@@ -1,0 +1,77 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from data import build_index
+from predict import main as predict_main
+from rle import decode_rle
+from trainer import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def trained(demo_dir, tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(out / "r"),
+                      image_size=64, epochs=1, lr=2e-3, num_workers=0, n_folds=3, cache_dir=str(out / "cache"),
+                      final_eval=True)
+    return out / "r", train(cfg)
+
+
+def test_predict_writes_three_rows_per_slice_at_each_scans_original_size(demo_dir, trained, tmp_path):
+    run, _ = trained
+    out = tmp_path / "sub.csv"
+    assert predict_main(["--model", str(run / "best"), "--data_dir", str(demo_dir), "--out", str(out),
+                         "--cache_dir", str(tmp_path / "c"), "--num_workers", "0", "--tta",
+                         "--thresholds", "0.3,0.5,0.5"]) == 0
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    index = build_index(demo_dir)
+    assert list(sub.columns) == ["id", "class", "predicted"] and len(sub) == 3 * len(index)
+    sizes = dict(zip(index["id"], zip(index["height"], index["width"])))
+    assert {(310, 360), (266, 266)} <= set(sizes.values())
+    for r in sub.itertuples():  # decode_rle raises if a run does not fit the scan's own H x W
+        decode_rle(r.predicted, sizes[r.id], where=r.id)
+    assert (sub["predicted"] != "").any()
+
+
+def test_predict_works_on_the_test_layout_without_train_csv(demo_dir, trained, tmp_path):
+    import shutil
+
+    run, _ = trained
+    data = tmp_path / "kaggle"
+    shutil.copytree(demo_dir / "train" / "case7", data / "test" / "case7")
+    out = tmp_path / "sub.csv"
+    assert predict_main(["--model", str(run / "best"), "--data_dir", str(data), "--out", str(out),
+                         "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"]) == 0
+    sub = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert sub["id"].str.startswith("case7_").all() and len(sub) % 3 == 0
+
+
+def test_final_eval_writes_validation_submission_and_scores(trained):
+    run, last = trained
+    assert (run / "val_submission.csv").is_file() and (run / "val_scores.json").is_file()
+    assert 0 <= last["final_score"] <= 1 and "final_hausdorff" in last
+
+
+def test_predict_on_a_folder_without_scans_or_model_is_clear(demo_dir, tmp_path, trained, capsys):
+    run, _ = trained
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert predict_main(["--model", str(run / "best"), "--data_dir", str(tmp_path / "empty")]) == 2
+    assert predict_main(["--model", str(tmp_path), "--data_dir", str(demo_dir)]) == 2
+    out = capsys.readouterr().out
+    assert "no scans found" in out and "no config.json" in out
+
+
+def test_val_scores_from_predict_and_score_agree_with_final_eval(demo_dir, trained, tmp_path):
+    import json
+
+    from score import main as score_main
+
+    run, _ = trained
+    sub = tmp_path / "val.csv"
+    assert predict_main(["--model", str(run / "best"), "--data_dir", str(demo_dir), "--out", str(sub), "--fold", "0",
+                         "--n_folds", "3", "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"]) == 0
+    assert score_main(["--pred", str(sub), "--data_dir", str(demo_dir), "--json", str(tmp_path / "s.json")]) == 0
+    ours = json.loads((tmp_path / "s.json").read_text())
+    final = json.loads((run / "val_scores.json").read_text())
+    assert ours["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
+    assert np.isclose(ours["score"], final["score"])

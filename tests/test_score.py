@@ -1,0 +1,66 @@
+import json
+
+import pandas as pd
+import pytest
+
+from data import build_index
+from score import main as score_main
+from score import read_submission, score_predictions
+from utils import UserError
+
+
+def _gt_submission(demo_dir, path, cases=None):
+    df = pd.read_csv(demo_dir / "train.csv", dtype=str, keep_default_na=False)
+    if cases is not None:
+        df = df[df["id"].str.extract(r"^case(\d+)_")[0].astype(int).isin(cases)]
+    df.rename(columns={"segmentation": "predicted"}).to_csv(path, index=False)
+    return path
+
+
+def test_ground_truth_as_submission_scores_exactly_one(demo_dir, tmp_path, capsys):
+    sub = _gt_submission(demo_dir, tmp_path / "gt.csv")
+    assert score_main(["--pred", str(sub), "--data_dir", str(demo_dir), "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["dice_mean"] == 1.0 and scores["hausdorff"] == 0.0 and scores["score"] == 1.0
+    for key in ("dice_large_bowel", "dice_small_bowel", "dice_stomach", "global_dice_mean", "iou_mean",
+                "hausdorff_merged", "time_saved_mean", "per_case"):
+        assert key in scores
+    assert scores["time_saved_mean"] == 1.0
+    out = capsys.readouterr().out
+    assert "| all |" in out and "score 1.0000" in out
+
+
+def test_an_empty_submission_scores_low_and_per_case_rows_exist(demo_dir, tmp_path):
+    index = build_index(demo_dir)
+    pred = pd.DataFrame({"id": index["id"], **{f"pred_{c}": "" for c in ("large_bowel", "small_bowel", "stomach")}})
+    overall, per_case = score_predictions(index, pred)
+    assert overall["hausdorff"] == 1.0 and overall["global_dice_mean"] == 0.0
+    assert 0 < overall["dice_mean"] < 1  # only the empty slices score (rule "1")
+    assert len(per_case) == index["case"].nunique()
+
+
+def test_subset_of_cases_is_scored_alone(demo_dir, tmp_path):
+    sub = read_submission(_gt_submission(demo_dir, tmp_path / "gt.csv", cases=[7]))
+    overall, per_case = score_predictions(build_index(demo_dir), sub)
+    assert per_case["case"].tolist() == [7] and overall["score"] == 1.0
+
+
+def test_missing_and_extra_ids_are_named(demo_dir, tmp_path):
+    index = build_index(demo_dir)
+    df = pd.read_csv(_gt_submission(demo_dir, tmp_path / "gt.csv"), dtype=str, keep_default_na=False)
+    df[df["id"] != index["id"].iloc[3]].to_csv(tmp_path / "missing.csv", index=False)
+    with pytest.raises(UserError, match="have no prediction"):
+        score_predictions(index, read_submission(tmp_path / "missing.csv"))
+    extra = pd.concat([df, pd.DataFrame({"id": ["case99_day1_slice_0001"] * 3,
+                                         "class": ["large_bowel", "small_bowel", "stomach"], "predicted": [""] * 3})])
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    with pytest.raises(UserError, match="not in the ground truth.*case99_day1_slice_0001"):
+        score_predictions(index, read_submission(tmp_path / "extra.csv"))
+    df.drop(columns=["predicted"]).to_csv(tmp_path / "nocol.csv", index=False)
+    with pytest.raises(UserError, match="missing column"):
+        read_submission(tmp_path / "nocol.csv")
+
+
+def test_score_cli_reports_bad_input_in_one_line(demo_dir, tmp_path, capsys):
+    assert score_main(["--pred", str(tmp_path / "nope.csv"), "--data_dir", str(demo_dir)]) == 2
+    assert "error: submission" in capsys.readouterr().err
