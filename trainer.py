@@ -236,6 +236,7 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator) -> tuple[dic
     all_rows = torch.cat(rows).cpu().numpy()
     out = summarise(all_stats, cfg.empty_dice)
     out["val_loss"] = float(loss_sum / count.clamp_min(1))
+    out["val_slices"] = int(len(all_rows))
     model.train()
     return out, all_stats, all_rows
 
@@ -257,6 +258,44 @@ def final_evaluation(cfg: TrainConfig, output_dir: Path, index, val_rows, cache,
     logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
                 overall["dice_mean"], overall["hausdorff"], overall["score"], output_dir / "val_scores.json")
     return overall
+
+
+class Interrupted(Exception):
+    """SIGTERM / SIGINT arrived; a resumable state was saved."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignal:
+    """Remembers SIGTERM / SIGINT so the loop can finish its step and save; a second SIGINT kills at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        import signal
+
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("received %s: finishing the current step, then saving a resumable state",
+                       signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -289,6 +328,8 @@ def train(cfg: TrainConfig) -> dict:
                         "continue it, --overwrite_output_dir to start over, or choose another --output_dir")
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*output_dir.glob(".*.tmp"), *output_dir.glob("checkpoints/.*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write; the good copies stand
     accelerator.wait_for_everyone()
     setup_logging(is_main, output_dir / "train.log")
     logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
@@ -373,104 +414,119 @@ def train(cfg: TrainConfig) -> dict:
             hf = getattr(hf, "_orig_mod", hf).hf
             save_model(hf, output_dir / tag, cfg.image_size, loaded.mean, loaded.std, state_dict=sd)
 
-    use_bar = is_main and sys.stdout.isatty()
-    model.train()
-    last_eval: dict = history[-1] if history else {}
-    stop = state["global_step"] >= total_steps
-    running = torch.zeros((), device=accelerator.device)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    running_n, t_log, seen = 0, time.perf_counter(), 0
-    for epoch in range(state["epoch"], cfg.epochs):
-        if stop:
-            break
-        train_dl.set_epoch(epoch)
-        skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
-        epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-        bar = None
-        if use_bar:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
-        epoch_loss = torch.zeros((), device=accelerator.device)
-        epoch_batches = 0
-        for b, batch in enumerate(epoch_dl, start=skip):
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    logits, aux = model(batch["pixel_values"])
-                size = batch["mask"].shape[-2:]
-                loss = loss_fn(upsample_like(logits, size), batch["mask"])
-                if aux is not None and cfg.aux_weight > 0:
-                    loss = loss + cfg.aux_weight * loss_fn(upsample_like(aux, size), batch["mask"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            detached = loss.detach()
-            nonfinite |= ~torch.isfinite(detached)
-            running += detached
-            epoch_loss += detached
-            running_n += 1
-            epoch_batches += 1
-            seen += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if bar is not None:
-                bar.update(1)
-            state["batches_in_epoch"] = b + 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state["global_step"] += 1
-            step = state["global_step"]
-            if step % cfg.log_every == 0 or step == total_steps:
-                mean_loss = float(accelerator.reduce(running, "mean")) / max(1, running_n)  # the only sync
-                if bool(nonfinite):
-                    raise FloatingPointError(f"loss became NaN/inf between step {step - running_n + 1} and {step}; "
-                                             f"best/ and the last checkpoint hold the last good model. Lower --lr or "
-                                             f"use --mixed_precision bf16 instead of fp16")
-                dt = time.perf_counter() - t_log
-                logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step,
-                            total_steps, mean_loss, scheduler.get_last_lr()[0], seen / max(dt, 1e-9))
-                running.zero_()
-                running_n, t_log, seen = 0, time.perf_counter(), 0
-            if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                path = save_checkpoint(accelerator, output_dir, state | {"epoch": epoch}, cfg.save_total_limit)
-                logger.info("saved resumable state %s", path)
-            if step >= total_steps:
-                stop = True
+    with StopSignal() as stop_signal:
+        use_bar = is_main and sys.stdout.isatty()
+        model.train()
+        last_eval: dict = history[-1] if history else {}
+        stop = state["global_step"] >= total_steps
+        running = torch.zeros((), device=accelerator.device)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
+        running_n, t_log, seen = 0, time.perf_counter(), 0
+        for epoch in range(state["epoch"], cfg.epochs):
+            if stop:
                 break
-        if bar is not None:
-            bar.close()
-        # ---- evaluation at the end of every epoch (and where max_train_steps stops)
-        train_loss = float(accelerator.reduce(epoch_loss, "mean")) / max(1, epoch_batches)
-        figures, _, _ = evaluate(model, val_dl, loss_fn, cfg, accelerator)
-        record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
-                  "lr": scheduler.get_last_lr()[0], **figures}
-        history.append(record)
-        last_eval = record
-        logger.info("eval epoch %d step %d | val_loss %.4f | dice %s | mean %.4f | global dice mean %.4f | "
-                    "iou mean %.4f", epoch + 1, state["global_step"], figures["val_loss"],
-                    " ".join(f"{c} {figures[f'dice_{c}']:.4f}" for c in CLASSES), figures["dice_mean"],
-                    figures["global_dice_mean"], figures["iou_mean"])
-        finished_epoch = not stop or state["batches_in_epoch"] >= len(train_dl)
-        state.update(epoch=epoch + 1 if finished_epoch else epoch, batches_in_epoch=0 if finished_epoch else
-                     state["batches_in_epoch"])
-        if figures["dice_mean"] > state["best_dice"]:
-            state.update(best_dice=figures["dice_mean"], best_step=state["global_step"])
-            save_models("best")
-            logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state["global_step"],
-                        output_dir / "best")
-        save_models("last")
-        if is_main:
-            atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
-        path = save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
-        logger.info("saved %s and resumable state %s", output_dir / "last", path)
-    logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", state["global_step"], state["best_dice"],
-                state["best_step"], output_dir / "best")
-    if cfg.final_eval:
-        if is_main:
-            final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device)
-            last_eval = {**last_eval, **{f"final_{k}": v for k, v in final.items()}}
-        accelerator.wait_for_everyone()
-    accelerator.end_training()
+            train_dl.set_epoch(epoch)
+            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+            epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+            bar = None
+            if use_bar:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+            epoch_loss = torch.zeros((), device=accelerator.device)
+            epoch_batches = 0
+            for b, batch in enumerate(epoch_dl, start=skip):
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        logits, aux = model(batch["pixel_values"])
+                    size = batch["mask"].shape[-2:]
+                    loss = loss_fn(upsample_like(logits, size), batch["mask"])
+                    if aux is not None and cfg.aux_weight > 0:
+                        loss = loss + cfg.aux_weight * loss_fn(upsample_like(aux, size), batch["mask"])
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                detached = loss.detach()
+                nonfinite |= ~torch.isfinite(detached)
+                running += detached
+                epoch_loss += detached
+                running_n += 1
+                epoch_batches += 1
+                seen += batch["pixel_values"].shape[0] * accelerator.num_processes
+                if bar is not None:
+                    bar.update(1)
+                state["batches_in_epoch"] = b + 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state["global_step"] += 1
+                step = state["global_step"]
+                if step % cfg.log_every == 0 or step == total_steps:
+                    mean_loss = float(accelerator.reduce(running, "mean")) / max(1, running_n)  # the only sync
+                    if bool(nonfinite):
+                        raise FloatingPointError(f"loss became NaN/inf between step {step - running_n + 1} and {step}; "
+                                                 f"best/ and the last checkpoint hold the last good model. Lower --lr or "
+                                                 f"use --mixed_precision bf16 instead of fp16")
+                    dt = time.perf_counter() - t_log
+                    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step,
+                                total_steps, mean_loss, scheduler.get_last_lr()[0], seen / max(dt, 1e-9))
+                    running.zero_()
+                    running_n, t_log, seen = 0, time.perf_counter(), 0
+                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    path = save_checkpoint(accelerator, output_dir, state | {"epoch": epoch}, cfg.save_total_limit)
+                    logger.info("saved resumable state %s", path)
+                signalled = stop_signal.signum
+                if accelerator.num_processes > 1 and (step % cfg.log_every == 0 or signalled):
+                    # ranks agree on stopping (a collective every log interval, not every step)
+                    flag = torch.tensor(float(signalled), device=accelerator.device)
+                    signalled = int(accelerator.reduce(flag, "max").item())
+                elif accelerator.num_processes > 1:
+                    signalled = 0
+                if signalled:
+                    path = save_checkpoint(accelerator, output_dir, state | {"epoch": epoch}, cfg.save_total_limit)
+                    import signal
+                    name = signal.Signals(signalled).name
+                    logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
+                                 "--resume_from_checkpoint latest", name, step, path)
+                    raise Interrupted(signalled, f"stopped by {name} at step {step}")
+                if step >= total_steps:
+                    stop = True
+                    break
+            if bar is not None:
+                bar.close()
+            # ---- evaluation at the end of every epoch (and where max_train_steps stops)
+            train_loss = float(accelerator.reduce(epoch_loss, "mean")) / max(1, epoch_batches)
+            figures, _, _ = evaluate(model, val_dl, loss_fn, cfg, accelerator)
+            record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
+                      "lr": scheduler.get_last_lr()[0], **figures}
+            history.append(record)
+            last_eval = record
+            logger.info("eval epoch %d step %d | val_loss %.4f | dice %s | mean %.4f | global dice mean %.4f | "
+                        "iou mean %.4f", epoch + 1, state["global_step"], figures["val_loss"],
+                        " ".join(f"{c} {figures[f'dice_{c}']:.4f}" for c in CLASSES), figures["dice_mean"],
+                        figures["global_dice_mean"], figures["iou_mean"])
+            finished_epoch = not stop or state["batches_in_epoch"] >= len(train_dl)
+            state.update(epoch=epoch + 1 if finished_epoch else epoch, batches_in_epoch=0 if finished_epoch else
+                         state["batches_in_epoch"])
+            if figures["dice_mean"] > state["best_dice"]:
+                state.update(best_dice=figures["dice_mean"], best_step=state["global_step"])
+                save_models("best")
+                logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state["global_step"],
+                            output_dir / "best")
+            save_models("last")
+            if is_main:
+                atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
+            path = save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
+            logger.info("saved %s and resumable state %s", output_dir / "last", path)
+        logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", state["global_step"], state["best_dice"],
+                    state["best_step"], output_dir / "best")
+        if cfg.final_eval:
+            if is_main:
+                final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device)
+                last_eval = {**last_eval, **{f"final_{k}": v for k, v in final.items()}}
+            accelerator.wait_for_everyone()
+        accelerator.end_training()
     return last_eval
 
 
@@ -485,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:
         logger.error("stopped: %s", e)
         return 3
+    except Interrupted as e:
+        return 128 + e.signum
     return 0
 
 

@@ -135,3 +135,31 @@ def test_8bit_scan_is_accepted_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="8-bit"):
         img = read_scan(path, 8, 6)
     assert img.shape == (6, 8)
+
+
+def test_rgb_scan_is_converted_to_gray_with_a_warning(tmp_path):
+    import data
+
+    data._warned_formats.discard("rgb")
+    path = tmp_path / "rgb.png"
+    cv2.imwrite(str(path), np.full((6, 8, 3), 90, np.uint8))
+    with pytest.warns(UserWarning, match="colour scan converted to gray"):
+        img = read_scan(path, 8, 6)
+    assert img.shape == (6, 8)
+
+
+def test_missing_train_csv_is_named(demo_dir, tmp_path):
+    data = _copy(demo_dir, tmp_path)
+    (data / "train.csv").unlink()
+    with pytest.raises(UserError, match="train.csv not found"):
+        build_index(data)
+
+
+def test_scan_symlink_leading_outside_the_data_folder_is_refused(demo_dir, tmp_path):
+    data = _copy(demo_dir, tmp_path)
+    outside = tmp_path / "elsewhere.png"
+    victim = next((data / "train").glob("case*/case*_day*/scans/*.png"))
+    victim.rename(outside)
+    victim.symlink_to(outside)
+    with pytest.raises(UserError, match="leads outside"):
+        build_index(data)

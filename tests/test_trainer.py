@@ -101,3 +101,26 @@ def test_learning_rate_schedules():
     ms = TrainConfig(scheduler_name="MultiStepLR", epochs=10, lr_milestones="2,5")
     assert [lr_factor(s, 100, ms, 10) for s in (19, 20, 49, 50)] == pytest.approx([1, 0.1, 0.1, 0.01])
     assert lr_factor(50, 100, TrainConfig(scheduler_name="poly"), 10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data_dir", "/nonexistent/data"], "data_dir /nonexistent/data does not exist"),
+    (["--base_model", "nvidia/segformer-b0-finetuned-ade-512-512"], "hub may be unreachable"),
+    (["--image_size", "100"], "multiple of 32"),
+    (["--n_folds", "40"], "validation of some folds would be empty"),
+])
+def test_cli_errors_are_one_line_with_exit_status_2(demo_dir, tiny_models, tmp_path, capsys, argv, message):
+    from trainer import main
+
+    base = ["--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir), "--output_dir",
+            str(tmp_path / "o"), "--image_size", "64", "--num_workers", "0", "--cache_dir", str(tmp_path / "c")]
+    assert main(base + argv) == 2
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out
+
+
+def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--scheduler_name", "onecycle"])
+    assert "invalid choice" in capsys.readouterr().err
