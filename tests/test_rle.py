@@ -53,3 +53,20 @@ def test_malformed_code_names_slice_and_class(code, fragment):
 
 def test_run_ending_exactly_at_last_pixel_is_valid():
     assert decode_rle("18 3", (4, 5)).sum() == 3
+
+
+def test_decode_into_a_given_buffer_and_huge_or_negative_tokens():
+    buf = np.zeros(20, np.uint8)
+    out = decode_rle("2 3", (4, 5), out=buf)
+    assert out.base is buf or out is buf.reshape(4, 5) or np.shares_memory(out, buf)
+    assert buf[1:4].tolist() == [1, 1, 1] and buf.sum() == 3
+    with pytest.raises(RLEError, match="out of range"):
+        decode_rle("1 99999999999999999999999", (4, 5))
+    with pytest.raises(RLEError, match="start -2 < 1"):
+        decode_rle("-2 3", (4, 5))
+
+
+@pytest.mark.parametrize("code", ["9223372036854775807 5", "1 5 9223372036854775807 5 30 1", "3 1 1 1", "1 25"])
+def test_codes_that_could_overflow_or_hide_out_of_order_are_rejected(code):
+    with pytest.raises(RLEError):
+        decode_rle(code, (4, 5))
