@@ -80,10 +80,10 @@ def probs_to_masks(probs: torch.Tensor, size: tuple[int, int], task: str, thresh
     return (labels[None] == torch.arange(1, up.shape[0], device=up.device).view(-1, 1, 1)).cpu().numpy()
 
 
-def predict_rows(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
-                 batch_size: int = 16, device: torch.device | None = None, mixed_precision: str = "no",
-                 tta: bool = False, thresholds: tuple[float, ...] = (0.5, 0.5, 0.5), num_workers: int = 0) -> pd.DataFrame:
-    """Submission rows (id, class, predicted) for ``rows`` of ``index``, in index order."""
+def iter_masks(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
+               batch_size: int = 16, device: torch.device | None = None, mixed_precision: str = "no",
+               tta: bool = False, thresholds: tuple[float, ...] = (0.5, 0.5, 0.5), num_workers: int = 0):
+    """Yield (row, (3, H, W) bool organ masks at the scan's original size) for ``rows`` of ``index``, in order."""
     from augment import eval_transform
     from dataset import SliceDataset
 
@@ -93,16 +93,25 @@ def predict_rows(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarr
                                      pin_memory=device.type == "cuda")
     thr = torch.tensor(thresholds, dtype=torch.float32, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-    out: list[tuple[str, str, str]] = []
-    heights, widths, ids = index["height"].to_numpy(), index["width"].to_numpy(), index["id"].to_numpy()
+    heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
     model.eval()
     for batch in dl:
         x = batch["pixel_values"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
             probs = predict_probs(model, x, spec.task, tta)
         for k, r in enumerate(batch["index"].tolist()):
-            masks = probs_to_masks(probs[k], (int(heights[r]), int(widths[r])), spec.task, thr)
-            out += [(ids[r], name, encode_rle(masks[c])) for c, name in enumerate(CLASSES)]
+            yield r, probs_to_masks(probs[k], (int(heights[r]), int(widths[r])), spec.task, thr)
+
+
+def predict_rows(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
+                 batch_size: int = 16, device: torch.device | None = None, mixed_precision: str = "no",
+                 tta: bool = False, thresholds: tuple[float, ...] = (0.5, 0.5, 0.5), num_workers: int = 0) -> pd.DataFrame:
+    """Submission rows (id, class, predicted) for ``rows`` of ``index``, in index order."""
+    ids = index["id"].to_numpy()
+    out = [(ids[r], name, encode_rle(masks[c]))
+           for r, masks in iter_masks(model, spec, index, rows, cache, neighbours, batch_size, device,
+                                      mixed_precision, tta, thresholds, num_workers)
+           for c, name in enumerate(CLASSES)]
     return pd.DataFrame(out, columns=["id", "class", "predicted"])
 
 

@@ -519,6 +519,7 @@ def train(cfg: TrainConfig) -> dict:
                 atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
             path = save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
             logger.info("saved %s and resumable state %s", output_dir / "last", path)
+            t_log, seen = time.perf_counter(), 0  # images/s measures training, not evaluation and saving
         logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", state["global_step"], state["best_dice"],
                     state["best_step"], output_dir / "best")
         if cfg.final_eval:
