@@ -215,7 +215,7 @@ def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4
     """Rows of scan / ground truth / prediction / overlay of both (truth contours on the prediction)."""
     plt = _plt()
     if ids is None:
-        busy = pred.scores.set_index("id")[[f"dice_{c}" for c in CLASSES]].notna().sum(1).sort_values(ascending=False)
+        busy = pred.scores.set_index("id")[[f"dice_{c}" for c in CLASSES]].notna().sum(axis=1).sort_values(ascending=False)
         ids = list(busy.index[:n])
     rows = pred.index.set_index("id", drop=False).loc[ids]
     fig, axes = plt.subplots(len(ids), 4, figsize=(11, 2.8 * len(ids)), squeeze=False)
