@@ -91,6 +91,8 @@ class TrainConfig:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting over in a used output_dir"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the checkpoint (off)"})
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
+    channels_last: bool = field(default=False, metadata={
+        "help": "channels-last memory format for model and inputs (often faster for ConvNeXt/UperNet on GPU)"})
     final_eval: bool = field(default=False, metadata={
         "help": "after training, predict the validation fold with best/ at original scan sizes and score it "
                 "(val_submission.csv, val_scores.json: Dice, IoU, 3D Hausdorff, competition score, time saved)"})
@@ -370,6 +372,8 @@ def train(cfg: TrainConfig) -> dict:
     if frozen:
         logger.info("frozen %d parameter tensors the architecture never uses: %s", len(frozen),
                     ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if cfg.torch_compile:
         model = torch.compile(model)
 
@@ -435,9 +439,12 @@ def train(cfg: TrainConfig) -> dict:
             epoch_loss = torch.zeros((), device=accelerator.device)
             epoch_batches = 0
             for b, batch in enumerate(epoch_dl, start=skip):
+                pixels = batch["pixel_values"]
+                if cfg.channels_last:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        logits, aux = model(batch["pixel_values"])
+                        logits, aux = model(pixels)
                     size = batch["mask"].shape[-2:]
                     loss = loss_fn(upsample_like(logits, size), batch["mask"])
                     if aux is not None and cfg.aux_weight > 0:

@@ -237,28 +237,34 @@ def bench_training(models: list[tuple[str, int, int]], steps: int, processes: li
     return rows
 
 
-def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, steps: int, workers: int) -> list[list]:
-    """trainer.py vs the bare loop on the same model, size and batch (images/s of the logged intervals)."""
+def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, steps: int, workers: int,
+                           repeats: int) -> list[list]:
+    """trainer.py vs the bare loop on the same model, size and batch: median images/s of the trainer's logged
+    intervals (the first of each run left out: start-up), median over ``repeats`` runs of each."""
     import re
 
-    from model import make_tiny
+    from transformers import AutoModelForSemanticSegmentation
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     try:
-        folder = make_tiny(model.removeprefix("tiny-"), tmp / "model")
-        out = tmp / "run"
-        cmd = [sys.executable, str(ROOT / "trainer.py"), "--base_model", str(folder), "--data_dir", str(data_dir),
-               "--output_dir", str(out), "--image_size", str(size), "--train_batch_size", str(batch),
-               "--max_train_steps", str(steps), "--epochs", "100", "--log_every", "5", "--num_workers", str(workers),
-               "--cache_dir", str(tmp / "cache"), "--n_folds", "2"]
-        subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        rates = [float(m) for m in re.findall(r"\| ([\d.]+) img/s", (out / "train.log").read_text())]
-        trainer = statistics.median(rates[1:])  # the first interval includes start-up
-        bare = run_worker(model, size, batch, 20, 1)["img_s"]
+        folder = tmp / "model"
+        AutoModelForSemanticSegmentation.from_config(_model_config(model)).save_pretrained(folder)
+        trainer_rates = []
+        for k in range(repeats):
+            out = tmp / f"run{k}"
+            cmd = [sys.executable, str(ROOT / "trainer.py"), "--base_model", str(folder), "--data_dir",
+                   str(data_dir), "--output_dir", str(out), "--image_size", str(size), "--train_batch_size",
+                   str(batch), "--max_train_steps", str(steps), "--epochs", "100", "--log_every", "5",
+                   "--num_workers", str(workers), "--cache_dir", str(tmp / "cache"), "--n_folds", "2"]
+            subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            rates = [float(m) for m in re.findall(r"\| ([\d.]+) img/s", (out / "train.log").read_text())]
+            trainer_rates.append(statistics.median(rates[1:]))
+        bare = statistics.median(run_worker(model, size, batch, 20, 1)["img_s"] for _ in range(repeats))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [["bare loop (synthetic batches)", f"{bare:.1f}", "1.00"],
-            [f"trainer.py (demo data, {workers} workers)", f"{trainer:.1f}", f"{trainer / bare:.2f}"]]
+    trainer = statistics.median(trainer_rates)
+    return [[model, size, batch, "bare loop (synthetic batches)", f"{bare:.1f}", "1.00"],
+            [model, size, batch, f"trainer.py (demo data, {workers} workers)", f"{trainer:.1f}", f"{trainer / bare:.2f}"]]
 
 
 def main() -> None:
@@ -321,11 +327,16 @@ def main() -> None:
     print(f"\n3. training, bare forward/backward/AdamW step on synthetic batches (median of {steps} steps)\n")
     print(table(["model", "params", "px", "batch x procs", "images/s", "step ms", "peak RSS MB"], rows))
 
-    o_size, o_batch = (64, 4) if args.quick else (128, 8)
-    rows = bench_trainer_overhead(data_dir, "tiny-segformer", o_size, o_batch, 10 if args.quick else 60, workers=2)
+    if args.quick:
+        overhead = [("tiny-segformer", 64, 4, 10)]
+    else:
+        overhead = [("tiny-segformer", 128, 8, 60), ("segformer-b0", 160, 8, 25)]
+    rows = []
+    for model, o_size, o_batch, o_steps in overhead:
+        rows += bench_trainer_overhead(data_dir, model, o_size, o_batch, o_steps, 2, 1 if args.quick else 3)
     results["trainer_overhead"] = rows
-    print(f"\n4. trainer overhead, tiny-segformer at {o_size}px, batch {o_batch} (median of logged intervals)\n")
-    print(table(["loop", "images/s", "ratio"], rows))
+    print("\n4. trainer overhead: images/s of trainer.py vs a bare loop on the same model (medians of 3 runs)\n")
+    print(table(["model", "px", "batch", "loop", "images/s", "ratio"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(tmp, ignore_errors=True)

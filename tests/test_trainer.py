@@ -58,7 +58,8 @@ def test_resume_continues_from_the_saved_step(demo_dir, tiny_models, tmp_path):
 
 def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_path):
     last = train(_cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass",
-                      context_slices=3, gradient_accumulation_steps=2, scheduler_name="MultiStepLR"))
+                      context_slices=3, gradient_accumulation_steps=2, scheduler_name="MultiStepLR",
+                      channels_last=True, optimizer="SGD"))
     assert np.isfinite(last["val_loss"]) and 0 <= last["dice_mean"] <= 1
 
 
