@@ -1,4 +1,13 @@
-"""Training losses on logits already upsampled to the mask size."""
+"""Training losses on logits already upsampled to the mask size.
+
+``--loss`` picks the recipe; ``--bce_weight`` / ``--dice_weight`` weight its two terms:
+  bce_dice  BCE (multilabel) / cross-entropy (multiclass) + soft Dice   (default; the brain-MRI projects' choice)
+  bce       BCE / cross-entropy only
+  dice      soft Dice only
+  focal     focal loss (--focal_gamma) + soft Dice
+  tversky   BCE / cross-entropy + Tversky loss (--tversky_alpha weighs false positives, --tversky_beta false
+            negatives; alpha = beta = 0.5 is the soft Dice)
+"""
 from __future__ import annotations
 
 import torch
@@ -6,34 +15,71 @@ import torch.nn.functional as F
 
 from dataset import multiclass_targets, unpack_targets
 
+LOSSES = ("bce_dice", "bce", "dice", "focal", "tversky")
+
 
 def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
     """1 - mean over classes of the soft Dice, each class pooled over the batch. probs, targets: (B, C, H, W)."""
+    return tversky_loss(probs, targets, 0.5, 0.5, smooth)
+
+
+def tversky_loss(probs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.3, beta: float = 0.7,
+                 smooth: float = 1.0) -> torch.Tensor:
+    """1 - mean over classes of TP / (TP + alpha FP + beta FN), soft, pooled over the batch."""
     dims = (0, 2, 3)
-    inter = (probs * targets).sum(dims)
-    denom = probs.sum(dims) + targets.sum(dims)
-    return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
+    tp = (probs * targets).sum(dims)
+    fp = (probs * (1 - targets)).sum(dims)
+    fn = ((1 - probs) * targets).sum(dims)
+    return 1.0 - ((tp + smooth) / (tp + alpha * fp + beta * fn + smooth)).mean()
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, multiclass: bool = False) -> torch.Tensor:
+    """Focal loss: cross-entropy down-weighted by (1 - p_true)^gamma on easy pixels."""
+    if multiclass:
+        logp = F.log_softmax(logits, 1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        return (-(1 - logp.exp()) ** gamma * logp).mean()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_true = torch.exp(-bce)
+    return ((1 - p_true) ** gamma * bce).mean()
 
 
 class SegmentationLoss:
-    """multilabel: ``bce_weight`` * BCE + ``dice_weight`` * soft Dice on sigmoids (3 channels).
-    multiclass: ``bce_weight`` * cross-entropy + ``dice_weight`` * soft Dice on the 3 organ softmax channels."""
+    """``bce_weight`` * (BCE, CE or focal) + ``dice_weight`` * (soft Dice or Tversky), by ``loss``; multilabel on
+    3 sigmoid channels, multiclass on softmax (the overlap term on the 3 organ channels)."""
 
-    def __init__(self, task: str, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0):
-        self.task, self.bce_weight, self.dice_weight, self.smooth = task, bce_weight, dice_weight, smooth
+    def __init__(self, task: str, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
+                 loss: str = "bce_dice", focal_gamma: float = 2.0, tversky_alpha: float = 0.3,
+                 tversky_beta: float = 0.7):
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        self.task, self.smooth, self.loss = task, smooth, loss
+        self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
+        self.bce_weight = 0.0 if loss == "dice" else bce_weight
+        self.dice_weight = 0.0 if loss == "bce" else dice_weight
 
     def __call__(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        if self.task == "multilabel":
-            targets = unpack_targets(packed, logits.shape[1])
-            ce = F.binary_cross_entropy_with_logits(logits, targets)
-            dice = soft_dice_loss(torch.sigmoid(logits), targets, self.smooth)
-        else:
+        multiclass = self.task == "multiclass"
+        if multiclass:
             labels = multiclass_targets(packed)
-            ce = F.cross_entropy(logits, labels)
-            onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()
-            dice = soft_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:], self.smooth)
-        return self.bce_weight * ce + self.dice_weight * dice
+            targets = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+            probs = torch.softmax(logits, 1)[:, 1:]
+        else:
+            labels = targets = unpack_targets(packed, logits.shape[1])
+            probs = torch.sigmoid(logits)
+        total = logits.new_zeros(())
+        if self.bce_weight:
+            if self.loss == "focal":
+                pixel = focal_loss(logits, labels, self.focal_gamma, multiclass)
+            elif multiclass:
+                pixel = F.cross_entropy(logits, labels)
+            else:
+                pixel = F.binary_cross_entropy_with_logits(logits, targets)
+            total = total + self.bce_weight * pixel
+        if self.dice_weight:
+            alpha, beta = (self.alpha, self.beta) if self.loss == "tversky" else (0.5, 0.5)
+            total = total + self.dice_weight * tversky_loss(probs, targets, alpha, beta, self.smooth)
+        return total
 
 
 def upsample_like(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

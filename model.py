@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from baselines import BASELINES, build_baseline  # also registers the U-Net baselines with the Auto classes
 from utils import CLASSES, UserError, atomic_dir
 
 # Checkpoints of the reference comparison (need the hub or a downloaded folder).
@@ -77,7 +78,7 @@ def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -
     exercises the head replacement) plus its image processor, with ``save_pretrained``."""
     from transformers import AutoModelForSemanticSegmentation
 
-    if family not in TINY_CONFIGS:
+    if family not in TINY_CONFIGS and family != "gi_unet":
         raise UserError(f"unknown --family {family!r}; choose from {sorted(TINY_CONFIGS)}")
     torch.manual_seed(seed)
     config = TINY_CONFIGS[family](ADE_LIKE_LABELS, width)
@@ -130,18 +131,23 @@ def load_model(base_model: str, task: str = "multilabel", aux_weight: float = 0.
     from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
     id2label = task_labels(task)
+    if base_model in BASELINES:
+        mean, std = FAMILY_STATS["segformer"]
+        return LoadedModel(build_baseline(base_model, id2label), "gi_unet",
+                           ["all weights (a CNN baseline starts from random weights: no pretrained encoder offline)"],
+                           mean, std)
     try:
         config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load --base_model {base_model!r}: {first}.{_hub_hint(base_model)}") from None
     family = config.model_type
-    if family not in TINY_CONFIGS:
+    if family not in TINY_CONFIGS and family != "gi_unet":
         # Any other AutoModelForSemanticSegmentation architecture is attempted; say so.
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES as seg
         if family not in seg:
             raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
-                            f"supported families: {sorted(TINY_CONFIGS)}")
+                            f"supported families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters

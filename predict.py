@@ -47,6 +47,8 @@ def spec_from_folder(model_dir: Path, config) -> InferenceSpec:
 def load_for_inference(model_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, InferenceSpec]:
     from transformers import AutoModelForSemanticSegmentation
 
+    import baselines  # noqa: F401  (registers the CNN baselines with the Auto classes)
+
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise UserError(f"--model {model_dir}: no config.json; pass a folder written by the trainer (e.g. runs/<name>/best)")

@@ -72,6 +72,12 @@ class TrainConfig:
     mixed_precision: str = field(default="no", metadata={"help": "autocast on GPU", "choices": ("no", "fp16", "bf16")})
     seed: int = field(default=42, metadata={"help": "seed of weights init, shuffling and augmentation"})
     # loss and metric
+    loss: str = field(default="bce_dice", metadata={
+        "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice) or tversky (BCE/CE + Tversky)",
+        "choices": ("bce_dice", "bce", "dice", "focal", "tversky")})
+    focal_gamma: float = field(default=2.0, metadata={"help": "focal loss gamma"})
+    tversky_alpha: float = field(default=0.3, metadata={"help": "Tversky weight of false positives"})
+    tversky_beta: float = field(default=0.7, metadata={"help": "Tversky weight of false negatives"})
     bce_weight: float = field(default=1.0, metadata={"help": "weight of BCE (multilabel) / cross-entropy (multiclass)"})
     dice_weight: float = field(default=1.0, metadata={"help": "weight of the soft Dice loss"})
     aux_weight: float = field(default=0.4, metadata={
@@ -82,7 +88,9 @@ class TrainConfig:
                 "default), 0 (competition text) or skip (left out of the mean, as a public grader does)",
         "choices": ("1", "0", "skip")})
     # running
-    num_workers: int = field(default=2, metadata={"help": "data-loader worker processes per training process"})
+    num_workers: int = field(default=-1, metadata={
+        "help": "data-loader worker processes per training process; -1: 0 on CPU (workers would take cores from "
+                "the model; the cached pipeline is cheap), min(8, cores per process) on GPU"})
     log_every: int = field(default=10, metadata={"help": "log train loss / lr / images per second every N steps"})
     save_every_steps: int = field(default=0, metadata={"help": "also save a resumable state every N steps (0: epochs only)"})
     save_total_limit: int = field(default=2, metadata={"help": "resumable states kept"})
@@ -93,6 +101,8 @@ class TrainConfig:
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     channels_last: bool = field(default=False, metadata={
         "help": "channels-last memory format for model and inputs (often faster for ConvNeXt/UperNet on GPU)"})
+    early_stopping_patience: int = field(default=0, metadata={
+        "help": "stop when the validation mean Dice has not improved for this many evaluations (0: off)"})
     final_eval: bool = field(default=False, metadata={
         "help": "after training, predict the validation fold with best/ at original scan sizes and score it "
                 "(val_submission.csv, val_scores.json: Dice, IoU, 3D Hausdorff, competition score, time saved)"})
@@ -128,13 +138,16 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.weight_decay >= 0, f"--weight_decay must be >= 0, got {cfg.weight_decay}"),
         (cfg.warmup_steps >= 0, f"--warmup_steps must be >= 0, got {cfg.warmup_steps}"),
         (cfg.max_train_steps >= 0, f"--max_train_steps must be >= 0, got {cfg.max_train_steps}"),
-        (cfg.num_workers >= 0, f"--num_workers must be >= 0, got {cfg.num_workers}"),
+        (cfg.num_workers >= -1, f"--num_workers must be >= 0, or -1 for automatic, got {cfg.num_workers}"),
         (cfg.log_every >= 1, f"--log_every must be >= 1, got {cfg.log_every}"),
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
         (cfg.n_folds >= 2, f"--n_folds must be >= 2, got {cfg.n_folds}"),
         (0 <= cfg.fold < cfg.n_folds, f"--fold must be in [0, {cfg.n_folds - 1}] for --n_folds {cfg.n_folds}, got {cfg.fold}"),
         (cfg.aux_weight >= 0 and cfg.bce_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
         (cfg.bce_weight + cfg.dice_weight > 0, "--bce_weight and --dice_weight cannot both be 0"),
+        (cfg.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0, got {cfg.early_stopping_patience}"),
+        (cfg.focal_gamma >= 0 and cfg.tversky_alpha >= 0 and cfg.tversky_beta >= 0,
+         "--focal_gamma, --tversky_alpha and --tversky_beta must be >= 0"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -349,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
     with accelerator.main_process_first():
         index = build_index(cfg.data_dir)
         train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
-        cache = build_cache(index, cfg.image_size, cfg.cache_dir, num_threads=max(1, cfg.num_workers))
+        cache = build_cache(index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1)
     neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride)
     train_cases = sorted(index["case"].iloc[train_rows].unique())
     val_cases = sorted(index["case"].iloc[val_rows].unique())
@@ -380,8 +393,11 @@ def train(cfg: TrainConfig) -> dict:
     train_ds = SliceDataset(cache, train_rows, neighbours, train_transform(cfg.image_size, cfg.strong_aug),
                             loaded.mean, loaded.std)
     val_ds = SliceDataset(cache, val_rows, neighbours, eval_transform(cfg.image_size), loaded.mean, loaded.std)
-    loader_kw = dict(num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda",
-                     persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers > 0 else None)
+    workers = cfg.num_workers
+    if workers < 0:
+        workers = min(8, (os.cpu_count() or 1) // accelerator.num_processes) if accelerator.device.type == "cuda" else 0
+    loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda",
+                     persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True
                                            if len(train_ds) >= 2 * cfg.train_batch_size else False, **loader_kw)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
@@ -393,7 +409,8 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = SegmentationLoss(cfg.task, cfg.bce_weight, cfg.dice_weight)
+    loss_fn = SegmentationLoss(cfg.task, cfg.bce_weight, cfg.dice_weight, loss=cfg.loss, focal_gamma=cfg.focal_gamma,
+                               tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta)
 
     # ---- resume
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_dice": -1.0, "best_step": -1}
@@ -521,6 +538,11 @@ def train(cfg: TrainConfig) -> dict:
                 save_models("best")
                 logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state["global_step"],
                             output_dir / "best")
+            if (cfg.early_stopping_patience and state["global_step"] - state["best_step"] > 0 and
+                    sum(r["step"] > state["best_step"] for r in history) >= cfg.early_stopping_patience):
+                logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
+                            state["best_dice"], state["best_step"], cfg.early_stopping_patience)
+                stop = True
             save_models("last")
             if is_main:
                 atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))

@@ -264,7 +264,7 @@ def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, st
         shutil.rmtree(tmp, ignore_errors=True)
     trainer = statistics.median(trainer_rates)
     return [[model, size, batch, "bare loop (synthetic batches)", f"{bare:.1f}", "1.00"],
-            [model, size, batch, f"trainer.py (demo data, {workers} workers)", f"{trainer:.1f}", f"{trainer / bare:.2f}"]]
+            [model, size, batch, "trainer.py (demo data, default workers)", f"{trainer:.1f}", f"{trainer / bare:.2f}"]]
 
 
 def main() -> None:
@@ -333,7 +333,7 @@ def main() -> None:
         overhead = [("tiny-segformer", 128, 8, 60), ("segformer-b0", 160, 8, 25)]
     rows = []
     for model, o_size, o_batch, o_steps in overhead:
-        rows += bench_trainer_overhead(data_dir, model, o_size, o_batch, o_steps, 2, 1 if args.quick else 3)
+        rows += bench_trainer_overhead(data_dir, model, o_size, o_batch, o_steps, -1, 1 if args.quick else 3)
     results["trainer_overhead"] = rows
     print("\n4. trainer overhead: images/s of trainer.py vs a bare loop on the same model (medians of 3 runs)\n")
     print(table(["model", "px", "batch", "loop", "images/s", "ratio"], rows))

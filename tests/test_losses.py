@@ -27,3 +27,42 @@ def test_soft_dice_loss_bounds_and_upsampling():
     assert soft_dice_loss(t, t) == 0
     assert soft_dice_loss(torch.zeros_like(t), t, smooth=0) == 1
     assert upsample_like(torch.randn(1, 3, 4, 4), (16, 16)).shape == (1, 3, 16, 16)
+
+
+import pytest  # noqa: E402
+
+from losses import LOSSES, focal_loss, tversky_loss  # noqa: E402
+
+
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+@pytest.mark.parametrize("name", LOSSES)
+def test_every_loss_prefers_the_right_answer(task, name):
+    packed = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    packed[:, 2:5, 2:5] = 4
+    packed[:, 5:7, 1:7] = 1
+    if task == "multilabel":
+        target = torch.stack([((packed >> c) & 1).float() for c in range(3)], 1)
+        good = (target * 2 - 1) * 8
+    else:
+        from dataset import multiclass_targets
+
+        good = torch.nn.functional.one_hot(multiclass_targets(packed), 4).permute(0, 3, 1, 2).float() * 16 - 8
+    loss = SegmentationLoss(task, loss=name)
+    right, wrong = loss(good, packed), loss(-good, packed)
+    assert torch.isfinite(right) and right < wrong
+
+
+def test_tversky_weights_false_negatives_with_beta():
+    t = torch.zeros(1, 1, 4, 4)
+    t[..., :2, :] = 1
+    miss = torch.zeros_like(t)  # all false negatives
+    assert tversky_loss(miss, t, alpha=0.3, beta=0.7, smooth=0) == 1
+    half = t.clone()
+    half[..., 1, :] = 0  # half missed
+    assert tversky_loss(half, t, 0.3, 0.7, smooth=0) > tversky_loss(half, t, 0.7, 0.3, smooth=0)
+
+
+def test_focal_loss_down_weights_easy_pixels():
+    t = torch.ones(1, 1, 2, 2)
+    easy, hard = torch.full_like(t, 4.0), torch.full_like(t, -1.0)
+    assert focal_loss(easy, t) < 0.01 * focal_loss(hard, t)
