@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from data import normalise_scan, read_scan
+from data import has_labels, normalise_scan, read_scan
+from lgg import read_lgg_mask, read_lgg_scan
 from rle import decode_rle
 from utils import CLASSES, atomic_dir, logger
 
@@ -60,8 +61,12 @@ def unpack_masks(packed: np.ndarray, n_classes: int = len(CLASSES)) -> np.ndarra
 
 
 def slice_masks(row, with_labels: bool = True) -> np.ndarray:
-    """(C, H, W) uint8 masks of one index row at the scan's original size."""
+    """(C, H, W) uint8 masks of one index row at the scan's original size (run-length codes of the GI data, or
+    the mask file of the LGG data)."""
     shape = (int(row.height), int(row.width))
+    mask_path = getattr(row, "mask_path", None)
+    if isinstance(mask_path, str):
+        return read_lgg_mask(mask_path)
     if not with_labels:
         return np.zeros((len(CLASSES), *shape), np.uint8)
     return np.stack([decode_rle(getattr(row, f"rle_{c}"), shape, where=f"id {row.id} class {c}") for c in CLASSES])
@@ -70,7 +75,8 @@ def slice_masks(row, with_labels: bool = True) -> np.ndarray:
 def cache_key(index: pd.DataFrame, image_size: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"version": CACHE_VERSION, "size": image_size, "classes": CLASSES}).encode())
-    for path in index["path"]:
+    paths = list(index["path"]) + (list(index["mask_path"]) if "mask_path" in index else [])
+    for path in paths:
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     for c in CLASSES:
@@ -81,7 +87,8 @@ def cache_key(index: pd.DataFrame, image_size: int) -> str:
 
 
 def _load_one(row, image_size: int, with_labels: bool) -> tuple[np.ndarray, np.ndarray]:
-    img = read_scan(row.path, row.width, row.height)
+    reader = read_lgg_scan if isinstance(getattr(row, "mask_path", None), str) else read_scan
+    img = reader(row.path, row.width, row.height)
     image = resize_image(normalise_scan(img), image_size).astype(np.float16)
     mask = resize_mask(pack_masks(slice_masks(row, with_labels)), image_size)
     return image, mask
@@ -89,7 +96,7 @@ def _load_one(row, image_size: int, with_labels: bool) -> tuple[np.ndarray, np.n
 
 def build_cache(index: pd.DataFrame, image_size: int, cache_root: str | Path, num_threads: int = 4) -> SliceCache:
     """Open the cache for ``index`` at ``image_size`` under ``cache_root``, building it first if needed."""
-    with_labels = f"rle_{CLASSES[0]}" in index
+    with_labels = has_labels(index)
     folder = Path(cache_root) / f"{image_size}px-{len(index)}-{cache_key(index, image_size)}"
     if not (folder / "masks.npy").exists():
         logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)

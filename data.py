@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
 import pandas as pd
 
+from lgg import LGG_CLASSES, build_lgg_index
 from rle import RLEError, parse_rle
-from utils import CLASSES, UserError
+from utils import CLASSES, MULTICLASS_PRIORITY, UserError
 
 SCAN_RE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
 CASE_DAY_RE = re.compile(r"^case(\d+)_day(\d+)$")
@@ -213,3 +216,21 @@ def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 
         fallback = np.where(offsets[None, :] > 0, below, pos)
         out[rows] = rows[np.where(exact, pos, fallback)]
     return out
+
+
+@dataclass(frozen=True)
+class DatasetKind:
+    """What differs between the datasets the trainer reads (``--dataset``)."""
+    classes: tuple[str, ...]
+    priority: tuple[str, ...]  # --task multiclass: where classes overlap, the first of these wins
+    build_index: Callable[[str | Path], pd.DataFrame]
+
+
+DATASETS: dict[str, DatasetKind] = {
+    "gi": DatasetKind(CLASSES, MULTICLASS_PRIORITY, build_index),  # UW-Madison GI tract (Kaggle layout)
+    "lgg": DatasetKind(LGG_CLASSES, LGG_CLASSES, build_lgg_index),  # LGG brain MRI (kaggle_3m layout)
+}
+
+
+def has_labels(index: pd.DataFrame) -> bool:
+    return "mask_path" in index or f"rle_{CLASSES[0]}" in index

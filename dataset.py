@@ -53,12 +53,13 @@ def unpack_targets(packed: torch.Tensor, n_classes: int = len(CLASSES)) -> torch
     return ((packed.unsqueeze(1) >> bits) & 1).float()
 
 
-def multiclass_targets(packed: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) packed -> (B, H, W) long: 0 background, 1 + index in CLASSES for an organ.
+def multiclass_targets(packed: torch.Tensor, classes: tuple[str, ...] = CLASSES,
+                       priority: tuple[str, ...] = MULTICLASS_PRIORITY) -> torch.Tensor:
+    """(B, H, W) packed -> (B, H, W) long: 0 background, 1 + index in ``classes`` for an organ.
 
-    Where organs overlap, the class that comes first in utils.MULTICLASS_PRIORITY wins."""
+    Where organs overlap, the class that comes first in ``priority`` (utils.MULTICLASS_PRIORITY) wins."""
     out = torch.zeros(packed.shape, dtype=torch.long, device=packed.device)
-    for name in reversed(MULTICLASS_PRIORITY):  # lowest priority first, higher ones overwrite
-        c = CLASSES.index(name)
+    for name in reversed(priority):  # lowest priority first, higher ones overwrite
+        c = classes.index(name)
         out = torch.where(((packed >> c) & 1).bool(), torch.full_like(out, c + 1), out)
     return out

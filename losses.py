@@ -49,11 +49,13 @@ class SegmentationLoss:
 
     def __init__(self, task: str, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
                  loss: str = "bce_dice", focal_gamma: float = 2.0, tversky_alpha: float = 0.3,
-                 tversky_beta: float = 0.7):
+                 tversky_beta: float = 0.7, classes: tuple[str, ...] | None = None,
+                 priority: tuple[str, ...] | None = None):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.task, self.smooth, self.loss = task, smooth, loss
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
+        self.overlap = {} if classes is None else {"classes": classes, "priority": priority or classes}
         self.bce_weight = 0.0 if loss == "dice" else bce_weight
         self.dice_weight = 0.0 if loss == "bce" else dice_weight
 
@@ -61,7 +63,7 @@ class SegmentationLoss:
         logits = logits.float()
         multiclass = self.task == "multiclass"
         if multiclass:
-            labels = multiclass_targets(packed)
+            labels = multiclass_targets(packed, **self.overlap)
             targets = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
             probs = torch.softmax(logits, 1)[:, 1:]
         else:

@@ -100,11 +100,11 @@ def make_image_processor(image_size: int, mean, std):
                                       do_reduce_labels=False, image_mean=list(mean), image_std=list(std))
 
 
-def task_labels(task: str) -> dict[int, str]:
+def task_labels(task: str, classes: tuple[str, ...] = CLASSES) -> dict[int, str]:
     if task == "multilabel":
-        return dict(enumerate(CLASSES))
+        return dict(enumerate(classes))
     if task == "multiclass":
-        return dict(enumerate(("background",) + CLASSES))
+        return dict(enumerate(("background",) + tuple(classes)))
     raise UserError(f"--task must be multilabel or multiclass, got {task!r}")
 
 
@@ -126,11 +126,11 @@ def _hub_hint(name: str) -> str:
 
 
 def load_model(base_model: str, task: str = "multilabel", aux_weight: float = 0.4,
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels."""
+               trust_remote_code: bool = False, classes: tuple[str, ...] = CLASSES) -> LoadedModel:
+    """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``."""
     from transformers import AutoConfig, AutoModelForSemanticSegmentation
 
-    id2label = task_labels(task)
+    id2label = task_labels(task, classes)
     if base_model in BASELINES:
         mean, std = FAMILY_STATS["segformer"]
         return LoadedModel(build_baseline(base_model, id2label), "gi_unet",

@@ -31,17 +31,23 @@ class InferenceSpec:
     std: tuple[float, ...]
     context_slices: int
     context_stride: int
+    dataset: str = "gi"
+    classes: tuple[str, ...] = CLASSES
 
 
 def spec_from_folder(model_dir: Path, config) -> InferenceSpec:
     proc_file = model_dir / "preprocessor_config.json"
     proc = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
     size = proc.get("size", {}).get("height", 288)
-    return InferenceSpec(task=getattr(config, "gi_task", "multilabel"), image_size=int(size),
+    task = getattr(config, "gi_task", "multilabel")
+    labels = tuple(config.id2label[i] for i in sorted(config.id2label))
+    return InferenceSpec(task=task, image_size=int(size),
                          mean=tuple(proc.get("image_mean", (0.485, 0.456, 0.406))),
                          std=tuple(proc.get("image_std", (0.229, 0.224, 0.225))),
                          context_slices=int(getattr(config, "gi_context_slices", 1)),
-                         context_stride=int(getattr(config, "gi_context_stride", 2)))
+                         context_stride=int(getattr(config, "gi_context_stride", 2)),
+                         dataset=getattr(config, "gi_dataset", "gi"),
+                         classes=labels[1:] if task == "multiclass" else labels)
 
 
 def load_for_inference(model_dir: str | Path, device: torch.device) -> tuple[torch.nn.Module, InferenceSpec]:
@@ -93,7 +99,7 @@ def iter_masks(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarray
     ds = SliceDataset(cache, rows, neighbours, eval_transform(spec.image_size), spec.mean, spec.std)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                      pin_memory=device.type == "cuda")
-    thr = torch.tensor(thresholds, dtype=torch.float32, device=device)
+    thr = torch.tensor(thresholds[:len(spec.classes)], dtype=torch.float32, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
     heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
     model.eval()
@@ -113,7 +119,7 @@ def predict_rows(model, spec: InferenceSpec, index: pd.DataFrame, rows: np.ndarr
     out = [(ids[r], name, encode_rle(masks[c]))
            for r, masks in iter_masks(model, spec, index, rows, cache, neighbours, batch_size, device,
                                       mixed_precision, tta, thresholds, num_workers)
-           for c, name in enumerate(CLASSES)]
+           for c, name in enumerate(spec.classes)]
     return pd.DataFrame(out, columns=["id", "class", "predicted"])
 
 
@@ -124,7 +130,7 @@ def write_submission(df: pd.DataFrame, path: str | Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="saved model folder (runs/<name>/best)")
-    ap.add_argument("--data_dir", required=True, help="folder in the Kaggle layout")
+    ap.add_argument("--data_dir", required=True, help="folder in the Kaggle layout (or kaggle_3m for an LGG model)")
     ap.add_argument("--out", default="submission.csv", help="submission CSV to write (default submission.csv)")
     ap.add_argument("--split", default=None, help="scans folder inside data_dir (default: test/ if present, else train/)")
     ap.add_argument("--fold", type=int, default=None, help="only this validation fold (with --n_folds, --split_seed)")
@@ -134,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
                     help="autocast on GPU (default bf16; ignored on CPU)")
     ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
-    ap.add_argument("--thresholds", default="0.5,0.5,0.5",
-                    help="per-class sigmoid thresholds for large_bowel,small_bowel,stomach (default 0.5,0.5,0.5)")
+    ap.add_argument("--thresholds", default=None,
+                    help="per-class sigmoid thresholds, e.g. 0.5,0.4,0.5 for large_bowel,small_bowel,stomach "
+                         "(default 0.5 each)")
     ap.add_argument("--cache_dir", default="cache", help="decode-once cache folder (default cache)")
     ap.add_argument("--num_workers", type=int, default=2, help="data-loader workers (default 2)")
     args = ap.parse_args(argv)
@@ -150,22 +157,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from cache import build_cache
-    from data import build_index, neighbour_table, split_by_case
+    from data import DATASETS, build_index, neighbour_table, split_by_case
 
-    try:
-        thresholds = tuple(float(t) for t in args.thresholds.split(","))
-    except ValueError:
-        raise UserError(f"--thresholds must be 3 comma-separated numbers, got {args.thresholds!r}") from None
-    if len(thresholds) != len(CLASSES) or not all(0 < t < 1 for t in thresholds):
-        raise UserError(f"--thresholds needs {len(CLASSES)} values in (0, 1), got {args.thresholds!r}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, spec = load_for_inference(args.model, device)  # a wrong --model fails before any data work
+    n = len(spec.classes)
+    try:
+        thresholds = tuple(float(t) for t in args.thresholds.split(",")) if args.thresholds else (0.5,) * n
+    except ValueError:
+        raise UserError(f"--thresholds must be {n} comma-separated numbers, got {args.thresholds!r}") from None
+    if len(thresholds) != n or not all(0 < t < 1 for t in thresholds):
+        raise UserError(f"--thresholds needs {n} values in (0, 1) ({', '.join(spec.classes)}), got {args.thresholds!r}")
     data_dir = Path(args.data_dir)
     split = args.split or ("test" if (data_dir / "test").is_dir() else "train")
-    labels = (data_dir / "train.csv").is_file() and split == "train"
-    index = build_index(data_dir, split, labels=labels)
+    if spec.dataset == "gi":
+        labels = (data_dir / "train.csv").is_file() and split == "train"
+        index = build_index(data_dir, split, labels=labels)
+    else:
+        index = DATASETS[spec.dataset].build_index(data_dir)
     rows = np.arange(len(index))
     if args.fold is not None:
         _, rows = split_by_case(index, args.fold, args.n_folds, args.split_seed)

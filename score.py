@@ -20,37 +20,38 @@ import numpy as np
 import pandas as pd
 
 from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, summarise, time_saved
+from cache import slice_masks
 from rle import RLEError, decode_rle
 from utils import CLASSES, UserError, atomic_write_json
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
 
-def read_submission(path: str | Path) -> pd.DataFrame:
+def read_submission(path: str | Path, classes: tuple[str, ...] = CLASSES) -> pd.DataFrame:
     """A submission as one row per id with a ``pred_<class>`` run-length column per class."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"submission {path} not found")
-    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path))
+    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path), classes)
 
 
-def submission_to_wide(df: pd.DataFrame, path: str = "submission") -> pd.DataFrame:
+def submission_to_wide(df: pd.DataFrame, path: str = "submission", classes: tuple[str, ...] = CLASSES) -> pd.DataFrame:
     """Validate long submission rows (id, class, predicted) and pivot them to id + pred_<class>."""
     missing = [c for c in SUBMISSION_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {missing}; expected {list(SUBMISSION_COLUMNS)}")
-    unknown = sorted(set(df["class"]) - set(CLASSES))
+    unknown = sorted(set(df["class"]) - set(classes))
     if unknown:
-        raise UserError(f"{path}: unknown class {unknown[0]!r}; known classes: {list(CLASSES)}")
+        raise UserError(f"{path}: unknown class {unknown[0]!r}; known classes: {list(classes)}")
     dup = df.duplicated(["id", "class"])
     if dup.any():
         raise UserError(f"{path}: duplicate row for id {df.loc[dup, 'id'].iloc[0]!r}, class {df.loc[dup, 'class'].iloc[0]!r}")
     counts = df.groupby("id").size()
-    if (counts != len(CLASSES)).any():
-        raise UserError(f"{path}: id {counts.index[counts != len(CLASSES)][0]!r} lacks a row for some class; "
-                        f"each id needs {len(CLASSES)} rows ({', '.join(CLASSES)})")
-    wide = df.pivot(index="id", columns="class", values="predicted").reindex(columns=list(CLASSES))
-    return wide.rename(columns={c: f"pred_{c}" for c in CLASSES}).reset_index()
+    if (counts != len(classes)).any():
+        raise UserError(f"{path}: id {counts.index[counts != len(classes)][0]!r} lacks a row for some class; "
+                        f"each id needs {len(classes)} rows ({', '.join(classes)})")
+    wide = df.pivot(index="id", columns="class", values="predicted").reindex(columns=list(classes))
+    return wide.rename(columns={c: f"pred_{c}" for c in classes}).reset_index()
 
 
 def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str) -> pd.DataFrame:
@@ -67,13 +68,14 @@ def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str) -> pd.DataFrame
     return wanted.merge(pred, on="id", how="left").sort_values(["case", "day", "slice"]).reset_index(drop=True)
 
 
-def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float) -> dict:
-    out = summarise(stats, empty)
+def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float,
+             classes: tuple[str, ...]) -> dict:
+    out = summarise(stats, empty, classes)
     dice = dice_from_stats(stats, empty)
     present = (stats[..., 1] + stats[..., 2]) > 0
     saved = time_saved(dice, present, threshold)
     with np.errstate(invalid="ignore"):
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(classes):
             col = hd[:, c]
             out[f"hausdorff_{name}"] = float(np.nanmean(col)) if np.isfinite(col).any() else float("nan")
             out[f"time_saved_{name}"] = float(saved[c])
@@ -88,43 +90,44 @@ def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: st
 
 
 def score_predictions(index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1", threshold: float = 0.9,
-                      source: str = "submission") -> tuple[dict, pd.DataFrame]:
+                      source: str = "submission", classes: tuple[str, ...] = CLASSES) -> tuple[dict, pd.DataFrame]:
     """Overall figures and a per-case table for predictions ``pred`` (id + pred_<class>) against ``index``."""
     if empty not in EMPTY_RULES:
         raise UserError(f"--empty_dice must be one of {EMPTY_RULES}, got {empty!r}")
     rows = _align(index, pred, source)
-    stats = np.zeros((len(rows), len(CLASSES), 3))
+    stats = np.zeros((len(rows), len(classes), 3))
     vol_case, hd, hd_merged = [], [], []
     for (case, _day), grp in rows.groupby(["case", "day"], sort=False):
         shape = (int(grp["height"].iloc[0]), int(grp["width"].iloc[0]))
-        vp = np.zeros((len(CLASSES), len(grp), *shape), bool)
+        vp = np.zeros((len(classes), len(grp), *shape), bool)
         vt = np.zeros_like(vp)
         for k, r in enumerate(grp.itertuples()):
             if (r.height, r.width) != shape:
                 raise UserError(f"{r.id}: size {r.width}x{r.height} differs from the rest of its case-day")
-            for c, name in enumerate(CLASSES):
+            for c, name in enumerate(classes):
                 try:
                     vp[c, k] = decode_rle(getattr(r, f"pred_{name}"), shape, where=f"{source} id {r.id} class {name}")
                 except RLEError as e:
                     raise UserError(str(e)) from None
-                vt[c, k] = decode_rle(getattr(r, f"rle_{name}"), shape)
+            vt[:, k] = slice_masks(r)
         inter = (vp & vt).sum((2, 3))
         stats[grp.index] = np.stack([inter, vp.sum((2, 3)), vt.sum((2, 3))], -1).transpose(1, 0, 2)
-        hd.append([hausdorff_3d(vp[c], vt[c]) for c in range(len(CLASSES))])
+        hd.append([hausdorff_3d(vp[c], vt[c]) for c in range(len(classes))])
         hd_merged.append(hausdorff_3d(vp.any(0), vt.any(0)))
         vol_case.append(case)
     hd, hd_merged, vol_case = np.array(hd), np.array(hd_merged), np.array(vol_case)
-    overall = _figures(stats, hd, hd_merged, empty, threshold)
+    overall = _figures(stats, hd, hd_merged, empty, threshold, classes)
     per_case = []
     for case in sorted(rows["case"].unique()):
         sel, vsel = rows["case"].to_numpy() == case, vol_case == case
-        per_case.append({"case": int(case), **_figures(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold)})
+        per_case.append({"case": int(case), **_figures(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold,
+                                                       classes)})
     return overall, pd.DataFrame(per_case)
 
 
-def format_table(overall: dict, per_case: pd.DataFrame) -> str:
+def format_table(overall: dict, per_case: pd.DataFrame, classes: tuple[str, ...] = CLASSES) -> str:
     """A Markdown table: one row per case and an 'all' row."""
-    cols = [*(f"dice_{c}" for c in CLASSES), "dice_mean", "global_dice_mean", "iou_mean", "hausdorff", "score",
+    cols = [*(f"dice_{c}" for c in classes), "dice_mean", "global_dice_mean", "iou_mean", "hausdorff", "score",
             "time_saved_mean"]
     head = "| case | slices | " + " | ".join(cols) + " |"
     lines = [head, "|" + " --- |" * (len(cols) + 2)]
@@ -138,21 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
     ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
     ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")
+    ap.add_argument("--dataset", default="gi", choices=("gi", "lgg"),
+                    help="gi (default): train.csv ground truth; lgg: the mask files of a kaggle_3m folder")
     ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES,
                     help="Dice of an empty prediction on an empty truth: 1 (default), 0, or skip")
     ap.add_argument("--time_saved_threshold", type=float, default=0.9,
                     help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
     args = ap.parse_args(argv)
-    from data import build_index
+    from data import DATASETS
 
+    kind = DATASETS[args.dataset]
     try:
-        index = build_index(args.data_dir)
-        overall, per_case = score_predictions(index, read_submission(args.pred), args.empty_dice,
-                                              args.time_saved_threshold, source=args.pred)
+        index = kind.build_index(args.data_dir)
+        overall, per_case = score_predictions(index, read_submission(args.pred, kind.classes), args.empty_dice,
+                                              args.time_saved_threshold, source=args.pred, classes=kind.classes)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_table(overall, per_case))
+    print(format_table(overall, per_case, kind.classes))
     print(f"\nscore {overall['score']:.4f} = 0.4 * dice_mean {overall['dice_mean']:.4f} + 0.6 * (1 - hausdorff "
           f"{overall['hausdorff']:.4f}); empty/empty Dice rule: {args.empty_dice}")
     if args.json:

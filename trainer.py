@@ -37,7 +37,11 @@ class TrainConfig:
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
         "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
                 "UperNet-ConvNeXt, DPT or BEiT checkpoint; its decode/auxiliary heads are replaced"})
-    data_dir: str = field(default="demo/data", metadata={"help": "folder in the Kaggle layout: train.csv + train/"})
+    data_dir: str = field(default="demo/data", metadata={
+        "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder"})
+    dataset: str = field(default="gi", metadata={
+        "help": "gi: UW-Madison GI tract (3 organs); lgg: LGG brain MRI (one class, tumor; see lgg.py)",
+        "choices": ("gi", "lgg")})
     output_dir: str = field(default="runs/demo", metadata={"help": "where models, metrics and checkpoints go"})
     task: str = field(default="multilabel", metadata={
         "help": "multilabel: 3 sigmoid channels, organs may overlap; multiclass: softmax over background + 3, "
@@ -222,7 +226,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Pa
     return final
 
 
-def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator,
+             classes: tuple[str, ...] = CLASSES) -> tuple[dict, np.ndarray, np.ndarray]:
     """Validation loss and Dice/IoU summary; also the (N, C, 3) per-slice stats and slice rows (gathered over
     processes without duplicates). Stats stay on the device until the end: one host transfer per evaluation."""
     from dataset import unpack_targets
@@ -242,33 +247,35 @@ def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator) -> tuple[dic
             loss_sum += loss_fn(logits, batch["mask"]) * n
             count += n
             preds = predict_masks(logits, cfg.task, cfg.threshold)
-            s = mask_stats(preds, unpack_targets(batch["mask"]).bool())
+            s = mask_stats(preds, unpack_targets(batch["mask"], len(classes)).bool())
             s, r = accelerator.gather_for_metrics((s, batch["index"]))
             stats.append(s)
             rows.append(r)
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     all_stats = torch.cat(stats).cpu().numpy()
     all_rows = torch.cat(rows).cpu().numpy()
-    out = summarise(all_stats, cfg.empty_dice)
+    out = summarise(all_stats, cfg.empty_dice, classes)
     out["val_loss"] = float(loss_sum / count.clamp_min(1))
     out["val_slices"] = int(len(all_rows))
     model.train()
     return out, all_stats, all_rows
 
 
-def final_evaluation(cfg: TrainConfig, output_dir: Path, index, val_rows, cache, neighbours, device) -> dict:
+def final_evaluation(cfg: TrainConfig, output_dir: Path, index, val_rows, cache, neighbours, device,
+                     classes: tuple[str, ...] = CLASSES) -> dict:
     """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
     from predict import load_for_inference, predict_rows, write_submission
     from score import format_table, score_predictions, submission_to_wide
 
     model, spec = load_for_inference(output_dir / "best", device)
     sub = predict_rows(model, spec, index, val_rows, cache, neighbours, cfg.eval_batch_size, device,
-                       cfg.mixed_precision, thresholds=(cfg.threshold,) * len(CLASSES))
+                       cfg.mixed_precision, thresholds=(cfg.threshold,) * len(classes))
     write_submission(sub, output_dir / "val_submission.csv")
-    overall, per_case = score_predictions(index, submission_to_wide(sub), cfg.empty_dice)
+    overall, per_case = score_predictions(index, submission_to_wide(sub, classes=classes), cfg.empty_dice,
+                                          classes=classes)
     atomic_write_json(output_dir / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
                                                        "empty_dice": cfg.empty_dice})
-    for line in format_table(overall, per_case).splitlines():
+    for line in format_table(overall, per_case, classes).splitlines():
         logger.info("final eval | %s", line)
     logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
                 overall["dice_mean"], overall["hausdorff"], overall["score"], output_dir / "val_scores.json")
@@ -322,7 +329,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from augment import eval_transform, train_transform
     from cache import build_cache
-    from data import build_index, neighbour_table, split_by_case
+    from data import DATASETS, neighbour_table, split_by_case
     from dataset import SliceDataset
     from losses import SegmentationLoss, upsample_like
     from model import SegmentationModel, freeze_unused_parameters, load_model, save_model
@@ -360,7 +367,8 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- data: index, case-level split, decode-once cache
     with accelerator.main_process_first():
-        index = build_index(cfg.data_dir)
+        kind = DATASETS[cfg.dataset]
+        index = kind.build_index(cfg.data_dir)
         train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
         cache = build_cache(index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1)
     neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride)
@@ -373,12 +381,14 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
 
     # ---- model
-    loaded = load_model(cfg.base_model, cfg.task, cfg.aux_weight, cfg.trust_remote_code)
+    classes = kind.classes
+    loaded = load_model(cfg.base_model, cfg.task, cfg.aux_weight, cfg.trust_remote_code, classes)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
     logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
-    loaded.model.config.gi_context_slices = cfg.context_slices  # saved with the model: predict.py reads them
+    loaded.model.config.gi_dataset = cfg.dataset  # saved with the model: predict.py reads them
+    loaded.model.config.gi_context_slices = cfg.context_slices
     loaded.model.config.gi_context_stride = cfg.context_stride
     model = SegmentationModel(loaded.model)
     frozen = freeze_unused_parameters(model)
@@ -410,7 +420,8 @@ def train(cfg: TrainConfig) -> dict:
         optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = SegmentationLoss(cfg.task, cfg.bce_weight, cfg.dice_weight, loss=cfg.loss, focal_gamma=cfg.focal_gamma,
-                               tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta)
+                               tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta, classes=classes,
+                               priority=kind.priority)
 
     # ---- resume
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_dice": -1.0, "best_step": -1}
@@ -521,14 +532,14 @@ def train(cfg: TrainConfig) -> dict:
                 bar.close()
             # ---- evaluation at the end of every epoch (and where max_train_steps stops)
             train_loss = float(accelerator.reduce(epoch_loss, "mean")) / max(1, epoch_batches)
-            figures, _, _ = evaluate(model, val_dl, loss_fn, cfg, accelerator)
+            figures, _, _ = evaluate(model, val_dl, loss_fn, cfg, accelerator, classes)
             record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
                       "lr": scheduler.get_last_lr()[0], **figures}
             history.append(record)
             last_eval = record
             logger.info("eval epoch %d step %d | val_loss %.4f | dice %s | mean %.4f | global dice mean %.4f | "
                         "iou mean %.4f", epoch + 1, state["global_step"], figures["val_loss"],
-                        " ".join(f"{c} {figures[f'dice_{c}']:.4f}" for c in CLASSES), figures["dice_mean"],
+                        " ".join(f"{c} {figures[f'dice_{c}']:.4f}" for c in classes), figures["dice_mean"],
                         figures["global_dice_mean"], figures["iou_mean"])
             finished_epoch = not stop or state["batches_in_epoch"] >= len(train_dl)
             state.update(epoch=epoch + 1 if finished_epoch else epoch, batches_in_epoch=0 if finished_epoch else
@@ -553,7 +564,8 @@ def train(cfg: TrainConfig) -> dict:
                     state["best_step"], output_dir / "best")
         if cfg.final_eval:
             if is_main:
-                final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device)
+                final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device,
+                                         classes)
                 last_eval = {**last_eval, **{f"final_{k}": v for k, v in final.items()}}
             accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -15,9 +15,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lgg import LGG_CLASSES
 from utils import CLASSES
 
-COLOURS = {"large_bowel": (1.0, 0.0, 0.0), "small_bowel": (0.0, 1.0, 0.0), "stomach": (0.0, 0.0, 1.0)}
+COLOURS = {"large_bowel": (1.0, 0.0, 0.0), "small_bowel": (0.0, 1.0, 0.0), "stomach": (0.0, 0.0, 1.0),
+           "tumor": (1.0, 1.0, 0.0)}
+
+
+def index_classes(index: pd.DataFrame) -> tuple[str, ...]:
+    """The classes of an index: the LGG tumour when it has mask files, else the three GI organs."""
+    return LGG_CLASSES if "mask_path" in index else CLASSES
+
+
+def presence(index: pd.DataFrame) -> pd.DataFrame:
+    """(slices x classes) booleans: does the ground truth show the class? (GI: from the codes, LGG: the masks.)"""
+    if "mask_path" in index:
+        from cache import slice_masks
+
+        return pd.DataFrame([slice_masks(r).reshape(len(LGG_CLASSES), -1).any(1) for r in index.itertuples()],
+                            columns=list(LGG_CLASSES), index=index.index)
+    return pd.DataFrame({c: index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES})
 
 
 def _plt():
@@ -31,11 +48,12 @@ def _plt():
 
 
 # ---------------------------------------------------------------- images
-def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45, classes: tuple[str, ...] | None = None) -> np.ndarray:
     """(H, W) image in [0, 1] and (3, H, W) organ masks -> (H, W, 3) RGB with the organs tinted in their colours.
     Overlapping organs mix their colours."""
     rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1).astype(np.float32)
-    for c, name in enumerate(CLASSES):
+    classes = classes or (CLASSES if len(masks) == len(CLASSES) else LGG_CLASSES)
+    for c, name in enumerate(classes):
         m = masks[c].astype(bool)
         rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(COLOURS[name], np.float32)
     return rgb
@@ -45,30 +63,33 @@ def load_slice(row) -> tuple[np.ndarray, np.ndarray]:
     """A slice at its original size: the image normalised to [0, 1] and its (3, H, W) ground-truth masks."""
     from cache import slice_masks
     from data import normalise_scan, read_scan
+    from lgg import read_lgg_scan
 
-    image = normalise_scan(read_scan(row.path, row.width, row.height))
-    return image, slice_masks(row, with_labels=hasattr(row, f"rle_{CLASSES[0]}"))
+    lgg = isinstance(getattr(row, "mask_path", None), str)
+    image = normalise_scan((read_lgg_scan if lgg else read_scan)(row.path, row.width, row.height))
+    return image, slice_masks(row, with_labels=lgg or hasattr(row, f"rle_{CLASSES[0]}"))
 
 
 # ---------------------------------------------------------------- the data
 def class_frequency(index: pd.DataFrame) -> pd.DataFrame:
     """Per case: slices, and slices showing each organ."""
-    has = {c: index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES}
-    df = pd.DataFrame({"case": index["case"], **has})
-    out = df.groupby("case").agg(slices=("case", "size"), **{c: (c, "sum") for c in CLASSES})
+    has = presence(index)
+    df = pd.concat([index[["case"]], has], axis=1)
+    out = df.groupby("case").agg(slices=("case", "size"), **{c: (c, "sum") for c in has.columns})
     return out.astype(int)
 
 
 def plot_class_frequency(index: pd.DataFrame):
     plt = _plt()
     freq = class_frequency(index)
+    classes = index_classes(index)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-    total = freq[list(CLASSES)].sum()
-    axes[0].bar(list(CLASSES), total.to_numpy(), color=[COLOURS[c] for c in CLASSES])
+    total = freq[list(classes)].sum()
+    axes[0].bar(list(classes), total.to_numpy(), color=[COLOURS[c] for c in classes])
     axes[0].set_title(f"slices showing each organ (of {int(freq['slices'].sum())})")
-    share = freq[list(CLASSES)].div(freq["slices"], axis=0)
+    share = freq[list(classes)].div(freq["slices"], axis=0)
     x = np.arange(len(share))
-    for k, c in enumerate(CLASSES):
+    for k, c in enumerate(classes):
         axes[1].bar(x + (k - 1) * 0.27, share[c].to_numpy(), width=0.27, color=COLOURS[c], label=c)
     axes[1].set_xticks(x, [f"case{c}" for c in share.index], rotation=45)
     axes[1].set_title("share of slices with the organ, per case")
@@ -92,7 +113,7 @@ def plot_slice_strip(index: pd.DataFrame, case: int | None = None, day: int | No
     """Consecutive slices of one case-day (the one with most organ slices by default) with ground truth."""
     plt = _plt()
     if case is None:
-        busy = index.assign(any_organ=sum(index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES))
+        busy = index.assign(any_organ=presence(index).sum(axis=1))
         case, day = busy.groupby(["case", "day"])["any_organ"].sum().idxmax()
     vol = index[(index["case"] == case) & (index["day"] == day)].sort_values("slice")
     mid = len(vol) // 2
@@ -103,7 +124,9 @@ def plot_slice_strip(index: pd.DataFrame, case: int | None = None, day: int | No
         ax.imshow(overlay(image, masks))
         ax.set_title(f"slice {row.slice}", fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"case{case} day{day}: ground truth (large bowel red, small bowel green, stomach blue)")
+    fig.suptitle(f"case{case} day{day}: ground truth (" + ", ".join(
+        f"{c} {'red' if c == 'large_bowel' else 'green' if c == 'small_bowel' else 'blue' if c == 'stomach' else 'yellow'}"
+        for c in index_classes(index)) + ")")
     fig.tight_layout()
     return fig
 
@@ -114,7 +137,8 @@ def plot_augmentations(index: pd.DataFrame, image_size: int = 256, n: int = 5, s
     from cache import pack_masks, resize_image, resize_mask, unpack_masks
 
     plt = _plt()
-    with_organs = index[sum(index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES) >= 2]
+    shown = presence(index).sum(axis=1)
+    with_organs = index[shown >= min(2, shown.max())]
     row = (with_organs if len(with_organs) else index).iloc[0]
     image, masks = load_slice(row)
     image = resize_image(image, image_size)
@@ -155,7 +179,7 @@ def plot_training(run_dir: str | Path):
     axes[0].plot(m["epoch"], m["train_loss"], "o-", label="train")
     axes[0].plot(m["epoch"], m["val_loss"], "o-", label="validation")
     axes[0].set_title("loss")
-    for c in CLASSES:
+    for c in [k[5:] for k in m.columns if k.startswith("dice_") and k[5:] in COLOURS]:
         axes[1].plot(m["epoch"], m[f"dice_{c}"], "o-", color=COLOURS[c], label=c)
     axes[1].plot(m["epoch"], m["dice_mean"], "k--", label="mean")
     axes[1].set_title("validation Dice (per slice)")
@@ -179,6 +203,7 @@ class Predictions:
     masks: dict  # id -> (3, H, W) bool predicted organs
     scores: pd.DataFrame  # one row per slice: id, case, dice_<class> (NaN where truth and prediction are empty)
     task: str
+    classes: tuple[str, ...] = CLASSES
 
 
 def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, max_slices: int | None = None,
@@ -187,13 +212,13 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
     import torch
 
     from cache import build_cache, slice_masks
-    from data import build_index, neighbour_table, split_by_case
+    from data import DATASETS, neighbour_table, split_by_case
     from metrics import dice_from_stats
     from predict import iter_masks, load_for_inference
 
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "run_config.json").read_text())
-    index = build_index(data_dir or cfg["data_dir"])
+    index = DATASETS[cfg.get("dataset", "gi")].build_index(data_dir or cfg["data_dir"])
     _, rows = split_by_case(index, cfg["fold"], cfg["n_folds"], cfg["split_seed"])
     if max_slices:
         rows = rows[:max_slices]
@@ -207,15 +232,16 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
         masks[row.id] = pred
         inter, ps, ts = (pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))
         dice = dice_from_stats(np.stack([inter, ps, ts], -1), "skip")
-        records.append({"id": row.id, "case": int(row.case), **{f"dice_{c}": dice[k] for k, c in enumerate(CLASSES)}})
-    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task)
+        records.append({"id": row.id, "case": int(row.case),
+                        **{f"dice_{c}": dice[k] for k, c in enumerate(spec.classes)}})
+    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task, spec.classes)
 
 
 def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4):
     """Rows of scan / ground truth / prediction / overlay of both (truth contours on the prediction)."""
     plt = _plt()
     if ids is None:
-        busy = pred.scores.set_index("id")[[f"dice_{c}" for c in CLASSES]].notna().sum(axis=1).sort_values(ascending=False)
+        busy = pred.scores.set_index("id")[[f"dice_{c}" for c in pred.classes]].notna().sum(axis=1).sort_values(ascending=False)
         ids = list(busy.index[:n])
     rows = pred.index.set_index("id", drop=False).loc[ids]
     fig, axes = plt.subplots(len(ids), 4, figsize=(11, 2.8 * len(ids)), squeeze=False)
@@ -223,13 +249,14 @@ def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4
         sid = row.id
         image, truth = load_slice(row)
         p = pred.masks[sid]
-        panels = [(np.repeat(image[..., None], 3, -1), "scan"), (overlay(image, truth), "ground truth"),
-                  (overlay(image, p), "prediction"), (overlay(image, p), "prediction + truth contours")]
+        panels = [(np.repeat(image[..., None], 3, -1), "scan"), (overlay(image, truth, classes=pred.classes),
+                  "ground truth"), (overlay(image, p, classes=pred.classes), "prediction"),
+                  (overlay(image, p, classes=pred.classes), "prediction + truth contours")]
         for ax, (img, title) in zip(ax_row, panels):
             ax.imshow(img)
             ax.set_title(f"{title}" if title != "scan" else sid, fontsize=8)
             ax.axis("off")
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(pred.classes):
             if truth[c].any():
                 ax_row[3].contour(truth[c], levels=[0.5], colors=[COLOURS[name]], linewidths=0.8)
     fig.tight_layout()
@@ -251,7 +278,7 @@ def plot_best_worst(pred: Predictions, cls: str, k: int = 2):
 
 def per_case_table(pred: Predictions) -> pd.DataFrame:
     """Mean per-slice Dice per case and class (NaN-skipping: slices where neither shows the organ are left out)."""
-    cols = [f"dice_{c}" for c in CLASSES]
+    cols = [f"dice_{c}" for c in pred.classes]
     table = pred.scores.groupby("case")[cols].mean()
     table["dice_mean"] = table[cols].mean(axis=1)
     table["slices"] = pred.scores.groupby("case").size()
@@ -263,16 +290,17 @@ def confusion(pred: Predictions) -> pd.DataFrame:
     (fractions of the row organ's pixels; a pixel predicted as two organs counts for both)."""
     from cache import slice_masks
 
-    counts = np.zeros((len(CLASSES), len(CLASSES) + 1))
-    totals = np.zeros(len(CLASSES))
+    n = len(pred.classes)
+    counts = np.zeros((n, n + 1))
+    totals = np.zeros(n)
     for row in pred.index.itertuples():
         truth, p = slice_masks(row).astype(bool), pred.masks[row.id]
         totals += truth.sum((1, 2))
-        for t in range(len(CLASSES)):
+        for t in range(n):
             counts[t, :-1] += (truth[t][None] & p).sum((1, 2))
             counts[t, -1] += (truth[t] & ~p.any(0)).sum()
-    return pd.DataFrame(counts / np.maximum(totals, 1)[:, None], index=[f"true {c}" for c in CLASSES],
-                        columns=[f"pred {c}" for c in CLASSES] + ["pred none"])
+    return pd.DataFrame(counts / np.maximum(totals, 1)[:, None], index=[f"true {c}" for c in pred.classes],
+                        columns=[f"pred {c}" for c in pred.classes] + ["pred none"])
 
 
 def plot_confusion(pred: Predictions):
@@ -295,19 +323,19 @@ def plot_confusion(pred: Predictions):
 def save_all(run_dir: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
              max_slices: int | None = None) -> list[Path]:
     """Write every figure of the notebook as a PNG; return the paths."""
-    from data import build_index
+    from data import DATASETS
 
     plt = _plt()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((run_dir / "run_config.json").read_text())
-    index = build_index(data_dir or cfg["data_dir"])
+    index = DATASETS[cfg.get("dataset", "gi")].build_index(data_dir or cfg["data_dir"])
     pred = predict_validation(run_dir, data_dir, max_slices)
     figures = {"class_frequency": lambda: plot_class_frequency(index), "size_mix": lambda: plot_size_mix(index),
                "slice_strip": lambda: plot_slice_strip(index), "augmentation": lambda: plot_augmentations(index),
                "training": lambda: plot_training(run_dir), "predictions": lambda: plot_predictions(pred),
                "confusion": lambda: plot_confusion(pred)}
-    for c in CLASSES:
+    for c in pred.classes:
         if pred.scores[f"dice_{c}"].notna().any():
             figures[f"best_worst_{c}"] = lambda c=c: plot_best_worst(pred, c)
     paths = []

@@ -81,7 +81,8 @@ class Chromium:
                     raise
                 time.sleep(0.3)
         url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
-        self.ws, self.n = connect(url, max_size=None, open_timeout=20), 0
+        self._connection = connect(url, max_size=None, open_timeout=20)
+        self.ws, self.n = self._connection.__enter__(), 0
 
     def call(self, method: str, **params):
         import json
@@ -97,7 +98,7 @@ class Chromium:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def close(self) -> None:
-        self.ws.close()
+        self._connection.__exit__(None, None, None)
         self.proc.terminate()
         self.proc.wait(timeout=30)
 

@@ -130,6 +130,9 @@ def test_corrupt_png_is_named(tmp_path):
 
 
 def test_8bit_scan_is_accepted_with_a_warning(tmp_path):
+    import data
+
+    data._warned_formats.discard("8bit")  # warned once per process: forget earlier tests' warning
     path = tmp_path / "s.png"
     cv2.imwrite(str(path), np.full((6, 8), 200, np.uint8))
     with pytest.warns(UserWarning, match="8-bit"):

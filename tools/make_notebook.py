@@ -16,10 +16,10 @@ cells = [
                   "DATA_DIR = os.environ.get(\"DATA_DIR\")  # None: the run's own data folder\n"
                   "MAX_SLICES = int(os.environ.get(\"MAX_SLICES\", \"0\")) or None  # limit predictions for big folds\n"
                   "print(RUN_DIR)"),
-    new_code_cell("%matplotlib inline\nimport json\n\nimport visualise as vis\nfrom data import build_index\n"
+    new_code_cell("%matplotlib inline\nimport json\n\nimport visualise as vis\nfrom data import DATASETS\n"
                   "from utils import quiet_third_party\n\nquiet_third_party()\n"
                   "config = json.loads((Path(RUN_DIR) / \"run_config.json\").read_text())\n"
-                  "index = build_index(DATA_DIR or config[\"data_dir\"])\n"
+                  "index = DATASETS[config.get(\"dataset\", \"gi\")].build_index(DATA_DIR or config[\"data_dir\"])\n"
                   "print(f\"{len(index)} slices, {index['case'].nunique()} cases; model {config['base_model']}, "
                   "task {config['task']}\")"),
     new_markdown_cell("## The data\nOrgan frequency, the mix of scan sizes, consecutive slices of one case-day with "
@@ -38,7 +38,7 @@ cells = [
     new_code_cell("pred = vis.predict_validation(RUN_DIR, DATA_DIR, MAX_SLICES)\n"
                   "print(len(pred.index), 'validation slices')"),
     new_code_cell("vis.plot_predictions(pred);"),
-    new_code_cell("for cls in ('large_bowel', 'small_bowel', 'stomach'):\n"
+    new_code_cell("for cls in pred.classes:\n"
                   "    if pred.scores[f'dice_{cls}'].notna().any():\n"
                   "        vis.plot_best_worst(pred, cls)"),
     new_code_cell("vis.per_case_table(pred)"),
