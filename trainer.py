@@ -189,6 +189,11 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module, device: torch.devic
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
 
 
+def should_stop_early(history: list[dict], best_step: int, patience: int) -> bool:
+    """True when ``patience`` > 0 evaluations came after the best one (none of them better)."""
+    return patience > 0 and sum(r["step"] > best_step for r in history) >= patience
+
+
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     """'latest' -> newest complete checkpoints/step_<N> (None if there is none); otherwise the given folder."""
     if spec == "latest":
@@ -549,8 +554,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_models("best")
                 logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state["global_step"],
                             output_dir / "best")
-            if (cfg.early_stopping_patience and state["global_step"] - state["best_step"] > 0 and
-                    sum(r["step"] > state["best_step"] for r in history) >= cfg.early_stopping_patience):
+            if should_stop_early(history, state["best_step"], cfg.early_stopping_patience):
                 logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
                             state["best_dice"], state["best_step"], cfg.early_stopping_patience)
                 stop = True

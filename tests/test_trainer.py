@@ -125,3 +125,24 @@ def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--scheduler_name", "onecycle"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_early_stopping_counts_evaluations_after_the_best():
+    from trainer import should_stop_early
+
+    history = [{"step": 10}, {"step": 20}, {"step": 30}, {"step": 40}]
+    assert not should_stop_early(history, best_step=40, patience=1)
+    assert should_stop_early(history, best_step=30, patience=1)
+    assert not should_stop_early(history, best_step=20, patience=3)
+    assert should_stop_early(history, best_step=10, patience=3)
+    assert not should_stop_early(history, best_step=10, patience=0)  # 0: off
+
+
+def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    # patience 1 with a learning rate so large that training diverges from the first evaluation's weights
+    train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=8, lr=5.0, max_grad_norm=0.5,
+               early_stopping_patience=1, optimizer="SGD"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = (out / "train.log").read_text()
+    assert len(records) < 8 and "early stopping: no better mean Dice" in log
