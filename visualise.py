@@ -20,6 +20,7 @@ from utils import CLASSES
 
 COLOURS = {"large_bowel": (1.0, 0.0, 0.0), "small_bowel": (0.0, 1.0, 0.0), "stomach": (0.0, 0.0, 1.0),
            "tumor": (1.0, 1.0, 0.0)}
+COLOUR_NAMES = {"large_bowel": "red", "small_bowel": "green", "stomach": "blue", "tumor": "yellow"}
 
 
 def index_classes(index: pd.DataFrame) -> tuple[str, ...]:
@@ -124,9 +125,8 @@ def plot_slice_strip(index: pd.DataFrame, case: int | None = None, day: int | No
         ax.imshow(overlay(image, masks))
         ax.set_title(f"slice {row.slice}", fontsize=8)
         ax.axis("off")
-    fig.suptitle(f"case{case} day{day}: ground truth (" + ", ".join(
-        f"{c} {'red' if c == 'large_bowel' else 'green' if c == 'small_bowel' else 'blue' if c == 'stomach' else 'yellow'}"
-        for c in index_classes(index)) + ")")
+    legend = ", ".join(f"{c} {COLOUR_NAMES[c]}" for c in index_classes(index))
+    fig.suptitle(f"case{case} day{day}: ground truth ({legend})")
     fig.tight_layout()
     return fig
 
