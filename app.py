@@ -43,14 +43,14 @@ class Analyser:
             self.index = build_index(data_dir, labels=labels).set_index("id", drop=False)
 
     def slice_ids(self, limit: int = 2000) -> list[str]:
-        """Slice ids of the data folder, those with an organ first."""
+        """Slice ids of the data folder, those showing the most organs first (the page opens on the first)."""
         if self.index is None:
             return []
-        col = f"rle_{CLASSES[0]}"
-        if col in self.index:
-            busy = sum(self.index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES)
-            return list(self.index["id"][busy.to_numpy() > 0][:limit]) + list(self.index["id"][busy.to_numpy() == 0][:50])
-        return list(self.index["id"][:limit])
+        if f"rle_{CLASSES[0]}" not in self.index:
+            return list(self.index["id"][:limit])
+        organs = sum(self.index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES).to_numpy()
+        order = np.argsort(-organs, kind="stable")
+        return list(self.index["id"].to_numpy()[order][:limit])
 
     def predict(self, image01: np.ndarray) -> np.ndarray:
         """(H, W) or (3, H, W) image in [0, 1] -> (3, H, W) bool organ masks at the same size."""

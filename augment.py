@@ -11,9 +11,10 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 
 
-def train_transform(image_size: int, strong: bool = False) -> A.Compose:
+def train_transform(image_size: int, strong: bool = False, seed: int | None = None) -> A.Compose:
     """Flips, affine scale/shift/rotate, brightness/contrast and coarse dropout; ``strong`` adds elastic, grid
-    and optical distortion, blur and gamma."""
+    and optical distortion, blur and gamma. ``seed`` fixes the pipeline's own random state (albumentations
+    ignores the global seeds); data-loader workers re-seed it with dataset.seed_worker."""
     ops = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
         A.HorizontalFlip(p=0.5),
@@ -33,7 +34,7 @@ def train_transform(image_size: int, strong: bool = False) -> A.Compose:
         ]
     ops.append(A.CoarseDropout(num_holes_range=(1, 5), hole_height_range=(0.04, 0.1), hole_width_range=(0.04, 0.1),
                                fill=0, p=0.3))
-    return A.Compose(ops)
+    return A.Compose(ops, seed=seed)
 
 
 def eval_transform(image_size: int) -> A.Compose:

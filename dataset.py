@@ -47,6 +47,15 @@ class SliceDataset(torch.utils.data.Dataset):
                 "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": row}
 
 
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's augmentation its own stream, derived from the torch
+    seed that the loader hands the worker (itself drawn from the seeded main process), so runs repeat."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
 def unpack_targets(packed: torch.Tensor, n_classes: int = len(CLASSES)) -> torch.Tensor:
     """(B, H, W) packed uint8 -> (B, C, H, W) float 0/1 multi-label targets, on packed's device."""
     bits = torch.arange(n_classes, device=packed.device, dtype=torch.uint8).view(1, -1, 1, 1)

@@ -335,7 +335,7 @@ def train(cfg: TrainConfig) -> dict:
     from augment import eval_transform, train_transform
     from cache import build_cache
     from data import DATASETS, neighbour_table, split_by_case
-    from dataset import SliceDataset
+    from dataset import SliceDataset, seed_worker
     from losses import SegmentationLoss, upsample_like
     from model import SegmentationModel, freeze_unused_parameters, load_model, save_model
 
@@ -405,13 +405,13 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.torch_compile:
         model = torch.compile(model)
 
-    train_ds = SliceDataset(cache, train_rows, neighbours, train_transform(cfg.image_size, cfg.strong_aug),
+    train_ds = SliceDataset(cache, train_rows, neighbours, train_transform(cfg.image_size, cfg.strong_aug, cfg.seed),
                             loaded.mean, loaded.std)
     val_ds = SliceDataset(cache, val_rows, neighbours, eval_transform(cfg.image_size), loaded.mean, loaded.std)
     workers = cfg.num_workers
     if workers < 0:
         workers = min(8, (os.cpu_count() or 1) // accelerator.num_processes) if accelerator.device.type == "cuda" else 0
-    loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda",
+    loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda", worker_init_fn=seed_worker,
                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True
                                            if len(train_ds) >= 2 * cfg.train_batch_size else False, **loader_kw)

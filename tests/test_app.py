@@ -18,7 +18,7 @@ from trainer import TrainConfig, train
 def model_dir(demo_dir, tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("app")
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(out / "r"),
-                      image_size=64, epochs=1, lr=2e-3, num_workers=0, n_folds=3, cache_dir=str(out / "c")))
+                      image_size=64, epochs=6, lr=3e-3, num_workers=0, n_folds=3, cache_dir=str(out / "c")))
     return out / "r" / "best"
 
 
@@ -137,7 +137,8 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
             assert time.monotonic() < deadline, "no overlay image appeared on the page"
             time.sleep(0.5)
         table = chrome.evaluate("document.querySelector('#areas').innerText")
-        box = chrome.evaluate("JSON.stringify(document.querySelector('#overlay img').getBoundingClientRect())")
+        src = chrome.evaluate("document.querySelector('#overlay img').src")
+        shown = urllib.request.urlopen(src, timeout=10).read()  # the image the page displays
         shot = base64.b64decode(chrome.call("Page.captureScreenshot", format="png")["data"])
     finally:
         if chrome is not None:
@@ -145,14 +146,11 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
         server.terminate()
         server.wait(timeout=30)
     assert all(organ in table for organ in ("large_bowel", "small_bowel", "stomach")) and "area_mm2" in table
-    (tmp_path / "page.png").write_bytes(shot)
-    import json
-
-    r = json.loads(box)
-    page = cv2.imdecode(np.frombuffer(shot, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].astype(int)  # RGB
-    crop = page[int(r["top"]):int(r["bottom"]), int(r["left"]):int(r["right"])]
-    assert crop.size and crop.shape[0] > 50
-    red = (crop[..., 0] > crop[..., 1] + 40) & (crop[..., 0] > crop[..., 2] + 40)
-    blue = (crop[..., 2] > crop[..., 0] + 40) & (crop[..., 2] > crop[..., 1] + 40)
-    green = (crop[..., 1] > crop[..., 0] + 40) & (crop[..., 1] > crop[..., 2] + 40)
-    assert red.sum() + blue.sum() + green.sum() > 100, "the overlay shows no organ colour"
+    (tmp_path / "page.png").write_bytes(shot)  # for a look by eye
+    page_img = cv2.imdecode(np.frombuffer(shown, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].astype(int)  # RGB
+    analyser = Analyser(model_dir, demo_dir, device="cpu")
+    expected = analyser.analyse_id(analyser.slice_ids()[0]).overlay.astype(int)  # the page's first slice
+    assert page_img.shape == expected.shape  # the scan's own size, 266 x 266 for the first demo slice
+    assert np.abs(page_img - expected).mean() < 3  # the page shows this prediction's overlay (lossy encoding)
+    organ = np.abs(expected - expected.mean(-1, keepdims=True)).max(-1) > 40  # tinted, not gray
+    assert organ.sum() > 100, "the demo model predicted no organ on the first slice"

@@ -65,3 +65,24 @@ def test_unpack_and_multiclass_priority():
     mc = multiclass_targets(packed)
     # 0 background, 1 large_bowel, 2 small_bowel, 3 stomach; priority stomach > large_bowel > small_bowel
     assert mc[0].tolist() == [[0, 1, 2, 3], [1, 3, 3, 3]]
+
+
+def _epoch(ds, workers: int, seed: int) -> torch.Tensor:
+    from dataset import seed_worker
+
+    torch.manual_seed(seed)
+    dl = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=workers, worker_init_fn=seed_worker)
+    return torch.cat([b["pixel_values"] for b in dl])
+
+
+def test_augmentation_repeats_for_a_seed_and_differs_between_workers(cached):
+    index, cache = cached
+    make = lambda: SliceDataset(cache, np.arange(16), neighbour_table(index, 1), train_transform(64, seed=3))  # noqa: E731
+    assert torch.equal(_epoch(make(), 0, 0), _epoch(make(), 0, 0))  # single process: the pipeline's own seed
+    a, b = _epoch(make(), 2, 0), _epoch(make(), 2, 0)
+    assert torch.equal(a, b)  # two workers: seeded from torch's seed
+    assert not torch.equal(a, _epoch(make(), 2, 1))
+    # the two workers do not replay one stream: same samples, seeded alike, would match
+    same = SliceDataset(cache, np.zeros(16, dtype=int), neighbour_table(index, 1), train_transform(64, seed=3))
+    batches = _epoch(same, 2, 0).view(4, 4, *a.shape[1:])
+    assert not torch.equal(batches[0], batches[1])
