@@ -67,9 +67,11 @@ def slice_masks(row, with_labels: bool = True) -> np.ndarray:
     mask_path = getattr(row, "mask_path", None)
     if isinstance(mask_path, str):
         return read_lgg_mask(mask_path)
-    if not with_labels:
-        return np.zeros((len(CLASSES), *shape), np.uint8)
-    return np.stack([decode_rle(getattr(row, f"rle_{c}"), shape, where=f"id {row.id} class {c}") for c in CLASSES])
+    masks = np.zeros((len(CLASSES), *shape), np.uint8)
+    if with_labels:
+        for plane, c in zip(masks, CLASSES):  # each code decoded straight into its plane: no per-class mask
+            decode_rle(getattr(row, f"rle_{c}"), shape, where=f"id {row.id} class {c}", out=plane)
+    return masks
 
 
 def cache_key(index: pd.DataFrame, image_size: int) -> str:

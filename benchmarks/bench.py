@@ -106,7 +106,10 @@ def table(header, rows):
 
 
 # ---------------------------------------------------------------- 1. run-length decoding
-def bench_rle(data_dir: Path, repeats: int) -> list[list]:
+def bench_rle(data_dir: Path, repeats: int) -> tuple[list[list], str]:
+    """Both decoders on every non-empty code, each returning a fresh mask (dropped before the next); ours into a
+    reused buffer (as the cache build does); and the two floors that bound a numpy decoder: parsing the digits (one
+    np.fromstring over all codes at once) and allocating the zeroed masks."""
     from data import build_index
     from rle import decode_rle
     from utils import CLASSES
@@ -114,14 +117,47 @@ def bench_rle(data_dir: Path, repeats: int) -> list[list]:
     index = build_index(data_dir)
     items = [(getattr(r, f"rle_{c}"), (r.height, r.width)) for r in index.itertuples() for c in CLASSES
              if getattr(r, f"rle_{c}")]
-    for code, shape in items[:50]:
-        assert np.array_equal(decode_rle(code, shape), loop_decode_rle(code, shape))
+    for code, shape in items:
+        assert np.array_equal(decode_rle(code, shape), loop_decode_rle(code, shape)), "decoders disagree"
     runs = statistics.mean(len(c.split()) // 2 for c, _ in items)
-    base = median_time(lambda: [loop_decode_rle(c, s) for c, s in items], repeats)
-    ours = median_time(lambda: [decode_rle(c, s) for c, s in items], repeats)
+    buffers = {s: np.zeros(s[0] * s[1], np.uint8) for _, s in items}
+
+    def into_buffer():
+        for code, shape in items:
+            buf = buffers[shape]
+            buf[:] = 0
+            decode_rle(code, shape, out=buf)
+
+    everything = " ".join(c for c, _ in items)
+
+    def fresh(decode):  # each mask dropped before the next, as a streaming consumer does (steady allocator state)
+        def run():
+            for code, shape in items:
+                decode(code, shape)
+        return run
+
+    def allocate():
+        for _, shape in items:
+            np.zeros(shape[0] * shape[1], np.uint8)
+
+    variants = {"base": fresh(loop_decode_rle), "ours": fresh(decode_rle), "reused": into_buffer,
+                "parse": lambda: np.fromstring(everything, dtype=np.int64, sep=" "), "alloc": allocate}
+    times = {k: [] for k in variants}
+    for _ in range(repeats):  # interleaved, so drift of the machine hits every variant alike
+        for k, fn in variants.items():
+            times[k].append(median_time(fn, 1))
+    base, ours, reused, parse, alloc = (statistics.median(times[k]) for k in variants)
     per = lambda t: f"{t / len(items) * 1e6:.1f}"  # noqa: E731
-    return [["per-run loop decoder (baseline)", len(items), f"{runs:.0f}", per(base), "1.00x"],
-            ["rle.decode_rle (ours, validating)", len(items), f"{runs:.0f}", per(ours), f"{base / ours:.2f}x"]]
+    n = len(items)
+    rows = [["per-run loop decoder (baseline)", n, f"{runs:.0f}", per(base), "1.00x"],
+            ["rle.decode_rle (ours, validating)", n, f"{runs:.0f}", per(ours), f"{base / ours:.2f}x"],
+            ["ours into a reused buffer (out=)", n, f"{runs:.0f}", per(reused), f"{base / reused:.2f}x"],
+            ["floor: parse digits only (fromstring)", n, f"{runs:.0f}", per(parse), f"{base / parse:.2f}x"],
+            ["floor: allocate zeroed masks only", n, "-", per(alloc), f"{base / alloc:.2f}x"]]
+    bound = (f"Bounds for any decoder that parses the text with np.fromstring (numpy's C parser): baseline / parse "
+             f"floor = {base / parse:.1f}x into a reused buffer, and baseline / (parse floor + allocation floor) = "
+             f"{base / (parse + alloc):.1f}x returning fresh masks.")
+    return rows, bound
 
 
 # ---------------------------------------------------------------- 2. data pipeline
@@ -154,19 +190,75 @@ def bench_pipeline(data_dir: Path, image_size: int, repeats: int, workers: int) 
 
 
 # ---------------------------------------------------------------- 3. training
+def _sized_configs() -> dict:
+    """Configs the size of the hub checkpoints users fine-tune (random weights: only the shapes matter here)."""
+    from transformers import BeitConfig, ConvNextConfig, DPTConfig, SegformerConfig, UperNetConfig
+
+    return {
+        "segformer-b0": lambda: SegformerConfig(),  # the defaults are the b0 architecture
+        "segformer-b2": lambda: SegformerConfig(depths=[3, 4, 6, 3], hidden_sizes=[64, 128, 320, 512],
+                                                decoder_hidden_size=768),
+        "upernet-convnext-small": lambda: UperNetConfig(
+            backbone_config=ConvNextConfig(depths=[3, 3, 27, 3], hidden_sizes=[96, 192, 384, 768],
+                                           out_features=["stage1", "stage2", "stage3", "stage4"]),
+            hidden_size=512, auxiliary_in_channels=384, use_auxiliary_head=True),
+        "dpt-base": lambda: DPTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                      intermediate_size=3072, image_size=384, backbone_out_indices=[2, 5, 8, 11],
+                                      neck_hidden_sizes=[96, 192, 384, 768], fusion_hidden_size=256),
+        "beit-base": lambda: BeitConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                        intermediate_size=3072, image_size=640, use_relative_position_bias=True,
+                                        out_indices=[3, 5, 7, 11], use_auxiliary_head=True),
+    }
+
+
+GPU_MODELS = ["segformer-b0", "segformer-b2", "upernet-convnext-small", "dpt-base", "beit-base"]
+
+
 def _model_config(name: str):
     from model import ADE_LIKE_LABELS, TINY_CONFIGS
 
-    if name == "segformer-b0":
-        from transformers import SegformerConfig
+    sized = _sized_configs()
+    if name in sized:
+        cfg = sized[name]()
+    else:
+        cfg = TINY_CONFIGS[name.removeprefix("tiny-")](ADE_LIKE_LABELS)
+    cfg.id2label = dict(ADE_LIKE_LABELS)
+    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+    return cfg
 
-        return SegformerConfig(id2label=ADE_LIKE_LABELS)  # the defaults are the b0 architecture
-    family = name.removeprefix("tiny-")
-    return TINY_CONFIGS[family](ADE_LIKE_LABELS)
+
+class GPUUtilisation:
+    """Mean GPU utilisation (%) sampled by ``nvidia-smi`` while the block runs; None where it cannot be read."""
+
+    def __init__(self, device_index: int):
+        self.device_index, self.samples, self.proc = device_index, [], None
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-i", str(self.device_index), "-lms", "100"], stdout=subprocess.PIPE,
+                                         stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None:
+            import signal
+
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the whole group: nothing left holding the pipe open
+            out, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
 
 
 def train_worker(args) -> None:
-    """Bare forward/backward/step loop on synthetic batches; prints one JSON line (rank 0)."""
+    """Bare forward/backward/step loop on synthetic batches resident on the device; prints one JSON line (rank 0).
+
+    Steps are timed in windows of ``--window`` steps with a device sync only at window ends (on a GPU a sync per
+    step would hide the overlap of Python and kernels); the figure is the median window's time per step."""
+    import contextlib
     import resource
 
     import torch
@@ -179,9 +271,13 @@ def train_worker(args) -> None:
     cfg = _model_config(args.model)
     cfg.id2label = {0: "large_bowel", 1: "small_bowel", 2: "stomach"}
     cfg.label2id = {v: k for k, v in cfg.id2label.items()}
-    model = SegmentationModel(AutoModelForSemanticSegmentation.from_config(cfg))
+    device = torch.device(args.device)
+    model = SegmentationModel(AutoModelForSemanticSegmentation.from_config(cfg)).to(device)
     freeze_unused_parameters(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
     world, rank = 1, 0
     if args.ddp:
         from accelerate import Accelerator
@@ -190,30 +286,56 @@ def train_worker(args) -> None:
         model, opt = acc.prepare(model, opt)
         world, rank = acc.num_processes, acc.process_index
     loss_fn = SegmentationLoss("multilabel")
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 8, (args.batch, args.size, args.size), dtype=torch.uint8)
-    times = []
-    for step in range(args.warmup + args.steps):
-        t = time.perf_counter()
-        logits, aux = model(x)
-        loss = loss_fn(upsample_like(logits, y.shape[-2:]), y)
-        if aux is not None:
-            loss = loss + 0.4 * loss_fn(upsample_like(aux, y.shape[-2:]), y)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 8, (args.batch, args.size, args.size), dtype=torch.uint8, device=device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        with autocast:
+            logits, aux = model(x)
+            loss = loss_fn(upsample_like(logits, y.shape[-2:]), y)
+            if aux is not None:
+                loss = loss + 0.4 * loss_fn(upsample_like(aux, y.shape[-2:]), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with GPUUtilisation(device.index or 0) if device.type == "cuda" else contextlib.nullcontext() as util:
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            for _ in range(args.window):
+                step()
+            sync()
+            times.append((time.perf_counter() - t) / args.window)
     step_time = statistics.median(times)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if rank == 0:
         print(json.dumps({"model": args.model, "processes": world, "size": args.size, "batch": args.batch,
-                          "img_s": world * args.batch / step_time, "step_s": step_time,
-                          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          "device": device.type, "precision": args.precision, "img_s": world * args.batch / step_time,
+                          "step_s": step_time, "peak_mb": peak_mb,
+                          "gpu_util": util.mean if device.type == "cuda" else None,
                           "params_m": sum(p.numel() for p in model.parameters()) / 1e6}), flush=True)
 
 
-def run_worker(model: str, size: int, batch: int, steps: int, processes: int) -> dict:
-    args = ["train-worker", "--model", model, "--size", str(size), "--batch", str(batch), "--steps", str(steps)]
+def run_worker(model: str, size: int, batch: int, steps: int, processes: int, device: str = "cpu",
+               precision: str = "fp32", window: int = 1, channels_last: bool = False) -> dict:
+    args = ["train-worker", "--model", model, "--size", str(size), "--batch", str(batch), "--steps", str(steps),
+            "--device", device, "--precision", precision, "--window", str(window)]
+    if channels_last:
+        args.append("--channels_last")
     env = {**os.environ}
     if processes == 1:
         cmd = [sys.executable, __file__, *args]
@@ -233,12 +355,29 @@ def bench_training(models: list[tuple[str, int, int]], steps: int, processes: li
         for p in processes:
             r = run_worker(model, size, batch, steps, p)
             rows.append([model, f"{r['params_m']:.2f}M", size, f"{batch} x {p}", f"{r['img_s']:.1f}",
-                         f"{r['step_s'] * 1000:.0f}", f"{r['peak_rss_mb']:.0f}"])
+                         f"{r['step_s'] * 1000:.0f}", f"{r['peak_mb']:.0f}"])
+    return rows
+
+
+def bench_gpu_training(models: list[str], size: int, batch: int, steps: int, window: int) -> list[list]:
+    """Each model in fp32 and in bf16 autocast (and bf16 + channels_last for the convolutional UperNet) on
+    batches resident on the GPU, so the data pipeline cannot be the bottleneck."""
+    rows = []
+    for model in models:
+        variants = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if model.startswith("upernet") else [])
+        base = None
+        for precision, channels_last in variants:
+            r = run_worker(model, size, batch, steps, 1, "cuda", precision, window, channels_last)
+            base = base or r["img_s"]
+            util = "n/a" if r["gpu_util"] is None else f"{r['gpu_util']:.0f}"
+            rows.append([model, f"{r['params_m']:.1f}M", precision + (" + channels_last" if channels_last else ""),
+                         f"{r['img_s']:.1f}", f"{r['img_s'] / base:.2f}x", f"{r['step_s'] * 1000:.1f}",
+                         f"{r['peak_mb']:.0f}", util])
     return rows
 
 
 def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, steps: int, workers: int,
-                           repeats: int) -> list[list]:
+                           repeats: int, device: str = "cpu", precision: str = "fp32") -> list[list]:
     """trainer.py vs the bare loop on the same model, size and batch: median images/s of the trainer's logged
     intervals (the first of each run left out: start-up), median over ``repeats`` runs of each."""
     import re
@@ -254,17 +393,23 @@ def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, st
             out = tmp / f"run{k}"
             cmd = [sys.executable, str(ROOT / "trainer.py"), "--base_model", str(folder), "--data_dir",
                    str(data_dir), "--output_dir", str(out), "--image_size", str(size), "--train_batch_size",
-                   str(batch), "--max_train_steps", str(steps), "--epochs", "100", "--log_every", "5",
-                   "--num_workers", str(workers), "--cache_dir", str(tmp / "cache"), "--n_folds", "2"]
-            subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+                   str(batch), "--max_train_steps", str(steps), "--epochs", "1000", "--log_every", "5",
+                   "--num_workers", str(workers), "--cache_dir", str(tmp / "cache"), "--n_folds", "2",
+                   "--mixed_precision", "bf16" if precision == "bf16" else "no"]
+            env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
+            subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
             rates = [float(m) for m in re.findall(r"\| ([\d.]+) img/s", (out / "train.log").read_text())]
             trainer_rates.append(statistics.median(rates[1:]))
-        bare = statistics.median(run_worker(model, size, batch, 20, 1)["img_s"] for _ in range(repeats))
+        window = 1 if device == "cpu" else 5
+        bare = statistics.median(run_worker(model, size, batch, 20, 1, device, precision, window)["img_s"]
+                                 for _ in range(repeats))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer = statistics.median(trainer_rates)
-    return [[model, size, batch, "bare loop (synthetic batches)", f"{bare:.1f}", "1.00"],
-            [model, size, batch, "trainer.py (demo data, default workers)", f"{trainer:.1f}", f"{trainer / bare:.2f}"]]
+    tag = "" if device == "cpu" else f", {device} {precision}"
+    return [[model, size, batch, f"bare loop (synthetic batches{tag})", f"{bare:.1f}", "1.00"],
+            [model, size, batch, f"trainer.py (demo data, default workers{tag})", f"{trainer:.1f}",
+             f"{trainer / bare:.2f}"]]
 
 
 def main() -> None:
@@ -277,10 +422,17 @@ def main() -> None:
     w.add_argument("--steps", type=int, default=10)
     w.add_argument("--warmup", type=int, default=2)
     w.add_argument("--ddp", action="store_true")
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    w.add_argument("--window", type=int, default=1, help="steps per timed window")
+    w.add_argument("--channels_last", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small sizes and one repeat (smoke test)")
     ap.add_argument("--data_dir", default=None, help="Kaggle-layout folder (default: a fresh demo dataset)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats for the medians (default 5)")
     ap.add_argument("--json", default=None, help="also write all tables here")
+    ap.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
+                    help="section 5, training on the GPU (bf16 etc.): auto = when CUDA is available")
+    ap.add_argument("--gpu_batch", type=int, default=16, help="batch size of section 5 (default 16)")
     args = ap.parse_args()
     if args.cmd == "train-worker":
         train_worker(args)
@@ -304,10 +456,11 @@ def main() -> None:
     print(f"command: python benchmarks/bench.py {' '.join(sys.argv[1:])}".rstrip())
     results = {}
 
-    rows = bench_rle(data_dir, repeats * 2)
+    rows, bound = bench_rle(data_dir, repeats * 4)
     results["rle"] = rows
     print("\n1. run-length decoding, every non-empty code of the data (median of repeats)\n")
     print(table(["decoder", "codes", "runs/code", "us/code", "speed-up"], rows))
+    print(f"\n{bound}")
 
     size = 64 if args.quick else 288
     rows = bench_pipeline(data_dir, size, repeats, workers=0)
@@ -337,6 +490,25 @@ def main() -> None:
     results["trainer_overhead"] = rows
     print("\n4. trainer overhead: images/s of trainer.py vs a bare loop on the same model (medians of 3 runs)\n")
     print(table(["model", "px", "batch", "loop", "images/s", "ratio"], rows))
+
+    if args.gpu == "yes" and not torch.cuda.is_available():
+        raise SystemExit("--gpu yes: CUDA is not available to torch here")
+    if args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available()):
+        gpu = torch.cuda.get_device_name(0)
+        models = GPU_MODELS[:1] if args.quick else GPU_MODELS
+        g_steps, g_window = (3, 2) if args.quick else (7, 10)
+        rows = bench_gpu_training(models, 288, args.gpu_batch, g_steps, g_window)
+        results["gpu_training"] = rows
+        print(f"\n5. GPU training ({gpu}, torch {torch.version.cuda and 'CUDA ' + torch.version.cuda}), "
+              f"synthetic batches of {args.gpu_batch} at 288 px on the GPU, median of {g_steps} windows of "
+              f"{g_window} steps; GPU utilisation sampled by nvidia-smi\n")
+        print(table(["model", "params", "precision", "images/s", "vs fp32", "step ms", "peak GPU MB", "GPU util %"],
+                    rows))
+        rows = bench_trainer_overhead(data_dir, "segformer-b0", 288, args.gpu_batch, 10 if args.quick else 60, -1,
+                                      1 if args.quick else 3, "cuda", "bf16")
+        results["gpu_trainer_overhead"] = rows
+        print("\n6. trainer overhead on the GPU: trainer.py (decode-once cache, default workers) vs the bare loop\n")
+        print(table(["model", "px", "batch", "loop", "images/s", "ratio"], rows))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(tmp, ignore_errors=True)

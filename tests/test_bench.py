@@ -1,15 +1,86 @@
+import json
+import os
+import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_benchmark_quick_run_prints_every_table_and_its_command():
-    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick"], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--gpu", "no"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout
-    assert "command: python benchmarks/bench.py --quick" in out and "machine:" in out
+    assert "command: python benchmarks/bench.py --quick --gpu no" in out and "machine:" in out
     for section in ("1. run-length decoding", "2. data pipeline", "3. training", "4. trainer overhead"):
         assert section in out
     assert "per-run loop decoder (baseline)" in out and "ours, cached epoch" in out
+    assert "ours into a reused buffer (out=)" in out and "floor: allocate zeroed masks only" in out
+    bound = re.search(r"parse floor = ([\d.]+)x into a reused buffer, and baseline / \(parse floor \+ allocation "
+                      r"floor\) = ([\d.]+)x returning fresh masks", out)
+    assert bound and float(bound.group(1)) > float(bound.group(2)) > 1
+
+
+def test_gpu_section_refuses_to_run_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal only happens without it")
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--gpu", "yes"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode != 0 and "--gpu yes: CUDA is not available" in res.stderr
+
+
+def test_sized_configs_match_the_hub_checkpoints_parameter_counts():
+    """The GPU section's "SegFormer-b2-sized" etc. must really be that size (150 ADE classes, as on the hub)."""
+    import torch
+    from transformers import AutoModelForSemanticSegmentation
+
+    import bench
+
+    # published sizes: SegFormer model cards (b0 3.75M, b2 27.5M), mmsegmentation's UperNet ConvNeXt-S (82M) and
+    # UperNet BEiT-B (163M); DPT-base has no ADE checkpoint: a ViT-B encoder alone is 86M
+    expected = {"segformer-b0": 3.75, "segformer-b2": 27.5, "upernet-convnext-small": 82, "beit-base": 163}
+    for name in bench.GPU_MODELS:
+        with torch.device("meta"):
+            model = AutoModelForSemanticSegmentation.from_config(bench._model_config(name))
+        millions = sum(p.numel() for p in model.parameters()) / 1e6
+        if name in expected:
+            assert abs(millions / expected[name] - 1) < 0.03, (name, millions)
+        else:
+            assert 86 < millions < 150, (name, millions)
+
+
+def test_training_worker_runs_bf16_autocast_with_channels_last_and_timing_windows():
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "train-worker", "--model",
+                          "tiny-upernet", "--size", "32", "--batch", "2", "--steps", "2", "--window", "2",
+                          "--precision", "bf16", "--channels_last"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["precision"] == "bf16" and r["device"] == "cpu" and r["gpu_util"] is None
+    assert r["img_s"] > 0 and r["step_s"] > 0 and r["peak_mb"] > 0
+    assert r["img_s"] == pytest.approx(2 / r["step_s"])
+
+
+def test_gpu_utilisation_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch):
+    import bench
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 40\necho 80\necho 90\nsleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    import time
+
+    with bench.GPUUtilisation(0) as util:
+        time.sleep(0.5)
+    assert util.mean == pytest.approx(70)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with bench.GPUUtilisation(0) as util:
+        pass
+    assert util.mean is None

@@ -51,6 +51,16 @@ def test_malformed_code_names_slice_and_class(code, fragment):
     assert fragment in str(err.value)
 
 
+def test_adjacent_unmerged_runs_and_single_pixel_runs_decode_like_the_per_run_loop():
+    shape = (3, 5)
+    for code in ["1 2 3 4", "1 1", "15 1", "1 1 3 1 5 1 15 1", "4 2 6 3 14 2"]:
+        expected = np.zeros(15, np.uint8)
+        tokens = [int(t) for t in code.split()]
+        for start, length in zip(tokens[0::2], tokens[1::2]):
+            expected[start - 1:start - 1 + length] = 1
+        np.testing.assert_array_equal(decode_rle(code, shape).ravel(), expected, err_msg=code)
+
+
 def test_run_ending_exactly_at_last_pixel_is_valid():
     assert decode_rle("18 3", (4, 5)).sum() == 3
 
@@ -60,6 +70,8 @@ def test_decode_into_a_given_buffer_and_huge_or_negative_tokens():
     out = decode_rle("2 3", (4, 5), out=buf)
     assert out.base is buf or out is buf.reshape(4, 5) or np.shares_memory(out, buf)
     assert buf[1:4].tolist() == [1, 1, 1] and buf.sum() == 3
+    with pytest.raises(ValueError, match="C-contiguous uint8 array of 4x5"):
+        decode_rle("2 3", (4, 5), out=np.zeros((5, 4), np.uint8).T)  # a copy would silently lose the write
     with pytest.raises(RLEError, match="out of range"):
         decode_rle("1 99999999999999999999999", (4, 5))
     with pytest.raises(RLEError, match="start -2 < 1"):
