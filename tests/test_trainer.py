@@ -146,3 +146,27 @@ def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log = (out / "train.log").read_text()
     assert len(records) < 8 and "early stopping: no better mean Dice" in log
+
+
+def test_bf16_mixed_precision_run_trains_and_saves_float32_weights(demo_dir, tiny_models, tmp_path):
+    """bf16 autocast (what GPU users run) through the real CLI; on CPU it takes the same Accelerate path."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--base_model", str(tiny_models["segformer"]),
+                          "--data_dir", str(demo_dir), "--output_dir", str(out), "--image_size", "64", "--epochs", "1",
+                          "--max_train_steps", "4", "--log_every", "2", "--num_workers", "0", "--n_folds", "3",
+                          "--cache_dir", str(tmp_path / "cache"), "--mixed_precision", "bf16"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"]) and 0 <= record["dice_mean"] <= 1
+    assert "bf16" in (out / "train.log").read_text()
+    with safe_open(str(out / "best" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for d in dtypes if d.is_floating_point} == {torch.float32}  # (BatchNorm counters are int64)
