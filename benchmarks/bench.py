@@ -359,15 +359,16 @@ def bench_training(models: list[tuple[str, int, int]], steps: int, processes: li
     return rows
 
 
-def bench_gpu_training(models: list[str], size: int, batch: int, steps: int, window: int) -> list[list]:
+def bench_gpu_training(models: list[str], size: int, batch: int, steps: int, window: int,
+                       device: str = "cuda") -> list[list]:
     """Each model in fp32 and in bf16 autocast (and bf16 + channels_last for the convolutional UperNet) on
     batches resident on the GPU, so the data pipeline cannot be the bottleneck."""
     rows = []
     for model in models:
-        variants = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if model.startswith("upernet") else [])
+        variants = [("fp32", False), ("bf16", False)] + ([("bf16", True)] if "upernet" in model else [])
         base = None
         for precision, channels_last in variants:
-            r = run_worker(model, size, batch, steps, 1, "cuda", precision, window, channels_last)
+            r = run_worker(model, size, batch, steps, 1, device, precision, window, channels_last)
             base = base or r["img_s"]
             util = "n/a" if r["gpu_util"] is None else f"{r['gpu_util']:.0f}"
             rows.append([model, f"{r['params_m']:.1f}M", precision + (" + channels_last" if channels_last else ""),
@@ -406,7 +407,7 @@ def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, st
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer = statistics.median(trainer_rates)
-    tag = "" if device == "cpu" else f", {device} {precision}"
+    tag = "" if (device, precision) == ("cpu", "fp32") else f", {device} {precision}"
     return [[model, size, batch, f"bare loop (synthetic batches{tag})", f"{bare:.1f}", "1.00"],
             [model, size, batch, f"trainer.py (demo data, default workers{tag})", f"{trainer:.1f}",
              f"{trainer / bare:.2f}"]]

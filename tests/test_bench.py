@@ -84,3 +84,16 @@ def test_gpu_utilisation_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch
     with bench.GPUUtilisation(0) as util:
         pass
     assert util.mean is None
+
+
+def test_gpu_sections_flow_and_tables_on_the_cpu(demo_dir):
+    """Sections 5 and 6 as they run on a GPU, but on the CPU: every variant runs and the ratios refer to fp32."""
+    import bench
+
+    rows = bench.bench_gpu_training(["tiny-upernet"], 32, 2, 2, 1, device="cpu")
+    assert [r[2] for r in rows] == ["fp32", "bf16", "bf16 + channels_last"]
+    assert rows[0][4] == "1.00x" and all(r[7] == "n/a" for r in rows)  # no nvidia-smi reading on the CPU
+    for r in rows[1:]:
+        assert float(r[4].rstrip("x")) == pytest.approx(float(r[3]) / float(rows[0][3]), rel=0.02)
+    rows = bench.bench_trainer_overhead(demo_dir, "tiny-segformer", 32, 4, 6, 0, 1, "cpu", "bf16")
+    assert rows[0][3] == "bare loop (synthetic batches, cpu bf16)" and float(rows[1][4]) > 0
