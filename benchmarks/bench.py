@@ -7,8 +7,11 @@
 2. data pipeline (images/s to a ready batch): the straightforward per-sample pipeline (read PNG, loop-decode the
    codes, normalise, resize, augment) vs ours for a first epoch (building the decode-once cache) and a cached epoch;
 3. training (images/s, median step time, peak memory): a bare forward/backward/step loop for the tiny models
-   and a SegFormer-b0-sized config, in 1 process and in 2 processes (DDP over gloo); and trainer.py on the
-   same model, to show the trainer's overhead.
+   and a SegFormer-b0-sized config, in 1 process and in 2 processes (DDP over gloo);
+4. trainer.py vs that bare loop on the same model, to show the trainer's overhead;
+5. on a GPU (when CUDA is available, or with --gpu yes): SegFormer-b0/b2, UperNet-ConvNeXt-small, DPT-base and
+   BEiT-base-sized models at 288 px, fp32 vs bf16 autocast: images/s, step time, peak GPU memory, GPU utilisation;
+6. on a GPU: trainer.py (bf16, decode-once cache, default workers) vs the bare loop.
 Figures are medians over repeats; ratios are to the baseline of each section.
 """
 from __future__ import annotations
@@ -432,7 +435,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="repeats for the medians (default 5)")
     ap.add_argument("--json", default=None, help="also write all tables here")
     ap.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto",
-                    help="section 5, training on the GPU (bf16 etc.): auto = when CUDA is available")
+                    help="sections 5 and 6, training on the GPU: auto = when CUDA is available")
     ap.add_argument("--gpu_batch", type=int, default=16, help="batch size of section 5 (default 16)")
     args = ap.parse_args()
     if args.cmd == "train-worker":
