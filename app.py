@@ -3,13 +3,15 @@
     python app.py --model runs/<name>/best [--data_dir demo/data] [--host 127.0.0.1] [--port 7860]
 
 Upload a scan (a 16-bit PNG as in the competition, or any ordinary image) or pick a slice of the data folder; the
-page shows the prediction overlaid (large bowel red, small bowel green, stomach blue), the area of each organ
-(pixels, and mm² when the file name carries the pixel spacing), and the Dice against the ground truth when the
-slice has one. The server binds to 127.0.0.1 unless --host says otherwise.
+page shows the prediction overlaid in the dataset's colours (GI: large bowel red, small bowel green, stomach blue),
+the area of each class (pixels, and mm² when the pixel spacing is known, e.g. from a competition file name), and
+the Dice against the ground truth when the slice has one. The model's inference spec says which dataset it reads.
+The server binds to 127.0.0.1 unless --host says otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,97 +19,78 @@ import numpy as np
 import pandas as pd
 import torch
 
-from utils import CLASSES, UserError
+from adapters import get_adapter
+from data import neighbour_table
+from inference import Segmenter
+from metrics import dice_from_stats, mask_stats
+from preprocess import normalise_scan
+from utils import UserError, command, quiet_third_party
+from visualise import class_colours, overlay
 
 
 @dataclass
 class Analysis:
     overlay: np.ndarray  # (H, W, 3) uint8
-    masks: np.ndarray  # (3, H, W) bool
-    table: pd.DataFrame  # organ, pixels, area_mm2, dice
+    masks: np.ndarray  # (C, H, W) bool
+    table: pd.DataFrame  # organ (the class), pixels, area_mm2, dice
 
 
 class Analyser:
-    """Holds a loaded model (and optionally a data folder) and analyses one scan at a time."""
+    """Holds a loaded model (and optionally a data folder of its dataset) and analyses one scan at a time, through
+    the same Segmenter path as predict.py and the trainer's evaluation."""
 
     def __init__(self, model_dir: str | Path, data_dir: str | Path | None = None, device: str | None = None):
-        from predict import load_for_inference
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.spec = load_for_inference(model_dir, self.device)
+        self.segmenter = Segmenter.load(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.spec = self.segmenter.spec
+        self.adapter = get_adapter(self.spec.dataset, f"--model {model_dir}")
         self.index = None
         if data_dir is not None:
-            from data import build_index
-
-            labels = (Path(data_dir) / "train.csv").is_file()
-            self.index = build_index(data_dir, labels=labels).set_index("id", drop=False)
+            self.index = self.adapter.build_index(data_dir, require_labels=False).set_index("id", drop=False)
 
     def slice_ids(self, limit: int = 2000) -> list[str]:
-        """Slice ids of the data folder, those showing the most organs first (the page opens on the first)."""
+        """Slice ids of the data folder, those showing the most classes first (the page opens on the first)."""
         if self.index is None:
             return []
-        if f"rle_{CLASSES[0]}" not in self.index:
+        if not self.adapter.has_labels(self.index):
             return list(self.index["id"][:limit])
-        organs = sum(self.index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES).to_numpy()
-        order = np.argsort(-organs, kind="stable")
-        return list(self.index["id"].to_numpy()[order][:limit])
+        shown = self.adapter.presence(self.index).sum(axis=1).to_numpy()
+        return list(self.index["id"].to_numpy()[np.argsort(-shown, kind="stable")][:limit])
 
-    def predict(self, image01: np.ndarray) -> np.ndarray:
-        """(H, W) or (3, H, W) image in [0, 1] -> (3, H, W) bool organ masks at the same size."""
-        from cache import resize_image
-        from predict import predict_probs, probs_to_masks
-
-        chans = image01[None] if image01.ndim == 2 else image01
-        h, w = chans.shape[-2:]
-        small = np.stack([resize_image(c.astype(np.float32), self.spec.image_size) for c in chans])
-        if len(small) == 1:
-            small = np.repeat(small, 3, axis=0)
-        mean = np.asarray(self.spec.mean, np.float32)[:, None, None]
-        std = np.asarray(self.spec.std, np.float32)[:, None, None]
-        x = torch.from_numpy((small - mean) / std)[None].to(self.device)
-        probs = predict_probs(self.model, x, self.spec.task, tta=False)[0]
-        thr = torch.full((len(CLASSES),), 0.5, device=self.device)
-        return probs_to_masks(probs, (h, w), self.spec.task, thr)
+    def predict(self, raw_channels: list[np.ndarray]) -> np.ndarray:
+        """Raw (H, W) scans of one slice (itself, or its 2.5D neighbours) -> (C, H, W) bool masks at that size."""
+        with torch.no_grad():
+            logits = self.segmenter.logits(self.segmenter.prepare(raw_channels))
+        return self.segmenter.masks(logits, raw_channels[0].shape)[0].cpu().numpy()
 
     def analyse_file(self, path: str | Path) -> Analysis:
         """An uploaded scan: a 16-bit PNG (pixel spacing read from a competition file name) or any image."""
-        from data import SCAN_RE, normalise_scan, read_scan
-
-        img = read_scan(path)
-        m = SCAN_RE.match(Path(path).name)
-        spacing = (float(m.group(4)), float(m.group(5))) if m else None
-        return self._analyse(normalise_scan(img), None, spacing)
+        img, spacing = self.adapter.read_upload(path)
+        return self._analyse([img], None, spacing)
 
     def analyse_id(self, slice_id: str) -> Analysis:
         """A slice of the data folder, with its 2.5D neighbours and its ground truth when there is one."""
-        from cache import slice_masks
-        from data import neighbour_table, normalise_scan, read_scan
-
         if self.index is None or slice_id not in self.index.index:
             raise UserError(f"slice {slice_id!r} is not in the data folder")
-        row = self.index.loc[slice_id]
-        vol = self.index[(self.index["case"] == row.case) & (self.index["day"] == row.day)].reset_index(drop=True)
-        nb = neighbour_table(vol, self.spec.context_slices, self.spec.context_stride)[int(np.flatnonzero(vol["id"] == slice_id)[0])]
-        chans = np.stack([normalise_scan(read_scan(vol.at[int(k), "path"])) for k in nb])
-        truth = slice_masks(row).astype(bool) if f"rle_{CLASSES[0]}" in row else None
-        return self._analyse(chans if len(chans) > 1 else chans[0], truth, (row.spacing_x, row.spacing_y))
+        row = next(self.index.loc[[slice_id]].itertuples())
+        keys = list(self.adapter.volume_columns)
+        vol = self.index[(self.index[keys] == self.index.loc[slice_id, keys]).all(axis=1)].reset_index(drop=True)
+        nb = neighbour_table(vol, self.spec.context_slices, self.spec.context_stride, self.adapter.volume_columns)
+        chans = [self.adapter.read_image(next(vol.iloc[[int(k)]].itertuples()))
+                 for k in nb[int(np.flatnonzero(vol["id"] == slice_id)[0])]]
+        truth = self.adapter.read_masks(row).astype(bool) if self.adapter.has_labels(self.index) else None
+        return self._analyse(chans, truth, self.adapter.pixel_spacing(row))
 
-    def _analyse(self, image01: np.ndarray, truth: np.ndarray | None, spacing) -> Analysis:
-        from visualise import overlay
-
-        masks = self.predict(image01)
-        centre = image01 if image01.ndim == 2 else image01[len(image01) // 2]
+    def _analyse(self, raw_channels: list[np.ndarray], truth: np.ndarray | None, spacing) -> Analysis:
+        masks = self.predict(raw_channels)
+        centre = normalise_scan(raw_channels[len(raw_channels) // 2])
+        dice = dice_from_stats(mask_stats(masks, truth), "1") if truth is not None else None
         rows = []
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(self.spec.classes):
             px = int(masks[c].sum())
-            dice = None
-            if truth is not None:
-                denom = masks[c].sum() + truth[c].sum()
-                dice = 1.0 if denom == 0 else float(2 * (masks[c] & truth[c]).sum() / denom)
             rows.append({"organ": name, "pixels": px,
                          "area_mm2": round(px * spacing[0] * spacing[1], 1) if spacing else None,
-                         "dice": None if dice is None else round(dice, 4)})
-        rgb = (overlay(centre, masks) * 255).round().astype(np.uint8)
+                         "dice": None if dice is None else round(float(dice[c]), 4)})
+        rgb = (overlay(centre, masks, class_colours(self.adapter)) * 255).round().astype(np.uint8)
         return Analysis(rgb, masks, pd.DataFrame(rows))
 
 
@@ -115,9 +98,10 @@ def build_demo(analyser: Analyser):
     import gradio as gr
 
     ids = analyser.slice_ids()
-    with gr.Blocks(title="GI-tract segmentation") as demo:
-        gr.Markdown("## GI-tract organ segmentation\nLarge bowel **red**, small bowel **green**, stomach **blue**. "
-                    "Upload a scan (16-bit PNG or an ordinary image) or pick a slice of the data folder.")
+    adapter = analyser.adapter
+    legend = ", ".join(f"{c.replace('_', ' ')} **{adapter.colours[c]}**" for c in adapter.classes)
+    with gr.Blocks(title=f"{adapter.name} segmentation") as demo:
+        gr.Markdown(f"## {adapter.description}\n{legend}. Upload a scan or pick a slice of the data folder.")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="scan file", file_types=["image"])
@@ -146,6 +130,7 @@ def build_demo(analyser: Analyser):
     return demo
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="saved model folder (runs/<name>/best)")
@@ -153,17 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     args = ap.parse_args(argv)
-    from utils import quiet_third_party
-
     quiet_third_party()
-    try:
-        analyser = Analyser(args.model, args.data_dir)
-    except UserError as e:
-        print(f"error: {e}")
-        return 2
+    analyser = Analyser(args.model, args.data_dir)
     build_demo(analyser).launch(server_name=args.host, server_port=args.port, share=False)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Augmentation pipelines (albumentations 2.x). Images arrive already resized to the training size by the
+"""The training augmentation (albumentations 2.x). Images arrive already resized to the training size by the
 decode-once cache, as float32 in [0, 1]; masks arrive packed (one uint8 per pixel, a bit per class), and every
 geometric transform here uses nearest-neighbour for masks, so packed bits survive and overlaps stay."""
 from __future__ import annotations
@@ -35,9 +35,3 @@ def train_transform(image_size: int, strong: bool = False, seed: int | None = No
     ops.append(A.CoarseDropout(num_holes_range=(1, 5), hole_height_range=(0.04, 0.1), hole_width_range=(0.04, 0.1),
                                fill=0, p=0.3))
     return A.Compose(ops, seed=seed)
-
-
-def eval_transform(image_size: int) -> A.Compose:
-    """Resize only (a no-op on cached arrays that already have the training size)."""
-    return A.Compose([A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
-                               mask_interpolation=cv2.INTER_NEAREST)])

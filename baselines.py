@@ -105,6 +105,17 @@ class DenseEncoder(nn.Module):
         return feats
 
 
+def shortcut(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """A residual block's shortcut: identity (None), or a strided 1x1 projection where the shape changes."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def add_residual(out: torch.Tensor, x: torch.Tensor, down: nn.Module | None) -> torch.Tensor:
+    return F.relu(out + (x if down is None else down(x)), inplace=True)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -114,14 +125,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.down = None
-        if stride != 1 or cin != width:
-            self.down = nn.Sequential(nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+        self.down = shortcut(cin, width, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.down is None else self.down(x)), inplace=True)
+        return add_residual(self.bn2(self.conv2(out)), x, self.down)
 
 
 class Bottleneck(nn.Module):
@@ -137,15 +145,12 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
-        self.down = None
-        if stride != 1 or cin != out:
-            self.down = nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+        self.down = shortcut(cin, out, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.down is None else self.down(x)), inplace=True)
+        return add_residual(self.bn3(self.conv3(out)), x, self.down)
 
 
 RESNETS = {"resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64), "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4)}

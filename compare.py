@@ -15,13 +15,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from utils import CLASSES
+from safetensors import safe_open
+
+from inference import InferenceSpec
+from utils import UserError, command
 
 
 def count_parameters(model_dir: Path) -> int | None:
     """Parameters of a saved model, read from the safetensors header (no weights loaded)."""
-    from safetensors import safe_open
-
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
@@ -45,9 +46,13 @@ def summarise_run(run: Path) -> dict | None:
     if not records:
         return None
     best = max(records, key=lambda r: r["dice_mean"] if r["dice_mean"] is not None else -1)
+    try:
+        classes = InferenceSpec.load(run / "best").classes
+    except UserError:
+        return None  # no usable best/ model
     out = {"run": run.name, "model": cfg["base_model"], "task": cfg.get("task", "multilabel"),
            "params": count_parameters(run / "best"), "epochs": records[-1]["epoch"], "best_epoch": best["epoch"],
-           **{f"dice_{c}": best.get(f"dice_{c}") for c in CLASSES}, "dice_mean": best["dice_mean"],
+           "classes": classes, **{f"dice_{c}": best.get(f"dice_{c}") for c in classes}, "dice_mean": best["dice_mean"],
            "score": None, "images_per_s": None}
     scores = run / "val_scores.json"
     if scores.is_file():
@@ -64,25 +69,26 @@ def markdown(rows: list[dict]) -> str:
     def f(v, spec):
         return "–" if v is None else format(v, spec)
 
-    head = ["run", "model", "task", "params", "epochs", *(f"dice {c}" for c in CLASSES), "dice mean", "score", "img/s"]
+    classes = list(dict.fromkeys(c for r in rows for c in r["classes"]))  # every run's classes, in order
+    head = ["run", "model", "task", "params", "epochs", *(f"dice {c}" for c in classes), "dice mean", "score", "img/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in sorted(rows, key=lambda r: -(r["dice_mean"] or 0)):
         params = "–" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
         cells = [r["run"], r["model"], r["task"], params, f"{r['epochs']} (best {r['best_epoch']})",
-                 *(f(r[f"dice_{c}"], ".4f") for c in CLASSES), f(r["dice_mean"], ".4f"), f(r["score"], ".4f"),
+                 *(f(r.get(f"dice_{c}"), ".4f") for c in classes), f(r["dice_mean"], ".4f"), f(r["score"], ".4f"),
                  f(r["images_per_s"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py)")
     args = ap.parse_args(argv)
     rows = [r for r in (summarise_run(Path(p)) for p in args.runs) if r is not None]
     if not rows:
-        print("error: none of the given folders is a run (run_config.json + metrics.jsonl)", file=sys.stderr)
-        return 2
+        raise UserError("none of the given folders is a run (run_config.json + metrics.jsonl + best/)")
     print(markdown(rows))
     return 0
 

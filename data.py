@@ -3,23 +3,26 @@
     <data_dir>/train.csv   id,class,segmentation   (three rows per slice; empty segmentation = no organ)
     <data_dir>/<split>/case<N>/case<N>_day<D>/scans/slice_<SSSS>_<W>_<H>_<PX>_<PY>.png
 
-W is the width and H the height in pixels; arrays are (H, W). One index row per slice.
+W is the width and H the height in pixels; arrays are (H, W). One index row per slice. The case-level folds and
+the 2.5D neighbour table at the end serve every dataset (adapters.py): they need only ``case`` and the volume
+columns.
 """
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from lgg import LGG_CLASSES, build_lgg_index
-from rle import RLEError, parse_rle
-from utils import CLASSES, MULTICLASS_PRIORITY, UserError
+from rle import RLEError, decode_rle, parse_rle
+from utils import UserError
+
+GI_CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")
+# Overlap rule of --task multiclass: where organs overlap, the first class of this list wins.
+GI_PRIORITY: tuple[str, ...] = ("stomach", "large_bowel", "small_bowel")
 
 SCAN_RE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
 CASE_DAY_RE = re.compile(r"^case(\d+)_day(\d+)$")
@@ -77,17 +80,17 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
     missing = [c for c in CSV_COLUMNS if c not in raw.columns]
     if missing:
         raise UserError(f"{csv_path}: missing column(s) {missing}; expected columns {list(CSV_COLUMNS)}")
-    unknown = sorted(set(raw["class"]) - set(CLASSES))
+    unknown = sorted(set(raw["class"]) - set(GI_CLASSES))
     if unknown:
         row = int(raw.index[raw["class"].isin(unknown)][0]) + 2  # 1-based, after the header line
-        raise UserError(f"{csv_path}: unknown class {unknown[0]!r} (line {row}); known classes: {list(CLASSES)}")
+        raise UserError(f"{csv_path}: unknown class {unknown[0]!r} (line {row}); known classes: {list(GI_CLASSES)}")
     dup = raw.duplicated(["id", "class"], keep="first")
     if dup.any():
         row = int(raw.index[dup][0])
         raise UserError(f"{csv_path}: duplicate row for id {raw.at[row, 'id']!r}, class {raw.at[row, 'class']!r} "
                         f"(line {row + 2})")
-    wide = raw.pivot(index="id", columns="class", values="segmentation").reindex(columns=list(CLASSES))
-    return wide.fillna("").rename(columns={c: f"rle_{c}" for c in CLASSES}).reset_index()
+    wide = raw.pivot(index="id", columns="class", values="segmentation").reindex(columns=list(GI_CLASSES))
+    return wide.fillna("").rename(columns={c: f"rle_{c}" for c in GI_CLASSES}).reset_index()
 
 
 def build_index(data_dir: str | Path, split: str = "train", labels: bool = True) -> pd.DataFrame:
@@ -111,7 +114,7 @@ def build_index(data_dir: str | Path, split: str = "train", labels: bool = True)
                         "add its three rows (empty segmentation = no organ) or remove the scan")
     index = scans.merge(lab, on="id", how="left", validate="one_to_one")
     for row in index.itertuples():
-        for c in CLASSES:
+        for c in GI_CLASSES:
             try:
                 parse_rle(getattr(row, f"rle_{c}"), (row.height, row.width), where=f"{csv_path} id {row.id} class {c}")
             except RLEError as e:
@@ -147,17 +150,13 @@ def read_scan(path: str | Path, width: int | None = None, height: int | None = N
     return img
 
 
-def normalise_scan(img: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """Scale one slice to float32 in [0, 1] between its own 0.5th and 99.5th intensity percentiles.
-
-    Per-slice percentiles make the scaling robust to the few very bright outlier pixels that MRI scans carry
-    and to scanner-to-scanner intensity differences; an all-constant slice becomes all zeros.
-    """
-    img = img.astype(np.float32)
-    lo, hi = np.percentile(img, [low_pct, high_pct])
-    if hi <= lo:
-        return np.zeros_like(img)
-    return np.clip((img - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)
+def read_gi_masks(row) -> np.ndarray:
+    """(3, H, W) uint8 organ masks of one labelled index row at the scan's size, each code decoded straight into
+    its plane (no per-class mask)."""
+    masks = np.zeros((len(GI_CLASSES), int(row.height), int(row.width)), np.uint8)
+    for plane, c in zip(masks, GI_CLASSES):
+        decode_rle(getattr(row, f"rle_{c}"), plane.shape, where=f"id {row.id} class {c}", out=plane)
+    return masks
 
 
 def case_folds(index: pd.DataFrame, n_folds: int, seed: int = 42) -> dict[int, int]:
@@ -175,12 +174,18 @@ def case_folds(index: pd.DataFrame, n_folds: int, seed: int = 42) -> dict[int, i
     return fold_of
 
 
-def split_by_case(index: pd.DataFrame, fold: int, n_folds: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions of the training and validation slices of ``fold``; validation holds whole cases only."""
+def check_fold(fold: int, n_folds: int) -> None:
+    """The one check of --fold / --n_folds (the trainer calls it before any data work, predict.py through
+    split_by_case)."""
     if n_folds < 2:
         raise UserError(f"--n_folds must be at least 2, got {n_folds}")
     if not 0 <= fold < n_folds:
         raise UserError(f"--fold must be in [0, {n_folds - 1}] for --n_folds {n_folds}, got {fold}")
+
+
+def split_by_case(index: pd.DataFrame, fold: int, n_folds: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions of the training and validation slices of ``fold``; validation holds whole cases only."""
+    check_fold(fold, n_folds)
     n_cases = index["case"].nunique()
     if n_cases < n_folds:
         raise UserError(f"only {n_cases} case(s) in the data but --n_folds {n_folds}: validation of some folds "
@@ -190,11 +195,12 @@ def split_by_case(index: pd.DataFrame, fold: int, n_folds: int, seed: int = 42) 
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 2) -> np.ndarray:
+def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 2,
+                    volume_columns: tuple[str, ...] = ("case", "day")) -> np.ndarray:
     """(N, context_slices) row positions of the slices stacked as channels for each slice.
 
     context_slices=1 gives the slice itself (repeated into 3 channels later); 3 gives the slices at
-    -stride, 0, +stride of the same case-day. At a volume end a missing neighbour is replaced by the nearest
+    -stride, 0, +stride of the same volume (rows sharing ``volume_columns``, the adapter's). At a volume end a missing neighbour is replaced by the nearest
     slice that exists on that side's way back to the centre (so the first slice uses itself for -stride).
     """
     if context_slices not in (1, 3):
@@ -203,7 +209,7 @@ def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 
         raise UserError(f"--context_stride must be >= 1, got {stride}")
     offsets = (np.arange(context_slices) - context_slices // 2) * stride
     out = np.empty((len(index), context_slices), dtype=np.int64)
-    for _, grp in index.groupby(["case", "day"], sort=False):
+    for _, grp in index.groupby(list(volume_columns), sort=False):
         rows = grp.index.to_numpy()
         order = np.argsort(grp["slice"].to_numpy(), kind="stable")
         nums, rows = grp["slice"].to_numpy()[order], rows[order]
@@ -216,21 +222,3 @@ def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 
         fallback = np.where(offsets[None, :] > 0, below, pos)
         out[rows] = rows[np.where(exact, pos, fallback)]
     return out
-
-
-@dataclass(frozen=True)
-class DatasetKind:
-    """What differs between the datasets the trainer reads (``--dataset``)."""
-    classes: tuple[str, ...]
-    priority: tuple[str, ...]  # --task multiclass: where classes overlap, the first of these wins
-    build_index: Callable[[str | Path], pd.DataFrame]
-
-
-DATASETS: dict[str, DatasetKind] = {
-    "gi": DatasetKind(CLASSES, MULTICLASS_PRIORITY, build_index),  # UW-Madison GI tract (Kaggle layout)
-    "lgg": DatasetKind(LGG_CLASSES, LGG_CLASSES, build_lgg_index),  # LGG brain MRI (kaggle_3m layout)
-}
-
-
-def has_labels(index: pd.DataFrame) -> bool:
-    return "mask_path" in index or f"rle_{CLASSES[0]}" in index

@@ -13,13 +13,15 @@ slices of every volume are empty. Scans come in three sizes, 266x266, 234x234 an
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from rle import encode_rle
-from utils import CLASSES, atomic_write_text
+from data import GI_CLASSES
+from utils import atomic_write_text, command
 
 # (case, days, (W, H)) of the demo cases: three scan sizes, one non-square as in the real data.
 DEMO_CASES = ((2, (1, 7), (266, 266)), (7, (3,), (360, 310)), (15, (1, 2), (234, 234)),
@@ -97,18 +99,19 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, slices_per_day: int = SLI
                 if not cv2.imwrite(str(scans / name), img):
                     raise OSError(f"could not write {scans / name}")
                 sid = f"case{case}_day{day}_slice_{k:04d}"
-                rows += [f"{sid},{c},{encode_rle(masks[c])}" for c in CLASSES]
+                rows += [f"{sid},{c},{encode_rle(masks[c])}" for c in GI_CLASSES]
     atomic_write_text(out / "train.csv", "\n".join(rows) + "\n")  # written last: its presence marks a complete set
     return out
 
 
-def main() -> None:
+@command
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/data", help="folder to write (default: demo/data)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(make_demo_data(args.out, args.seed))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,7 @@ drawn, as the GI scans are seen: one channel repeated, or --context_slices 3 nei
 from __future__ import annotations
 
 import argparse
+import sys
 import re
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from utils import UserError
+from utils import UserError, command
 
 LGG_CLASSES: tuple[str, ...] = ("tumor",)
 FLAIR = 1  # channel index of FLAIR in the RGB tif (cv2 reads BGR; G stays at index 1)
@@ -98,11 +99,12 @@ def make_lgg_demo(out_dir: str | Path, n_patients: int = 5, slices: int = 12, si
     return out
 
 
-def main() -> None:
+@command
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/lgg", help="folder to write (default demo/lgg)")
-    print(make_lgg_demo(ap.parse_args().out))
+    print(make_lgg_demo(ap.parse_args(argv).out))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Training losses on logits already upsampled to the mask size.
 
-``--loss`` picks the recipe; ``--bce_weight`` / ``--dice_weight`` weight its two terms:
+``--loss`` picks the recipe; ``--pixel_loss_weight`` (alias ``--bce_weight``) weights its per-pixel term (BCE,
+cross-entropy or focal) and ``--dice_weight`` its overlap term (soft Dice or Tversky):
   bce_dice  BCE (multilabel) / cross-entropy (multiclass) + soft Dice   (default; the brain-MRI projects' choice)
   bce       BCE / cross-entropy only
   dice      soft Dice only
@@ -13,14 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dataset import multiclass_targets, unpack_targets
+from masks import multiclass_targets, unpack_targets
 
 LOSSES = ("bce_dice", "bce", "dice", "focal", "tversky")
-
-
-def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 - mean over classes of the soft Dice, each class pooled over the batch. probs, targets: (B, C, H, W)."""
-    return tversky_loss(probs, targets, 0.5, 0.5, smooth)
 
 
 def tversky_loss(probs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.3, beta: float = 0.7,
@@ -44,40 +40,40 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, 
 
 
 class SegmentationLoss:
-    """``bce_weight`` * (BCE, CE or focal) + ``dice_weight`` * (soft Dice or Tversky), by ``loss``; multilabel on
-    3 sigmoid channels, multiclass on softmax (the overlap term on the 3 organ channels)."""
+    """``pixel_weight`` * (BCE, CE or focal) + ``dice_weight`` * (soft Dice or Tversky), by ``loss``; multilabel
+    on one sigmoid channel per class, multiclass on softmax over background + classes (the overlap term on the
+    class channels; overlapping classes resolved by ``priority``, the dataset adapter's)."""
 
-    def __init__(self, task: str, bce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0,
-                 loss: str = "bce_dice", focal_gamma: float = 2.0, tversky_alpha: float = 0.3,
-                 tversky_beta: float = 0.7, classes: tuple[str, ...] | None = None,
-                 priority: tuple[str, ...] | None = None):
+    def __init__(self, task: str, classes: tuple[str, ...], priority: tuple[str, ...] | None = None,
+                 pixel_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, loss: str = "bce_dice",
+                 focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.task, self.smooth, self.loss = task, smooth, loss
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
-        self.overlap = {} if classes is None else {"classes": classes, "priority": priority or classes}
-        self.bce_weight = 0.0 if loss == "dice" else bce_weight
+        self.classes, self.priority = tuple(classes), tuple(priority or classes)
+        self.pixel_weight = 0.0 if loss == "dice" else pixel_weight
         self.dice_weight = 0.0 if loss == "bce" else dice_weight
 
     def __call__(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         multiclass = self.task == "multiclass"
         if multiclass:
-            labels = multiclass_targets(packed, **self.overlap)
+            labels = multiclass_targets(packed, self.classes, self.priority)
             targets = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
             probs = torch.softmax(logits, 1)[:, 1:]
         else:
             labels = targets = unpack_targets(packed, logits.shape[1])
             probs = torch.sigmoid(logits)
         total = logits.new_zeros(())
-        if self.bce_weight:
+        if self.pixel_weight:
             if self.loss == "focal":
                 pixel = focal_loss(logits, labels, self.focal_gamma, multiclass)
             elif multiclass:
                 pixel = F.cross_entropy(logits, labels)
             else:
                 pixel = F.binary_cross_entropy_with_logits(logits, targets)
-            total = total + self.bce_weight * pixel
+            total = total + self.pixel_weight * pixel
         if self.dice_weight:
             alpha, beta = (self.alpha, self.beta) if self.loss == "tversky" else (0.5, 0.5)
             total = total + self.dice_weight * tversky_loss(probs, targets, alpha, beta, self.smooth)

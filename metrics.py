@@ -3,79 +3,101 @@
 Per-slice Dice: each (slice, class) pair gets 2|P∩T| / (|P|+|T|); the pair with an empty prediction and an
 empty truth is scored by the ``empty`` rule: "1" (the 1st-place solution's choice, default), "0" (the
 competition text) or "skip" (left out of the mean, as a public grader does). The class figure is the mean over
-slices. Global Dice pools every pixel of the split per class. IoU likewise.
+slices. Global Dice pools every pixel of the split per class. IoU likewise. All of them come from one table of
+per-slice statistics (``mask_stats``) through one table of figures (``METRICS``).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 
-from utils import CLASSES
-
 EMPTY_RULES = ("1", "0", "skip")
 
 
-def mask_stats(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) boolean prediction and truth -> (B, C, 3) float: |P∩T|, |P|, |T| per slice and class."""
-    pred, target = pred.bool(), target.bool()
-    dims = (2, 3)
-    inter = (pred & target).sum(dims)
-    return torch.stack([inter, pred.sum(dims), target.sum(dims)], dim=-1).float()
+def mask_stats(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """(..., C, H, W) boolean prediction and truth -> (..., C, 3) float: |P∩T|, |P|, |T| per slice and class.
+
+    The one place these statistics are computed: the trainer (torch, on the device), score.py, visualise.py
+    and the app (numpy). Every figure below is a function of them."""
+    if isinstance(pred, torch.Tensor):
+        pred, truth = pred.bool(), truth.bool()
+        return torch.stack([(pred & truth).sum((-2, -1)), pred.sum((-2, -1)), truth.sum((-2, -1))], dim=-1).float()
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    return np.stack([(pred & truth).sum((-2, -1)), pred.sum((-2, -1)), truth.sum((-2, -1))], axis=-1).astype(np.float64)
 
 
-def predict_masks(logits: torch.Tensor, task: str, threshold: float | torch.Tensor = 0.5) -> torch.Tensor:
-    """Logits -> (B, 3, H, W) boolean organ masks. multilabel: sigmoid > threshold (per class if a tensor);
-    multiclass: argmax, channel c = class c+1."""
-    if task == "multilabel":
-        thr = torch.as_tensor(threshold, device=logits.device, dtype=torch.float32)
-        return torch.sigmoid(logits.float()) > (thr.view(1, -1, 1, 1) if thr.ndim else thr)
-    labels = logits.argmax(1)
-    organs = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, 1, 1)
-    return labels.unsqueeze(1) == organs
+def _fill(empty: str) -> float:
+    if empty not in EMPTY_RULES:
+        raise ValueError(f"empty rule must be one of {EMPTY_RULES}, got {empty!r}")
+    return {"1": 1.0, "0": 0.0, "skip": np.nan}[empty]
+
+
+def _as_numpy(stats: np.ndarray | torch.Tensor) -> np.ndarray:
+    return np.asarray(stats.cpu() if isinstance(stats, torch.Tensor) else stats, dtype=np.float64)
 
 
 def dice_from_stats(stats: np.ndarray | torch.Tensor, empty: str = "1") -> np.ndarray:
     """(N, C, 3) stats -> (N, C) per-slice Dice; empty/empty pairs get 1, 0 or NaN (skip)."""
-    if empty not in EMPTY_RULES:
-        raise ValueError(f"empty rule must be one of {EMPTY_RULES}, got {empty!r}")
-    s = np.asarray(stats.cpu() if isinstance(stats, torch.Tensor) else stats, dtype=np.float64)
-    inter, p, t = s[..., 0], s[..., 1], s[..., 2]
-    denom = p + t
-    fill = {"1": 1.0, "0": 0.0, "skip": np.nan}[empty]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, 2 * inter / np.where(denom > 0, denom, 1), fill)
+    s = _as_numpy(stats)
+    denom = s[..., 1] + s[..., 2]
+    return np.where(denom > 0, 2 * s[..., 0] / np.where(denom > 0, denom, 1), _fill(empty))
 
 
-def iou_from_stats(stats: np.ndarray, empty: str = "1") -> np.ndarray:
-    s = np.asarray(stats, dtype=np.float64)
-    inter, union = s[..., 0], s[..., 1] + s[..., 2] - s[..., 0]
-    fill = {"1": 1.0, "0": 0.0, "skip": np.nan}[empty]
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), fill)
+def iou_from_stats(stats: np.ndarray | torch.Tensor, empty: str = "1") -> np.ndarray:
+    """(N, C, 3) stats -> (N, C) per-slice IoU, same empty rule."""
+    s = _as_numpy(stats)
+    union = s[..., 1] + s[..., 2] - s[..., 0]
+    return np.where(union > 0, s[..., 0] / np.where(union > 0, union, 1), _fill(empty))
 
 
-def summarise(stats: np.ndarray | torch.Tensor, empty: str = "1", classes: tuple[str, ...] = CLASSES) -> dict[str, float]:
-    """Per-class and mean figures from (N, C, 3) stats: ``dice_<class>`` (per-slice mean), ``dice_mean``,
-    ``global_dice_<class>``, ``global_dice_mean``, ``iou_<class>``, ``iou_mean``."""
-    s = np.asarray(stats.cpu() if isinstance(stats, torch.Tensor) else stats, dtype=np.float64)
-    out: dict[str, float] = {}
+class Metric(NamedTuple):
+    """A figure computed from (N, C, 3) statistics: ``<key>_<class>`` and ``<key>_mean`` in every summary."""
+    key: str
+    per_slice: Callable[[np.ndarray, str], np.ndarray]  # (N, C, 3), empty rule -> (N, C)
+    pooled: bool  # True: computed once on all slices' pixels pooled; False: mean of the per-slice values
+
+
+# The figures of every evaluation, in the order of the log line and metrics.jsonl; the first is the one the
+# trainer selects models by ("dice_mean"). A new figure computable from the statistics is one more entry.
+METRICS: tuple[Metric, ...] = (
+    Metric("dice", dice_from_stats, pooled=False),
+    Metric("global_dice", dice_from_stats, pooled=True),
+    Metric("iou", iou_from_stats, pooled=False),
+)
+
+
+def _nanmean(x: np.ndarray, axis=None):
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a class skipped on every slice has no mean: NaN
-        dice = np.nanmean(dice_from_stats(s, empty), axis=0) if len(s) else np.full(len(classes), np.nan)
-        iou = np.nanmean(iou_from_stats(s, empty), axis=0) if len(s) else np.full(len(classes), np.nan)
-    pooled = s.sum(axis=0)
-    gdice = dice_from_stats(pooled[None], empty)[0]
-    for c, name in enumerate(classes):
-        out[f"dice_{name}"] = float(dice[c])
-        out[f"global_dice_{name}"] = float(gdice[c])
-        out[f"iou_{name}"] = float(iou[c])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out["dice_mean"] = float(np.nanmean(dice))
-        out["global_dice_mean"] = float(np.nanmean(gdice))
-        out["iou_mean"] = float(np.nanmean(iou))
+        return np.nanmean(x, axis=axis)
+
+
+def summarise(stats: np.ndarray | torch.Tensor, empty: str, classes: tuple[str, ...]) -> dict[str, float]:
+    """Per-class and mean figures of every entry of METRICS from (N, C, 3) stats: ``dice_<class>`` (per-slice
+    mean), ``dice_mean``, ``global_dice_<class>`` (pooled), ``global_dice_mean``, ``iou_<class>``, ``iou_mean``."""
+    s = _as_numpy(stats)
+    out: dict[str, float] = {}
+    for m in METRICS:
+        if m.pooled:
+            per_class = m.per_slice(s.sum(axis=0)[None], empty)[0]
+        else:
+            per_class = _nanmean(m.per_slice(s, empty), axis=0) if len(s) else np.full(len(classes), np.nan)
+        out.update({f"{m.key}_{name}": float(per_class[c]) for c, name in enumerate(classes)})
+        out[f"{m.key}_mean"] = float(_nanmean(per_class))
     return out
+
+
+def describe(figures: dict[str, float], classes: tuple[str, ...]) -> str:
+    """The evaluation part of a log line: the first metric per class and its mean, the others' means, e.g.
+    ``dice large_bowel 0.9054 small_bowel 0.9411 stomach 0.9713 | mean 0.9392 | global dice mean 0.9144 | ...``."""
+    first, *rest = METRICS
+    parts = [f"{first.key} " + " ".join(f"{c} {figures[f'{first.key}_{c}']:.4f}" for c in classes),
+             f"mean {figures[f'{first.key}_mean']:.4f}"]
+    parts += [f"{m.key.replace('_', ' ')} mean {figures[f'{m.key}_mean']:.4f}" for m in rest]
+    return " | ".join(parts)
 
 
 def hausdorff_3d(pred: np.ndarray, true: np.ndarray) -> float:
@@ -86,7 +108,7 @@ def hausdorff_3d(pred: np.ndarray, true: np.ndarray) -> float:
     NaN (not counted); exactly one empty: 1 (the public re-implementation of the grader does this).
     Computed with Euclidean distance transforms on the bounding box of both sets; no per-voxel Python loop.
     """
-    from scipy.ndimage import distance_transform_edt
+    from scipy.ndimage import distance_transform_edt  # 0.3 s, for scoring only
 
     pred, true = np.asarray(pred, bool), np.asarray(true, bool)
     if pred.shape != true.shape:

@@ -3,11 +3,12 @@
     python score.py --pred submission.csv --data_dir <folder with train.csv> [--json scores.json]
 
 Figures, overall and per case: per-slice Dice per class and mean (the --empty_dice rule for empty/empty pairs),
-global (pooled) Dice, IoU, 3D Hausdorff per case-day volume (metrics.hausdorff_3d: per class, then the mean
-over the volume-class pairs where either mask is non-empty; `hausdorff_merged` uses the union of the three
-organs), the competition score 0.4 * dice_mean + 0.6 * (1 - hausdorff), and "time saved": per class, the share
-of slices showing the organ whose Dice clears --time_saved_threshold. Only the case-days present in the
-submission are scored, and each of them must be complete.
+global (pooled) Dice, IoU, 3D Hausdorff per volume (GI: a case-day; metrics.hausdorff_3d: per class, then the
+mean over the volume-class pairs where either mask is non-empty; `hausdorff_merged` uses the union of the
+classes), the competition score 0.4 * dice_mean + 0.6 * (1 - hausdorff), and "time saved": per class, the share
+of slices showing the class whose Dice clears --time_saved_threshold. Only the volumes present in the submission
+are scored, and each of them must be complete. The ground truth, the classes and the volumes come from the
+--dataset adapter.
 """
 from __future__ import annotations
 
@@ -19,23 +20,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, summarise, time_saved
-from cache import slice_masks
+from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
+from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, mask_stats, summarise, time_saved
 from rle import RLEError, decode_rle
-from utils import CLASSES, UserError, atomic_write_json
+from utils import UserError, atomic_write_json, command
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
 
-def read_submission(path: str | Path, classes: tuple[str, ...] = CLASSES) -> pd.DataFrame:
+def read_submission(path: str | Path, classes: tuple[str, ...]) -> pd.DataFrame:
     """A submission as one row per id with a ``pred_<class>`` run-length column per class."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"submission {path} not found")
-    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path), classes)
+    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path), classes=classes)
 
 
-def submission_to_wide(df: pd.DataFrame, path: str = "submission", classes: tuple[str, ...] = CLASSES) -> pd.DataFrame:
+def submission_to_wide(df: pd.DataFrame, path: str = "submission", *, classes: tuple[str, ...]) -> pd.DataFrame:
     """Validate long submission rows (id, class, predicted) and pivot them to id + pred_<class>."""
     missing = [c for c in SUBMISSION_COLUMNS if c not in df.columns]
     if missing:
@@ -54,18 +55,17 @@ def submission_to_wide(df: pd.DataFrame, path: str = "submission", classes: tupl
     return wide.rename(columns={c: f"pred_{c}" for c in classes}).reset_index()
 
 
-def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str) -> pd.DataFrame:
+def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str, volume: list[str]) -> pd.DataFrame:
     extra = sorted(set(pred["id"]) - set(index["id"]))
     if extra:
         raise UserError(f"{source}: {len(extra)} id(s) not in the ground truth, e.g. {extra[0]!r}")
-    scored = index.merge(pred[["id"]], on="id")
-    volumes = set(zip(scored["case"], scored["day"]))
-    wanted = index[[cd in volumes for cd in zip(index["case"], index["day"])]]
+    keys = pd.MultiIndex.from_frame(index[volume])
+    wanted = index[keys.isin(keys[index["id"].isin(set(pred["id"]))])]
     missing = sorted(set(wanted["id"]) - set(pred["id"]))
     if missing:
-        raise UserError(f"{source}: {len(missing)} slice(s) of the scored case-days have no prediction, e.g. "
+        raise UserError(f"{source}: {len(missing)} slice(s) of the scored volumes have no prediction, e.g. "
                         f"{missing[0]!r}; 3D Hausdorff needs whole volumes")
-    return wanted.merge(pred, on="id", how="left").sort_values(["case", "day", "slice"]).reset_index(drop=True)
+    return wanted.merge(pred, on="id", how="left").sort_values([*volume, "slice"]).reset_index(drop=True)
 
 
 def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float,
@@ -89,29 +89,31 @@ def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: st
     return out
 
 
-def score_predictions(index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1", threshold: float = 0.9,
-                      source: str = "submission", classes: tuple[str, ...] = CLASSES) -> tuple[dict, pd.DataFrame]:
-    """Overall figures and a per-case table for predictions ``pred`` (id + pred_<class>) against ``index``."""
+def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1",
+                      threshold: float = 0.9, source: str = "submission") -> tuple[dict, pd.DataFrame]:
+    """Overall figures and a per-case table for predictions ``pred`` (id + pred_<class>) against the ground truth
+    of ``index`` (read by ``adapter``, which also says which rows form a volume)."""
     if empty not in EMPTY_RULES:
         raise UserError(f"--empty_dice must be one of {EMPTY_RULES}, got {empty!r}")
-    rows = _align(index, pred, source)
+    classes, volume = adapter.classes, list(adapter.volume_columns)
+    rows = _align(index, pred, source, volume)
     stats = np.zeros((len(rows), len(classes), 3))
     vol_case, hd, hd_merged = [], [], []
-    for (case, _day), grp in rows.groupby(["case", "day"], sort=False):
+    for _, grp in rows.groupby(volume, sort=False):
         shape = (int(grp["height"].iloc[0]), int(grp["width"].iloc[0]))
         vp = np.zeros((len(classes), len(grp), *shape), bool)
         vt = np.zeros_like(vp)
         for k, r in enumerate(grp.itertuples()):
             if (r.height, r.width) != shape:
-                raise UserError(f"{r.id}: size {r.width}x{r.height} differs from the rest of its case-day")
+                raise UserError(f"{r.id}: size {r.width}x{r.height} differs from the rest of its volume")
             for c, name in enumerate(classes):
                 try:
                     vp[c, k] = decode_rle(getattr(r, f"pred_{name}"), shape, where=f"{source} id {r.id} class {name}")
                 except RLEError as e:
                     raise UserError(str(e)) from None
-            vt[:, k] = slice_masks(r)
-        inter = (vp & vt).sum((2, 3))
-        stats[grp.index] = np.stack([inter, vp.sum((2, 3)), vt.sum((2, 3))], -1).transpose(1, 0, 2)
+            vt[:, k] = adapter.read_masks(r)
+        stats[grp.index] = mask_stats(vp, vt).transpose(1, 0, 2)  # (C, D, 3) -> (D, C, 3)
+        case = grp["case"].iloc[0]
         hd.append([hausdorff_3d(vp[c], vt[c]) for c in range(len(classes))])
         hd_merged.append(hausdorff_3d(vp.any(0), vt.any(0)))
         vol_case.append(case)
@@ -125,7 +127,7 @@ def score_predictions(index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1",
     return overall, pd.DataFrame(per_case)
 
 
-def format_table(overall: dict, per_case: pd.DataFrame, classes: tuple[str, ...] = CLASSES) -> str:
+def format_table(overall: dict, per_case: pd.DataFrame, classes: tuple[str, ...]) -> str:
     """A Markdown table: one row per case and an 'all' row."""
     cols = [*(f"dice_{c}" for c in classes), "dice_mean", "global_dice_mean", "iou_mean", "hausdorff", "score",
             "time_saved_mean"]
@@ -136,29 +138,24 @@ def format_table(overall: dict, per_case: pd.DataFrame, classes: tuple[str, ...]
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
     ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
     ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")
-    ap.add_argument("--dataset", default="gi", choices=("gi", "lgg"),
-                    help="gi (default): train.csv ground truth; lgg: the mask files of a kaggle_3m folder")
+    ap.add_argument("--dataset", default="gi", choices=tuple(DATASETS),
+                    help="the data folder's layout (default gi): " + datasets_help())
     ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES,
                     help="Dice of an empty prediction on an empty truth: 1 (default), 0, or skip")
     ap.add_argument("--time_saved_threshold", type=float, default=0.9,
                     help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
     args = ap.parse_args(argv)
-    from data import DATASETS
-
-    kind = DATASETS[args.dataset]
-    try:
-        index = kind.build_index(args.data_dir)
-        overall, per_case = score_predictions(index, read_submission(args.pred, kind.classes), args.empty_dice,
-                                              args.time_saved_threshold, source=args.pred, classes=kind.classes)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(overall, per_case, kind.classes))
+    adapter = get_adapter(args.dataset)
+    index = adapter.build_index(args.data_dir)
+    overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,
+                                          args.time_saved_threshold, source=args.pred)
+    print(format_table(overall, per_case, adapter.classes))
     print(f"\nscore {overall['score']:.4f} = 0.4 * dice_mean {overall['dice_mean']:.4f} + 0.6 * (1 - hausdorff "
           f"{overall['hausdorff']:.4f}); empty/empty Dice rule: {args.empty_dice}")
     if args.json:

@@ -1,11 +1,16 @@
-"""Fine-tune a Hugging Face segmentation model on UW-Madison GI-tract MRI with Accelerate.
+"""Fine-tune a Hugging Face segmentation model on UW-Madison GI-tract MRI (or any --dataset adapter) with Accelerate.
 
 Single process:   python trainer.py --base_model <hub id or folder> --data_dir <kaggle folder> --output_dir runs/x
 Several GPUs:     accelerate launch --multi_gpu --num_processes 2 trainer.py ...   (or GPUS=0,1 bash run_train.sh)
 
 Writes to --output_dir: run_config.json, train.log, metrics.jsonl (one JSON object per evaluation), best/ and
-last/ (save_pretrained folders that AutoModelForSemanticSegmentation / AutoImageProcessor load) and
-checkpoints/step_<N>/ (accelerator state for --resume_from_checkpoint latest).
+last/ (save_pretrained folders that AutoModelForSemanticSegmentation / AutoImageProcessor load, with the
+inference_spec.json that predict.py reads) and checkpoints/step_<N>/ (accelerator state for
+--resume_from_checkpoint latest).
+
+The loop reads top to bottom in train(): build_run (data, model, loaders, optimizer), then per epoch
+train_one_epoch (training_step per batch, after_optimizer_step per optimizer step) and end_epoch (evaluate, best
+model, early stopping, saving).
 """
 from __future__ import annotations
 
@@ -16,16 +21,31 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from utils import (CLASSES, UserError, atomic_write_json, atomic_write_text, json_safe, logger, quiet_third_party,
+from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
+from cache import SliceCache, build_cache
+from data import check_fold, neighbour_table, split_by_case
+from dataset import SliceDataset, seed_worker
+from inference import TASKS, InferenceSpec, Segmenter
+from losses import LOSSES, SegmentationLoss, upsample_like
+from masks import unpack_targets
+from metrics import EMPTY_RULES, describe, mask_stats, summarise
+from predict import predict_rows, write_submission
+from score import format_table, score_predictions, submission_to_wide
+from utils import (UserError, atomic_write_json, atomic_write_text, command, json_safe, logger, quiet_third_party,
                    setup_logging)
+
+# transformers (model.py), accelerate and albumentations are imported where they are used: together they cost
+# about 3 s of start-up that `--help` and a rejected argument do not need.
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")
@@ -36,16 +56,16 @@ class TrainConfig:
     # model and data
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
         "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
-                "UperNet-ConvNeXt, DPT or BEiT checkpoint; its decode/auxiliary heads are replaced"})
+                "UperNet-ConvNeXt, DPT or BEiT checkpoint (or any AutoModelForSemanticSegmentation family); its "
+                "decode/auxiliary heads are replaced"})
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder"})
-    dataset: str = field(default="gi", metadata={
-        "help": "gi: UW-Madison GI tract (3 organs); lgg: LGG brain MRI (one class, tumor; see lgg.py)",
-        "choices": ("gi", "lgg")})
+    dataset: str = field(default="gi", metadata={"help": datasets_help, "choices": lambda: tuple(DATASETS)})
     output_dir: str = field(default="runs/demo", metadata={"help": "where models, metrics and checkpoints go"})
     task: str = field(default="multilabel", metadata={
-        "help": "multilabel: 3 sigmoid channels, organs may overlap; multiclass: softmax over background + 3, "
-                "overlaps resolved by priority stomach > large_bowel > small_bowel", "choices": ("multilabel", "multiclass")})
+        "help": "multilabel: a sigmoid channel per class, classes may overlap; multiclass: softmax over background + "
+                "classes, overlaps resolved by the dataset's priority (GI: stomach > large_bowel > small_bowel)",
+        "choices": TASKS})
     image_size: int = field(default=288, metadata={"help": "square training size in pixels (multiple of 32)"})
     context_slices: int = field(default=1, metadata={
         "help": "1: the slice repeated into 3 channels; 3: 2.5D, slices -stride, 0, +stride of the same case-day",
@@ -78,19 +98,22 @@ class TrainConfig:
     # loss and metric
     loss: str = field(default="bce_dice", metadata={
         "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice) or tversky (BCE/CE + Tversky)",
-        "choices": ("bce_dice", "bce", "dice", "focal", "tversky")})
+        "choices": LOSSES})
     focal_gamma: float = field(default=2.0, metadata={"help": "focal loss gamma"})
     tversky_alpha: float = field(default=0.3, metadata={"help": "Tversky weight of false positives"})
     tversky_beta: float = field(default=0.7, metadata={"help": "Tversky weight of false negatives"})
-    bce_weight: float = field(default=1.0, metadata={"help": "weight of BCE (multilabel) / cross-entropy (multiclass)"})
-    dice_weight: float = field(default=1.0, metadata={"help": "weight of the soft Dice loss"})
+    pixel_loss_weight: float = field(default=1.0, metadata={
+        "help": "weight of the per-pixel term: BCE (multilabel), cross-entropy (multiclass) or focal (--loss focal); "
+                "--bce_weight is the old name", "aliases": ("--bce_weight",)})
+    dice_weight: float = field(default=1.0, metadata={"help": "weight of the overlap term: soft Dice, or Tversky"})
     aux_weight: float = field(default=0.4, metadata={
         "help": "weight of the auxiliary head's loss (UperNet, DPT, BEiT); 0 removes the auxiliary head"})
-    threshold: float = field(default=0.5, metadata={"help": "sigmoid threshold of multilabel predictions"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "sigmoid threshold of multilabel predictions, every class (saved with the model for predict.py)"})
     empty_dice: str = field(default="1", metadata={
         "help": "Dice of a slice-class pair whose prediction and truth are both empty: 1 (1st-place solution, "
                 "default), 0 (competition text) or skip (left out of the mean, as a public grader does)",
-        "choices": ("1", "0", "skip")})
+        "choices": EMPTY_RULES})
     # running
     num_workers: int = field(default=-1, metadata={
         "help": "data-loader worker processes per training process; -1: 0 on CPU (workers would take cores from "
@@ -113,15 +136,18 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The CLI, one option per TrainConfig field (help, default and choices from the field's metadata; callables
+    there are evaluated now, so a dataset registered before this call is a choice)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
-        meta = dict(f.metadata)
-        help_ = meta.pop("help", "")
+        meta = {k: v() if callable(v) else v for k, v in f.metadata.items()}
+        help_, aliases = meta.pop("help", ""), meta.pop("aliases", ())
         if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", action="store_true", help=help_)
+            ap.add_argument(f"--{f.name}", *aliases, action="store_true", help=help_)
             continue
         typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-        ap.add_argument(f"--{f.name}", type=typ, default=f.default, help=f"{help_} (default: {f.default!r})", **meta)
+        ap.add_argument(f"--{f.name}", *aliases, dest=f.name, type=typ, default=f.default,
+                        help=f"{help_} (default: {f.default!r})", **meta)
     return ap
 
 
@@ -145,10 +171,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.num_workers >= -1, f"--num_workers must be >= 0, or -1 for automatic, got {cfg.num_workers}"),
         (cfg.log_every >= 1, f"--log_every must be >= 1, got {cfg.log_every}"),
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
-        (cfg.n_folds >= 2, f"--n_folds must be >= 2, got {cfg.n_folds}"),
-        (0 <= cfg.fold < cfg.n_folds, f"--fold must be in [0, {cfg.n_folds - 1}] for --n_folds {cfg.n_folds}, got {cfg.fold}"),
-        (cfg.aux_weight >= 0 and cfg.bce_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
-        (cfg.bce_weight + cfg.dice_weight > 0, "--bce_weight and --dice_weight cannot both be 0"),
+        (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
+        (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),
         (cfg.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0, got {cfg.early_stopping_patience}"),
         (cfg.focal_gamma >= 0 and cfg.tversky_alpha >= 0 and cfg.tversky_beta >= 0,
          "--focal_gamma, --tversky_alpha and --tversky_beta must be >= 0"),
@@ -156,6 +180,8 @@ def validate_config(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    check_fold(cfg.fold, cfg.n_folds)
+    get_adapter(cfg.dataset)
     if cfg.lr_milestones and not re.fullmatch(r"\d+(,\d+)*", cfg.lr_milestones):
         raise UserError(f"--lr_milestones must be comma-separated epochs like 6,9, got {cfg.lr_milestones!r}")
 
@@ -194,11 +220,26 @@ def should_stop_early(history: list[dict], best_step: int, patience: int) -> boo
     return patience > 0 and sum(r["step"] > best_step for r in history) >= patience
 
 
+# ---------------------------------------------------------------- checkpoints
+@dataclass
+class TrainState:
+    """Where a run stands; saved as trainer_state.json in every checkpoint."""
+    global_step: int = 0
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches_in_epoch: int = 0  # batches of that epoch already trained
+    best_dice: float = -1.0
+    best_step: int = -1
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    found = (p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name))
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     """'latest' -> newest complete checkpoints/step_<N> (None if there is none); otherwise the given folder."""
     if spec == "latest":
-        found = sorted((p for p in (output_dir / "checkpoints").glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
-                       key=lambda p: int(p.name.split("_")[1]))
+        found = _step_dirs(output_dir / "checkpoints")
         return found[-1] if found else None
     path = Path(spec)
     if not (path / "trainer_state.json").is_file():
@@ -207,10 +248,10 @@ def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int) -> Path:
     """Accelerator state + trainer_state.json to checkpoints/step_<N>, via a temporary folder and a rename."""
     root = output_dir / "checkpoints"
-    final = root / f"step_{state['global_step']:08d}"
+    final = root / f"step_{state.global_step:08d}"
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,74 +260,62 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Pa
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "trainer_state.json", state)
+        atomic_write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        old = sorted((p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name)),
-                     key=lambda p: int(p.name.split("_")[1]))
-        for p in old[:-keep] if keep > 0 else []:
+        for p in _step_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def evaluate(model, loader, loss_fn, cfg: TrainConfig, accelerator,
-             classes: tuple[str, ...] = CLASSES) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Validation loss and Dice/IoU summary; also the (N, C, 3) per-slice stats and slice rows (gathered over
-    processes without duplicates). Stats stay on the device until the end: one host transfer per evaluation."""
-    from dataset import unpack_targets
-    from losses import upsample_like
-    from metrics import mask_stats, predict_masks, summarise
-
+# ---------------------------------------------------------------- evaluation
+def evaluate(segmenter: Segmenter, loader, loss_fn, accelerator, empty_dice: str) -> dict[str, float]:
+    """Validation loss, every METRICS figure per class and its mean, and the number of slices. Per-slice
+    statistics stay on the device, gathered across processes without counting padded samples twice: one host
+    transfer per evaluation. Masks come from the same Segmenter path as predict.py's."""
+    model, classes = segmenter.model, segmenter.spec.classes
     model.eval()
-    stats, rows = [], []
+    stats = []
     loss_sum = torch.zeros((), device=accelerator.device)
     count = torch.zeros((), device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
             with accelerator.autocast():
-                logits, _ = model(batch["pixel_values"])
+                logits = segmenter.logits(batch["pixel_values"])
             logits = upsample_like(logits.float(), batch["mask"].shape[-2:])
             n = batch["mask"].shape[0]
             loss_sum += loss_fn(logits, batch["mask"]) * n
             count += n
-            preds = predict_masks(logits, cfg.task, cfg.threshold)
-            s = mask_stats(preds, unpack_targets(batch["mask"], len(classes)).bool())
-            s, r = accelerator.gather_for_metrics((s, batch["index"]))
-            stats.append(s)
-            rows.append(r)
+            preds = segmenter.masks(logits, logits.shape[-2:])
+            stats.append(accelerator.gather_for_metrics(mask_stats(preds, unpack_targets(batch["mask"], len(classes)))))
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     all_stats = torch.cat(stats).cpu().numpy()
-    all_rows = torch.cat(rows).cpu().numpy()
-    out = summarise(all_stats, cfg.empty_dice, classes)
-    out["val_loss"] = float(loss_sum / count.clamp_min(1))
-    out["val_slices"] = int(len(all_rows))
     model.train()
-    return out, all_stats, all_rows
+    return {**summarise(all_stats, empty_dice, classes), "val_loss": float(loss_sum / count.clamp_min(1)),
+            "val_slices": int(len(all_stats))}
 
 
-def final_evaluation(cfg: TrainConfig, output_dir: Path, index, val_rows, cache, neighbours, device,
-                     classes: tuple[str, ...] = CLASSES) -> dict:
+def final_evaluation(run: "Run") -> dict:
     """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
-    from predict import load_for_inference, predict_rows, write_submission
-    from score import format_table, score_predictions, submission_to_wide
-
-    model, spec = load_for_inference(output_dir / "best", device)
-    sub = predict_rows(model, spec, index, val_rows, cache, neighbours, cfg.eval_batch_size, device,
-                       cfg.mixed_precision, thresholds=(cfg.threshold,) * len(classes))
-    write_submission(sub, output_dir / "val_submission.csv")
-    overall, per_case = score_predictions(index, submission_to_wide(sub, classes=classes), cfg.empty_dice,
-                                          classes=classes)
-    atomic_write_json(output_dir / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
-                                                       "empty_dice": cfg.empty_dice})
+    cfg, out, d = run.cfg, run.output_dir, run.data
+    segmenter = Segmenter.load(out / "best", run.accelerator.device)
+    sub = predict_rows(segmenter, d.index, d.val_rows, d.cache, d.neighbours, cfg.eval_batch_size, cfg.mixed_precision)
+    write_submission(sub, out / "val_submission.csv")
+    classes = segmenter.spec.classes
+    overall, per_case = score_predictions(run.adapter, d.index, submission_to_wide(sub, classes=classes),
+                                          cfg.empty_dice)
+    atomic_write_json(out / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
+                                                "empty_dice": cfg.empty_dice})
     for line in format_table(overall, per_case, classes).splitlines():
         logger.info("final eval | %s", line)
     logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
-                overall["dice_mean"], overall["hausdorff"], overall["score"], output_dir / "val_scores.json")
+                overall["dice_mean"], overall["hausdorff"], overall["score"], out / "val_scores.json")
     return overall
 
 
+# ---------------------------------------------------------------- signals
 class Interrupted(Exception):
     """SIGTERM / SIGINT arrived; a resumable state was saved."""
 
@@ -303,15 +332,11 @@ class StopSignal:
         self._previous = {}
 
     def __enter__(self) -> "StopSignal":
-        import signal
-
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        import signal
-
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
@@ -319,31 +344,56 @@ class StopSignal:
                        signal.Signals(signum).name)
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the whole fine-tuning; returns the last evaluation's figures."""
-    validate_config(cfg)
-    quiet_third_party()
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+def agreed_signal(accelerator, signum: int, step: int, log_every: int) -> int:
+    """The signal every rank acts on: one process decides alone; several agree at each log step (a collective
+    every log interval, not every step), or as soon as one of them has a signal (it waits for the others)."""
+    if accelerator.num_processes == 1:
+        return signum
+    if step % log_every and not signum:
+        return 0
+    flag = torch.tensor(float(signum), device=accelerator.device)
+    return int(accelerator.reduce(flag, "max").item())
 
-    from augment import eval_transform, train_transform
-    from cache import build_cache
-    from data import DATASETS, neighbour_table, split_by_case
-    from dataset import SliceDataset, seed_worker
-    from losses import SegmentationLoss, upsample_like
-    from model import SegmentationModel, freeze_unused_parameters, load_model, save_model
 
+# ---------------------------------------------------------------- building a run
+@dataclass
+class Data:
+    index: Any  # the adapter's slice index (pandas DataFrame)
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    cache: SliceCache
+    neighbours: np.ndarray
+
+
+@dataclass
+class Run:
+    """What train() builds once and the loop's parts share."""
+    cfg: TrainConfig
+    accelerator: Any
+    output_dir: Path
+    adapter: DatasetAdapter
+    data: Data
+    spec: InferenceSpec
+    model: torch.nn.Module  # SegmentationModel, prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    loss_fn: SegmentationLoss
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False  # max_train_steps reached, or early stopping
+
+
+def open_output_dir(cfg: TrainConfig, accelerator) -> Path | None:
+    """Check --output_dir against --resume_from_checkpoint / --overwrite_output_dir, clear stale temporary
+    folders, start the log; return the checkpoint to resume (None: a fresh run)."""
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    is_main = accelerator.is_main_process
     resume = None
     if cfg.resume_from_checkpoint:
         resume = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
@@ -353,48 +403,55 @@ def train(cfg: TrainConfig) -> dict:
     elif (output_dir / "run_config.json").exists() and not cfg.overwrite_output_dir:
         raise UserError(f"--output_dir {output_dir} already holds a run; pass --resume_from_checkpoint latest to "
                         "continue it, --overwrite_output_dir to start over, or choose another --output_dir")
-    if is_main:
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in [*output_dir.glob(".*.tmp"), *output_dir.glob("checkpoints/.*.tmp")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write; the good copies stand
     accelerator.wait_for_everyone()
-    setup_logging(is_main, output_dir / "train.log")
+    setup_logging(accelerator.is_main_process, output_dir / "train.log")
     logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
     logger.info("config: %s", json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     logger.info("world size %d, device %s, mixed precision %s, torch %s", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, torch.__version__)
     logger.info("Dice rule: an empty prediction on an empty truth scores %s (--empty_dice)",
                 {"1": "1", "0": "0", "skip": "nothing (pair skipped)"}[cfg.empty_dice])
-    if is_main:
+    if accelerator.is_main_process:
         atomic_write_json(output_dir / "run_config.json",
                           {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes})
-    set_seed(cfg.seed)
+    return resume
 
-    # ---- data: index, case-level split, decode-once cache
+
+def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
+    """Index, case-level split and decode-once cache (built by the main process first)."""
     with accelerator.main_process_first():
-        kind = DATASETS[cfg.dataset]
-        index = kind.build_index(cfg.data_dir)
+        index = adapter.build_index(cfg.data_dir)
         train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
-        cache = build_cache(index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1)
-    neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride)
-    train_cases = sorted(index["case"].iloc[train_rows].unique())
+        cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1)
+    neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns)
     val_cases = sorted(index["case"].iloc[val_rows].unique())
-    logger.info("data: %d slices, %d cases from %s; fold %d/%d: train %d slices (%d cases), val %d slices (cases %s)",
-                len(index), index["case"].nunique(), cfg.data_dir, cfg.fold, cfg.n_folds, len(train_rows),
-                len(train_cases), len(val_rows), ",".join(map(str, val_cases)))
+    logger.info("data: %d slices, %d cases from %s (%s); fold %d/%d: train %d slices (%d cases), val %d slices "
+                "(cases %s)", len(index), index["case"].nunique(), cfg.data_dir, adapter.name, cfg.fold, cfg.n_folds,
+                len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows), ",".join(map(str, val_cases)))
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
+    return Data(index, train_rows, val_rows, cache, neighbours)
 
-    # ---- model
-    classes = kind.classes
-    loaded = load_model(cfg.base_model, cfg.task, cfg.aux_weight, cfg.trust_remote_code, classes)
+
+def build_model(cfg: TrainConfig, adapter: DatasetAdapter) -> tuple[torch.nn.Module, InferenceSpec]:
+    """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), and the
+    inference spec saved with it."""
+    from model import SegmentationModel, freeze_unused_parameters, load_model
+
+    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
     logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
-    loaded.model.config.gi_dataset = cfg.dataset  # saved with the model: predict.py reads them
-    loaded.model.config.gi_context_slices = cfg.context_slices
-    loaded.model.config.gi_context_stride = cfg.context_stride
+    logger.info("input normalisation: mean %s, std %s (%s)", list(loaded.mean), list(loaded.std), loaded.stats_source)
+    spec = InferenceSpec(dataset=adapter.name, task=cfg.task, classes=adapter.classes, image_size=cfg.image_size,
+                         context_slices=cfg.context_slices, context_stride=cfg.context_stride, mean=loaded.mean,
+                         std=loaded.std, thresholds=(cfg.threshold,) * len(adapter.classes)
+                         if cfg.task == "multilabel" else ())
     model = SegmentationModel(loaded.model)
     frozen = freeze_unused_parameters(model)
     if frozen:
@@ -404,186 +461,249 @@ def train(cfg: TrainConfig) -> dict:
         model = model.to(memory_format=torch.channels_last)
     if cfg.torch_compile:
         model = torch.compile(model)
+    return model, spec
 
-    train_ds = SliceDataset(cache, train_rows, neighbours, train_transform(cfg.image_size, cfg.strong_aug, cfg.seed),
-                            loaded.mean, loaded.std)
-    val_ds = SliceDataset(cache, val_rows, neighbours, eval_transform(cfg.image_size), loaded.mean, loaded.std)
+
+def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
+    from augment import train_transform
+
+    train_ds = SliceDataset(data.cache, data.train_rows, data.neighbours,
+                            train_transform(cfg.image_size, cfg.strong_aug, cfg.seed), spec.mean, spec.std)
+    val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std)
     workers = cfg.num_workers
     if workers < 0:
-        workers = min(8, (os.cpu_count() or 1) // accelerator.num_processes) if accelerator.device.type == "cuda" else 0
-    loader_kw = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda", worker_init_fn=seed_worker,
+        workers = min(8, (os.cpu_count() or 1) // processes) if device.type == "cuda" else 0
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True, drop_last=True
-                                           if len(train_ds) >= 2 * cfg.train_batch_size else False, **loader_kw)
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True,
+                                           drop_last=len(train_ds) >= 2 * cfg.train_batch_size, **loader_kw)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
+    return train_dl, val_dl
+
+
+def build_run(cfg: TrainConfig, accelerator, resume: Path | None) -> Run:
+    """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``resume``."""
+    adapter = get_adapter(cfg.dataset)
+    data = load_data(cfg, adapter, accelerator)
+    model, spec = build_model(cfg, adapter)
+    train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model, accelerator.device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
-
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
-    loss_fn = SegmentationLoss(cfg.task, cfg.bce_weight, cfg.dice_weight, loss=cfg.loss, focal_gamma=cfg.focal_gamma,
-                               tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta, classes=classes,
-                               priority=kind.priority)
-
-    # ---- resume
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_dice": -1.0, "best_step": -1}
-    history: list[dict] = []
+    loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
+                               loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
+                               tversky_beta=cfg.tversky_beta)
+    run = Run(cfg, accelerator, Path(cfg.output_dir), adapter, data, spec, model, optimizer, scheduler, train_dl,
+              val_dl, loss_fn, total_steps)
     if resume is not None:
         accelerator.load_state(str(resume))
-        state = json.loads((resume / "trainer_state.json").read_text())
-        metrics_file = output_dir / "metrics.jsonl"
+        run.state = TrainState(**json.loads((resume / "trainer_state.json").read_text()))
+        metrics_file = run.output_dir / "metrics.jsonl"
         if metrics_file.exists():
-            history = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if r["step"] <= state["global_step"]]
+            run.history = [r for r in map(json.loads, metrics_file.read_text().splitlines())
+                           if r["step"] <= run.state.global_step]
         logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", resume,
-                    state["global_step"], state["epoch"] + 1, state["batches_in_epoch"], state["best_dice"])
+                    run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
     logger.info("training: %d epochs x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
                 cfg.epochs, steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
                 cfg.gradient_accumulation_steps, cfg.lr, cfg.scheduler_name)
+    run.stop = run.state.global_step >= total_steps
+    return run
 
-    def save_models(tag: str) -> None:
-        sd = accelerator.get_state_dict(model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
-        if is_main:
-            sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
-            hf = accelerator.unwrap_model(model)
-            hf = getattr(hf, "_orig_mod", hf).hf
-            save_model(hf, output_dir / tag, cfg.image_size, loaded.mean, loaded.std, state_dict=sd)
 
-    with StopSignal() as stop_signal:
-        use_bar = is_main and sys.stdout.isatty()
-        model.train()
-        last_eval: dict = history[-1] if history else {}
-        stop = state["global_step"] >= total_steps
-        running = torch.zeros((), device=accelerator.device)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        running_n, t_log, seen = 0, time.perf_counter(), 0
-        for epoch in range(state["epoch"], cfg.epochs):
-            if stop:
+# ---------------------------------------------------------------- the loop
+class LossMeter:
+    """Training losses summed on the device; read back (one host sync) only at log steps and epoch ends."""
+
+    def __init__(self, device: torch.device):
+        self.running = torch.zeros((), device=device)
+        self.epoch = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.running_n = self.epoch_n = self.images = 0
+        self.clock = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.nonfinite |= ~torch.isfinite(loss)
+        self.running += loss
+        self.epoch += loss
+        self.running_n += 1
+        self.epoch_n += 1
+        self.images += images
+
+    def restart_clock(self) -> None:
+        """images/s measures training only, not evaluation and saving."""
+        self.clock, self.images = time.perf_counter(), 0
+
+
+def training_step(run: Run, batch: dict) -> torch.Tensor:
+    """Forward, loss (plus the auxiliary head's), backward, clipping and the optimizer step of one batch."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    pixels = batch["pixel_values"]
+    if cfg.channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            logits, aux = model(pixels)
+        size = batch["mask"].shape[-2:]
+        loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
+        if aux is not None and cfg.aux_weight > 0:
+            loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
+    """The periodic log line (the one host sync of the training loop); a NaN/inf loss stops the run."""
+    step = run.state.global_step
+    mean_loss = float(run.accelerator.reduce(meter.running, "mean")) / max(1, meter.running_n)
+    if bool(meter.nonfinite):
+        raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
+                                 "best/ and the last checkpoint hold the last good model. Lower --lr or use "
+                                 "--mixed_precision bf16 instead of fp16")
+    dt = time.perf_counter() - meter.clock
+    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step, run.total_steps,
+                mean_loss, run.scheduler.get_last_lr()[0], meter.images / max(dt, 1e-9))
+    meter.running.zero_()
+    meter.running_n = 0
+    meter.restart_clock()
+
+
+def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignal) -> None:
+    """Per-step duties: schedule, logging, periodic saving, and stopping on a signal (state saved first)."""
+    cfg, state = run.cfg, run.state
+    run.scheduler.step()
+    state.global_step += 1
+    step = state.global_step
+    if step % cfg.log_every == 0 or step == run.total_steps:
+        log_progress(run, meter, epoch)
+    if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+        logger.info("saved resumable state %s", save_checkpoint(run.accelerator, run.output_dir, state,
+                                                                cfg.save_total_limit))
+    signum = agreed_signal(run.accelerator, stop_signal.signum, step, cfg.log_every)
+    if signum:
+        path = save_checkpoint(run.accelerator, run.output_dir, state, cfg.save_total_limit)
+        name = signal.Signals(signum).name
+        logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
+                     "--resume_from_checkpoint latest", name, step, path)
+        raise Interrupted(signum, f"stopped by {name} at step {step}")
+    run.stop = step >= run.total_steps
+
+
+def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> float:
+    """Train ``epoch`` from where the state stands in it (a resumed run skips the batches already seen);
+    return the mean training loss of the batches trained now."""
+    accelerator, state = run.accelerator, run.state
+    run.train_dl.set_epoch(epoch)
+    skip = state.batches_in_epoch if epoch == state.epoch else 0
+    state.epoch, state.batches_in_epoch = epoch, skip
+    batches = accelerator.skip_first_batches(run.train_dl, skip) if skip else run.train_dl
+    bar = None
+    if accelerator.is_main_process and sys.stdout.isatty():
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(run.train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+    meter.epoch.zero_()
+    meter.epoch_n = 0
+    for batch in batches:
+        meter.add(training_step(run, batch), batch["pixel_values"].shape[0] * accelerator.num_processes)
+        state.batches_in_epoch += 1
+        if bar is not None:
+            bar.update(1)
+        if accelerator.sync_gradients:
+            after_optimizer_step(run, meter, epoch, stop_signal)
+            if run.stop:
                 break
-            train_dl.set_epoch(epoch)
-            skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
-            epoch_dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
-            bar = None
-            if use_bar:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
-            epoch_loss = torch.zeros((), device=accelerator.device)
-            epoch_batches = 0
-            for b, batch in enumerate(epoch_dl, start=skip):
-                pixels = batch["pixel_values"]
-                if cfg.channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with accelerator.accumulate(model):
-                    with accelerator.autocast():
-                        logits, aux = model(pixels)
-                    size = batch["mask"].shape[-2:]
-                    loss = loss_fn(upsample_like(logits, size), batch["mask"])
-                    if aux is not None and cfg.aux_weight > 0:
-                        loss = loss + cfg.aux_weight * loss_fn(upsample_like(aux, size), batch["mask"])
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                detached = loss.detach()
-                nonfinite |= ~torch.isfinite(detached)
-                running += detached
-                epoch_loss += detached
-                running_n += 1
-                epoch_batches += 1
-                seen += batch["pixel_values"].shape[0] * accelerator.num_processes
-                if bar is not None:
-                    bar.update(1)
-                state["batches_in_epoch"] = b + 1
-                if not accelerator.sync_gradients:
-                    continue
-                scheduler.step()
-                state["global_step"] += 1
-                step = state["global_step"]
-                if step % cfg.log_every == 0 or step == total_steps:
-                    mean_loss = float(accelerator.reduce(running, "mean")) / max(1, running_n)  # the only sync
-                    if bool(nonfinite):
-                        raise FloatingPointError(f"loss became NaN/inf between step {step - running_n + 1} and {step}; "
-                                                 f"best/ and the last checkpoint hold the last good model. Lower --lr or "
-                                                 f"use --mixed_precision bf16 instead of fp16")
-                    dt = time.perf_counter() - t_log
-                    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step,
-                                total_steps, mean_loss, scheduler.get_last_lr()[0], seen / max(dt, 1e-9))
-                    running.zero_()
-                    running_n, t_log, seen = 0, time.perf_counter(), 0
-                if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    path = save_checkpoint(accelerator, output_dir, state | {"epoch": epoch}, cfg.save_total_limit)
-                    logger.info("saved resumable state %s", path)
-                signalled = stop_signal.signum
-                if accelerator.num_processes > 1 and (step % cfg.log_every == 0 or signalled):
-                    # ranks agree on stopping (a collective every log interval, not every step)
-                    flag = torch.tensor(float(signalled), device=accelerator.device)
-                    signalled = int(accelerator.reduce(flag, "max").item())
-                elif accelerator.num_processes > 1:
-                    signalled = 0
-                if signalled:
-                    path = save_checkpoint(accelerator, output_dir, state | {"epoch": epoch}, cfg.save_total_limit)
-                    import signal
-                    name = signal.Signals(signalled).name
-                    logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
-                                 "--resume_from_checkpoint latest", name, step, path)
-                    raise Interrupted(signalled, f"stopped by {name} at step {step}")
-                if step >= total_steps:
-                    stop = True
-                    break
-            if bar is not None:
-                bar.close()
-            # ---- evaluation at the end of every epoch (and where max_train_steps stops)
-            train_loss = float(accelerator.reduce(epoch_loss, "mean")) / max(1, epoch_batches)
-            figures, _, _ = evaluate(model, val_dl, loss_fn, cfg, accelerator, classes)
-            record = {"epoch": epoch + 1, "step": state["global_step"], "train_loss": train_loss,
-                      "lr": scheduler.get_last_lr()[0], **figures}
-            history.append(record)
-            last_eval = record
-            logger.info("eval epoch %d step %d | val_loss %.4f | dice %s | mean %.4f | global dice mean %.4f | "
-                        "iou mean %.4f", epoch + 1, state["global_step"], figures["val_loss"],
-                        " ".join(f"{c} {figures[f'dice_{c}']:.4f}" for c in classes), figures["dice_mean"],
-                        figures["global_dice_mean"], figures["iou_mean"])
-            finished_epoch = not stop or state["batches_in_epoch"] >= len(train_dl)
-            state.update(epoch=epoch + 1 if finished_epoch else epoch, batches_in_epoch=0 if finished_epoch else
-                         state["batches_in_epoch"])
-            if figures["dice_mean"] > state["best_dice"]:
-                state.update(best_dice=figures["dice_mean"], best_step=state["global_step"])
-                save_models("best")
-                logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state["global_step"],
-                            output_dir / "best")
-            if should_stop_early(history, state["best_step"], cfg.early_stopping_patience):
-                logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
-                            state["best_dice"], state["best_step"], cfg.early_stopping_patience)
-                stop = True
-            save_models("last")
-            if is_main:
-                atomic_write_text(output_dir / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in history))
-            path = save_checkpoint(accelerator, output_dir, state, cfg.save_total_limit)
-            logger.info("saved %s and resumable state %s", output_dir / "last", path)
-            t_log, seen = time.perf_counter(), 0  # images/s measures training, not evaluation and saving
-        logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", state["global_step"], state["best_dice"],
-                    state["best_step"], output_dir / "best")
-        if cfg.final_eval:
-            if is_main:
-                final = final_evaluation(cfg, output_dir, index, val_rows, cache, neighbours, accelerator.device,
-                                         classes)
-                last_eval = {**last_eval, **{f"final_{k}": v for k, v in final.items()}}
-            accelerator.wait_for_everyone()
-        accelerator.end_training()
-    return last_eval
+    if bar is not None:
+        bar.close()
+    return float(accelerator.reduce(meter.epoch, "mean")) / max(1, meter.epoch_n)
 
 
+def save_models(run: Run, tag: str) -> None:
+    """best/ or last/: save_pretrained folder + image processor + inference spec (gathered on every rank)."""
+    from model import save_model
+
+    sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
+    if run.accelerator.is_main_process:
+        sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
+        wrapper = run.accelerator.unwrap_model(run.model)
+        save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd)
+
+
+def end_epoch(run: Run, epoch: int, train_loss: float) -> dict:
+    """Evaluate, keep the best model, decide on early stopping, save last/, metrics.jsonl and a resumable state.
+    Returns the evaluation's record."""
+    cfg, state, out = run.cfg, run.state, run.output_dir
+    figures = evaluate(Segmenter(run.model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
+                       run.accelerator, cfg.empty_dice)
+    record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
+              "lr": run.scheduler.get_last_lr()[0], **figures}
+    run.history.append(record)
+    logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
+                describe(figures, run.spec.classes))
+    if state.batches_in_epoch >= len(run.train_dl):  # a whole epoch: the state points at the next one
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
+    if figures["dice_mean"] > state.best_dice:
+        state.best_dice, state.best_step = figures["dice_mean"], state.global_step
+        save_models(run, "best")
+        logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state.global_step,
+                    out / "best")
+    if should_stop_early(run.history, state.best_step, cfg.early_stopping_patience):
+        logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
+                    state.best_dice, state.best_step, cfg.early_stopping_patience)
+        run.stop = True
+    save_models(run, "last")
+    if run.accelerator.is_main_process:
+        atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in run.history))
+    path = save_checkpoint(run.accelerator, out, state, cfg.save_total_limit)
+    logger.info("saved %s and resumable state %s", out / "last", path)
+    return record
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole fine-tuning; returns the last evaluation's figures (with final_* ones after --final_eval)."""
+    validate_config(cfg)
+    quiet_third_party()
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    resume = open_output_dir(cfg, accelerator)
+    set_seed(cfg.seed)
+    run = build_run(cfg, accelerator, resume)
+    last = run.history[-1] if run.history else {}
+    meter = LossMeter(accelerator.device)
+    run.model.train()
+    with StopSignal() as stop_signal:
+        for epoch in range(run.state.epoch, cfg.epochs):
+            if run.stop:
+                break
+            train_loss = train_one_epoch(run, epoch, stop_signal, meter)
+            last = end_epoch(run, epoch, train_loss)
+            meter.restart_clock()
+    logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step, run.state.best_dice,
+                run.state.best_step, run.output_dir / "best")
+    if cfg.final_eval:
+        if accelerator.is_main_process:
+            last = {**last, **{f"final_{k}": v for k, v in final_evaluation(run).items()}}
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return last
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: exit 0 when done, 2 for bad input, 3 for a NaN/inf loss, 128 + N when stopped by signal N."""
     cfg = parse_config(argv)
     try:
         train(cfg)
-    except UserError as e:
-        setup_logging(True)
-        logger.error("error: %s", e)
-        return 2
     except FloatingPointError as e:
         logger.error("stopped: %s", e)
         return 3

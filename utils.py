@@ -1,7 +1,8 @@
-"""Small shared helpers: class names, clear user errors, atomic writes, logging."""
+"""Small shared helpers: clear user errors and the CLI wrapper that prints them, atomic writes, logging."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -10,17 +11,26 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")
-# Overlap rule of --task multiclass: where organs overlap, the first class of this list wins.
-MULTICLASS_PRIORITY: tuple[str, ...] = ("stomach", "large_bowel", "small_bowel")
+from typing import Callable, Iterator
 
 logger = logging.getLogger("gi_seg")
 
 
 class UserError(Exception):
     """Bad input from the user: the message says what, where and what to do. CLIs print it on one line."""
+
+
+def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
+    """Decorator of every command's ``main(argv)``: it returns the exit status, and a UserError becomes one
+    ``error: ...`` line on stderr and exit status 2 (no traceback)."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv) or 0
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    return run
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

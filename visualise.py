@@ -2,40 +2,42 @@
 
     python visualise.py --run_dir runs/<name> --out figures/        # every figure as a PNG, headless
 
-Colours follow the GI-tract reference report: large bowel red, small bowel green, stomach blue.
+Colours come from the dataset adapter (GI, as the reference report: large bowel red, small bowel green, stomach
+blue). Every function takes the adapter of the data it draws, or reads it from the run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from lgg import LGG_CLASSES
-from utils import CLASSES
-
-COLOURS = {"large_bowel": (1.0, 0.0, 0.0), "small_bowel": (0.0, 1.0, 0.0), "stomach": (0.0, 0.0, 1.0),
-           "tumor": (1.0, 1.0, 0.0)}
-COLOUR_NAMES = {"large_bowel": "red", "small_bowel": "green", "stomach": "blue", "tumor": "yellow"}
-
-
-def index_classes(index: pd.DataFrame) -> tuple[str, ...]:
-    """The classes of an index: the LGG tumour when it has mask files, else the three GI organs."""
-    return LGG_CLASSES if "mask_path" in index else CLASSES
+from adapters import DatasetAdapter, get_adapter
+from cache import build_cache
+from data import neighbour_table, split_by_case
+from inference import Segmenter
+from masks import pack_masks, unpack_masks
+from metrics import dice_from_stats, mask_stats
+from preprocess import normalise_scan, resize_image, resize_mask
+from utils import command, quiet_third_party
 
 
-def presence(index: pd.DataFrame) -> pd.DataFrame:
-    """(slices x classes) booleans: does the ground truth show the class? (GI: from the codes, LGG: the masks.)"""
-    if "mask_path" in index:
-        from cache import slice_masks
+def rgb(colour: str) -> tuple[float, float, float]:
+    """A colour name (matplotlib / CSS) as RGB in [0, 1]."""
+    from matplotlib.colors import to_rgb
 
-        return pd.DataFrame([slice_masks(r).reshape(len(LGG_CLASSES), -1).any(1) for r in index.itertuples()],
-                            columns=list(LGG_CLASSES), index=index.index)
-    return pd.DataFrame({c: index[f"rle_{c}"].astype(str).str.len() > 0 for c in CLASSES})
+    return to_rgb(colour)
+
+
+def run_adapter(run_dir: str | Path) -> tuple[dict, DatasetAdapter]:
+    """A run's run_config.json and the adapter of its dataset."""
+    cfg = json.loads((Path(run_dir) / "run_config.json").read_text())
+    return cfg, get_adapter(cfg["dataset"], f"{run_dir}/run_config.json")
 
 
 def _plt():
@@ -49,49 +51,46 @@ def _plt():
 
 
 # ---------------------------------------------------------------- images
-def overlay(image: np.ndarray, masks: np.ndarray, alpha: float = 0.45, classes: tuple[str, ...] | None = None) -> np.ndarray:
-    """(H, W) image in [0, 1] and (3, H, W) organ masks -> (H, W, 3) RGB with the organs tinted in their colours.
-    Overlapping organs mix their colours."""
-    rgb = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1).astype(np.float32)
-    classes = classes or (CLASSES if len(masks) == len(CLASSES) else LGG_CLASSES)
-    for c, name in enumerate(classes):
+def overlay(image: np.ndarray, masks: np.ndarray, colours: list[str], alpha: float = 0.45) -> np.ndarray:
+    """(H, W) image in [0, 1] and (C, H, W) masks -> (H, W, 3) RGB with each class tinted in its colour
+    (``colours[c]``). Overlapping classes mix their colours."""
+    out = np.repeat(np.clip(image, 0, 1)[..., None], 3, axis=-1).astype(np.float32)
+    for c, colour in enumerate(colours):
         m = masks[c].astype(bool)
-        rgb[m] = (1 - alpha) * rgb[m] + alpha * np.asarray(COLOURS[name], np.float32)
-    return rgb
+        out[m] = (1 - alpha) * out[m] + alpha * np.asarray(rgb(colour), np.float32)
+    return out
 
 
-def load_slice(row) -> tuple[np.ndarray, np.ndarray]:
-    """A slice at its original size: the image normalised to [0, 1] and its (3, H, W) ground-truth masks."""
-    from cache import slice_masks
-    from data import normalise_scan, read_scan
-    from lgg import read_lgg_scan
+def class_colours(adapter: DatasetAdapter) -> list[str]:
+    return [adapter.colours[c] for c in adapter.classes]
 
-    lgg = isinstance(getattr(row, "mask_path", None), str)
-    image = normalise_scan((read_lgg_scan if lgg else read_scan)(row.path, row.width, row.height))
-    return image, slice_masks(row, with_labels=lgg or hasattr(row, f"rle_{CLASSES[0]}"))
+
+def load_slice(adapter: DatasetAdapter, row) -> tuple[np.ndarray, np.ndarray]:
+    """A labelled slice at its original size: the image normalised to [0, 1] and its (C, H, W) masks."""
+    return normalise_scan(adapter.read_image(row)), adapter.read_masks(row)
 
 
 # ---------------------------------------------------------------- the data
-def class_frequency(index: pd.DataFrame) -> pd.DataFrame:
-    """Per case: slices, and slices showing each organ."""
-    has = presence(index)
+def class_frequency(adapter: DatasetAdapter, index: pd.DataFrame) -> pd.DataFrame:
+    """Per case: slices, and slices showing each class."""
+    has = adapter.presence(index)
     df = pd.concat([index[["case"]], has], axis=1)
     out = df.groupby("case").agg(slices=("case", "size"), **{c: (c, "sum") for c in has.columns})
     return out.astype(int)
 
 
-def plot_class_frequency(index: pd.DataFrame):
+def plot_class_frequency(adapter: DatasetAdapter, index: pd.DataFrame):
     plt = _plt()
-    freq = class_frequency(index)
-    classes = index_classes(index)
+    freq = class_frequency(adapter, index)
+    classes = adapter.classes
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
     total = freq[list(classes)].sum()
-    axes[0].bar(list(classes), total.to_numpy(), color=[COLOURS[c] for c in classes])
+    axes[0].bar(list(classes), total.to_numpy(), color=class_colours(adapter))
     axes[0].set_title(f"slices showing each organ (of {int(freq['slices'].sum())})")
     share = freq[list(classes)].div(freq["slices"], axis=0)
     x = np.arange(len(share))
     for k, c in enumerate(classes):
-        axes[1].bar(x + (k - 1) * 0.27, share[c].to_numpy(), width=0.27, color=COLOURS[c], label=c)
+        axes[1].bar(x + (k - 1) * 0.27, share[c].to_numpy(), width=0.27, color=adapter.colours[c], label=c)
     axes[1].set_xticks(x, [f"case{c}" for c in share.index], rotation=45)
     axes[1].set_title("share of slices with the organ, per case")
     axes[1].legend(fontsize=8)
@@ -110,47 +109,51 @@ def plot_size_mix(index: pd.DataFrame):
     return fig
 
 
-def plot_slice_strip(index: pd.DataFrame, case: int | None = None, day: int | None = None, n: int = 8):
-    """Consecutive slices of one case-day (the one with most organ slices by default) with ground truth."""
+def plot_slice_strip(adapter: DatasetAdapter, index: pd.DataFrame, volume: tuple | None = None, n: int = 8):
+    """Consecutive slices of one volume (values of the adapter's volume columns; by default the one with most
+    class slices) with ground truth."""
     plt = _plt()
-    if case is None:
-        busy = index.assign(any_organ=presence(index).sum(axis=1))
-        case, day = busy.groupby(["case", "day"])["any_organ"].sum().idxmax()
-    vol = index[(index["case"] == case) & (index["day"] == day)].sort_values("slice")
+    keys = list(adapter.volume_columns)
+    if volume is None:
+        busy = index.assign(any_class=adapter.presence(index).sum(axis=1))
+        volume = busy.groupby(keys)["any_class"].sum().idxmax()
+    volume = volume if isinstance(volume, tuple) else (volume,)
+    vol = index[(index[keys] == pd.Series(dict(zip(keys, volume)))).all(axis=1)].sort_values("slice")
     mid = len(vol) // 2
     vol = vol.iloc[max(0, mid - n // 2): max(0, mid - n // 2) + n]
     fig, axes = plt.subplots(1, len(vol), figsize=(2.2 * len(vol), 2.6), squeeze=False)
     for ax, row in zip(axes[0], vol.itertuples()):
-        image, masks = load_slice(row)
-        ax.imshow(overlay(image, masks))
+        image, masks = load_slice(adapter, row)
+        ax.imshow(overlay(image, masks, class_colours(adapter)))
         ax.set_title(f"slice {row.slice}", fontsize=8)
         ax.axis("off")
-    legend = ", ".join(f"{c} {COLOUR_NAMES[c]}" for c in index_classes(index))
-    fig.suptitle(f"case{case} day{day}: ground truth ({legend})")
+    legend = ", ".join(f"{c} {adapter.colours[c]}" for c in adapter.classes)
+    fig.suptitle(" ".join(f"{k} {v}" for k, v in zip(keys, volume)) + f": ground truth ({legend})")
     fig.tight_layout()
     return fig
 
 
-def plot_augmentations(index: pd.DataFrame, image_size: int = 256, n: int = 5, strong: bool = True, seed: int = 0):
+def plot_augmentations(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int = 256, n: int = 5,
+                       strong: bool = True, seed: int = 0):
     """One sample through the training augmentation ``n`` times (mask overlaid)."""
-    from augment import train_transform
-    from cache import pack_masks, resize_image, resize_mask, unpack_masks
+    from augment import train_transform  # albumentations: 1 s, for this figure only
 
     plt = _plt()
-    shown = presence(index).sum(axis=1)
-    with_organs = index[shown >= min(2, shown.max())]
-    row = (with_organs if len(with_organs) else index).iloc[0]
-    image, masks = load_slice(row)
+    shown = adapter.presence(index).sum(axis=1)
+    with_classes = index[shown >= min(2, shown.max())]
+    row = next((with_classes if len(with_classes) else index).itertuples())
+    image, masks = load_slice(adapter, row)
     image = resize_image(image, image_size)
     packed = resize_mask(pack_masks(masks), image_size)
     tf = train_transform(image_size, strong=strong)
     tf.set_random_seed(seed)
+    colours, n_classes = class_colours(adapter), len(adapter.classes)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.4 * (n + 1), 2.7))
-    axes[0].imshow(overlay(image, unpack_masks(packed)))
+    axes[0].imshow(overlay(image, unpack_masks(packed, n_classes), colours))
     axes[0].set_title("original", fontsize=9)
     for ax in axes[1:]:
         out = tf(image=np.repeat(image[..., None], 3, -1), mask=packed)
-        ax.imshow(overlay(out["image"][..., 0], unpack_masks(out["mask"])))
+        ax.imshow(overlay(out["image"][..., 0], unpack_masks(out["mask"], n_classes), colours))
         ax.set_title("augmented", fontsize=9)
     for ax in axes:
         ax.axis("off")
@@ -173,14 +176,15 @@ def best_epoch(metrics: pd.DataFrame) -> int:
 def plot_training(run_dir: str | Path):
     """Loss curves, per-class Dice curves and the learning rate, best epoch marked."""
     plt = _plt()
+    _, adapter = run_adapter(run_dir)
     m = load_metrics(run_dir)
     best = best_epoch(m)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     axes[0].plot(m["epoch"], m["train_loss"], "o-", label="train")
     axes[0].plot(m["epoch"], m["val_loss"], "o-", label="validation")
     axes[0].set_title("loss")
-    for c in [k[5:] for k in m.columns if k.startswith("dice_") and k[5:] in COLOURS]:
-        axes[1].plot(m["epoch"], m[f"dice_{c}"], "o-", color=COLOURS[c], label=c)
+    for c in adapter.classes:
+        axes[1].plot(m["epoch"], m[f"dice_{c}"], "o-", color=adapter.colours[c], label=c)
     axes[1].plot(m["epoch"], m["dice_mean"], "k--", label="mean")
     axes[1].set_title("validation Dice (per slice)")
     axes[1].set_ylim(0, 1.02)
@@ -200,41 +204,37 @@ def plot_training(run_dir: str | Path):
 class Predictions:
     """Validation predictions of a run at original sizes, with per-slice scores."""
     index: pd.DataFrame  # the validation slices
-    masks: dict  # id -> (3, H, W) bool predicted organs
+    masks: dict  # id -> (C, H, W) bool predicted classes
     scores: pd.DataFrame  # one row per slice: id, case, dice_<class> (NaN where truth and prediction are empty)
     task: str
-    classes: tuple[str, ...] = CLASSES
+    adapter: DatasetAdapter
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.adapter.classes
 
 
 def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, max_slices: int | None = None,
-                       cache_dir: str | None = None) -> Predictions:
-    """Run best/ of ``run_dir`` over its validation fold (from run_config.json)."""
-    import torch
-
-    from cache import build_cache, slice_masks
-    from data import DATASETS, neighbour_table, split_by_case
-    from metrics import dice_from_stats
-    from predict import iter_masks, load_for_inference
-
+                       cache_dir: str | None = None, batch_size: int = 16) -> Predictions:
+    """Run best/ of ``run_dir`` over its validation fold (from run_config.json), through the Segmenter that
+    predict.py and the trainer's evaluation use."""
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "run_config.json").read_text())
-    index = DATASETS[cfg.get("dataset", "gi")].build_index(data_dir or cfg["data_dir"])
+    cfg, adapter = run_adapter(run_dir)
+    index = adapter.build_index(data_dir or cfg["data_dir"])
     _, rows = split_by_case(index, cfg["fold"], cfg["n_folds"], cfg["split_seed"])
     if max_slices:
         rows = rows[:max_slices]
-    model, spec = load_for_inference(run_dir / "best", torch.device("cpu"))
-    cache = build_cache(index, spec.image_size, cache_dir or cfg["cache_dir"])
-    neighbours = neighbour_table(index, spec.context_slices, spec.context_stride)
+    segmenter = Segmenter.load(run_dir / "best", "cpu")
+    spec = segmenter.spec
+    cache = build_cache(adapter, index, spec.image_size, cache_dir or cfg["cache_dir"])
+    neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns)
     masks, records = {}, []
-    for r, pred in iter_masks(model, spec, index, rows, cache, neighbours, batch_size=8):
-        row = index.iloc[r]
-        truth = slice_masks(row).astype(bool)
+    for r, pred in segmenter.iter_masks(index, rows, cache, neighbours, batch_size=batch_size):
+        row = next(index.iloc[[r]].itertuples())
         masks[row.id] = pred
-        inter, ps, ts = (pred & truth).sum((1, 2)), pred.sum((1, 2)), truth.sum((1, 2))
-        dice = dice_from_stats(np.stack([inter, ps, ts], -1), "skip")
-        records.append({"id": row.id, "case": int(row.case),
-                        **{f"dice_{c}": dice[k] for k, c in enumerate(spec.classes)}})
-    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task, spec.classes)
+        dice = dice_from_stats(mask_stats(pred, adapter.read_masks(row)), "skip")
+        records.append({"id": row.id, "case": int(row.case), **{f"dice_{c}": dice[k] for k, c in enumerate(spec.classes)}})
+    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task, adapter)
 
 
 def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4):
@@ -247,18 +247,18 @@ def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4
     fig, axes = plt.subplots(len(ids), 4, figsize=(11, 2.8 * len(ids)), squeeze=False)
     for ax_row, row in zip(axes, rows.itertuples(index=False)):
         sid = row.id
-        image, truth = load_slice(row)
+        image, truth = load_slice(pred.adapter, row)
         p = pred.masks[sid]
-        panels = [(np.repeat(image[..., None], 3, -1), "scan"), (overlay(image, truth, classes=pred.classes),
-                  "ground truth"), (overlay(image, p, classes=pred.classes), "prediction"),
-                  (overlay(image, p, classes=pred.classes), "prediction + truth contours")]
+        colours = class_colours(pred.adapter)
+        panels = [(np.repeat(image[..., None], 3, -1), "scan"), (overlay(image, truth, colours), "ground truth"),
+                  (overlay(image, p, colours), "prediction"), (overlay(image, p, colours), "prediction + truth contours")]
         for ax, (img, title) in zip(ax_row, panels):
             ax.imshow(img)
             ax.set_title(f"{title}" if title != "scan" else sid, fontsize=8)
             ax.axis("off")
         for c, name in enumerate(pred.classes):
             if truth[c].any():
-                ax_row[3].contour(truth[c], levels=[0.5], colors=[COLOURS[name]], linewidths=0.8)
+                ax_row[3].contour(truth[c], levels=[0.5], colors=[pred.adapter.colours[name]], linewidths=0.8)
     fig.tight_layout()
     return fig
 
@@ -286,15 +286,13 @@ def per_case_table(pred: Predictions) -> pd.DataFrame:
 
 
 def confusion(pred: Predictions) -> pd.DataFrame:
-    """Where each organ's true pixels went: rows are true organs, columns the predicted organs or 'none'
-    (fractions of the row organ's pixels; a pixel predicted as two organs counts for both)."""
-    from cache import slice_masks
-
+    """Where each class's true pixels went: rows are true classes, columns the predicted classes or 'none'
+    (fractions of the row class's pixels; a pixel predicted as two classes counts for both)."""
     n = len(pred.classes)
     counts = np.zeros((n, n + 1))
     totals = np.zeros(n)
     for row in pred.index.itertuples():
-        truth, p = slice_masks(row).astype(bool), pred.masks[row.id]
+        truth, p = pred.adapter.read_masks(row).astype(bool), pred.masks[row.id]
         totals += truth.sum((1, 2))
         for t in range(n):
             counts[t, :-1] += (truth[t][None] & p).sum((1, 2))
@@ -313,7 +311,7 @@ def plot_confusion(pred: Predictions):
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
             ax.text(j, i, f"{conf.iat[i, j]:.2f}", ha="center", va="center", color="w" if conf.iat[i, j] < 0.6 else "k")
-    ax.set_title("where the true organ pixels were predicted")
+    ax.set_title("where the true pixels of each class were predicted")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
@@ -323,16 +321,15 @@ def plot_confusion(pred: Predictions):
 def save_all(run_dir: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
              max_slices: int | None = None) -> list[Path]:
     """Write every figure of the notebook as a PNG; return the paths."""
-    from data import DATASETS
-
     plt = _plt()
     run_dir, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((run_dir / "run_config.json").read_text())
-    index = DATASETS[cfg.get("dataset", "gi")].build_index(data_dir or cfg["data_dir"])
+    cfg, adapter = run_adapter(run_dir)
+    index = adapter.build_index(data_dir or cfg["data_dir"])
     pred = predict_validation(run_dir, data_dir, max_slices)
-    figures = {"class_frequency": lambda: plot_class_frequency(index), "size_mix": lambda: plot_size_mix(index),
-               "slice_strip": lambda: plot_slice_strip(index), "augmentation": lambda: plot_augmentations(index),
+    figures = {"class_frequency": lambda: plot_class_frequency(adapter, index), "size_mix": lambda: plot_size_mix(index),
+               "slice_strip": lambda: plot_slice_strip(adapter, index),
+               "augmentation": lambda: plot_augmentations(adapter, index),
                "training": lambda: plot_training(run_dir), "predictions": lambda: plot_predictions(pred),
                "confusion": lambda: plot_confusion(pred)}
     for c in pred.classes:
@@ -349,19 +346,18 @@ def save_all(run_dir: str | Path, out_dir: str | Path, data_dir: str | Path | No
     return paths
 
 
-def main() -> None:
+@command
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", required=True, help="a run folder (with run_config.json, metrics.jsonl, best/)")
     ap.add_argument("--out", default="figures", help="folder for the PNGs (default figures/)")
     ap.add_argument("--data_dir", default=None, help="data folder (default: the run's)")
     ap.add_argument("--max_slices", type=int, default=None, help="predict at most this many validation slices")
-    args = ap.parse_args()
-    from utils import quiet_third_party
-
+    args = ap.parse_args(argv)
     quiet_third_party()
     for path in save_all(args.run_dir, args.out, args.data_dir, args.max_slices):
         print(path)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -62,7 +62,7 @@ class NaiveDataset:
         import cv2
         import torch
 
-        from utils import CLASSES
+        from data import GI_CLASSES
 
         r = self.index.iloc[int(self.rows[i])]
         img = cv2.imread(r.path, cv2.IMREAD_UNCHANGED).astype(np.float32)
@@ -70,7 +70,7 @@ class NaiveDataset:
         img = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
         img = cv2.resize(img, (self.size, self.size))
         mask = np.stack([loop_decode_rle(r[f"rle_{c}"], (r.height, r.width)) if r[f"rle_{c}"] else
-                         np.zeros((r.height, r.width), np.uint8) for c in CLASSES], -1)
+                         np.zeros((r.height, r.width), np.uint8) for c in GI_CLASSES], -1)
         mask = cv2.resize(mask, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
         out = self.transform(image=np.repeat(img[..., None], 3, -1), mask=mask)
         return {"pixel_values": torch.from_numpy(out["image"].transpose(2, 0, 1).copy()),
@@ -113,12 +113,11 @@ def bench_rle(data_dir: Path, repeats: int) -> tuple[list[list], str]:
     """Both decoders on every non-empty code, each returning a fresh mask (dropped before the next); ours into a
     reused buffer (as the cache build does); and the two floors that bound a numpy decoder: parsing the digits (one
     np.fromstring over all codes at once) and allocating the zeroed masks."""
-    from data import build_index
+    from data import GI_CLASSES, build_index
     from rle import decode_rle
-    from utils import CLASSES
 
     index = build_index(data_dir)
-    items = [(getattr(r, f"rle_{c}"), (r.height, r.width)) for r in index.itertuples() for c in CLASSES
+    items = [(getattr(r, f"rle_{c}"), (r.height, r.width)) for r in index.itertuples() for c in GI_CLASSES
              if getattr(r, f"rle_{c}")]
     for code, shape in items:
         assert np.array_equal(decode_rle(code, shape), loop_decode_rle(code, shape)), "decoders disagree"
@@ -166,6 +165,7 @@ def bench_rle(data_dir: Path, repeats: int) -> tuple[list[list], str]:
 # ---------------------------------------------------------------- 2. data pipeline
 def bench_pipeline(data_dir: Path, image_size: int, repeats: int, workers: int) -> list[list]:
     from augment import train_transform
+    from adapters import DATASETS
     from cache import build_cache
     from data import build_index, neighbour_table
     from dataset import SliceDataset
@@ -178,11 +178,11 @@ def bench_pipeline(data_dir: Path, image_size: int, repeats: int, workers: int) 
 
     def first_epoch():
         shutil.rmtree(tmp, ignore_errors=True)
-        cache = build_cache(index, image_size, tmp, num_threads=max(1, workers))
+        cache = build_cache(DATASETS["gi"], index, image_size, tmp, num_threads=max(1, workers))
         iterate(SliceDataset(cache, rows, neighbour_table(index, 1), tf), 8, workers)
 
     first = median_time(first_epoch, repeats)
-    cache = build_cache(index, image_size, tmp)
+    cache = build_cache(DATASETS["gi"], index, image_size, tmp)
     ds = SliceDataset(cache, rows, neighbour_table(index, 1), tf)
     cached = median_time(lambda: iterate(ds, 8, workers), repeats)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -267,12 +267,13 @@ def train_worker(args) -> None:
     import torch
     from transformers import AutoModelForSemanticSegmentation
 
+    from data import GI_CLASSES
     from losses import SegmentationLoss, upsample_like
     from model import SegmentationModel, freeze_unused_parameters
 
     torch.manual_seed(0)
     cfg = _model_config(args.model)
-    cfg.id2label = {0: "large_bowel", 1: "small_bowel", 2: "stomach"}
+    cfg.id2label = dict(enumerate(GI_CLASSES))
     cfg.label2id = {v: k for k, v in cfg.id2label.items()}
     device = torch.device(args.device)
     model = SegmentationModel(AutoModelForSemanticSegmentation.from_config(cfg)).to(device)
@@ -288,7 +289,7 @@ def train_worker(args) -> None:
         acc = Accelerator()
         model, opt = acc.prepare(model, opt)
         world, rank = acc.num_processes, acc.process_index
-    loss_fn = SegmentationLoss("multilabel")
+    loss_fn = SegmentationLoss("multilabel", GI_CLASSES)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from baselines import BASELINES, build_baseline
+from data import GI_CLASSES as GI
 from model import SegmentationModel, freeze_unused_parameters, load_model
 
 
@@ -26,7 +27,7 @@ def test_resnet_encoders_match_the_reference_sizes():
 def test_baseline_saves_and_loads_like_a_transformers_model(tmp_path):
     from transformers import AutoModelForSemanticSegmentation
 
-    loaded = load_model("unet", "multiclass")
+    loaded = load_model("unet", "multiclass", GI)
     assert loaded.family == "gi_unet" and "random weights" in loaded.reinitialised[0]
     loaded.model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
@@ -36,5 +37,5 @@ def test_baseline_saves_and_loads_like_a_transformers_model(tmp_path):
     again.eval()
     torch.testing.assert_close(again(pixel_values=x).logits, loaded.model(pixel_values=x).logits)
     assert again.config.id2label[0] == "background"
-    relabelled = load_model(str(tmp_path), "multilabel")  # a saved baseline fine-tunes like any checkpoint
+    relabelled = load_model(str(tmp_path), "multilabel", GI)  # a saved baseline fine-tunes like any checkpoint
     assert relabelled.model.config.num_labels == 3

@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import build_index, case_folds, neighbour_table, normalise_scan, read_scan, split_by_case
+from data import GI_CLASSES, build_index, case_folds, neighbour_table, read_scan, split_by_case
+from preprocess import normalise_scan
 from rle import decode_rle, encode_rle
-from utils import CLASSES, UserError
+from utils import UserError
 
 
 def test_index_has_one_row_per_slice_with_sizes_from_file_names(demo_dir):
@@ -15,7 +16,7 @@ def test_index_has_one_row_per_slice_with_sizes_from_file_names(demo_dir):
     assert index["id"].is_unique
     assert len(index) == len(pd.read_csv(demo_dir / "train.csv")) // 3
     assert {(360, 310), (266, 266)} <= set(zip(index["width"], index["height"]))
-    assert {f"rle_{c}" for c in CLASSES} <= set(index.columns)
+    assert {f"rle_{c}" for c in GI_CLASSES} <= set(index.columns)
 
 
 def test_width_and_height_order_on_a_non_square_scan(tmp_path):
@@ -27,7 +28,7 @@ def test_width_and_height_order_on_a_non_square_scan(tmp_path):
     cv2.imwrite(str(scans / "slice_0001_360_310_1.50_1.50.png"), img)
     organ = (img > 0).astype(np.uint8)
     (tmp_path / "train.csv").write_text("id,class,segmentation\n" + "".join(
-        f"case1_day1_slice_0001,{c},{encode_rle(organ) if c == 'stomach' else ''}\n" for c in CLASSES))
+        f"case1_day1_slice_0001,{c},{encode_rle(organ) if c == 'stomach' else ''}\n" for c in GI_CLASSES))
     row = build_index(tmp_path).iloc[0]
     assert (row.width, row.height) == (360, 310)
     scan = read_scan(row.path, row.width, row.height)

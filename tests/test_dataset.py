@@ -4,16 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from augment import eval_transform, train_transform
+from adapters import DATASETS
+from augment import train_transform
 from cache import build_cache
 from data import build_index, neighbour_table
-from dataset import SliceDataset, multiclass_targets, unpack_targets
+from dataset import SliceDataset
 
 
 @pytest.fixture(scope="module")
 def cached(demo_dir, tmp_path_factory):
     index = build_index(demo_dir)
-    return index, build_cache(index, 64, tmp_path_factory.mktemp("cache"))
+    return index, build_cache(DATASETS["gi"], index, 64, tmp_path_factory.mktemp("cache"))
 
 
 def test_item_shapes_and_plain_mode_repeats_the_slice(cached):
@@ -54,17 +55,6 @@ def test_augmentation_keeps_packed_mask_values_and_warns_nothing(cached, strong)
         for i in range(len(index)):
             m = ds[i]["mask"].numpy()
             assert set(np.unique(m)) <= set(np.unique(cache.masks))  # nearest neighbour: no blended bit patterns
-    assert eval_transform(64)(image=np.zeros((64, 64, 3), np.float32))["image"].shape == (64, 64, 3)
-
-
-def test_unpack_and_multiclass_priority():
-    packed = torch.tensor([[[0, 1, 2, 4], [3, 5, 6, 7]]], dtype=torch.uint8)  # bits: lb=1, sb=2, st=4
-    ml = unpack_targets(packed)
-    assert ml.shape == (1, 3, 2, 4)
-    assert ml[0, :, 1, 0].tolist() == [1, 1, 0]  # large and small bowel overlap, both kept
-    mc = multiclass_targets(packed)
-    # 0 background, 1 large_bowel, 2 small_bowel, 3 stomach; priority stomach > large_bowel > small_bowel
-    assert mc[0].tolist() == [[0, 1, 2, 3], [1, 3, 3, 3]]
 
 
 def _epoch(ds, workers: int, seed: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from cache import slice_masks
+from adapters import DATASETS
 from data import build_index
 from demo_data import make_demo_data
 
@@ -13,7 +13,7 @@ def test_demo_data_is_in_the_kaggle_layout_with_overlaps_and_empty_slices(demo_d
     index = build_index(demo_dir)  # validates every code against its scan size
     assert index["case"].nunique() >= 5 and len(index.groupby(["case", "day"])) > index["case"].nunique()
     assert {(360, 310), (266, 266)} <= set(zip(index["width"], index["height"]))
-    masks = [slice_masks(r) for r in index.itertuples()]
+    masks = [DATASETS["gi"].read_masks(r) for r in index.itertuples()]
     empty = sum(not m.any() for m in masks)
     assert empty >= len(index) // 5
     assert any((m.sum(0) > 1).any() for m in masks)  # organs overlap somewhere

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from data import GI_CLASSES
 from metrics import mask_stats, summarise
 
 
@@ -20,7 +21,7 @@ def test_evaluate_module_loads_offline_and_agrees_with_metrics(rule):
     refs = (rng.random((5, 3, 7, 9)) < 0.3).astype(np.uint8)
     preds[0] = refs[0] = 0  # an empty/empty slice, where the rule matters
     got = module.compute(predictions=list(preds), references=list(refs), empty_dice=rule)
-    want = summarise(mask_stats(torch.tensor(preds), torch.tensor(refs)), rule)
+    want = summarise(mask_stats(torch.tensor(preds), torch.tensor(refs)), rule, GI_CLASSES)
     for key in ("dice_large_bowel", "dice_small_bowel", "dice_stomach", "dice_mean", "global_dice_mean"):
         assert got[key] == pytest.approx(want[key])
 

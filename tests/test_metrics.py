@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from metrics import dice_from_stats, mask_stats, predict_masks, summarise
+from data import GI_CLASSES as GI
+from metrics import dice_from_stats, mask_stats, summarise
 
 
 def _stats(pred, true):
@@ -31,22 +32,34 @@ def test_summary_means_per_slice_and_pools_globally():
     stats = np.zeros((2, 3, 3))
     stats[0, 0] = [4, 4, 4]
     stats[1, 0] = [0, 0, 1]
-    out = summarise(stats, "1")
+    out = summarise(stats, "1", GI)
     assert out["dice_large_bowel"] == pytest.approx(0.5)
     assert out["global_dice_large_bowel"] == pytest.approx(8 / 9)
     assert out["dice_stomach"] == 1.0
     assert out["dice_mean"] == pytest.approx((0.5 + 1 + 1) / 3)
-    skip = summarise(stats, "skip")
+    skip = summarise(stats, "skip", GI)
     assert skip["dice_large_bowel"] == pytest.approx(0.5) and np.isnan(skip["dice_stomach"])
     assert skip["dice_mean"] == pytest.approx(0.5)
 
 
-def test_predict_masks_multilabel_threshold_and_multiclass_argmax():
-    logits = torch.tensor([[[[2.0]], [[-2.0]], [[0.1]]]])  # (1, 3, 1, 1)
-    assert predict_masks(logits, "multilabel", 0.5).flatten().tolist() == [True, False, True]
-    assert predict_masks(logits, "multilabel", [0.5, 0.5, 0.9]).flatten().tolist() == [True, False, False]
-    mc = torch.tensor([[[[0.0]], [[1.0]], [[3.0]], [[2.0]]]])  # argmax = 2 -> small_bowel
-    assert predict_masks(mc, "multiclass").flatten().tolist() == [False, True, False]
+def test_mask_stats_agree_between_numpy_and_torch():
+    rng = np.random.default_rng(2)
+    pred, truth = rng.random((4, 3, 6, 7)) < 0.4, rng.random((4, 3, 6, 7)) < 0.4
+    got = mask_stats(pred, truth)
+    assert got.shape == (4, 3, 3)
+    np.testing.assert_array_equal(got, mask_stats(torch.from_numpy(pred), torch.from_numpy(truth)).numpy())
+    assert got[1, 2, 0] == (pred[1, 2] & truth[1, 2]).sum() and got[1, 2, 2] == truth[1, 2].sum()
+
+
+def test_a_new_metric_is_one_entry_of_the_table(monkeypatch):
+    import metrics
+
+    recall = metrics.Metric("recall", lambda s, empty: s[..., 0] / np.maximum(s[..., 2], 1), pooled=False)
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, recall))
+    stats = np.zeros((2, 3, 3))
+    stats[0, 0] = [1, 2, 4]
+    out = metrics.summarise(stats, "1", GI)
+    assert out["recall_large_bowel"] == pytest.approx(0.125) and "recall mean" in metrics.describe(out, GI)
 
 
 from metrics import competition_score, hausdorff_3d, time_saved  # noqa: E402

@@ -57,8 +57,8 @@ def test_predict_on_a_folder_without_scans_or_model_is_clear(demo_dir, tmp_path,
     (tmp_path / "empty" / "train").mkdir(parents=True)
     assert predict_main(["--model", str(run / "best"), "--data_dir", str(tmp_path / "empty")]) == 2
     assert predict_main(["--model", str(tmp_path), "--data_dir", str(demo_dir)]) == 2
-    out = capsys.readouterr().out
-    assert "no scans found" in out and "no config.json" in out
+    err = capsys.readouterr().err
+    assert "error: no scans found" in err and "error: --model" in err and "no config.json" in err
 
 
 def test_val_scores_from_predict_and_score_agree_with_final_eval(demo_dir, trained, tmp_path):

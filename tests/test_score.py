@@ -3,7 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from data import build_index
+from adapters import DATASETS
+from data import GI_CLASSES, build_index
 from score import main as score_main
 from score import read_submission, score_predictions
 from utils import UserError
@@ -33,15 +34,15 @@ def test_ground_truth_as_submission_scores_exactly_one(demo_dir, tmp_path, capsy
 def test_an_empty_submission_scores_low_and_per_case_rows_exist(demo_dir, tmp_path):
     index = build_index(demo_dir)
     pred = pd.DataFrame({"id": index["id"], **{f"pred_{c}": "" for c in ("large_bowel", "small_bowel", "stomach")}})
-    overall, per_case = score_predictions(index, pred)
+    overall, per_case = score_predictions(DATASETS["gi"], index, pred)
     assert overall["hausdorff"] == 1.0 and overall["global_dice_mean"] == 0.0
     assert 0 < overall["dice_mean"] < 1  # only the empty slices score (rule "1")
     assert len(per_case) == index["case"].nunique()
 
 
 def test_subset_of_cases_is_scored_alone(demo_dir, tmp_path):
-    sub = read_submission(_gt_submission(demo_dir, tmp_path / "gt.csv", cases=[7]))
-    overall, per_case = score_predictions(build_index(demo_dir), sub)
+    sub = read_submission(_gt_submission(demo_dir, tmp_path / "gt.csv", cases=[7]), GI_CLASSES)
+    overall, per_case = score_predictions(DATASETS["gi"], build_index(demo_dir), sub)
     assert per_case["case"].tolist() == [7] and overall["score"] == 1.0
 
 
@@ -50,15 +51,15 @@ def test_missing_and_extra_ids_are_named(demo_dir, tmp_path):
     df = pd.read_csv(_gt_submission(demo_dir, tmp_path / "gt.csv"), dtype=str, keep_default_na=False)
     df[df["id"] != index["id"].iloc[3]].to_csv(tmp_path / "missing.csv", index=False)
     with pytest.raises(UserError, match="have no prediction"):
-        score_predictions(index, read_submission(tmp_path / "missing.csv"))
+        score_predictions(DATASETS["gi"], index, read_submission(tmp_path / "missing.csv", GI_CLASSES))
     extra = pd.concat([df, pd.DataFrame({"id": ["case99_day1_slice_0001"] * 3,
                                          "class": ["large_bowel", "small_bowel", "stomach"], "predicted": [""] * 3})])
     extra.to_csv(tmp_path / "extra.csv", index=False)
     with pytest.raises(UserError, match="not in the ground truth.*case99_day1_slice_0001"):
-        score_predictions(index, read_submission(tmp_path / "extra.csv"))
+        score_predictions(DATASETS["gi"], index, read_submission(tmp_path / "extra.csv", GI_CLASSES))
     df.drop(columns=["predicted"]).to_csv(tmp_path / "nocol.csv", index=False)
     with pytest.raises(UserError, match="missing column"):
-        read_submission(tmp_path / "nocol.csv")
+        read_submission(tmp_path / "nocol.csv", GI_CLASSES)
 
 
 def test_score_cli_reports_bad_input_in_one_line(demo_dir, tmp_path, capsys):

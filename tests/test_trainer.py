@@ -1,11 +1,14 @@
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from trainer import TrainConfig, build_parser, lr_factor, parse_config, train, validate_config
-from utils import CLASSES, UserError
+from data import GI_CLASSES as CLASSES
+from utils import UserError
 
 
 def _cfg(demo_dir, model, out, tmp_path, **kw) -> TrainConfig:
@@ -57,10 +60,24 @@ def test_resume_continues_from_the_saved_step(demo_dir, tiny_models, tmp_path):
 
 
 def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_path):
-    last = train(_cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass",
-                      context_slices=3, gradient_accumulation_steps=2, scheduler_name="MultiStepLR",
-                      channels_last=True, optimizer="SGD"))
-    assert np.isfinite(last["val_loss"]) and 0 <= last["dice_mean"] <= 1
+    from data import build_index, split_by_case
+    from inference import Segmenter
+
+    cfg = _cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass", context_slices=3,
+               gradient_accumulation_steps=2, scheduler_name="MultiStepLR", channels_last=True, optimizer="SGD")
+    last = train(cfg)
+    assert np.isfinite(last["val_loss"]) and np.isfinite(last["train_loss"])
+    train_rows, _ = split_by_case(build_index(demo_dir), cfg.fold, cfg.n_folds)
+    batches = len(train_rows) // cfg.train_batch_size  # drop_last
+    assert last["step"] == math.ceil(batches / 2)  # accumulation: one optimizer step per 2 batches
+    assert last["lr"] == pytest.approx(cfg.lr * 0.1 ** 2)  # 1 epoch: both default milestones (epoch 0) passed
+    segmenter = Segmenter.load(tmp_path / "r" / "best")
+    spec = segmenter.spec
+    assert (spec.task, spec.context_slices, spec.classes, spec.thresholds) == ("multiclass", 3, CLASSES, ())
+    assert segmenter.model.hf.config.id2label[0] == "background" and segmenter.model.hf.config.num_labels == 4
+    assert segmenter.model.hf.auxiliary_head is not None  # the aux head trained and saved with the model
+    masks = segmenter.masks(torch.randn(2, 4, 8, 8), (16, 16))
+    assert masks.shape == (2, 3, 16, 16) and (masks.sum(1) <= 1).all()  # argmax: one class per pixel at most
 
 
 def test_output_dir_of_a_finished_run_is_not_overwritten(demo_dir, tiny_models, tmp_path):
@@ -87,11 +104,18 @@ def test_unknown_optimizer_is_rejected_by_the_parser(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_help_documents_every_option():
-    text = build_parser().format_help()
-    for name in TrainConfig.__dataclass_fields__:
-        assert f"--{name}" in text
-    assert "empty" in text and "skip" in text
+def test_help_documents_every_option_and_the_reference_flags_parse():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps lines
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata.get("help"), f"--{f.name} has no help text"
+        assert f"--{f.name}" in text
+    assert "(default: 6e-05)" in text and "{gi,lgg}" in text and "--bce_weight" in text
+    cfg = parse_config(["--base_model", "m", "--train_batch_size", "4", "--weight_decay", "0.1", "--optimizer", "SGD",
+                        "--scheduler_name", "poly", "--epochs", "3", "--lr", "0.01", "--bce_weight", "0.3"])
+    assert (cfg.base_model, cfg.train_batch_size, cfg.weight_decay, cfg.optimizer, cfg.scheduler_name, cfg.epochs,
+            cfg.lr) == ("m", 4, 0.1, "SGD", "poly", 3, 0.01)
+    assert cfg.pixel_loss_weight == 0.3  # the old flag name still sets the per-pixel loss weight
+    assert parse_config([]) == TrainConfig()  # the CLI's defaults are the dataclass's
 
 
 def test_learning_rate_schedules():
@@ -116,9 +140,10 @@ def test_cli_errors_are_one_line_with_exit_status_2(demo_dir, tiny_models, tmp_p
     base = ["--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir), "--output_dir",
             str(tmp_path / "o"), "--image_size", "64", "--num_workers", "0", "--cache_dir", str(tmp_path / "c")]
     assert main(base + argv) == 2
-    out = capsys.readouterr().out
-    errors = [line for line in out.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out
+    captured = capsys.readouterr()
+    errors = captured.err.splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    assert "Traceback" not in captured.out + captured.err
 
 
 def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
@@ -138,14 +163,63 @@ def test_early_stopping_counts_evaluations_after_the_best():
     assert not should_stop_early(history, best_step=10, patience=0)  # 0: off
 
 
-def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path):
+def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path, monkeypatch):
+    import trainer
+
+    dice = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9, 0.9, 0.9])  # best at evaluation 2, then 2 worse ones
+
+    def stub_evaluate(segmenter, loader, loss_fn, accelerator, empty_dice):
+        d = next(dice)
+        return {**{f"{m}_{c}": d for m in ("dice", "global_dice", "iou") for c in CLASSES}, "dice_mean": d,
+                "global_dice_mean": d, "iou_mean": d, "val_loss": 1 - d, "val_slices": 1}
+
+    monkeypatch.setattr(trainer, "evaluate", stub_evaluate)
     out = tmp_path / "run"
-    # patience 1 with a learning rate so large that training diverges from the first evaluation's weights
-    train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=8, lr=5.0, max_grad_norm=0.5,
-               early_stopping_patience=1, optimizer="SGD"))
+    train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=8, early_stopping_patience=2))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["dice_mean"] for r in records] == [0.5, 0.6, 0.55, 0.58]  # stopped after 2 evaluations past the best
     log = (out / "train.log").read_text()
-    assert len(records) < 8 and "early stopping: no better mean Dice" in log
+    assert "early stopping: no better mean Dice than 0.6000" in log and f"step {records[1]['step']})" in log
+
+
+def test_evaluate_reports_the_dice_computed_by_hand():
+    """Two 4x4 slices, two classes, fixed logits: every figure of the log line, worked out by hand."""
+    from accelerate import Accelerator
+
+    from inference import InferenceSpec, Segmenter
+    from losses import SegmentationLoss
+    from metrics import describe
+    from trainer import evaluate
+
+    classes = ("a", "b")
+    truth = torch.zeros(2, 2, 4, 4, dtype=torch.uint8)
+    truth[0, 0, 0, :2] = 1  # slice 0: a = 2 px, b empty
+    truth[1, 0, 1:3, 1:3] = 1  # slice 1: a = 4 px, b = 2 px
+    truth[1, 1, 3, :2] = 1
+    pred = torch.zeros(2, 2, 4, 4, dtype=torch.bool)
+    pred[0, 0, 0, 1:4] = True  # 3 px, 1 shared: Dice 2/5, IoU 1/4; b empty on empty: Dice 1, IoU 1
+    pred[1, 0, 1:3, 1:3] = True  # exact: 1, 1
+    pred[1, 1, 0, :2] = True  # 2 px elsewhere: 0, 0
+    logits = pred.float() * 20 - 10
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, pixel_values):
+            return logits[: len(pixel_values)] + self.w, None
+
+    spec = InferenceSpec("gi", "multilabel", classes, 32, 1, 2, (0, 0, 0), (1, 1, 1), (0.5, 0.5))
+    packed = (truth[:, 0] | (truth[:, 1] << 1)).to(torch.uint8)
+    batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "mask": packed, "index": torch.tensor([0, 1])}
+    figures = evaluate(Segmenter(Fixed(), spec), [batch], SegmentationLoss("multilabel", classes), Accelerator(), "1")
+    assert figures["val_slices"] == 2
+    assert figures["dice_a"] == pytest.approx((0.4 + 1) / 2) and figures["dice_b"] == pytest.approx((1 + 0) / 2)
+    assert figures["global_dice_a"] == pytest.approx(2 * 5 / (7 + 6)) and figures["global_dice_b"] == 0
+    assert figures["iou_a"] == pytest.approx((0.25 + 1) / 2) and figures["iou_b"] == pytest.approx(0.5)
+    assert describe(figures, classes) == ("dice a 0.7000 b 0.5000 | mean 0.6000 | global dice mean 0.3846 | "
+                                          "iou mean 0.5625")
 
 
 def test_bf16_mixed_precision_run_trains_and_saves_float32_weights(demo_dir, tiny_models, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 import visualise as vis
 from conftest import ROOT
+from adapters import DATASETS
 from data import build_index
 from trainer import TrainConfig, train
 
@@ -25,22 +26,30 @@ def test_overlay_puts_each_organ_colour_on_its_pixels():
     image = np.full((4, 4), 0.5, np.float32)
     masks = np.zeros((3, 4, 4), bool)
     masks[0, 0, 0] = masks[1, 1, 1] = masks[2, 2, 2] = True
-    rgb = vis.overlay(image, masks)
+    rgb = vis.overlay(image, masks, vis.class_colours(DATASETS["gi"]))
     assert rgb[0, 0].argmax() == 0 and rgb[1, 1].argmax() == 1 and rgb[2, 2].argmax() == 2  # red, green, blue
     assert np.allclose(rgb[3, 3], 0.5)  # no organ: untouched gray
 
 
 def test_class_frequency_counts_slices_with_each_organ(demo_dir):
     index = build_index(demo_dir)
-    freq = vis.class_frequency(index)
+    freq = vis.class_frequency(DATASETS["gi"], index)
     assert freq["slices"].sum() == len(index)
     assert freq.loc[7, "stomach"] == (index[index["case"] == 7]["rle_stomach"] != "").sum()
 
 
-def test_training_curves_mark_the_best_epoch(run_dir):
+def test_training_curves_mark_the_best_epoch(run_dir, tmp_path):
     m = vis.load_metrics(run_dir)
     assert list(m["epoch"]) == [1, 2]
-    assert vis.best_epoch(m) == int(m.loc[m["dice_mean"].idxmax(), "epoch"])
+    written = tmp_path / "run"
+    written.mkdir()
+    (written / "run_config.json").write_text((run_dir / "run_config.json").read_text())
+    records = [{**m.iloc[0].to_dict(), "epoch": e, "dice_mean": d} for e, d in [(1, 0.4), (2, 0.7), (3, 0.6)]]
+    (written / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert vis.best_epoch(vis.load_metrics(written)) == 2  # the highest mean Dice, not the last epoch
+    fig = vis.plot_training(written)
+    marked = {tuple(line.get_xdata()) for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == ":"}
+    assert marked == {(2, 2)}  # every panel marks epoch 2
 
 
 def test_confusion_rows_are_fractions_of_each_true_organ(run_dir):
@@ -48,10 +57,9 @@ def test_confusion_rows_are_fractions_of_each_true_organ(run_dir):
     conf = vis.confusion(pred)
     assert conf.shape == (3, 4) and ((conf.to_numpy() >= 0) & (conf.to_numpy() <= 1)).all()
     # the prediction of the truth itself: the diagonal is 1 and nothing is missed
-    from cache import slice_masks
-
-    perfect = vis.Predictions(pred.index, {r.id: slice_masks(r).astype(bool) for r in pred.index.itertuples()},
-                              pred.scores, pred.task)
+    gi = DATASETS["gi"]
+    perfect = vis.Predictions(pred.index, {r.id: gi.read_masks(r).astype(bool) for r in pred.index.itertuples()},
+                              pred.scores, pred.task, gi)
     np.testing.assert_allclose(np.diag(vis.confusion(perfect).to_numpy()[:, :3]), 1.0)
     assert (vis.confusion(perfect)["pred none"] == 0).all()
     table = vis.per_case_table(pred)

@@ -16,20 +16,20 @@ cells = [
                   "DATA_DIR = os.environ.get(\"DATA_DIR\")  # None: the run's own data folder\n"
                   "MAX_SLICES = int(os.environ.get(\"MAX_SLICES\", \"0\")) or None  # limit predictions for big folds\n"
                   "print(RUN_DIR)"),
-    new_code_cell("%matplotlib inline\nimport json\n\nimport visualise as vis\nfrom data import DATASETS\n"
+    new_code_cell("%matplotlib inline\nimport visualise as vis\n"
                   "from utils import quiet_third_party\n\nquiet_third_party()\n"
-                  "config = json.loads((Path(RUN_DIR) / \"run_config.json\").read_text())\n"
-                  "index = DATASETS[config.get(\"dataset\", \"gi\")].build_index(DATA_DIR or config[\"data_dir\"])\n"
+                  "config, adapter = vis.run_adapter(RUN_DIR)  # the run's settings and its dataset's adapter\n"
+                  "index = adapter.build_index(DATA_DIR or config[\"data_dir\"])\n"
                   "print(f\"{len(index)} slices, {index['case'].nunique()} cases; model {config['base_model']}, "
                   "task {config['task']}\")"),
-    new_markdown_cell("## The data\nOrgan frequency, the mix of scan sizes, consecutive slices of one case-day with "
-                      "the ground truth (large bowel red, small bowel green, stomach blue), and what the augmentation "
-                      "does to one sample."),
-    new_code_cell("vis.class_frequency(index)"),
-    new_code_cell("vis.plot_class_frequency(index);"),
+    new_markdown_cell("## The data\nClass (organ) frequency, the mix of scan sizes, consecutive slices of one volume "
+                      "with the ground truth in the dataset's colours (GI: large bowel red, small bowel green, stomach "
+                      "blue), and what the augmentation does to one sample."),
+    new_code_cell("vis.class_frequency(adapter, index)"),
+    new_code_cell("vis.plot_class_frequency(adapter, index);"),
     new_code_cell("vis.plot_size_mix(index);"),
-    new_code_cell("vis.plot_slice_strip(index);"),
-    new_code_cell("vis.plot_augmentations(index, strong=config.get(\"strong_aug\", False));"),
+    new_code_cell("vis.plot_slice_strip(adapter, index);"),
+    new_code_cell("vis.plot_augmentations(adapter, index, strong=config.get(\"strong_aug\", False));"),
     new_markdown_cell("## The training\nLoss, per-class validation Dice and learning rate from `metrics.jsonl`; the "
                       "dotted line marks the best epoch (the one saved in `best/`)."),
     new_code_cell("metrics = vis.load_metrics(RUN_DIR)\nvis.plot_training(RUN_DIR);\n"

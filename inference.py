@@ -1,0 +1,211 @@
+"""One model path for training and inference: the inference spec saved with every model, and the Segmenter.
+
+    segmenter = Segmenter.load("runs/<name>/best", device)          # model + its spec, checked
+    for row, masks in segmenter.iter_masks(index, rows, cache, neighbours): ...   # (C, H, W) at original size
+
+``InferenceSpec`` (``inference_spec.json`` beside the weights) says how the model sees its inputs and reads its
+outputs: dataset, task, classes, image size, context slices and stride, normalisation, thresholds. It is read back
+strictly: a missing file, key or a value out of range is refused with one line naming it. (Folders written before
+the spec existed carried the same facts as ``gi_*`` config attributes; they are converted, and only when every
+one of them is there.)
+
+``Segmenter`` is the path from prepared images to masks that the trainer's evaluation, predict.py, visualise.py
+and the app share: input preparation (preprocess.py: the decode-once cache's own functions), forward (optionally
+averaged with the flipped input's), logits upsampled bilinearly to any size (as the loss sees them), then the
+spec's per-class probability thresholds on the sigmoid, or argmax over background + classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dataset import SliceDataset
+from losses import upsample_like
+from preprocess import prepare_scan, to_pixel_values
+from utils import UserError, atomic_write_json
+
+SPEC_FILE = "inference_spec.json"
+TASKS = ("multilabel", "multiclass")
+
+
+def task_labels(task: str, classes: tuple[str, ...]) -> dict[int, str]:
+    """A model's id2label for ``task``: the classes, with background first for multiclass."""
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {TASKS}, got {task!r}")
+    return dict(enumerate(classes if task == "multilabel" else ("background", *classes)))
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What a trained model needs to see its inputs as in training and to turn its outputs into masks."""
+    dataset: str  # the adapter's name (adapters.DATASETS)
+    task: str  # multilabel (a sigmoid per class) or multiclass (softmax over background + classes)
+    classes: tuple[str, ...]
+    image_size: int  # square input size in pixels
+    context_slices: int  # 1: the slice repeated into 3 channels; 3: 2.5D neighbours
+    context_stride: int
+    mean: tuple[float, ...]  # per input channel
+    std: tuple[float, ...]
+    thresholds: tuple[float, ...]  # multilabel: one probability threshold per class; multiclass: () (argmax)
+
+    def __post_init__(self) -> None:
+        for name in ("classes", "mean", "std", "thresholds"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def problems(self) -> list[str]:
+        """What is out of range, as 'field: why' strings (empty when the spec is valid)."""
+        out = []
+        if not isinstance(self.dataset, str) or not self.dataset:
+            out.append(f"dataset: a registered dataset name, got {self.dataset!r}")
+        if self.task not in TASKS:
+            out.append(f"task: one of {TASKS}, got {self.task!r}")
+        if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or len(self.classes) > 8:
+            out.append(f"classes: 1 to 8 names, got {list(self.classes)}")
+        if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 32:
+            out.append(f"image_size: a positive multiple of 32, got {self.image_size!r}")
+        if self.context_slices not in (1, 3):
+            out.append(f"context_slices: 1 or 3, got {self.context_slices!r}")
+        if not isinstance(self.context_stride, int) or self.context_stride < 1:
+            out.append(f"context_stride: an integer >= 1, got {self.context_stride!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            out.append(f"mean, std: 3 values each, std > 0, got {list(self.mean)}, {list(self.std)}")
+        want = len(self.classes) if self.task == "multilabel" else 0
+        if len(self.thresholds) != want or not all(0 < t < 1 for t in self.thresholds):
+            out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
+        return out
+
+    def labels(self) -> dict[int, str]:
+        return task_labels(self.task, self.classes)
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_json(Path(folder) / SPEC_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "InferenceSpec":
+        """The spec of a model folder, checked; one UserError line naming what is missing or wrong."""
+        folder = Path(folder)
+        path = folder / SPEC_FILE
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: not valid JSON ({e})") from None
+        else:
+            raw = _legacy_spec(folder)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != fields:
+            got = set(raw) if isinstance(raw, dict) else set()
+            raise UserError(f"{path}: keys must be exactly {sorted(fields)}; missing {sorted(fields - got)}, "
+                            f"unknown {sorted(got - fields)}")
+        spec = cls(**raw)
+        bad = spec.problems()
+        if bad:
+            raise UserError(f"{path}: {bad[0]}")
+        return spec
+
+
+def _legacy_spec(folder: Path) -> dict:
+    """The spec of a folder written before inference_spec.json, from its gi_* config attributes and image
+    processor; refused unless every fact is there (no silent defaults)."""
+    config, proc = folder / "config.json", folder / "preprocessor_config.json"
+    cfg = json.loads(config.read_text()) if config.is_file() else {}
+    pre = json.loads(proc.read_text()) if proc.is_file() else {}
+    needed = {"gi_task": cfg, "gi_dataset": cfg, "gi_context_slices": cfg, "gi_context_stride": cfg,
+              "id2label": cfg, "size": pre, "image_mean": pre, "image_std": pre}
+    missing = [k for k, src in needed.items() if k not in src]
+    if missing:
+        raise UserError(f"{folder}: no {SPEC_FILE} (and no complete settings of an earlier version: {missing[0]} "
+                        "missing); pass a model folder written by trainer.py, e.g. runs/<name>/best")
+    labels = tuple(cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int))
+    multiclass = cfg["gi_task"] == "multiclass"
+    classes = labels[1:] if multiclass else labels
+    return {"dataset": cfg["gi_dataset"], "task": cfg["gi_task"], "classes": classes,
+            "image_size": pre["size"].get("height"), "context_slices": cfg["gi_context_slices"],
+            "context_stride": cfg["gi_context_stride"], "mean": pre["image_mean"], "std": pre["image_std"],
+            "thresholds": () if multiclass else (0.5,) * len(classes)}  # predict.py's threshold then
+
+
+def masks_from_logits(logits: torch.Tensor, size: tuple[int, int], task: str,
+                      thresholds: torch.Tensor | None) -> torch.Tensor:
+    """(B, K, h, w) logits -> (B, C, H, W) bool masks at ``size``: logits upsampled bilinearly (as the loss sees
+    them; upsampling probabilities instead scored 0.008 lower mean Dice on the demo), then sigmoid > per-class
+    threshold (multilabel) or argmax over background + classes (multiclass; channel c is class c + 1)."""
+    logits = upsample_like(logits.float(), tuple(size))
+    if task == "multilabel":
+        return torch.sigmoid(logits) > thresholds.to(logits.device).view(1, -1, 1, 1)
+    labels = logits.argmax(1, keepdim=True)
+    return labels == torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+
+
+class Segmenter:
+    """A model that returns ``(logits, aux)`` (model.SegmentationModel, or the same under DDP) with its spec."""
+
+    def __init__(self, model: torch.nn.Module, spec: InferenceSpec, device: torch.device | None = None):
+        self.model, self.spec = model, spec
+        self.device = device or next(model.parameters()).device
+        self.thresholds = torch.tensor(spec.thresholds, dtype=torch.float32, device=self.device)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "Segmenter":
+        """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``."""
+        from transformers import AutoModelForSemanticSegmentation  # 1.8 s: only commands that load a model pay it
+
+        from model import SegmentationModel  # (model.py imports this module; it also registers the CNN baselines)
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"--model {folder}: no config.json; pass a folder written by the trainer (e.g. "
+                            "runs/<name>/best)")
+        spec = InferenceSpec.load(folder)
+        try:
+            hf = AutoModelForSemanticSegmentation.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {folder}: not a segmentation model folder ({str(e).splitlines()[0]})") from None
+        if hf.config.num_labels != len(spec.labels()):
+            raise UserError(f"--model {folder}: the model has {hf.config.num_labels} outputs but its spec names "
+                            f"{len(spec.labels())} ({', '.join(spec.labels().values())})")
+        device = torch.device(device)
+        return cls(SegmentationModel(hf).to(device).eval(), spec, device)
+
+    def logits(self, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """Logits at the model's output size; with ``tta`` averaged with those of the horizontally flipped input."""
+        logits = self.model(pixel_values)[0]
+        if tta:
+            logits = 0.5 * (logits.float() + self.model(pixel_values.flip(-1))[0].float().flip(-1))
+        return logits
+
+    def masks(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, C, H, W) bool masks at ``size`` with the spec's thresholds (or argmax)."""
+        return masks_from_logits(logits, size, self.spec.task, self.thresholds)
+
+    def prepare(self, raw_channels: list[np.ndarray]) -> torch.Tensor:
+        """Raw (H, W) scans of one slice (1, or its 2.5D neighbours) -> a (1, 3, S, S) input on the device,
+        exactly as the decode-once cache and the data set prepare them."""
+        images = np.stack([prepare_scan(raw, self.spec.image_size) for raw in raw_channels]).astype(np.float32)
+        image = images[0] if len(images) == 1 else images.transpose(1, 2, 0)
+        return torch.from_numpy(to_pixel_values(image, self.spec.mean, self.spec.std))[None].to(self.device)
+
+    @torch.no_grad()
+    def iter_masks(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
+                   batch_size: int = 16, mixed_precision: str = "no", tta: bool = False,
+                   num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (row, (C, H, W) bool masks at the slice's original size) for ``rows`` of ``index``, in order."""
+        ds = SliceDataset(cache, rows, neighbours, None, self.spec.mean, self.spec.std)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=self.device.type == "cuda")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
+        self.model.eval()
+        for batch in dl:
+            x = batch["pixel_values"].to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda"):
+                logits = self.logits(x, tta)
+            for k, r in enumerate(batch["index"].tolist()):
+                yield r, self.masks(logits[k:k + 1], (int(heights[r]), int(widths[r])))[0].cpu().numpy()

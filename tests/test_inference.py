@@ -1,0 +1,99 @@
+"""The inference spec saved with every model is read back strictly; the Segmenter turns logits into masks
+and prepares raw scans exactly as the decode-once cache and the data set do."""
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from inference import SPEC_FILE, InferenceSpec, Segmenter, masks_from_logits
+from utils import UserError
+
+SPEC = InferenceSpec(dataset="gi", task="multilabel", classes=("large_bowel", "small_bowel", "stomach"),
+                     image_size=64, context_slices=3, context_stride=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                     thresholds=(0.5, 0.4, 0.5))
+
+
+def test_spec_round_trips_through_its_file(tmp_path):
+    SPEC.save(tmp_path)
+    assert InferenceSpec.load(tmp_path) == SPEC
+    assert json.loads((tmp_path / SPEC_FILE).read_text())["thresholds"] == [0.5, 0.4, 0.5]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(image_size=100), "image_size: a positive multiple of 32, got 100"),
+    (dict(context_slices=2), "context_slices: 1 or 3"),
+    (dict(thresholds=(0.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
+    (dict(thresholds=(0.5, 1.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
+    (dict(task="multiclass"), "thresholds: 0 value(s) in (0, 1) for task multiclass"),
+    (dict(task="panoptic"), "task: one of"),
+    (dict(std=(1, 0, 1)), "mean, std: 3 values each, std > 0"),
+])
+def test_a_value_out_of_range_is_refused_naming_it(tmp_path, change, message):
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**dataclasses.asdict(SPEC), **change}))
+    with pytest.raises(UserError, match=re.escape(f"{SPEC_FILE}: {message}")):
+        InferenceSpec.load(tmp_path)
+
+
+def test_a_missing_or_unknown_key_is_refused(tmp_path):
+    raw = dataclasses.asdict(SPEC)
+    del raw["context_stride"]
+    (tmp_path / SPEC_FILE).write_text(json.dumps({**raw, "colour": "red"}))
+    with pytest.raises(UserError, match=r"missing \['context_stride'\], unknown \['colour'\]"):
+        InferenceSpec.load(tmp_path)
+
+
+def test_a_folder_without_a_spec_is_refused_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "segformer", "id2label": {"0": "a"}}))
+    with pytest.raises(UserError) as err:
+        InferenceSpec.load(tmp_path)
+    assert "no inference_spec.json" in str(err.value) and "gi_task missing" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_of_the_previous_version_still_loads(tmp_path):
+    """Before the spec file, the trainer saved gi_* config attributes and a preprocessor config."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "segformer", "id2label": {"0": "background", "1": "large_bowel", "2": "small_bowel",
+                                                "3": "stomach"},
+        "gi_task": "multiclass", "gi_dataset": "gi", "gi_context_slices": 3, "gi_context_stride": 2}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"height": 96, "width": 96}, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+    spec = InferenceSpec.load(tmp_path)
+    assert spec == InferenceSpec("gi", "multiclass", ("large_bowel", "small_bowel", "stomach"), 96, 3, 2,
+                                 (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), ())
+
+
+def test_masks_use_per_class_thresholds_or_argmax_and_the_requested_size():
+    logits = torch.logit(torch.tensor([0.9, 0.2, 0.45])).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    ml = masks_from_logits(logits, (4, 4), "multilabel", torch.tensor([0.5, 0.5, 0.4]))
+    assert ml.shape == (1, 3, 4, 4) and ml[0, :, 0, 0].tolist() == [True, False, True]
+    mc = torch.tensor([0.1, 0.2, 3.0, 0.1]).view(1, 4, 1, 1)  # background + 3 classes; argmax is class 2
+    assert masks_from_logits(mc, (1, 1), "multiclass", None).flatten().tolist() == [False, True, False]
+
+
+def test_logits_are_upsampled_before_the_threshold():
+    """Between a confident +8 and a -2, the upsampled logit crosses 0 at 4/5 of the way; probabilities (0.9997,
+    0.12) would cross 0.5 earlier: the mask follows the logits, as the loss does."""
+    logits = torch.tensor([8.0, -2.0]).view(1, 1, 1, 2)
+    up = masks_from_logits(logits, (1, 10), "multilabel", torch.tensor([0.5]))[0, 0, 0]
+    expected = torch.nn.functional.interpolate(logits, size=(1, 10), mode="bilinear", align_corners=False)[0, 0, 0] > 0
+    assert up.tolist() == expected.tolist() and up.sum() > 5
+
+
+def test_prepare_gives_the_input_of_the_cached_pipeline(demo_dir, tmp_path):
+    """What the app feeds the model for a raw scan equals what the data set makes of the cached slice."""
+    from adapters import DATASETS
+    from cache import build_cache
+    from data import build_index, neighbour_table
+    from dataset import SliceDataset
+
+    index = build_index(demo_dir)
+    cache = build_cache(DATASETS["gi"], index, 64, tmp_path)
+    nb = neighbour_table(index, 3, 2)
+    ds = SliceDataset(cache, np.arange(len(index)), nb, None, SPEC.mean, SPEC.std)
+    segmenter = Segmenter(torch.nn.Linear(1, 1), SPEC)
+    raws = [DATASETS["gi"].read_image(index.iloc[k]) for k in nb[5]]
+    torch.testing.assert_close(segmenter.prepare(raws)[0], ds[5]["pixel_values"], rtol=0, atol=0)
