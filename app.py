@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     quiet_third_party()
     analyser = Analyser(args.model, args.data_dir)
-    build_demo(analyser).launch(server_name=args.host, server_port=args.port, share=False)
+    demo = build_demo(analyser)
+    print(f"serving {args.model} on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, quiet=True)  # quiet: no share=True hint
     return 0
 
 

@@ -21,15 +21,19 @@ from inference import InferenceSpec
 from utils import UserError, command
 
 
+BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")  # BatchNorm state: saved, not parameters
+
+
 def count_parameters(model_dir: Path) -> int | None:
-    """Parameters of a saved model, read from the safetensors header (no weights loaded)."""
+    """Parameters of a saved model, read from the safetensors header (no weights loaded); BatchNorm buffers are
+    left out, so the count is the trainer log's ``sum(p.numel() for p in model.parameters())``."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
         with safe_open(f, "pt") as st:
-            for key in st.keys():
+            for key in (k for k in st.keys() if not k.endswith(BUFFERS)):
                 n = 1
                 for d in st.get_slice(key).get_shape():
                     n *= d
@@ -37,19 +41,25 @@ def count_parameters(model_dir: Path) -> int | None:
     return total
 
 
-def summarise_run(run: Path) -> dict | None:
-    """The comparison figures of one run folder, or None when it is not a run."""
-    if not (run / "run_config.json").is_file() or not (run / "metrics.jsonl").is_file():
-        return None
+class NotComparable(Exception):
+    """A folder with no figures to compare; the message says why."""
+
+
+def summarise_run(run: Path) -> dict:
+    """The comparison figures of one run folder; NotComparable says why a folder has none."""
+    if not (run / "run_config.json").is_file():
+        raise NotComparable("not a run (no run_config.json)")
+    if not (run / "metrics.jsonl").is_file():
+        raise NotComparable("no evaluation yet (no metrics.jsonl)")
     cfg = json.loads((run / "run_config.json").read_text())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not records:
-        return None
+        raise NotComparable("no evaluation yet (metrics.jsonl is empty)")
     best = max(records, key=lambda r: r["dice_mean"] if r["dice_mean"] is not None else -1)
     try:
         classes = InferenceSpec.load(run / "best").classes
-    except UserError:
-        return None  # no usable best/ model
+    except UserError as e:
+        raise NotComparable(f"no usable best/ model ({e})") from None
     out = {"run": run.name, "model": cfg["base_model"], "task": cfg.get("task", "multilabel"),
            "params": count_parameters(run / "best"), "epochs": records[-1]["epoch"], "best_epoch": best["epoch"],
            "classes": classes, **{f"dice_{c}": best.get(f"dice_{c}") for c in classes}, "dice_mean": best["dice_mean"],
@@ -86,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py)")
     args = ap.parse_args(argv)
-    rows = [r for r in (summarise_run(Path(p)) for p in args.runs) if r is not None]
+    rows = []
+    for folder in args.runs:
+        try:
+            rows.append(summarise_run(Path(folder)))
+        except NotComparable as e:
+            print(f"left out {folder}: {e}", file=sys.stderr)
     if not rows:
-        raise UserError("none of the given folders is a run (run_config.json + metrics.jsonl + best/)")
+        raise UserError("none of the given folders is a run with an evaluation (run_config.json + metrics.jsonl + "
+                        "best/)")
     print(markdown(rows))
     return 0
 

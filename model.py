@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 from baselines import BASELINES, build_baseline  # also registers the U-Net baselines with the Auto classes
 from inference import InferenceSpec, task_labels
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
-from utils import UserError, atomic_dir, command
+from utils import UserError, atomic_dir, command, quiet_third_party
 
 # Input statistics each family was pretrained with (used when the checkpoint has no preprocessor config).
 FAMILY_STATS = {"segformer": (IMAGENET_MEAN, IMAGENET_STD),
@@ -188,6 +187,27 @@ def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> 
     return unused
 
 
+def _in_parameter_layout(grad: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+    """``grad`` as a view with ``param``'s strides when they differ only in dimensions of size 1 (same memory)."""
+    if grad.stride() == param.stride() or any(g != p for g, p, n in zip(grad.stride(), param.stride(), grad.shape)
+                                              if n != 1):
+        return grad
+    return grad.as_strided(param.shape, param.stride())
+
+
+def match_gradient_layout(model: nn.Module) -> None:
+    """Make every gradient arrive in its parameter's strides.
+
+    A convolution's weight gradient can come back with other strides than its weight in the dimensions of size 1
+    (a depthwise (C, 1, k, k) weight: (k*k, 1, k, 1) against (k*k, k*k, k, 1); a 1x1 conv likewise), which
+    depends on the batch and on oneDNN's choice. PyTorch's layout contract accepts that, but DDP compares strides
+    exactly, warns "Grad strides do not match bucket view strides" on every rank and copies with the slow
+    strides. Restriding such a gradient is a view of the same memory, so this costs nothing."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(lambda grad, p=p: _in_parameter_layout(grad, p))
+
+
 def save_model(hf_model: nn.Module, out_dir: str | Path, spec: InferenceSpec, state_dict: dict | None = None) -> None:
     """``save_pretrained`` (safetensors), the image processor and the inference spec, written atomically to
     ``out_dir``. ``state_dict`` overrides the model's own (the gathered one under DeepSpeed / FSDP)."""
@@ -207,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=1, help="channel multiplier (default 1)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    quiet_third_party()  # no "Writing model shards" progress bar
     print(make_tiny(args.family, args.out, args.width, args.seed))
 
 

@@ -2,13 +2,13 @@
 # Start a fine-tuning run; settings by environment variable (defaults in brackets).
 #
 #   bash run_train.sh                       the demo: embedded data and a small model, CPU is fine, no network
-#   BASE_MODEL=nvidia/segformer-b0-finetuned-ade-512-512 DATA_DIR=/data/uw-madison-gi-tract-image-segmentation \
-#     GPUS=0,1 bash run_train.sh            the real thing, one process per GPU through accelerate launch
-#
 #   BASE_MODEL   hub id or local folder            [demo: demo/models/tiny-segformer, built on first use]
 #   DATA_DIR     Kaggle-layout folder              [demo: demo/data, generated on first use]
-#   EPOCHS       [demo 20, else 15]   BATCH_SIZE [8]   LR [demo 2e-3, else 6e-5]   IMAGE_SIZE [demo 128, else 288]
-#   MIXED_PRECISION  no | fp16 | bf16  [no]
+#   EPOCHS, BATCH_SIZE, LR, IMAGE_SIZE, WARMUP, MIXED_PRECISION (no | fp16 | bf16)
+#                passed as --epochs --train_batch_size --lr --image_size --warmup_steps --mixed_precision when set;
+#                unset, trainer.py's defaults apply (one set, in `python trainer.py --help`: 15 epochs, batch 8,
+#                lr 6e-5, 288 px, no warm-up, no mixed precision). With neither BASE_MODEL nor DATA_DIR set, the
+#                demo preset applies instead: 20 epochs, lr 2e-3, 128 px, 20 warm-up steps (a tiny random model).
 #   OUTPUT_DIR   [runs/<model>-<time>]             LOG_FILE  [logs/<model>-<time>.log]
 #   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu)   [unset: default device]
 #   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
@@ -19,12 +19,13 @@ cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
-if [ -z "${DATA_DIR:-}" ]; then
+DEMO=0
+if [ -z "${DATA_DIR:-}" ] && [ -z "${BASE_MODEL:-}" ]; then
   DEMO=1
+fi
+if [ -z "${DATA_DIR:-}" ]; then
   DATA_DIR=demo/data
   [ -f "$DATA_DIR/train.csv" ] || { echo "creating demo data in $DATA_DIR"; "$PYTHON" demo_data.py --out "$DATA_DIR" >/dev/null; }
-else
-  DEMO=0
 fi
 if [ -z "${BASE_MODEL:-}" ]; then
   BASE_MODEL=demo/models/tiny-segformer
@@ -33,19 +34,22 @@ if [ -z "${BASE_MODEL:-}" ]; then
 fi
 if [ "$DEMO" = 1 ]; then
   EPOCHS=${EPOCHS:-20}; LR=${LR:-2e-3}; IMAGE_SIZE=${IMAGE_SIZE:-128}; WARMUP=${WARMUP:-20}
+  SETTINGS="demo preset (neither BASE_MODEL nor DATA_DIR set)"
 else
-  EPOCHS=${EPOCHS:-15}; LR=${LR:-6e-5}; IMAGE_SIZE=${IMAGE_SIZE:-288}; WARMUP=${WARMUP:-200}
+  SETTINGS="trainer.py's defaults for what is not set"
 fi
-BATCH_SIZE=${BATCH_SIZE:-8}
-MIXED_PRECISION=${MIXED_PRECISION:-no}
 NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)"
 OUTPUT_DIR=${OUTPUT_DIR:-runs/$NAME}
 LOG_FILE=${LOG_FILE:-logs/$NAME.log}
 mkdir -p "$(dirname "$LOG_FILE")"
 
-ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR"
-      --epochs "$EPOCHS" --train_batch_size "$BATCH_SIZE" --lr "$LR" --image_size "$IMAGE_SIZE"
-      --warmup_steps "$WARMUP" --mixed_precision "$MIXED_PRECISION")
+ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")
+SET=()
+for pair in EPOCHS:--epochs BATCH_SIZE:--train_batch_size LR:--lr IMAGE_SIZE:--image_size WARMUP:--warmup_steps \
+            MIXED_PRECISION:--mixed_precision; do
+  var=${pair%%:*} flag=${pair#*:}
+  if [ -n "${!var:-}" ]; then ARGS+=("$flag" "${!var}"); SET+=("$var=${!var}"); fi
+done
 # shellcheck disable=SC2206
 ARGS+=(${EXTRA_ARGS:-})
 if [ -n "${GPUS:-}" ]; then
@@ -53,7 +57,7 @@ if [ -n "${GPUS:-}" ]; then
   NPROC=$(awk -F, '{print NF}' <<<"$GPUS")
   if [ "$NPROC" -gt 1 ]; then
     CMD=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1
-         --mixed_precision "$MIXED_PRECISION" --dynamo_backend no "${ARGS[@]}")
+         --mixed_precision "${MIXED_PRECISION:-no}" --dynamo_backend no "${ARGS[@]}")
   else
     CMD=("$PYTHON" "${ARGS[@]}")
   fi
@@ -62,6 +66,7 @@ else
 fi
 
 run() {
+  echo "$(date '+%Y-%m-%d %H:%M:%S') run settings: ${SET[*]:-none set}; $SETTINGS"
   echo "$(date '+%Y-%m-%d %H:%M:%S') run start: ${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${CMD[*]}"
   local status=0
   "${CMD[@]}" || status=$?
@@ -75,7 +80,7 @@ if [ "${FOREGROUND:-0}" = 1 ]; then
   run 2>&1 | tee "$LOG_FILE"
   exit "${PIPESTATUS[0]}"
 fi
-nohup bash -c "$(declare -p CMD); $(declare -f run); run" >"$LOG_FILE" 2>&1 </dev/null &
+nohup bash -c "$(declare -p CMD SET SETTINGS); $(declare -f run); run" >"$LOG_FILE" 2>&1 </dev/null &
 echo "started (pid $!): output in $OUTPUT_DIR"
 echo "log:    $LOG_FILE"
 echo "follow: tail -f $LOG_FILE"

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                                           args.time_saved_threshold, source=args.pred)
     print(format_table(overall, per_case, adapter.classes))
     print(f"\nscore {overall['score']:.4f} = 0.4 * dice_mean {overall['dice_mean']:.4f} + 0.6 * (1 - hausdorff "
-          f"{overall['hausdorff']:.4f}); empty/empty Dice rule: {args.empty_dice}")
+          f"{overall['hausdorff']:.4f}); per-slice Dice at each scan's original size, empty/empty Dice rule: "
+          f"{args.empty_dice}")
     if args.json:
         atomic_write_json(args.json, {**overall, "per_case": per_case.to_dict("records"),
                                       "empty_dice": args.empty_dice, "time_saved_threshold": args.time_saved_threshold})

@@ -57,7 +57,8 @@ class TrainConfig:
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
         "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
                 "UperNet-ConvNeXt, DPT or BEiT checkpoint (or any AutoModelForSemanticSegmentation family); its "
-                "decode/auxiliary heads are replaced"})
+                "decode/auxiliary heads are replaced. Or a CNN baseline trained from scratch: unet, unet-resnet34, "
+                "unet-resnext50, dense-unet (baselines.py)"})
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder"})
     dataset: str = field(default="gi", metadata={"help": datasets_help, "choices": lambda: tuple(DATASETS)})
@@ -77,7 +78,7 @@ class TrainConfig:
     split_seed: int = field(default=42, metadata={"help": "seed of the case-to-fold assignment"})
     cache_dir: str = field(default="cache", metadata={"help": "decode-once cache of resized scans and masks"})
     # optimisation (flag names of the reference project)
-    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    epochs: int = field(default=15, metadata={"help": "training epochs"})
     train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
     eval_batch_size: int = field(default=16, metadata={"help": "validation batch size per process"})
     lr: float = field(default=6e-5, metadata={"help": "peak learning rate"})
@@ -120,7 +121,10 @@ class TrainConfig:
                 "the model; the cached pipeline is cheap), min(8, cores per process) on GPU"})
     log_every: int = field(default=10, metadata={"help": "log train loss / lr / images per second every N steps"})
     save_every_steps: int = field(default=0, metadata={"help": "also save a resumable state every N steps (0: epochs only)"})
-    save_total_limit: int = field(default=2, metadata={"help": "resumable states kept"})
+    save_total_limit: int = field(default=2, metadata={
+        "help": "resumable states kept (each: weights + optimizer moments, 12 bytes per parameter with AdamW)"})
+    save_last: bool = field(default=True, metadata={
+        "help": "write last/ after every evaluation besides best/ (4 bytes per parameter); false: best/ only"})
     resume_from_checkpoint: str = field(default="", metadata={
         "help": "'latest' (newest state under output_dir/checkpoints) or a checkpoint folder"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "allow starting over in a used output_dir"})
@@ -142,13 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         meta = {k: v() if callable(v) else v for k, v in f.metadata.items()}
         help_, aliases = meta.pop("help", ""), meta.pop("aliases", ())
-        if f.type in ("bool", bool):
-            ap.add_argument(f"--{f.name}", *aliases, action="store_true", help=help_)
+        if f.type in ("bool", bool):  # --flag, --flag true, --flag false
+            ap.add_argument(f"--{f.name}", *aliases, type=parse_bool, nargs="?", const=True, default=f.default,
+                            metavar="true|false", help=f"{help_} (default: {str(f.default).lower()})")
             continue
         typ = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
         ap.add_argument(f"--{f.name}", *aliases, dest=f.name, type=typ, default=f.default,
                         help=f"{help_} (default: {f.default!r})", **meta)
     return ap
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -411,6 +424,10 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> Path | None:
     setup_logging(accelerator.is_main_process, output_dir / "train.log")
     logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
     logger.info("config: %s", json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    defaults = TrainConfig()
+    changed = [f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(defaults, k)]
+    logger.info("settings: %s; everything else is trainer.py's default (python trainer.py --help)",
+                " ".join(changed) or "none given")
     logger.info("world size %d, device %s, mixed precision %s, torch %s", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, torch.__version__)
     logger.info("Dice rule: an empty prediction on an empty truth scores %s (--empty_dice)",
@@ -434,13 +451,18 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
                 len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows), ",".join(map(str, val_cases)))
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
+    shown = adapter.presence(index.iloc[val_rows]).to_numpy()  # (slices, classes): the truth shows the class
+    nothing = np.stack([np.zeros_like(shown), np.zeros_like(shown), shown], axis=-1).astype(float)
+    logger.info("floor: predicting nothing scores mean Dice %.4f on this validation set (--empty_dice %s); read the "
+                "evaluations against it", summarise(nothing, cfg.empty_dice, adapter.classes)["dice_mean"],
+                cfg.empty_dice)
     return Data(index, train_rows, val_rows, cache, neighbours)
 
 
 def build_model(cfg: TrainConfig, adapter: DatasetAdapter) -> tuple[torch.nn.Module, InferenceSpec]:
     """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), and the
     inference spec saved with it."""
-    from model import SegmentationModel, freeze_unused_parameters, load_model
+    from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code)
     n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -459,6 +481,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter) -> tuple[torch.nn.Mod
                     ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    match_gradient_layout(model)
     if cfg.torch_compile:
         model = torch.compile(model)
     return model, spec
@@ -657,11 +680,12 @@ def end_epoch(run: Run, epoch: int, train_loss: float) -> dict:
         logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
                     state.best_dice, state.best_step, cfg.early_stopping_patience)
         run.stop = True
-    save_models(run, "last")
+    if cfg.save_last:
+        save_models(run, "last")
     if run.accelerator.is_main_process:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in run.history))
     path = save_checkpoint(run.accelerator, out, state, cfg.save_total_limit)
-    logger.info("saved %s and resumable state %s", out / "last", path)
+    logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
     return record
 
 

@@ -27,6 +27,9 @@ from preprocess import normalise_scan, resize_image, resize_mask
 from utils import command, quiet_third_party
 
 
+RULE_NAMES = {"1": "1", "0": "0", "skip": "left out"}
+
+
 def rgb(colour: str) -> tuple[float, float, float]:
     """A colour name (matplotlib / CSS) as RGB in [0, 1]."""
     from matplotlib.colors import to_rgb
@@ -90,10 +93,12 @@ def plot_class_frequency(adapter: DatasetAdapter, index: pd.DataFrame):
     share = freq[list(classes)].div(freq["slices"], axis=0)
     x = np.arange(len(share))
     for k, c in enumerate(classes):
-        axes[1].bar(x + (k - 1) * 0.27, share[c].to_numpy(), width=0.27, color=adapter.colours[c], label=c)
+        width = 0.8 / len(classes)
+        axes[1].bar(x + (k - (len(classes) - 1) / 2) * width, share[c].to_numpy(), width=width,
+                    color=adapter.colours[c], label=c)
     axes[1].set_xticks(x, [f"case{c}" for c in share.index], rotation=45)
     axes[1].set_title("share of slices with the organ, per case")
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, not on them
     fig.tight_layout()
     return fig
 
@@ -176,7 +181,9 @@ def best_epoch(metrics: pd.DataFrame) -> int:
 def plot_training(run_dir: str | Path):
     """Loss curves, per-class Dice curves and the learning rate, best epoch marked."""
     plt = _plt()
-    _, adapter = run_adapter(run_dir)
+    from matplotlib.ticker import MaxNLocator
+
+    cfg, adapter = run_adapter(run_dir)
     m = load_metrics(run_dir)
     best = best_epoch(m)
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -186,13 +193,15 @@ def plot_training(run_dir: str | Path):
     for c in adapter.classes:
         axes[1].plot(m["epoch"], m[f"dice_{c}"], "o-", color=adapter.colours[c], label=c)
     axes[1].plot(m["epoch"], m["dice_mean"], "k--", label="mean")
-    axes[1].set_title("validation Dice (per slice)")
+    axes[1].set_title(f"validation Dice (per slice, {cfg['image_size']} px, empty/empty: "
+                      f"{RULE_NAMES[cfg['empty_dice']]})", fontsize=10)
     axes[1].set_ylim(0, 1.02)
     axes[2].plot(m["epoch"], m["lr"], "o-", color="purple")
     axes[2].set_title("learning rate (end of epoch)")
     for ax in axes:
         ax.axvline(best, color="orange", lw=1, ls=":", label=f"best epoch {best}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs on short runs
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -205,9 +214,12 @@ class Predictions:
     """Validation predictions of a run at original sizes, with per-slice scores."""
     index: pd.DataFrame  # the validation slices
     masks: dict  # id -> (C, H, W) bool predicted classes
-    scores: pd.DataFrame  # one row per slice: id, case, dice_<class> (NaN where truth and prediction are empty)
+    scores: pd.DataFrame  # one row per slice: id, case, dice_<class> (NaN where truth and prediction are empty,
+    #                       so that rankings only see slices showing the class)
     task: str
     adapter: DatasetAdapter
+    stats: np.ndarray | None = None  # (slices, classes, 3) |P∩T|, |P|, |T| at original size, in index order
+    empty_dice: str = "1"  # the run's --empty_dice rule, for the per-case table
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -228,13 +240,15 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
     spec = segmenter.spec
     cache = build_cache(adapter, index, spec.image_size, cache_dir or cfg["cache_dir"])
     neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns)
-    masks, records = {}, []
+    masks, records, stats = {}, [], []
     for r, pred in segmenter.iter_masks(index, rows, cache, neighbours, batch_size=batch_size):
         row = next(index.iloc[[r]].itertuples())
         masks[row.id] = pred
-        dice = dice_from_stats(mask_stats(pred, adapter.read_masks(row)), "skip")
+        stats.append(mask_stats(pred, adapter.read_masks(row)))
+        dice = dice_from_stats(stats[-1], "skip")
         records.append({"id": row.id, "case": int(row.case), **{f"dice_{c}": dice[k] for k, c in enumerate(spec.classes)}})
-    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task, adapter)
+    return Predictions(index.iloc[rows].reset_index(drop=True), masks, pd.DataFrame(records), spec.task, adapter,
+                       np.array(stats), cfg["empty_dice"])
 
 
 def plot_predictions(pred: Predictions, ids: list[str] | None = None, n: int = 4):
@@ -272,16 +286,22 @@ def best_and_worst(pred: Predictions, cls: str, k: int = 3) -> tuple[list[str], 
 def plot_best_worst(pred: Predictions, cls: str, k: int = 2):
     best, worst = best_and_worst(pred, cls, k)
     fig = plot_predictions(pred, best + worst)
-    fig.suptitle(f"{cls}: best {len(best)} then worst {len(worst)} slices by Dice", y=1.0)
+    fig.suptitle(f"{cls}: best {len(best)} then worst {len(worst)} slices by Dice (per slice at original size, "
+                 "slices showing the class)", y=1.0)
     return fig
 
 
-def per_case_table(pred: Predictions) -> pd.DataFrame:
-    """Mean per-slice Dice per case and class (NaN-skipping: slices where neither shows the organ are left out)."""
+def per_case_table(pred: Predictions, empty_dice: str | None = None) -> pd.DataFrame:
+    """Mean per-slice Dice per case and class at original size, with the run's --empty_dice rule for slices where
+    neither truth nor prediction shows the class (``empty_dice`` overrides it: "skip" leaves them out). The
+    column header names the rule."""
+    rule = empty_dice or pred.empty_dice
     cols = [f"dice_{c}" for c in pred.classes]
-    table = pred.scores.groupby("case")[cols].mean()
+    dice = pd.DataFrame(dice_from_stats(pred.stats, rule), columns=cols).assign(case=pred.scores["case"].to_numpy())
+    table = dice.groupby("case")[cols].mean()
     table["dice_mean"] = table[cols].mean(axis=1)
-    table["slices"] = pred.scores.groupby("case").size()
+    table["slices"] = dice.groupby("case").size()
+    table.columns.name = f"per-slice Dice at original size, empty/empty: {RULE_NAMES[rule]}"
     return table.round(4)
 
 
@@ -311,7 +331,7 @@ def plot_confusion(pred: Predictions):
     for i in range(conf.shape[0]):
         for j in range(conf.shape[1]):
             ax.text(j, i, f"{conf.iat[i, j]:.2f}", ha="center", va="center", color="w" if conf.iat[i, j] < 0.6 else "k")
-    ax.set_title("where the true pixels of each class were predicted")
+    ax.set_title("where the true pixels of each class were predicted (original size)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

@@ -148,6 +148,8 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
             chrome.close()
         server.terminate()
         server.wait(timeout=30)
+    said = server.stdout.read()
+    assert f"on http://127.0.0.1:{port}" in said and "share=True" not in said  # no hint for an option it lacks
     assert all(organ in table for organ in ("large_bowel", "small_bowel", "stomach")) and "area_mm2" in table
     (tmp_path / "page.png").write_bytes(shot)  # for a look by eye
     page_img = cv2.imdecode(np.frombuffer(shown, np.uint8), cv2.IMREAD_COLOR)[..., ::-1].astype(int)  # RGB

@@ -12,11 +12,18 @@ def test_compare_prints_one_row_per_run_with_params_and_dice(demo_dir, tiny_mode
         runs.append(str(out))
     (tmp_path / "not-a-run").mkdir()
     assert compare_main([*runs, str(tmp_path / "not-a-run")]) == 0
-    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]  # not the train logs
+    captured = capsys.readouterr()
+    assert f"left out {tmp_path / 'not-a-run'}: not a run (no run_config.json)" in captured.err
+    table = [line for line in captured.out.splitlines() if line.startswith("|")]  # not the train logs
     assert table[0].startswith("| run | model |") and len(table) == 4
     body = "\n".join(table[2:])
     assert "| unet | unet |" in body and str(tiny_models["segformer"]) in body
     assert "M |" in body  # parameter counts read from the safetensors headers
+    from compare import count_parameters
+    from model import load_model
+
+    unet = load_model("unet", "multilabel", ("large_bowel", "small_bowel", "stomach")).model
+    assert count_parameters(tmp_path / "unet" / "best") == sum(p.numel() for p in unet.parameters())  # no buffers
 
 
 def test_compare_without_runs_is_an_error(tmp_path, capsys):

@@ -5,7 +5,7 @@ from conftest import FAMILIES
 from losses import SegmentationLoss, upsample_like
 from data import GI_CLASSES as GI
 from data import GI_PRIORITY
-from model import SegmentationModel, freeze_unused_parameters, load_model
+from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
 from utils import UserError
 
 
@@ -37,6 +37,7 @@ def test_forward_backward_gives_finite_loss_and_gradients_everywhere(tiny_models
     loaded = load_model(str(tiny_models[family]), task, GI, aux_weight=0.4)
     model = SegmentationModel(loaded.model)
     frozen = freeze_unused_parameters(model)
+    match_gradient_layout(model)
     assert (family == "dpt") == bool(frozen)  # only DPT carries weights its forward never uses
     x = torch.randn(2, 3, 64, 64)
     packed = torch.randint(0, 8, (2, 64, 64), dtype=torch.uint8)
@@ -51,6 +52,8 @@ def test_forward_backward_gives_finite_loss_and_gradients_everywhere(tiny_models
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"parameters without gradient (would break DDP): {no_grad[:5]}"
+    other_layout = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not other_layout, f"gradients in another layout than their parameter (DDP warns): {other_layout[:3]}"
 
 
 def test_aux_weight_zero_drops_the_auxiliary_head(tiny_models):

@@ -110,6 +110,9 @@ def test_help_documents_every_option_and_the_reference_flags_parse():
         assert f.metadata.get("help"), f"--{f.name} has no help text"
         assert f"--{f.name}" in text
     assert "(default: 6e-05)" in text and "{gi,lgg}" in text and "--bce_weight" in text
+    from baselines import BASELINES
+
+    assert all(name in text.replace("- ", "-") for name in BASELINES)  # --base_model names the CNN baselines
     cfg = parse_config(["--base_model", "m", "--train_batch_size", "4", "--weight_decay", "0.1", "--optimizer", "SGD",
                         "--scheduler_name", "poly", "--epochs", "3", "--lr", "0.01", "--bce_weight", "0.3"])
     assert (cfg.base_model, cfg.train_batch_size, cfg.weight_decay, cfg.optimizer, cfg.scheduler_name, cfg.epochs,
@@ -244,3 +247,31 @@ def test_bf16_mixed_precision_run_trains_and_saves_float32_weights(demo_dir, tin
     with safe_open(str(out / "best" / "model.safetensors"), "pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert {d for d in dtypes if d.is_floating_point} == {torch.float32}  # (BatchNorm counters are int64)
+
+
+def test_boolean_flags_take_true_false_or_nothing():
+    assert parse_config(["--final_eval"]).final_eval is True and parse_config([]).final_eval is False
+    assert parse_config(["--save_last", "false"]).save_last is False and parse_config([]).save_last is True
+    with pytest.raises(SystemExit):
+        parse_config(["--save_last", "maybe"])
+
+
+def test_save_last_false_and_one_state_keep_a_run_small_on_disk(demo_dir, tiny_models, tmp_path):
+    from trainer import main
+
+    out = tmp_path / "run"
+    assert main(["--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir), "--output_dir", str(out),
+                 "--image_size", "64", "--epochs", "2", "--num_workers", "0", "--n_folds", "3", "--cache_dir",
+                 str(tmp_path / "cache"), "--save_last", "false", "--save_total_limit", "1"]) == 0
+    assert (out / "best" / "model.safetensors").is_file() and not (out / "last").exists()
+    assert len(list((out / "checkpoints").glob("step_*"))) == 1
+
+
+def test_the_log_names_the_settings_that_differ_from_the_defaults(demo_dir, tiny_models, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, max_train_steps=1))
+    settings = next(line for line in (out / "train.log").read_text().splitlines() if " settings: " in line)
+    assert "--epochs 1 " in settings and "--image_size 64 " in settings and "--max_train_steps 1 " in settings
+    assert "--optimizer" not in settings and "everything else is trainer.py's default" in settings
+    floor = next(line for line in (out / "train.log").read_text().splitlines() if "floor:" in line)
+    assert "predicting nothing scores mean Dice" in floor

@@ -92,6 +92,7 @@ def test_notebook_runs_headlessly_against_a_run_and_draws_every_figure(run_dir):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not [o.text for c in code for o in c.outputs if o.get("name") == "stderr"]  # no warnings (TqdmWarning)
     images = sum("image/png" in o.get("data", {}) for c in code for o in c.outputs)
     assert images >= 9  # frequency, sizes, strip, augmentation, training, predictions, best/worst, confusion
     tables = [o for c in code for o in c.outputs if "text/html" in o.get("data", {})]
