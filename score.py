@@ -13,7 +13,6 @@ are scored, and each of them must be complete. The ground truth, the classes and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
