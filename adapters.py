@@ -25,6 +25,7 @@ import pandas as pd
 import data
 import lgg
 from demo_data import make_demo_data
+from masks import MAX_CLASSES
 from utils import UserError
 
 
@@ -163,8 +164,9 @@ def get_adapter(name: str, where: str = "--dataset") -> DatasetAdapter:
     if name not in DATASETS:
         raise UserError(f"{where}: unknown dataset {name!r}; registered: {', '.join(DATASETS)}")
     adapter = DATASETS[name]
-    if len(adapter.classes) > 8 or sorted(adapter.priority) != sorted(adapter.classes):
-        raise UserError(f"dataset {name!r}: at most 8 classes, and its priority must list each class once")
+    if len(adapter.classes) > MAX_CLASSES or sorted(adapter.priority) != sorted(adapter.classes):
+        raise UserError(f"dataset {name!r}: at most {MAX_CLASSES} classes (one bit each in the packed masks), and its "
+                        "priority must list each class once")
     return adapter
 
 

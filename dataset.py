@@ -21,7 +21,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(self, cache: SliceCache, rows: np.ndarray, neighbours: np.ndarray, transform: Callable | None,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         self.cache, self.rows, self.neighbours, self.transform = cache, np.asarray(rows), neighbours, transform
-        self.mean, self.std = mean, std
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # once, not per item
 
     def __len__(self) -> int:
         return len(self.rows)

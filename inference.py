@@ -28,6 +28,7 @@ import torch
 
 from dataset import SliceDataset
 from losses import upsample_like
+from masks import MAX_CLASSES
 from preprocess import prepare_scan, to_pixel_values
 from utils import UserError, atomic_write_json
 
@@ -66,8 +67,9 @@ class InferenceSpec:
             out.append(f"dataset: a registered dataset name, got {self.dataset!r}")
         if self.task not in TASKS:
             out.append(f"task: one of {TASKS}, got {self.task!r}")
-        if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or len(self.classes) > 8:
-            out.append(f"classes: 1 to 8 names, got {list(self.classes)}")
+        if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or \
+                len(self.classes) > MAX_CLASSES:
+            out.append(f"classes: 1 to {MAX_CLASSES} names, got {list(self.classes)}")
         if not isinstance(self.image_size, int) or self.image_size < 32 or self.image_size % 32:
             out.append(f"image_size: a positive multiple of 32, got {self.image_size!r}")
         if self.context_slices not in (1, 3):

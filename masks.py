@@ -23,6 +23,14 @@ def unpack_masks(packed: np.ndarray, n_classes: int) -> np.ndarray:
     return (packed[..., None, :, :] >> bits) & 1
 
 
+def classes_present(packed: np.ndarray, rows: np.ndarray, n_classes: int, chunk: int = 512) -> np.ndarray:
+    """(len(rows), C) bool: does packed mask ``rows[i]`` show class c anywhere? One OR over each slice's bytes,
+    read ``chunk`` slices at a time (``packed`` is usually the memory-mapped cache)."""
+    bits = np.concatenate([np.bitwise_or.reduce(packed[rows[i:i + chunk]].reshape(len(rows[i:i + chunk]), -1), axis=1)
+                           for i in range(0, len(rows), chunk)] or [np.zeros(0, np.uint8)])
+    return ((bits[:, None] >> np.arange(n_classes, dtype=np.uint8)) & 1).astype(bool)
+
+
 def unpack_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, H, W) packed uint8 -> (B, C, H, W) float 0/1 multi-label targets, on packed's device."""
     bits = torch.arange(n_classes, device=packed.device, dtype=torch.uint8).view(1, -1, 1, 1)

@@ -37,7 +37,7 @@ from data import check_fold, neighbour_table, split_by_case
 from dataset import SliceDataset, seed_worker
 from inference import TASKS, InferenceSpec, Segmenter
 from losses import LOSSES, SegmentationLoss, upsample_like
-from masks import unpack_targets
+from masks import classes_present, unpack_targets
 from metrics import EMPTY_RULES, describe, mask_stats, summarise
 from predict import predict_rows, write_submission
 from score import format_table, score_predictions, submission_to_wide
@@ -451,7 +451,8 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
                 len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows), ",".join(map(str, val_cases)))
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
-    shown = adapter.presence(index.iloc[val_rows]).to_numpy()  # (slices, classes): the truth shows the class
+    # the truth as the evaluation sees it (the cache, at --image_size): the floor is in the log's own terms
+    shown = classes_present(cache.masks, val_rows, len(adapter.classes))
     nothing = np.stack([np.zeros_like(shown), np.zeros_like(shown), shown], axis=-1).astype(float)
     logger.info("floor: predicting nothing scores mean Dice %.4f on this validation set (--empty_dice %s); read the "
                 "evaluations against it", summarise(nothing, cfg.empty_dice, adapter.classes)["dice_mean"],
@@ -459,9 +460,9 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
     return Data(index, train_rows, val_rows, cache, neighbours)
 
 
-def build_model(cfg: TrainConfig, adapter: DatasetAdapter) -> tuple[torch.nn.Module, InferenceSpec]:
+def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tuple[torch.nn.Module, InferenceSpec]:
     """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), and the
-    inference spec saved with it."""
+    inference spec saved with it. Under DDP (``processes`` > 1) gradients are put in their parameters' layout."""
     from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code)
@@ -481,7 +482,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter) -> tuple[torch.nn.Mod
                     ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    match_gradient_layout(model)
+    if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
+        match_gradient_layout(model)
     if cfg.torch_compile:
         model = torch.compile(model)
     return model, spec
@@ -508,7 +510,7 @@ def build_run(cfg: TrainConfig, accelerator, resume: Path | None) -> Run:
     """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``resume``."""
     adapter = get_adapter(cfg.dataset)
     data = load_data(cfg, adapter, accelerator)
-    model, spec = build_model(cfg, adapter)
+    model, spec = build_model(cfg, adapter, accelerator.num_processes)
     train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model, accelerator.device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from masks import multiclass_targets, pack_masks, unpack_masks, unpack_targets
+from masks import classes_present, multiclass_targets, pack_masks, unpack_masks, unpack_targets
 
 GI = ("large_bowel", "small_bowel", "stomach")
 
@@ -16,6 +16,15 @@ def test_pack_unpack_keeps_overlapping_organs():
 def test_numpy_and_torch_unpacking_agree():
     packed = np.random.default_rng(1).integers(0, 8, (2, 5, 6), dtype=np.uint8)
     np.testing.assert_array_equal(unpack_targets(torch.from_numpy(packed), 3).numpy(), unpack_masks(packed, 3))
+
+
+def test_classes_present_reads_each_slices_bits_in_chunks():
+    packed = np.zeros((5, 4, 4), np.uint8)
+    packed[1, 0, 0] = 1  # class 0
+    packed[2, 3, 3] = 4  # class 2
+    packed[3, 1, 1], packed[3, 2, 2] = 2, 3  # classes 0 and 1
+    got = classes_present(packed, np.array([3, 1, 0, 2]), 3, chunk=3)  # rows out of order, across two chunks
+    assert got.tolist() == [[True, True, False], [True, False, False], [False, False, False], [False, False, True]]
 
 
 def test_unpack_and_multiclass_priority():
