@@ -94,6 +94,21 @@ class Analyser:
         return Analysis(rgb, masks, pd.DataFrame(rows))
 
 
+def shown_on_page(handler):
+    """Our one-line message (a bad upload, an unknown slice) in Gradio's error box instead of its generic 'Error'."""
+    import functools
+
+    import gradio as gr
+
+    @functools.wraps(handler)
+    def run(*args):
+        try:
+            return handler(*args)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+    return run
+
+
 def build_demo(analyser: Analyser):
     import gradio as gr
 
@@ -111,12 +126,14 @@ def build_demo(analyser: Analyser):
                 image = gr.Image(label="prediction", type="numpy", elem_id="overlay")
                 table = gr.Dataframe(label="organs", elem_id="areas")
 
+        @shown_on_page
         def from_file(f):
             if f is None:
                 return gr.update(), gr.update()
             a = analyser.analyse_file(f if isinstance(f, str) else f.name)
             return a.overlay, a.table
 
+        @shown_on_page
         def from_id(slice_id):
             if not slice_id:
                 return gr.update(), gr.update()

@@ -14,7 +14,7 @@ import cv2  # noqa: E402
 def train_transform(image_size: int, strong: bool = False, seed: int | None = None) -> A.Compose:
     """Flips, affine scale/shift/rotate, brightness/contrast and coarse dropout; ``strong`` adds elastic, grid
     and optical distortion, blur and gamma. ``seed`` fixes the pipeline's own random state (albumentations
-    ignores the global seeds); data-loader workers re-seed it with dataset.seed_worker."""
+    ignores the global seeds); dataset.SliceDataset re-seeds it per sample from (seed, epoch, row)."""
     ops = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
         A.HorizontalFlip(p=0.5),

@@ -75,6 +75,9 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
         raise UserError(f"{csv_path} not found: the data folder needs the competition's train.csv")
     try:
         raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv_path} is empty (0 bytes); it needs the header id,class,segmentation and three rows "
+                        "per slice") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{csv_path}: not a readable CSV ({e})") from None
     missing = [c for c in CSV_COLUMNS if c not in raw.columns]
@@ -89,8 +92,28 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
         row = int(raw.index[dup][0])
         raise UserError(f"{csv_path}: duplicate row for id {raw.at[row, 'id']!r}, class {raw.at[row, 'class']!r} "
                         f"(line {row + 2})")
+    counts = raw.groupby("id").size()
+    short = counts.index[counts < len(GI_CLASSES)]
+    if len(short):
+        have = set(raw.loc[raw["id"] == short[0], "class"])
+        raise UserError(f"{csv_path}: {len(short)} id(s) lack a row for some class, e.g. {short[0]!r} has no "
+                        f"{sorted(set(GI_CLASSES) - have)}; every id needs {len(GI_CLASSES)} rows ({', '.join(GI_CLASSES)}; "
+                        "empty segmentation = organ absent), so a missing row is not read as 'absent'")
     wide = raw.pivot(index="id", columns="class", values="segmentation").reindex(columns=list(GI_CLASSES))
     return wide.fillna("").rename(columns={c: f"rle_{c}" for c in GI_CLASSES}).reset_index()
+
+
+def check_volume_sizes(index: pd.DataFrame, volume_columns: tuple[str, ...], where: str) -> None:
+    """Every slice of a volume (e.g. a case-day) has one scan size, as 3D metrics need; else one line naming it."""
+    sizes = index.groupby(list(volume_columns))[["height", "width"]].nunique()
+    mixed = sizes[(sizes > 1).any(axis=1)]
+    if len(mixed):
+        key = mixed.index[0]
+        key = key if isinstance(key, tuple) else (key,)
+        sel = np.logical_and.reduce([index[c].to_numpy() == k for c, k in zip(volume_columns, key)])
+        shapes = sorted({f"{w}x{h}" for w, h in zip(index.loc[sel, "width"], index.loc[sel, "height"])})
+        raise UserError(f"{where}: {len(mixed)} volume(s) mix scan sizes, e.g. {dict(zip(volume_columns, key))} has "
+                        f"{', '.join(shapes)}; every slice of a volume needs one size")
 
 
 def build_index(data_dir: str | Path, split: str = "train", labels: bool = True) -> pd.DataFrame:

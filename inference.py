@@ -34,6 +34,8 @@ from utils import UserError, atomic_write_json
 
 SPEC_FILE = "inference_spec.json"
 TASKS = ("multilabel", "multiclass")
+SPLIT_KEYS = ("n_folds", "fold", "split_seed")
+OPTIONAL_KEYS = {"split"}  # added after the first version of the spec; older files lack it
 
 
 def task_labels(task: str, classes: tuple[str, ...]) -> dict[int, str]:
@@ -55,6 +57,7 @@ class InferenceSpec:
     mean: tuple[float, ...]  # per input channel
     std: tuple[float, ...]
     thresholds: tuple[float, ...]  # multilabel: one probability threshold per class; multiclass: () (argmax)
+    split: dict | None = None  # the training split {"n_folds", "fold", "split_seed"}; None: not known (older folder)
 
     def __post_init__(self) -> None:
         for name in ("classes", "mean", "std", "thresholds"):
@@ -78,6 +81,9 @@ class InferenceSpec:
             out.append(f"context_stride: an integer >= 1, got {self.context_stride!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
             out.append(f"mean, std: 3 values each, std > 0, got {list(self.mean)}, {list(self.std)}")
+        if self.split is not None and (not isinstance(self.split, dict) or set(self.split) != set(SPLIT_KEYS)
+                                       or not all(isinstance(v, int) for v in self.split.values())):
+            out.append(f"split: null or integers {list(SPLIT_KEYS)}, got {self.split!r}")
         want = len(self.classes) if self.task == "multilabel" else 0
         if len(self.thresholds) != want or not all(0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
@@ -102,10 +108,10 @@ class InferenceSpec:
         else:
             raw = _legacy_spec(folder)
         fields = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(raw, dict) or set(raw) != fields:
-            got = set(raw) if isinstance(raw, dict) else set()
-            raise UserError(f"{path}: keys must be exactly {sorted(fields)}; missing {sorted(fields - got)}, "
-                            f"unknown {sorted(got - fields)}")
+        got = set(raw) if isinstance(raw, dict) else set()
+        if not isinstance(raw, dict) or not fields - OPTIONAL_KEYS <= got <= fields:
+            raise UserError(f"{path}: keys must be {sorted(fields)} ({sorted(OPTIONAL_KEYS)} optional); missing "
+                            f"{sorted(fields - OPTIONAL_KEYS - got)}, unknown {sorted(got - fields)}")
         spec = cls(**raw)
         bad = spec.problems()
         if bad:

@@ -6,7 +6,8 @@ Writes `id,class,predicted` (a row per slice and class, run-length codes at each
 model folder's inference spec says which dataset layout to read, and how the model sees its inputs (size,
 normalisation, 2.5D) and turns outputs into masks (task, thresholds). GI folders: the train layout (masks
 optional) and the test layout (no train.csv): --split picks the scans folder, by default `test/` when the folder
-has one, else `train/`. --fold / --n_folds restrict to one validation fold.
+has one, else `train/`. --fold restricts to the model's validation fold (the split saved with the model; another
+fold or split is refused, since its slices were trained on).
 """
 from __future__ import annotations
 
@@ -57,6 +58,19 @@ def parse_thresholds(text: str | None, classes: tuple[str, ...]) -> tuple[float,
     return values
 
 
+def check_split(trained: dict | None, fold: int, n_folds: int | None, split_seed: int | None, model: str) -> dict:
+    """The split that --fold / --n_folds / --split_seed name, refused unless it is the model's own validation fold
+    (another fold, or another split, holds slices the model was trained on: its scores would be inflated)."""
+    asked = {"n_folds": n_folds if n_folds is not None else (trained or {}).get("n_folds", 5), "fold": fold,
+             "split_seed": split_seed if split_seed is not None else (trained or {}).get("split_seed", 42)}
+    if trained is not None and asked != trained:
+        def flags(s: dict) -> str:
+            return f"--fold {s['fold']} --n_folds {s['n_folds']} --split_seed {s['split_seed']}"
+        raise UserError(f"{flags(asked)}: the model {model} was trained with the validation fold {flags(trained)}; "
+                        "other slices were in its training set. Pass its own fold, or omit --fold to predict every slice")
+    return asked
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="saved model folder (runs/<name>/best)")
@@ -64,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="submission.csv", help="submission CSV to write (default submission.csv)")
     ap.add_argument("--split", default=None, help="scans folder inside data_dir (GI default: test/ if present, "
                                                   "else train/)")
-    ap.add_argument("--fold", type=int, default=None, help="only this validation fold (with --n_folds, --split_seed)")
-    ap.add_argument("--n_folds", type=int, default=5, help="folds of the training run (default 5)")
-    ap.add_argument("--split_seed", type=int, default=42, help="split seed of the training run (default 42)")
+    ap.add_argument("--fold", type=int, default=None,
+                    help="only this validation fold; it must be the model's own (its training split is saved with it)")
+    ap.add_argument("--n_folds", type=int, default=None, help="folds of the training run (default: the model's)")
+    ap.add_argument("--split_seed", type=int, default=None, help="split seed of the training run (default: the model's)")
     ap.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default 16)")
     ap.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
                     help="autocast on GPU (default bf16; ignored on CPU)")
@@ -99,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     index = adapter.build_index(args.data_dir, split, require_labels=False)
     rows = np.arange(len(index))
     if args.fold is not None:
-        _, rows = split_by_case(index, args.fold, args.n_folds, args.split_seed)
+        split = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model)
+        _, rows = split_by_case(index, split["fold"], split["n_folds"], split["split_seed"])
     cache = build_cache(adapter, index, spec.image_size, args.cache_dir, num_threads=max(1, args.num_workers))
     neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns)
     logger.info("predicting %d slices of %s (%s) with %s (%s, %dpx, thresholds %s, tta %s) on %s", len(rows),

@@ -9,8 +9,10 @@
 #                unset, trainer.py's defaults apply (one set, in `python trainer.py --help`: 15 epochs, batch 8,
 #                lr 6e-5, 288 px, no warm-up, no mixed precision). With neither BASE_MODEL nor DATA_DIR set, the
 #                demo preset applies instead: 20 epochs, lr 2e-3, 128 px, 20 warm-up steps (a tiny random model).
-#   OUTPUT_DIR   [runs/<model>-<time>]             LOG_FILE  [logs/<model>-<time>.log]
-#   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu)   [unset: default device]
+#   OUTPUT_DIR   [runs/<model>-<time>-<pid>]       LOG_FILE  [logs/<model>-<time>-<pid>.log] (refused while a live run
+#                writes it)
+#   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu; refused unless those GPUs exist)
+#                [unset: default device]
 #   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
 #   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return)
 #   PYTHON       interpreter [.venv/bin/python if present, else python3]
@@ -38,10 +40,38 @@ if [ "$DEMO" = 1 ]; then
 else
   SETTINGS="trainer.py's defaults for what is not set"
 fi
-NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)"
+NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)-$$"  # the pid: two launches in one second differ
 OUTPUT_DIR=${OUTPUT_DIR:-runs/$NAME}
 LOG_FILE=${LOG_FILE:-logs/$NAME.log}
 mkdir -p "$(dirname "$LOG_FILE")"
+# the run holds a lock on its log file (fd 9, inherited by the background run): a second launch onto a live log
+# is refused instead of interleaving two runs in one file
+exec 9>>"$LOG_FILE"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: LOG_FILE $LOG_FILE is being written by a live run; wait for it, or pick another LOG_FILE" >&2
+  exit 2
+fi
+
+if [ -n "${GPUS:-}" ]; then  # the GPUs must exist: CUDA_VISIBLE_DEVICES with a missing id silently means CPU
+  if ! [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    echo "error: GPUS=$GPUS: expected comma-separated GPU numbers, e.g. 0 or 0,1" >&2
+    exit 2
+  fi
+  if command -v nvidia-smi >/dev/null; then
+    FOUND=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  else
+    FOUND=$(env -u CUDA_VISIBLE_DEVICES "$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  fi
+  for id in ${GPUS//,/ }; do
+    if [ "$FOUND" -eq 0 ]; then
+      echo "error: GPUS=$GPUS: this machine has no CUDA GPU; unset GPUS to train on the CPU" >&2
+      exit 2
+    elif [ "$id" -ge "$FOUND" ]; then
+      echo "error: GPUS=$GPUS: there is no GPU $id; this machine has $FOUND (0-$((FOUND - 1)))" >&2
+      exit 2
+    fi
+  done
+fi
 
 ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")
 SET=()

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
+from data import check_volume_sizes
 from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, mask_stats, summarise, time_saved
 from rle import RLEError, decode_rle
 from utils import UserError, atomic_write_json, command
@@ -32,7 +33,17 @@ def read_submission(path: str | Path, classes: tuple[str, ...]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"submission {path} not found")
-    return submission_to_wide(pd.read_csv(path, dtype=str, keep_default_na=False), str(path), classes=classes)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"submission {path} is empty (0 bytes); expected the header id,class,predicted and a row "
+                        "per slice and class") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"submission {path}: not a readable CSV ({e})") from None
+    wide = submission_to_wide(df, str(path), classes=classes)
+    if wide.empty:
+        raise UserError(f"submission {path} has a header but no rows; nothing to score")
+    return wide
 
 
 def submission_to_wide(df: pd.DataFrame, path: str = "submission", *, classes: tuple[str, ...]) -> pd.DataFrame:
@@ -96,6 +107,7 @@ def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.Dat
         raise UserError(f"--empty_dice must be one of {EMPTY_RULES}, got {empty!r}")
     classes, volume = adapter.classes, list(adapter.volume_columns)
     rows = _align(index, pred, source, volume)
+    check_volume_sizes(rows, adapter.volume_columns, source)
     stats = np.zeros((len(rows), len(classes), 3))
     vol_case, hd, hd_merged = [], [], []
     for _, grp in rows.groupby(volume, sort=False):
@@ -103,8 +115,6 @@ def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.Dat
         vp = np.zeros((len(classes), len(grp), *shape), bool)
         vt = np.zeros_like(vp)
         for k, r in enumerate(grp.itertuples()):
-            if (r.height, r.width) != shape:
-                raise UserError(f"{r.id}: size {r.width}x{r.height} differs from the rest of its volume")
             for c, name in enumerate(classes):
                 try:
                     vp[c, k] = decode_rle(getattr(r, f"pred_{name}"), shape, where=f"{source} id {r.id} class {name}")

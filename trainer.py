@@ -33,16 +33,16 @@ import torch
 
 from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
 from cache import SliceCache, build_cache
-from data import check_fold, neighbour_table, split_by_case
-from dataset import SliceDataset, seed_worker
+from data import check_fold, check_volume_sizes, neighbour_table, split_by_case
+from dataset import SliceDataset
 from inference import TASKS, InferenceSpec, Segmenter
 from losses import LOSSES, SegmentationLoss, upsample_like
 from masks import classes_present, unpack_targets
 from metrics import EMPTY_RULES, describe, mask_stats, summarise
 from predict import predict_rows, write_submission
 from score import format_table, score_predictions, submission_to_wide
-from utils import (UserError, atomic_write_json, atomic_write_text, command, json_safe, logger, quiet_third_party,
-                   setup_logging)
+from utils import (FolderLock, UserError, atomic_write_json, atomic_write_text, command, json_safe, logger,
+                   quiet_third_party, recover_replaced, replace_dir, setup_logging, storage_guard)
 
 # transformers (model.py), accelerate and albumentations are imported where they are used: together they cost
 # about 3 s of start-up that `--help` and a rejected argument do not need.
@@ -77,6 +77,8 @@ class TrainConfig:
     fold: int = field(default=0, metadata={"help": "validation fold, in [0, n_folds)"})
     split_seed: int = field(default=42, metadata={"help": "seed of the case-to-fold assignment"})
     cache_dir: str = field(default="cache", metadata={"help": "decode-once cache of resized scans and masks"})
+    verify_cache: bool = field(default=False, metadata={
+        "help": "check every block of the cache against its checksums before use (default: sizes and a sample)"})
     # optimisation (flag names of the reference project)
     epochs: int = field(default=15, metadata={"help": "training epochs"})
     train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
@@ -237,11 +239,18 @@ def should_stop_early(history: list[dict], best_step: int, patience: int) -> boo
 @dataclass
 class TrainState:
     """Where a run stands; saved as trainer_state.json in every checkpoint."""
+    run_id: str = ""  # the run's identity (run_config.json has the same); "" in checkpoints of older versions
     global_step: int = 0
     epoch: int = 0  # the epoch in progress (0-based)
     batches_in_epoch: int = 0  # batches of that epoch already trained
+    epoch_loss_sum: float = 0.0  # their training losses, summed (averaged over processes)
+    evaluated_step: int = 0  # the step of the last evaluation whose record is in metrics.jsonl (0: none)
     best_dice: float = -1.0
     best_step: int = -1
+
+
+STATE_FILE = "trainer_state.json"
+RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
 
 
 def _step_dirs(root: Path) -> list[Path]:
@@ -249,20 +258,55 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    """'latest' -> newest complete checkpoints/step_<N> (None if there is none); otherwise the given folder."""
+def checkpoint_problem(path: Path, run_id: str) -> str | None:
+    """None when ``path`` is a complete checkpoint of run ``run_id``, else what is wrong with it."""
+    try:
+        raw = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {STATE_FILE}"
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        if run_id:  # checkpoints of older versions carry neither a file list nor a run id
+            return f"{STATE_FILE} has no file list"
+        files = {}
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is {'missing' if not f.is_file() else 'truncated'}"
+    if run_id and raw.get("run_id") != run_id:
+        return f"it belongs to run {raw.get('run_id') or '(unknown)'}, not to run {run_id} of this output_dir"
+    return None
+
+
+def read_state(path: Path) -> TrainState:
+    raw = json.loads((path / STATE_FILE).read_text())
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    raw.setdefault("evaluated_step", raw["global_step"])  # older versions kept the metrics rows up to the state's step
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
+
+
+def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) -> Path | None:
+    """'latest' -> the newest complete checkpoint of run ``run_id`` under output_dir/checkpoints (None if there is
+    none; incomplete ones are skipped with a note); otherwise the given folder, which must be one."""
     if spec == "latest":
-        found = _step_dirs(output_dir / "checkpoints")
-        return found[-1] if found else None
+        for path in reversed(_step_dirs(output_dir / "checkpoints")):
+            problem = checkpoint_problem(path, run_id)
+            if problem is None:
+                return path
+            notes.append(f"skipped checkpoint {path}: {problem}")
+        return None
     path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume_from_checkpoint {spec}: not a checkpoint folder (no trainer_state.json); "
-                        f"use 'latest' or a folder under {output_dir / 'checkpoints'}")
+    problem = checkpoint_problem(path, run_id) if path.is_dir() else "not a folder"
+    if problem is not None:
+        raise UserError(f"--resume_from_checkpoint {spec}: {problem}; use 'latest' or a complete folder under "
+                        f"{output_dir / 'checkpoints'}")
     return path
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int) -> Path:
-    """Accelerator state + trainer_state.json to checkpoints/step_<N>, via a temporary folder and a rename."""
+    """Accelerator state + trainer_state.json (with the size of every file, so an incomplete copy is never used)
+    to checkpoints/step_<N>, via a temporary folder and utils.replace_dir; older ones beyond ``keep`` are removed
+    only after this one is complete."""
     root = output_dir / "checkpoints"
     final = root / f"step_{state.global_step:08d}"
     tmp = root / f".{final.name}.tmp"
@@ -270,14 +314,17 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int)
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with storage_guard(tmp, "a resumable state"):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for p in _step_dirs(root)[:-keep] if keep > 0 else []:
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        atomic_write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
+        replace_dir(tmp, final)
+        if not (output_dir / RESUMABLE_MARK).exists():
+            atomic_write_text(output_dir / RESUMABLE_MARK, f"{state.run_id}\n")
+        older = [p for p in _step_dirs(root) if int(p.name.split("_")[1]) < state.global_step]
+        for p in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
             shutil.rmtree(p, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -403,26 +450,142 @@ class Run:
     stop: bool = False  # max_train_steps reached, or early stopping
 
 
-def open_output_dir(cfg: TrainConfig, accelerator) -> Path | None:
-    """Check --output_dir against --resume_from_checkpoint / --overwrite_output_dir, clear stale temporary
-    folders, start the log; return the checkpoint to resume (None: a fresh run)."""
-    output_dir = Path(cfg.output_dir)
+# What a resume must share with the run it continues: everything that changes what is trained, on which slices,
+# in which order, or how it is scored. The rest (MAY_CHANGE_ON_RESUME) may differ; the README lists both.
+RUN_IDENTITY = ("base_model", "data_dir", "dataset", "task", "image_size", "context_slices", "context_stride",
+                "strong_aug", "n_folds", "fold", "split_seed", "seed", "train_batch_size", "gradient_accumulation_steps",
+                "optimizer", "lr", "weight_decay", "scheduler_name", "lr_milestones", "lr_gamma", "warmup_steps",
+                "max_grad_norm", "mixed_precision", "loss", "focal_gamma", "tversky_alpha", "tversky_beta",
+                "pixel_loss_weight", "dice_weight", "aux_weight", "threshold", "empty_dice", "world_size")
+MAY_CHANGE_ON_RESUME = ("output_dir", "epochs", "max_train_steps", "eval_batch_size", "num_workers", "log_every",
+                        "save_every_steps", "save_total_limit", "save_last", "resume_from_checkpoint",
+                        "overwrite_output_dir", "cache_dir", "verify_cache", "trust_remote_code", "torch_compile",
+                        "channels_last", "early_stopping_patience", "final_eval")
+# what a run writes into its output_dir: a fresh start clears these and nothing else
+RUN_ARTEFACTS = ("run_config.json", RESUMABLE_MARK, "metrics.jsonl", "train.log", "best", "last", "checkpoints",
+                 "val_submission.csv", "val_scores.json")
+
+
+def _resolved(values: dict) -> dict:
+    """Local paths resolved (the same folder named two ways is one; a saved run has them under "resolved", as
+    they were at its start); hub ids stay as they are."""
+    now = {k: os.path.realpath(values[k]) for k in ("base_model", "data_dir")
+           if isinstance(values.get(k), str) and os.path.exists(values[k])}
+    return {**values, **now, **values.get("resolved", {})}
+
+
+def run_identity(cfg: TrainConfig, world_size: int) -> dict:
+    """The RUN_IDENTITY values of ``cfg``."""
+    values = _resolved({**dataclasses.asdict(cfg), "world_size": world_size})
+    return {k: values[k] for k in RUN_IDENTITY}
+
+
+def check_resume_matches(saved: dict, now: dict, where: Path) -> None:
+    """Refuse a resume whose identity differs from the saved run's, naming every argument (old and new value)."""
+    saved = _resolved(saved)
+    differ = [f"--{k} was {saved[k]!r}, now {now[k]!r}" for k in RUN_IDENTITY if k in saved and saved[k] != now[k]]
+    if differ:
+        name = {"world_size": "number of processes"}
+        differ = [d.replace("--world_size", name["world_size"]) for d in differ]
+        raise UserError(f"cannot resume {where}: {'; '.join(differ)}. Resume with the run's values, or start a new run "
+                        "(--overwrite_output_dir, or another --output_dir)")
+
+
+def clear_run(output_dir: Path) -> list[str]:
+    """Start over in ``output_dir``: the previous run's artefacts are moved into one hidden folder (a rename each;
+    run_config.json first, so a half-cleared folder never looks like a run) and then deleted; a kill midway leaves
+    a `.previous-run.tmp` that the next start deletes. Returns the names that were there."""
+    present = [n for n in RUN_ARTEFACTS if (output_dir / n).exists()]
+    if present:
+        trash = output_dir / ".previous-run.tmp"
+        trash.mkdir(exist_ok=True)
+        for name in present:
+            os.replace(output_dir / name, trash / name)
+        shutil.rmtree(trash)
+    return present
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); move it away, or pass --overwrite_output_dir to start over") from None
+
+
+def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int, notes: list[str]):
+    """(checkpoint to resume or None, run id, saved run_config or None): a resume checked against the saved run,
+    a refusal, or a fresh start in a cleared folder. Main process only, with the output_dir lock held."""
+    notes += recover_replaced(output_dir) + recover_replaced(output_dir / "checkpoints")
     resume = None
-    if cfg.resume_from_checkpoint:
-        resume = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
-        if resume is None:
-            raise UserError(f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'} "
-                            "(start without the flag)")
-    elif (output_dir / "run_config.json").exists() and not cfg.overwrite_output_dir:
+    saved_file = output_dir / "run_config.json"
+    saved = _read_json(saved_file) if saved_file.exists() else None
+    run_id = (saved or {}).get("run_id", "")
+    explicit = cfg.resume_from_checkpoint not in ("", "latest")
+    if explicit and saved is None:
+        raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: --output_dir {output_dir} holds "
+                        "no run (no run_config.json); resume in the run's own output_dir")
+    found = (find_checkpoint(output_dir, cfg.resume_from_checkpoint if explicit else "latest", run_id, notes)
+             if saved else None)
+    resumable = found is not None
+    if saved and not resumable and (output_dir / RESUMABLE_MARK).exists() and not cfg.overwrite_output_dir:
+        raise UserError(f"--output_dir {output_dir} holds a run whose checkpoints are gone (deleted?); nothing to "
+                        "resume. Pass --overwrite_output_dir to start over, or choose another --output_dir")
+    if cfg.resume_from_checkpoint and resumable:
+        check_resume_matches(saved, run_identity(cfg, world_size), output_dir)
+        resume = found
+    elif saved and resumable and not cfg.overwrite_output_dir:
         raise UserError(f"--output_dir {output_dir} already holds a run; pass --resume_from_checkpoint latest to "
                         "continue it, --overwrite_output_dir to start over, or choose another --output_dir")
+    else:
+        if saved and not resumable and not cfg.overwrite_output_dir:
+            notes.append("the previous start in this folder saved no resumable state: starting over")
+        elif cfg.resume_from_checkpoint == "latest":
+            notes.append(f"no checkpoint under {output_dir / 'checkpoints'}: starting from the beginning")
+        cleared = clear_run(output_dir)
+        if cleared:
+            notes.append(f"removed the previous run's {', '.join(cleared)}")
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
+        saved = None
+    return resume, run_id, saved
+
+
+@dataclass
+class OutputDir:
+    path: Path
+    run_id: str
+    resume: Path | None  # the checkpoint to resume; None: a fresh run
+    lock: FolderLock | None  # held by the main process until the run ends
+
+
+def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
+    """Claim --output_dir for this process (refused while a live run holds it), finish or undo interrupted saves,
+    decide between a fresh start and a resume (checked against the saved run), start the log and write
+    run_config.json."""
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; pass a folder")
+    notes: list[str] = []
+    resume, run_id, lock, saved = None, "", None, None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in [*output_dir.glob(".*.tmp"), *output_dir.glob("checkpoints/.*.tmp")]:
-            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-write; the good copies stand
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise UserError(f"--output_dir {output_dir} is not writable; fix its permissions or choose another folder")
+        lock = FolderLock(output_dir / ".lock", wait=False)
+        try:
+            lock.acquire()
+        except BlockingIOError:
+            raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it to "
+                            "end, stop it, or choose another --output_dir") from None
+        try:
+            resume, run_id, saved = _decide_start(cfg, output_dir, accelerator.num_processes, notes)
+        except BaseException:
+            lock.release()
+            raise
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, output_dir / "train.log")
     logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    for note in notes:
+        logger.info("output_dir: %s", note)
     logger.info("config: %s", json.dumps(dataclasses.asdict(cfg), sort_keys=True))
     defaults = TrainConfig()
     changed = [f"--{k} {v}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(defaults, k)]
@@ -433,9 +596,18 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> Path | None:
     logger.info("Dice rule: an empty prediction on an empty truth scores %s (--empty_dice)",
                 {"1": "1", "0": "0", "skip": "nothing (pair skipped)"}[cfg.empty_dice])
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / "run_config.json",
-                          {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes})
-    return resume
+        identity = run_identity(cfg, accelerator.num_processes)
+        record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes, "run_id": run_id,
+                  "resolved": {k: identity[k] for k in ("base_model", "data_dir")}}
+        if saved is not None:  # a resume: the identity stays, the rest is what this start runs with
+            record["resumes"] = [*saved.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                              "from": str(resume)}]
+        atomic_write_json(output_dir / "run_config.json", record)
+    shared = [run_id, str(resume) if resume else ""]
+    if accelerator.num_processes > 1:  # the other ranks learn what the main process decided
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(shared)
+    return OutputDir(output_dir, shared[0], Path(shared[1]) if shared[1] else None, lock)
 
 
 def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
@@ -443,7 +615,10 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
     with accelerator.main_process_first():
         index = adapter.build_index(cfg.data_dir)
         train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
-        cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1)
+        if cfg.final_eval:  # checked now, not after all epochs
+            check_volume_sizes(index, adapter.volume_columns, f"{cfg.data_dir} (--final_eval scores whole volumes)")
+        cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1,
+                            verify=cfg.verify_cache)
     neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns)
     val_cases = sorted(index["case"].iloc[val_rows].unique())
     logger.info("data: %d slices, %d cases from %s (%s); fold %d/%d: train %d slices (%d cases), val %d slices "
@@ -474,7 +649,11 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     spec = InferenceSpec(dataset=adapter.name, task=cfg.task, classes=adapter.classes, image_size=cfg.image_size,
                          context_slices=cfg.context_slices, context_stride=cfg.context_stride, mean=loaded.mean,
                          std=loaded.std, thresholds=(cfg.threshold,) * len(adapter.classes)
-                         if cfg.task == "multilabel" else ())
+                         if cfg.task == "multilabel" else (),
+                         split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed})
+    if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
+        logger.warning("--threshold %g is ignored: a multiclass model takes the argmax over background and classes",
+                       cfg.threshold)
     model = SegmentationModel(loaded.model)
     frozen = freeze_unused_parameters(model)
     if frozen:
@@ -493,21 +672,25 @@ def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torc
     from augment import train_transform
 
     train_ds = SliceDataset(data.cache, data.train_rows, data.neighbours,
-                            train_transform(cfg.image_size, cfg.strong_aug, cfg.seed), spec.mean, spec.std)
+                            train_transform(cfg.image_size, cfg.strong_aug, cfg.seed), spec.mean, spec.std, cfg.seed)
     val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std)
     workers = cfg.num_workers
     if workers < 0:
         workers = min(8, (os.cpu_count() or 1) // processes) if device.type == "cuda" else 0
-    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    # each loader draws its iterators' seeds from its own generator, not from the global RNG that dropout uses: a
+    # run resumed mid-epoch (a new iterator after the RNG state was restored) then replays the same dropout masks
     train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True,
-                                           drop_last=len(train_ds) >= 2 * cfg.train_batch_size, **loader_kw)
-    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False, **loader_kw)
+                                           drop_last=len(train_ds) >= 2 * cfg.train_batch_size,
+                                           generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                         generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
     return train_dl, val_dl
 
 
-def build_run(cfg: TrainConfig, accelerator, resume: Path | None) -> Run:
-    """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``resume``."""
+def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
+    """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``out.resume``."""
     adapter = get_adapter(cfg.dataset)
     data = load_data(cfg, adapter, accelerator)
     model, spec = build_model(cfg, adapter, accelerator.num_processes)
@@ -521,16 +704,17 @@ def build_run(cfg: TrainConfig, accelerator, resume: Path | None) -> Run:
     loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
                                loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
                                tversky_beta=cfg.tversky_beta)
-    run = Run(cfg, accelerator, Path(cfg.output_dir), adapter, data, spec, model, optimizer, scheduler, train_dl,
-              val_dl, loss_fn, total_steps)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        run.state = TrainState(**json.loads((resume / "trainer_state.json").read_text()))
+    run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
+              total_steps, state=TrainState(run_id=out.run_id))
+    if out.resume is not None:
+        accelerator.load_state(str(out.resume))
+        run.state = read_state(out.resume)
+        run.state.run_id = out.run_id  # (a checkpoint of an older version has none)
         metrics_file = run.output_dir / "metrics.jsonl"
-        if metrics_file.exists():
+        if metrics_file.exists():  # the evaluations this state knows of; later rows (written after it) are redone
             run.history = [r for r in map(json.loads, metrics_file.read_text().splitlines())
-                           if r["step"] <= run.state.global_step]
-        logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", resume,
+                           if r["step"] <= run.state.evaluated_step]
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", out.resume,
                     run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
     logger.info("training: %d epochs x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
                 cfg.epochs, steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
@@ -541,13 +725,14 @@ def build_run(cfg: TrainConfig, accelerator, resume: Path | None) -> Run:
 
 # ---------------------------------------------------------------- the loop
 class LossMeter:
-    """Training losses summed on the device; read back (one host sync) only at log steps and epoch ends."""
+    """Training losses summed on the device; read back (one host sync) only at log steps, saves and epoch ends.
+    The epoch's sum starts from the state's, so an epoch resumed midway still averages all its batches."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, state: TrainState):
         self.running = torch.zeros((), device=device)
-        self.epoch = torch.zeros((), device=device)
+        self.epoch = torch.full((), state.epoch_loss_sum, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        self.running_n = self.epoch_n = self.images = 0
+        self.running_n, self.epoch_n, self.images = 0, state.batches_in_epoch, 0
         self.clock = time.perf_counter()
 
     def add(self, loss: torch.Tensor, images: int) -> None:
@@ -558,9 +743,23 @@ class LossMeter:
         self.epoch_n += 1
         self.images += images
 
+    def new_epoch(self) -> None:
+        self.epoch.zero_()
+        self.epoch_n = 0
+
+    def epoch_sum(self, accelerator) -> float:
+        """The epoch's loss sum, averaged over processes (the same on every rank; a collective)."""
+        return float(accelerator.reduce(self.epoch.clone(), "mean"))
+
     def restart_clock(self) -> None:
         """images/s measures training only, not evaluation and saving."""
         self.clock, self.images = time.perf_counter(), 0
+
+
+def save_state(run: Run, meter: LossMeter) -> Path:
+    """A resumable state of this moment, with the epoch's running loss sum."""
+    run.state.epoch_loss_sum = meter.epoch_sum(run.accelerator)
+    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit)
 
 
 def training_step(run: Run, batch: dict) -> torch.Tensor:
@@ -609,11 +808,10 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     if step % cfg.log_every == 0 or step == run.total_steps:
         log_progress(run, meter, epoch)
     if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-        logger.info("saved resumable state %s", save_checkpoint(run.accelerator, run.output_dir, state,
-                                                                cfg.save_total_limit))
+        logger.info("saved resumable state %s", save_state(run, meter))
     signum = agreed_signal(run.accelerator, stop_signal.signum, step, cfg.log_every)
     if signum:
-        path = save_checkpoint(run.accelerator, run.output_dir, state, cfg.save_total_limit)
+        path = save_state(run, meter)
         name = signal.Signals(signum).name
         logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
                      "--resume_from_checkpoint latest", name, step, path)
@@ -621,20 +819,21 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     run.stop = step >= run.total_steps
 
 
-def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> float:
-    """Train ``epoch`` from where the state stands in it (a resumed run skips the batches already seen);
-    return the mean training loss of the batches trained now."""
+def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> None:
+    """Train ``epoch`` from where the state stands in it (a resumed run skips the batches already seen) until its
+    last batch, or until the run must stop."""
     accelerator, state = run.accelerator, run.state
     run.train_dl.set_epoch(epoch)
-    skip = state.batches_in_epoch if epoch == state.epoch else 0
-    state.epoch, state.batches_in_epoch = epoch, skip
+    run.train_dl.dataset.set_epoch(epoch)  # the augmentation's seed (Accelerate sets the sampler's only)
+    if state.epoch != epoch or state.batches_in_epoch == 0:
+        state.epoch, state.batches_in_epoch = epoch, 0
+        meter.new_epoch()
+    skip = state.batches_in_epoch
     batches = accelerator.skip_first_batches(run.train_dl, skip) if skip else run.train_dl
     bar = None
     if accelerator.is_main_process and sys.stdout.isatty():
         from tqdm.auto import tqdm
         bar = tqdm(total=len(run.train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
-    meter.epoch.zero_()
-    meter.epoch_n = 0
     for batch in batches:
         meter.add(training_step(run, batch), batch["pixel_values"].shape[0] * accelerator.num_processes)
         state.batches_in_epoch += 1
@@ -646,7 +845,6 @@ def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMe
                 break
     if bar is not None:
         bar.close()
-    return float(accelerator.reduce(meter.epoch, "mean")) / max(1, meter.epoch_n)
 
 
 def save_models(run: Run, tag: str) -> None:
@@ -657,22 +855,26 @@ def save_models(run: Run, tag: str) -> None:
     if run.accelerator.is_main_process:
         sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
         wrapper = run.accelerator.unwrap_model(run.model)
-        save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd)
+        with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
+            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd)
 
 
-def end_epoch(run: Run, epoch: int, train_loss: float) -> dict:
-    """Evaluate, keep the best model, decide on early stopping, save last/, metrics.jsonl and a resumable state.
-    Returns the evaluation's record."""
+def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
+    """Evaluate, keep the best model, decide on early stopping, save last/, metrics.jsonl and a resumable state
+    that records this evaluation (so a resume neither repeats nor skips it). Returns the evaluation's record."""
     cfg, state, out = run.cfg, run.state, run.output_dir
+    train_loss = meter.epoch_sum(run.accelerator) / max(1, meter.epoch_n)
     figures = evaluate(Segmenter(run.model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
                        run.accelerator, cfg.empty_dice)
     record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
               "lr": run.scheduler.get_last_lr()[0], **figures}
-    run.history.append(record)
+    run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
+    state.evaluated_step = state.global_step
     logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
                 describe(figures, run.spec.classes))
     if state.batches_in_epoch >= len(run.train_dl):  # a whole epoch: the state points at the next one
         state.epoch, state.batches_in_epoch = epoch + 1, 0
+        meter.new_epoch()
     if figures["dice_mean"] > state.best_dice:
         state.best_dice, state.best_step = figures["dice_mean"], state.global_step
         save_models(run, "best")
@@ -686,7 +888,7 @@ def end_epoch(run: Run, epoch: int, train_loss: float) -> dict:
         save_models(run, "last")
     if run.accelerator.is_main_process:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in run.history))
-    path = save_checkpoint(run.accelerator, out, state, cfg.save_total_limit)
+    path = save_state(run, meter)
     logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
     return record
 
@@ -701,26 +903,39 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    resume = open_output_dir(cfg, accelerator)
-    set_seed(cfg.seed)
-    run = build_run(cfg, accelerator, resume)
+    out = open_output_dir(cfg, accelerator)
+    try:
+        set_seed(cfg.seed)
+        run = build_run(cfg, accelerator, out)
+        last = train_epochs(run)
+        logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step, run.state.best_dice,
+                    run.state.best_step, run.output_dir / "best")
+        if cfg.final_eval:
+            if accelerator.is_main_process:
+                last = {**last, **{f"final_{k}": v for k, v in final_evaluation(run).items()}}
+            accelerator.wait_for_everyone()
+        accelerator.end_training()
+    finally:
+        if out.lock is not None:
+            out.lock.release()
+    return last
+
+
+def train_epochs(run: Run) -> dict:
+    """The epochs from where the state stands: each one trained to its end (or until the run must stop) and then
+    evaluated, unless the state says that evaluation already happened. Returns the last evaluation's record."""
     last = run.history[-1] if run.history else {}
-    meter = LossMeter(accelerator.device)
+    meter = LossMeter(run.accelerator.device, run.state)
     run.model.train()
     with StopSignal() as stop_signal:
-        for epoch in range(run.state.epoch, cfg.epochs):
+        for epoch in range(run.state.epoch, run.cfg.epochs):
+            if run.state.batches_in_epoch < len(run.train_dl) and not run.stop:
+                train_one_epoch(run, epoch, stop_signal, meter)
+            if run.state.evaluated_step < run.state.global_step:
+                last = end_epoch(run, epoch, meter)
+                meter.restart_clock()
             if run.stop:
                 break
-            train_loss = train_one_epoch(run, epoch, stop_signal, meter)
-            last = end_epoch(run, epoch, train_loss)
-            meter.restart_clock()
-    logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step, run.state.best_dice,
-                run.state.best_step, run.output_dir / "best")
-    if cfg.final_eval:
-        if accelerator.is_main_process:
-            last = {**last, **{f"final_{k}": v for k, v in final_evaluation(run).items()}}
-        accelerator.wait_for_everyone()
-    accelerator.end_training()
     return last
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import json
 import logging
@@ -20,6 +22,22 @@ class UserError(Exception):
     """Bad input from the user: the message says what, where and what to do. CLIs print it on one line."""
 
 
+# errors of the storage, not of the program: a one-line message is all the user needs
+STORAGE_ERRORS = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                  errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the device",
+                  errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a path component is a file, not a folder",
+                  errno.EISDIR: "is a folder, not a file"}
+
+
+def storage_error_message(e: OSError) -> str | None:
+    """One line for an OSError caused by the storage (permissions, read-only, full disk, a file where a folder
+    should be), or None for any other OSError (a program error that deserves its traceback)."""
+    if e.errno not in STORAGE_ERRORS:
+        return None
+    where = f" {e.filename}" if e.filename else ""
+    return f"cannot write{where}: {STORAGE_ERRORS[e.errno]}; free space, fix the permissions or choose another folder"
+
+
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Decorator of every command's ``main(argv)``: it returns the exit status, and a UserError becomes one
     ``error: ...`` line on stderr and exit status 2 (no traceback)."""
@@ -30,7 +48,55 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
+        except OSError as e:
+            message = storage_error_message(e)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            return 2
     return run
+
+
+_STORAGE_PHRASES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                    "file write failed")
+
+
+@contextlib.contextmanager
+def storage_guard(target: str | Path, what: str) -> Iterator[None]:
+    """Turn a failed save caused by the storage into one UserError line naming ``target``. Savers that are not
+    Python's own (safetensors, torch.save) raise their own types with the OS message inside, so the message is
+    read; any other error passes through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 (re-raised unless it is the storage's)
+        if isinstance(e, OSError) and storage_error_message(e) is None:
+            raise
+        if not isinstance(e, OSError) and not any(p in str(e) for p in _STORAGE_PHRASES):
+            raise
+        try:
+            free = f"{shutil.disk_usage(Path(target).parent if not Path(target).exists() else target).free / 1e6:.0f} MB free"
+        except OSError:
+            free = "free space unknown"
+        raise UserError(f"cannot save {what} to {target}: {str(e).strip().splitlines()[-1][:200]} ({free}); what was "
+                        "saved before is intact: free space or fix permissions, then rerun with "
+                        "--resume_from_checkpoint latest") from None
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()  # read once at import: os.umask can only be read by setting it
+
+
+def use_umask(path: str | Path, folder: bool) -> None:
+    """Give ``path`` the mode a plain open()/mkdir() would have (tempfile creates 0600 files and 0700 folders,
+    which other users of a shared server could not read)."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~UMASK)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -39,6 +105,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        use_umask(tmp, folder=False)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -67,24 +134,91 @@ def atomic_write_json(path: str | Path, obj: object) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (the old copy survives a crash
-    until the new one is complete)."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``. A crash at any point leaves
+    either the old or the new copy whole: the old one is renamed to ``.<name>.old`` before the new one takes its
+    place, and recover_replaced() (run at every start) puts it back if the new one never arrived."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    use_umask(tmp, folder=True)
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move the complete folder ``new`` to ``path``, replacing what is there, in renames that recover_replaced
+    can always undo or finish."""
+    old = path.with_name(f".{path.name}.old")
+    if old.exists() and path.exists():  # left by an earlier replace that died after its second rename
+        shutil.rmtree(old)
+    if path.exists():  # (if only old exists, it stays the whole copy until new is in place)
+        os.replace(path, old)
+    os.replace(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_replaced(folder: str | Path, name: str = "*") -> list[str]:
+    """Finish or undo the replaces that a killed process left in ``folder``: a ``.<name>.old`` whose ``<name>``
+    is missing is renamed back (the new copy never arrived); one whose ``<name>`` exists is removed; temporary
+    ``.<name>.*.tmp`` files and folders (never complete) are removed. ``name`` limits this to one entry (a glob),
+    for folders where other processes may be writing other entries. Returns what was done, one phrase each."""
+    folder, done = Path(folder), []
+    if not folder.is_dir():
+        return done
+    for old in folder.glob(f".{name}.old"):
+        target = folder / old.name[1:-len(".old")]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            done.append(f"removed {old.name} (its replacement {target.name} is complete)")
+        else:
+            os.replace(old, target)
+            done.append(f"restored {target.name} from {old.name} (a save was interrupted)")
+    for tmp in folder.glob(f".{name}.*tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        done.append(f"removed the unfinished {tmp.name}")
+    return done
+
+
+class FolderLock:
+    """An exclusive advisory lock (flock) on ``<folder>/<name>``, held while the object lives in a ``with`` or
+    until release(). ``wait=False`` raises BlockingIOError when another process holds it."""
+
+    def __init__(self, path: str | Path, wait: bool = True):
+        self.path, self.wait, self.fd = Path(path), wait, None
+
+    def acquire(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return self
+
+    def holder(self) -> str:
+        """The pid written by the process that holds (or last held) the lock."""
+        with contextlib.suppress(OSError):
+            return self.path.read_text().strip() or "?"
+        return "?"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def setup_logging(is_main_process: bool = True, log_file: str | Path | None = None) -> logging.Logger:

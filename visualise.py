@@ -20,11 +20,12 @@ import pandas as pd
 from adapters import DatasetAdapter, get_adapter
 from cache import build_cache
 from data import neighbour_table, split_by_case
+from dataset import seed_pipeline
 from inference import Segmenter
 from masks import pack_masks, unpack_masks
 from metrics import dice_from_stats, mask_stats
 from preprocess import normalise_scan, resize_image, resize_mask
-from utils import command, quiet_third_party
+from utils import UserError, command, quiet_third_party
 
 
 RULE_NAMES = {"1": "1", "0": "0", "skip": "left out"}
@@ -39,7 +40,13 @@ def rgb(colour: str) -> tuple[float, float, float]:
 
 def run_adapter(run_dir: str | Path) -> tuple[dict, DatasetAdapter]:
     """A run's run_config.json and the adapter of its dataset."""
-    cfg = json.loads((Path(run_dir) / "run_config.json").read_text())
+    path = Path(run_dir) / "run_config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no run_config.json); pass the --output_dir of a trainer.py run")
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
     return cfg, get_adapter(cfg["dataset"], f"{run_dir}/run_config.json")
 
 
@@ -151,7 +158,7 @@ def plot_augmentations(adapter: DatasetAdapter, index: pd.DataFrame, image_size:
     image = resize_image(image, image_size)
     packed = resize_mask(pack_masks(masks), image_size)
     tf = train_transform(image_size, strong=strong)
-    tf.set_random_seed(seed)
+    seed_pipeline(tf, seed)
     colours, n_classes = class_colours(adapter), len(adapter.classes)
     fig, axes = plt.subplots(1, n + 1, figsize=(2.4 * (n + 1), 2.7))
     axes[0].imshow(overlay(image, unpack_masks(packed, n_classes), colours))
@@ -171,6 +178,8 @@ def plot_augmentations(adapter: DatasetAdapter, index: pd.DataFrame, image_size:
 def load_metrics(run_dir: str | Path) -> pd.DataFrame:
     """metrics.jsonl of a run as a table, one row per evaluation."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl (not a run folder, or no evaluation yet)")
     return pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
@@ -232,6 +241,9 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
     predict.py and the trainer's evaluation use."""
     run_dir = Path(run_dir)
     cfg, adapter = run_adapter(run_dir)
+    if not (run_dir / "best").is_dir():
+        raise UserError(f"{run_dir} has no best/ model yet (it is written at the first evaluation); wait for one, or "
+                        "resume the run with --resume_from_checkpoint latest")
     index = adapter.build_index(data_dir or cfg["data_dir"])
     _, rows = split_by_case(index, cfg["fold"], cfg["n_folds"], cfg["split_seed"])
     if max_slices:

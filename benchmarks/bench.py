@@ -442,11 +442,13 @@ def main() -> None:
     if args.cmd == "train-worker":
         train_worker(args)
         return
+    import torch
+
+    if args.gpu == "yes" and not torch.cuda.is_available():  # before the CPU sections, not after them
+        raise SystemExit("--gpu yes: CUDA is not available to torch here")
     from utils import quiet_third_party
 
     quiet_third_party()
-    import torch
-
     repeats = 1 if args.quick else args.repeats
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     if args.data_dir:
@@ -496,8 +498,6 @@ def main() -> None:
     print("\n4. trainer overhead: images/s of trainer.py vs a bare loop on the same model (medians of 3 runs)\n")
     print(table(["model", "px", "batch", "loop", "images/s", "ratio"], rows))
 
-    if args.gpu == "yes" and not torch.cuda.is_available():
-        raise SystemExit("--gpu yes: CUDA is not available to torch here")
     if args.gpu == "yes" or (args.gpu == "auto" and torch.cuda.is_available()):
         gpu = torch.cuda.get_device_name(0)
         models = GPU_MODELS[:1] if args.quick else GPU_MODELS

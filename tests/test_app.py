@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from app import Analyser
+from app import Analyser, shown_on_page
 from conftest import ROOT
 from trainer import TrainConfig, train
 
@@ -159,3 +159,15 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
     assert np.abs(page_img - expected).mean() < 3  # the page shows this prediction's overlay (lossy encoding)
     organ = np.abs(expected - expected.mean(-1, keepdims=True)).max(-1) > 40  # tinted, not gray
     assert organ.sum() > 100, "the demo model predicted no organ on the first slice"
+
+
+def test_our_message_reaches_the_page_instead_of_gradios_generic_error():
+    import gradio as gr
+
+    from utils import UserError
+
+    def handler(slice_id):
+        raise UserError(f"slice {slice_id!r} is not in the data folder")
+
+    with pytest.raises(gr.Error, match="slice 'x' is not in the data folder"):
+        shown_on_page(handler)("x")

@@ -1,6 +1,11 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 
 from adapters import DATASETS
 from cache import build_cache
@@ -20,7 +25,7 @@ def test_cache_holds_resized_scans_and_masks_and_is_reused(demo_dir, tmp_path):
     np.testing.assert_array_equal(cache.masks.reshape(len(index), -1).any(1), has_organ)
     assert (cache.masks >= 3).any()  # overlap of two organs survives (bits 0 and 1, or more)
     again = build_cache(GI, index, 64, tmp_path)
-    assert again.path == cache.path and len(os.listdir(tmp_path)) == 1
+    assert again.path == cache.path and [p for p in os.listdir(tmp_path) if not p.startswith(".")] == [cache.path.name]
 
 
 def test_cache_is_rebuilt_when_size_or_labels_change(demo_dir, tmp_path):
@@ -32,3 +37,94 @@ def test_cache_is_rebuilt_when_size_or_labels_change(demo_dir, tmp_path):
     c = build_cache(GI, changed, 64, tmp_path)
     assert len({a, b, c.path}) == 3
     assert c.masks[0].any()
+
+
+def _one_line_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+
+
+def test_a_truncated_or_zeroed_cache_is_rebuilt_with_one_line(demo_dir, tmp_path, caplog):
+    index = build_index(demo_dir)
+    cache = build_cache(GI, index, 64, tmp_path)
+    want = np.array(cache.images)
+    images = cache.path / "images.npy"
+    del cache
+    size = images.stat().st_size
+    images.write_bytes(images.read_bytes()[: size // 2])  # truncated: used to fail every later run with a traceback
+    again = build_cache(GI, index, 64, tmp_path)
+    assert np.array_equal(np.array(again.images), want)
+    images.write_bytes(b"\0" * size)  # right size, wrong content: used to be reused silently
+    again = build_cache(GI, index, 64, tmp_path)
+    assert np.array_equal(np.array(again.images), want)
+    lines = _one_line_warnings(caplog)
+    assert len(lines) == 2 and "images.npy is" in lines[0] and "does not match its checksum" in lines[1]
+
+
+def test_verify_checks_every_block_where_the_default_checks_a_sample(demo_dir, tmp_path, caplog):
+    from cache import check_cache
+
+    index = build_index(demo_dir)
+    path = build_cache(GI, index, 256, tmp_path).path  # 9.4 MB of images: 10 blocks of 1 MiB
+    with open(path / "images.npy", "r+b") as f:
+        f.seek((1 << 20) + 100)  # block 1: not in the sample (first, last, a third, two thirds)
+        f.write(b"\xff" * 64)
+    assert check_cache(path) is None
+    assert check_cache(path, verify=True) == "images.npy block 1 of 10 does not match its checksum"
+    build_cache(GI, index, 256, tmp_path, verify=True)
+    assert check_cache(path, verify=True) is None and len(_one_line_warnings(caplog)) == 1
+
+
+def test_too_little_free_space_is_refused_before_writing(demo_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import cache as cache_module
+    from utils import UserError
+
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"needs 0.00 GB but only 0.00 GB are free"):
+        build_cache(GI, build_index(demo_dir), 64, tmp_path)
+    assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []  # nothing half-written left
+
+
+BUILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from adapters import DATASETS
+from cache import build_cache
+from data import build_index
+from utils import setup_logging
+setup_logging()
+gi = DATASETS["gi"]
+class Slow(type(gi)):
+    def read_image(self, row):
+        time.sleep({delay})
+        return super().read_image(row)
+build_cache(Slow(), build_index({data!r}), 64, {cache!r}, num_threads=1)
+"""
+
+
+def _builder(demo_dir, cache_dir, delay):
+    from conftest import ROOT
+
+    code = BUILD.format(root=str(ROOT), data=str(demo_dir), cache=str(cache_dir), delay=delay)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_building_one_cache_build_it_once(demo_dir, tmp_path):
+    procs = [_builder(demo_dir, tmp_path, 0.01) for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum(o.count("building decode-once cache") for o in outputs) == 1  # the other waited, then used it
+    assert len([p for p in os.listdir(tmp_path) if not p.startswith(".")]) == 1
+
+
+def test_sigterm_during_the_build_leaves_no_temporary_folder(demo_dir, tmp_path):
+    proc = _builder(demo_dir, tmp_path, 0.1)  # 72 slices x 0.1 s
+    deadline = time.monotonic() + 60
+    while not any(p.endswith(".tmp") for p in os.listdir(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []  # used to stay forever

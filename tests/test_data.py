@@ -94,10 +94,12 @@ def _copy(demo_dir, tmp_path):
     (lambda df: df.drop(columns=["segmentation"]), "missing column"),
     (lambda df: df.replace({"class": {"stomach": "liver"}}), "unknown class 'liver'"),
     (lambda df: pd.concat([df, df.iloc[[5]]]), "duplicate row for id"),
-    (lambda df: pd.concat([df, pd.DataFrame({"id": ["case99_day1_slice_0001"], "class": ["stomach"],
-                                             "segmentation": [""]})]), "have no scan file"),
+    (lambda df: pd.concat([df, pd.DataFrame({"id": ["case99_day1_slice_0001"] * 3, "class": list(GI_CLASSES),
+                                             "segmentation": [""] * 3})]), "have no scan file"),
     (lambda df: df[~df["id"].str.endswith("slice_0002")], "have no rows"),
     (lambda df: df.assign(segmentation=df["segmentation"].where(df.index != 40, "5 5 1 1")), "overlaps"),
+    # a missing class row used to be read as "organ absent" (scoring a perfect submission 0.5 against it)
+    (lambda df: df.drop(index=[3, 7]), r"2 id\(s\) lack a row for some class, e.g. .* has no \['.*'\]"),
 ])
 def test_bad_train_csv_gets_a_clear_error(demo_dir, tmp_path, edit, message):
     data = _copy(demo_dir, tmp_path)
@@ -167,3 +169,20 @@ def test_scan_symlink_leading_outside_the_data_folder_is_refused(demo_dir, tmp_p
     victim.symlink_to(outside)
     with pytest.raises(UserError, match="leads outside"):
         build_index(data)
+
+
+def test_zero_byte_train_csv_is_one_line_not_a_traceback(demo_dir, tmp_path):
+    data = _copy(demo_dir, tmp_path)
+    (data / "train.csv").write_bytes(b"")
+    with pytest.raises(UserError, match=r"train.csv is empty \(0 bytes\)"):
+        build_index(data)
+
+
+def test_a_volume_mixing_scan_sizes_is_named(demo_dir):
+    from data import check_volume_sizes
+
+    index = build_index(demo_dir)
+    check_volume_sizes(index, ("case", "day"), "demo")  # the demo's volumes are uniform
+    index.loc[3, "width"] += 16
+    with pytest.raises(UserError, match=r"demo: 1 volume\(s\) mix scan sizes, e.g. \{'case': .*, 'day': .*\} has"):
+        check_volume_sizes(index, ("case", "day"), "demo")

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import build_index
+from data import build_index, split_by_case
 from predict import main as predict_main
 from rle import decode_rle
 from trainer import TrainConfig, train
@@ -75,3 +75,16 @@ def test_val_scores_from_predict_and_score_agree_with_final_eval(demo_dir, train
     final = json.loads((run / "val_scores.json").read_text())
     assert ours["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
     assert np.isclose(ours["score"], final["score"])
+
+
+def test_predict_refuses_a_fold_or_split_other_than_the_models_own(demo_dir, trained, tmp_path, capsys):
+    run, _ = trained
+    base = ["--model", str(run / "best"), "--data_dir", str(demo_dir), "--out", str(tmp_path / "s.csv"),
+            "--cache_dir", str(tmp_path / "c"), "--num_workers", "0"]
+    for extra in (["--fold", "1"], ["--fold", "0", "--n_folds", "5"], ["--fold", "0", "--split_seed", "7"]):
+        assert predict_main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "was trained with the validation fold --fold 0 --n_folds 3 --split_seed 42" in err, err
+    assert predict_main([*base, "--fold", "0"]) == 0  # its own fold: the split comes from the model
+    _, val_rows = split_by_case(build_index(demo_dir), 0, 3)
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 3 * len(val_rows)

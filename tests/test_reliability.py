@@ -96,3 +96,124 @@ def test_two_processes_on_cpu_shard_training_and_count_validation_once(demo_dir,
 
     model = AutoModelForSemanticSegmentation.from_pretrained(out / "best")
     assert model.config.num_labels == 3
+
+
+# ---------------------------------------------------------------- run identity and lifecycle (in-process)
+def _cfg(demo_dir, model, out, tmp_path, **kw):
+    from trainer import TrainConfig
+
+    base = dict(base_model=str(model), data_dir=str(demo_dir), output_dir=str(out), image_size=64, epochs=1,
+                train_batch_size=8, lr=2e-3, num_workers=0, n_folds=3, cache_dir=str(tmp_path / "cache"), log_every=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_every_flag_is_either_part_of_the_run_identity_or_allowed_to_change_on_resume():
+    import dataclasses
+
+    from trainer import MAY_CHANGE_ON_RESUME, RUN_IDENTITY, TrainConfig
+
+    flags = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert not set(RUN_IDENTITY) & set(MAY_CHANGE_ON_RESUME)
+    assert set(RUN_IDENTITY) - {"world_size"} | set(MAY_CHANGE_ON_RESUME) == flags
+
+
+def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new(demo_dir, tiny_models, tmp_path):
+    import dataclasses
+
+    from trainer import train
+    from utils import UserError
+
+    out = tmp_path / "run"
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
+    train(cfg)
+    saved = (out / "run_config.json").read_text()
+    resume = dataclasses.replace(cfg, resume_from_checkpoint="latest", epochs=2)
+    with pytest.raises(UserError) as e:
+        train(dataclasses.replace(resume, fold=1, image_size=96, train_batch_size=4))
+    assert "--image_size was 64, now 96; --fold was 0, now 1; --train_batch_size was 8, now 4" in str(e.value)
+    with pytest.raises(UserError, match=r"--base_model was '.*tiny-segformer', now '.*tiny-upernet'"):
+        train(dataclasses.replace(resume, base_model=str(tiny_models["upernet"])))  # used to end in a traceback
+    assert (out / "run_config.json").read_text() == saved  # a refused resume changes nothing
+    # allowed changes (more epochs, other logging) resume, and the saved identity stays
+    train(dataclasses.replace(resume, log_every=1, data_dir=str(demo_dir) + "/"))  # the same folder, named otherwise
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["run_id"] == json.loads(saved)["run_id"] and len(config["resumes"]) == 1
+    assert [r["epoch"] for r in _records(out)] == [1, 2]
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_reruns_plainly(demo_dir, tiny_models, tmp_path):
+    import dataclasses
+
+    from trainer import train
+    from utils import UserError
+
+    out = tmp_path / "run"
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
+    with pytest.raises(UserError, match="cannot load --base_model"):
+        train(dataclasses.replace(cfg, base_model=str(tmp_path / "no-such-model")))
+    assert (out / "run_config.json").exists()  # the failed start left a run folder ...
+    train(cfg)  # ... and the plain rerun works (it used to be refused, as was --resume_from_checkpoint latest)
+    assert "saved no resumable state: starting over" in (out / "train.log").read_text()
+    assert [r["epoch"] for r in _records(out)] == [1]
+
+
+def test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once(demo_dir, tiny_models, tmp_path):
+    import dataclasses
+
+    from trainer import train
+
+    out = tmp_path / "run"
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, save_total_limit=2)
+    train(cfg)
+    reference = _records(out)
+    newest = out / "checkpoints" / "step_00000012" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # as a kill in the middle of writing it would leave it
+    train(dataclasses.replace(cfg, resume_from_checkpoint="latest"))
+    log = (out / "train.log").read_text()
+    assert "skipped checkpoint" in log and "model.safetensors is truncated" in log
+    assert "resumed from " + str(out / "checkpoints" / "step_00000006") in log
+    again = _records(out)
+    assert [r["epoch"] for r in again] == [1, 2]  # epoch 2 redone, recorded once
+    for a, b in zip(again, reference):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a["dice_mean"] == pytest.approx(b["dice_mean"], abs=1e-6)
+
+
+def test_a_live_run_holds_its_output_dir_and_a_file_is_no_output_dir(demo_dir, tiny_models, tmp_path):
+    from trainer import train
+    from utils import FolderLock, UserError
+
+    out = tmp_path / "run"
+    with FolderLock(out / ".lock", wait=False):  # as a running trainer holds it
+        with pytest.raises(UserError, match=rf"--output_dir {out} is in use by a live run \(pid {os.getpid()}\)"):
+            train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; pass a folder"):
+        train(_cfg(demo_dir, tiny_models["segformer"], tmp_path / "file", tmp_path))
+
+
+def test_final_eval_refuses_mixed_scan_sizes_in_a_volume_before_training(demo_dir, tiny_models, tmp_path):
+    import shutil
+
+    import cv2
+    import pandas as pd
+
+    from trainer import train
+    from utils import UserError
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    scan = sorted(data.glob("train/*/*/scans/*.png"))[3]
+    _, num, w, h, px, py = scan.stem.split("_")
+    img = cv2.imread(str(scan), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(scan.with_name(f"slice_{num}_{int(w) + 16}_{h}_{px}_{py}.png")),
+                cv2.resize(img, (int(w) + 16, int(h))))
+    scan.unlink()
+    csv = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    slice_id = f"{scan.parts[-3]}_slice_{num}"
+    csv.loc[csv["id"] == slice_id, "segmentation"] = ""
+    csv.to_csv(data / "train.csv", index=False)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=r"volume\(s\) mix scan sizes"):  # used to fail only after all epochs
+        train(_cfg(data, tiny_models["segformer"], out, tmp_path, final_eval=True))
+    assert not (out / "metrics.jsonl").exists()

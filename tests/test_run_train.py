@@ -64,3 +64,44 @@ def test_default_demo_run_builds_its_data_and_model_without_network(tmp_path):
     assert len(logs) == 1 and "eval epoch 2" in logs[0].read_text()
     assert "demo preset (neither BASE_MODEL nor DATA_DIR set)" in logs[0].read_text()
     assert "--lr 0.002" in logs[0].read_text()  # the preset, stated in the trainer's settings line
+
+
+def test_gpus_that_do_not_exist_are_refused(demo_dir, tiny_models, tmp_path):
+    # used to train on the CPU without a word (GPUS=7), or start two unrelated runs writing one folder (GPUS=0,1)
+    import torch
+
+    count = torch.cuda.device_count()
+    for gpus, message in ((str(count), f"there is no GPU {count}" if count else "this machine has no CUDA GPU"),
+                          ("a,1", "expected comma-separated GPU numbers")):
+        env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]),
+                   GPUS=gpus)
+        res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_live_log_file_is_not_reused(demo_dir, tiny_models, tmp_path):
+    import fcntl
+
+    log = tmp_path / "logs" / "run.log"
+    log.parent.mkdir()
+    with open(log, "a") as held:  # as the run_train.sh of a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]))
+        res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "is being written by a live run" in res.stderr
+    assert log.read_text() == ""  # untouched
+
+
+def test_two_launches_in_the_same_second_get_their_own_folder_and_log(demo_dir, tiny_models, tmp_path):
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(ROOT / "run_train.sh", proj)
+    env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "DATA_DIR": str(demo_dir),
+           "BASE_MODEL": str(tiny_models["segformer"]), "LR": "-1"}  # refused at once: only the names matter here
+    (proj / "trainer.py").symlink_to(ROOT / "trainer.py")
+    procs = [subprocess.Popen(["bash", "run_train.sh"], cwd=proj, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    heads = [p.communicate(timeout=120)[0].splitlines()[0] for p in procs]
+    assert heads[0] != heads[1], heads  # "log: logs/<model>-<time>-<pid>.log   output: runs/…"
+    assert len(list((proj / "logs").glob("*.log"))) == 2

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -65,3 +66,13 @@ def test_missing_and_extra_ids_are_named(demo_dir, tmp_path):
 def test_score_cli_reports_bad_input_in_one_line(demo_dir, tmp_path, capsys):
     assert score_main(["--pred", str(tmp_path / "nope.csv"), "--data_dir", str(demo_dir)]) == 2
     assert "error: submission" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [(b"", "is empty \\(0 bytes\\)"),
+                                              (b"id,class,predicted\n", "has a header but no rows")])
+def test_zero_byte_and_header_only_submissions_are_one_line(demo_dir, tmp_path, capsys, content, message):
+    path = tmp_path / "sub.csv"
+    path.write_bytes(content)
+    assert score_main(["--pred", str(path), "--data_dir", str(demo_dir)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -64,8 +64,10 @@ def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_pa
     from inference import Segmenter
 
     cfg = _cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass", context_slices=3,
-               gradient_accumulation_steps=2, scheduler_name="MultiStepLR", channels_last=True, optimizer="SGD")
+               gradient_accumulation_steps=2, scheduler_name="MultiStepLR", channels_last=True, optimizer="SGD",
+               threshold=0.3)
     last = train(cfg)
+    assert "--threshold 0.3 is ignored: a multiclass model takes the argmax" in (tmp_path / "r" / "train.log").read_text()
     assert np.isfinite(last["val_loss"]) and np.isfinite(last["train_loss"])
     train_rows, _ = split_by_case(build_index(demo_dir), cfg.fold, cfg.n_folds)
     batches = len(train_rows) // cfg.train_batch_size  # drop_last
@@ -80,12 +82,24 @@ def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_pa
     assert masks.shape == (2, 3, 16, 16) and (masks.sum(1) <= 1).all()  # argmax: one class per pixel at most
 
 
-def test_output_dir_of_a_finished_run_is_not_overwritten(demo_dir, tiny_models, tmp_path):
+def test_output_dir_of_a_finished_run_is_not_overwritten_and_overwrite_really_starts_over(demo_dir, tiny_models,
+                                                                                          tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "run_config.json").write_text("{}")
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, save_total_limit=3)
+    train(cfg)
+    first = json.loads((out / "run_config.json").read_text())["run_id"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006", "step_00000012"]
     with pytest.raises(UserError, match="already holds a run"):
-        train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path))
+        train(cfg)
+    # the old run's later checkpoints must not outlive the new run's (they used to win 'latest' and rotation)
+    train(dataclasses.replace(cfg, epochs=1, overwrite_output_dir=True))
+    second = json.loads((out / "run_config.json").read_text())["run_id"]
+    assert second != first
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000006"]
+    assert json.loads((out / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())["run_id"] == second
+    assert [r["epoch"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1]
+    assert "removed the previous run's run_config.json, .resumable, metrics.jsonl, train.log, best, last, " \
+           "checkpoints" in (out / "train.log").read_text()
 
 
 @pytest.mark.parametrize("change, message", [

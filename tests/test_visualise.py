@@ -3,7 +3,6 @@ import os
 
 import nbformat
 import numpy as np
-import pandas as pd
 import pytest
 
 import visualise as vis
@@ -108,3 +107,14 @@ def test_multiclass_run_predictions_have_organ_channels(demo_dir, tiny_models, t
     assert pred.task == "multiclass" and len(pred.masks) == 6
     for m in pred.masks.values():
         assert m.shape[0] == 3 and (m.sum(0) <= 1).all()  # softmax: at most one organ per pixel
+
+
+def test_a_folder_that_is_no_run_or_has_no_best_model_is_one_line(run_dir, tmp_path, capsys):
+    assert vis.main(["--run_dir", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert "is not a run folder (no run_config.json)" in capsys.readouterr().err
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "run_config.json").write_text((run_dir / "run_config.json").read_text())  # started, not yet evaluated
+    assert vis.main(["--run_dir", str(early), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "has no best/ model yet" in err and "Traceback" not in err

@@ -1,0 +1,109 @@
+"""Atomic replaces and their recovery, file modes, storage errors as one line, the folder lock."""
+import errno
+import os
+
+import pytest
+
+from utils import (FolderLock, UserError, atomic_dir, atomic_write_text, command, recover_replaced, replace_dir,
+                   storage_guard)
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "f.txt").write_text(text)
+    return path
+
+
+def test_replace_interrupted_between_its_renames_is_undone_at_start(tmp_path):
+    # the state a kill leaves between "best -> .best.old" and ".best.X.tmp -> best": only the old copy is whole
+    _folder(tmp_path / ".best.old", "old")
+    _folder(tmp_path / ".best.abc.tmp", "half-written")
+    done = recover_replaced(tmp_path)
+    assert (tmp_path / "best" / "f.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["best"] and len(done) == 2
+
+
+def test_replace_interrupted_after_its_renames_keeps_the_new_copy(tmp_path):
+    _folder(tmp_path / "best", "new")
+    _folder(tmp_path / ".best.old", "old")
+    recover_replaced(tmp_path)
+    assert (tmp_path / "best" / "f.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_recovery_limited_to_one_name_leaves_other_writers_alone(tmp_path):
+    _folder(tmp_path / ".a.1.tmp", "x")
+    _folder(tmp_path / ".b.2.tmp", "someone else's build")
+    recover_replaced(tmp_path, "a")
+    assert sorted(os.listdir(tmp_path)) == [".b.2.tmp"]
+
+
+def test_replace_dir_when_only_the_old_copy_survived(tmp_path):
+    _folder(tmp_path / ".x.old", "old")
+    new = _folder(tmp_path / "new", "new")
+    replace_dir(new, tmp_path / "x")
+    assert (tmp_path / "x" / "f.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["x"]
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypatch, umask, file_mode, dir_mode):
+    import utils
+
+    monkeypatch.setattr(utils, "UMASK", umask)  # (read from the process once, at import)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    with atomic_dir(tmp_path / "folder") as tmp:
+        (tmp / "x").write_text("1")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == file_mode  # tempfile alone gives 0600 / 0700
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == dir_mode
+
+
+def test_atomic_write_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch):
+    atomic_write_text(tmp_path / "m.jsonl", "old\n")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        atomic_write_text(tmp_path / "m.jsonl", "new\n")
+    assert (tmp_path / "m.jsonl").read_text() == "old\n" and os.listdir(tmp_path) == ["m.jsonl"]
+    with pytest.raises(OSError), atomic_dir(tmp_path / "d"):
+        pass
+    assert sorted(os.listdir(tmp_path)) == ["m.jsonl"]  # the temporary folder is gone too
+
+
+@pytest.mark.parametrize("error, phrase", [
+    (OSError(errno.ENOSPC, "No space left on device", "/out/x"), "cannot write /out/x: no space left on the device"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro"), "cannot write /ro: read-only file system"),
+    (PermissionError(errno.EACCES, "Permission denied", "/p"), "cannot write /p: permission denied"),
+])
+def test_storage_errors_end_a_command_in_one_line(capsys, error, phrase):
+    @command
+    def main(argv=None):
+        raise error
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {phrase}; free space, fix the permissions or choose another folder"
+
+
+def test_other_os_errors_keep_their_traceback():
+    @command
+    def main(argv=None):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    with pytest.raises(OSError):
+        main([])
+
+
+def test_storage_guard_reads_the_os_message_of_foreign_savers(tmp_path):
+    with pytest.raises(UserError, match=r"cannot save the best/ model to .*best: .*No space left on device.*intact"):
+        with storage_guard(tmp_path / "best", "the best/ model"):
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(ValueError), storage_guard(tmp_path, "x"):
+        raise ValueError("a program error stays one")
+
+
+def test_folder_lock_refuses_a_second_holder_until_released(tmp_path):
+    first = FolderLock(tmp_path / ".lock", wait=False).acquire()
+    with pytest.raises(BlockingIOError):
+        FolderLock(tmp_path / ".lock", wait=False).acquire()
+    assert first.holder() == str(os.getpid())
+    first.release()
+    FolderLock(tmp_path / ".lock", wait=False).acquire().release()
