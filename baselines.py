@@ -6,6 +6,7 @@
     --base_model unet-resnext50    U-Net with a ResNeXt50 32x4d encoder (Bottlenecks 3-4-6-3, 32 groups)
     --base_model dense-unet        U-Net whose encoder blocks are dense blocks (the "FancyUNet" / DenseUNet
                                    baseline of the SegFormer-vs-U-Net comparison)
+    --base_model unext             UNeXt (MICCAI 2022): conv stages, then tokenised shifted-MLP stages (unext.py)
 
 Why not segmentation_models_pytorch: it (and timm) require torchvision, which on a CPU machine replaces the CPU
 torch build with a multi-GB CUDA one, and its pretrained encoder weights come from a hub we cannot reach. The
@@ -23,9 +24,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
-# --base_model name -> encoder of GIUNetConfig
+from unext import build_unext  # also registers UNeXt with the Auto classes
+
+# --base_model name -> encoder of GIUNetConfig, or the UNeXt architecture
 BASELINES = {"unet": "plain", "unet-resnet34": "resnet34", "unet-resnext50": "resnext50_32x4d",
-             "dense-unet": "dense"}
+             "dense-unet": "dense", "unext": "unext"}
+BASELINE_FAMILIES = ("gi_unet", "gi_unext")  # their model_type in config.json
 
 
 class GIUNetConfig(PretrainedConfig):
@@ -250,8 +254,10 @@ AutoConfig.register("gi_unet", GIUNetConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(GIUNetConfig, GIUNetForSemanticSegmentation, exist_ok=True)
 
 
-def build_baseline(name: str, id2label: dict[int, str], base_channels: int = 32) -> GIUNetForSemanticSegmentation:
-    """A randomly initialised baseline for ``--base_model name``."""
+def build_baseline(name: str, id2label: dict[int, str], base_channels: int = 32) -> PreTrainedModel:
+    """A randomly initialised baseline for ``--base_model name`` (``base_channels``: the U-Nets' width)."""
+    if name == "unext":
+        return build_unext(id2label)
     config = GIUNetConfig(encoder=BASELINES[name], base_channels=base_channels, id2label=id2label,
                           label2id={v: k for k, v in id2label.items()})
     return GIUNetForSemanticSegmentation(config)

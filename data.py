@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from rle import RLEError, decode_rle, parse_rle
-from utils import UserError
+from utils import UserError, read_csv_strings
 
 GI_CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")
 # Overlap rule of --task multiclass: where organs overlap, the first class of this list wins.
@@ -73,13 +73,7 @@ def read_labels(csv_path: str | Path) -> pd.DataFrame:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise UserError(f"{csv_path} not found: the data folder needs the competition's train.csv")
-    try:
-        raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{csv_path} is empty (0 bytes); it needs the header id,class,segmentation and three rows "
-                        "per slice") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv_path}: not a readable CSV ({e})") from None
+    raw = read_csv_strings(csv_path, str(csv_path), "the header id,class,segmentation and three rows per slice")
     missing = [c for c in CSV_COLUMNS if c not in raw.columns]
     if missing:
         raise UserError(f"{csv_path}: missing column(s) {missing}; expected columns {list(CSV_COLUMNS)}")

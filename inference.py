@@ -163,9 +163,7 @@ class Segmenter:
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "Segmenter":
         """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``."""
-        from transformers import AutoModelForSemanticSegmentation  # 1.8 s: only commands that load a model pay it
-
-        from model import SegmentationModel  # (model.py imports this module; it also registers the CNN baselines)
+        from model import SegmentationModel, auto_class  # transformers (1.8 s): only commands that load a model pay it
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
@@ -173,7 +171,8 @@ class Segmenter:
                             "runs/<name>/best)")
         spec = InferenceSpec.load(folder)
         try:
-            hf = AutoModelForSemanticSegmentation.from_pretrained(folder)
+            model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+            hf = auto_class(model_type).from_pretrained(folder)
         except (OSError, ValueError) as e:
             raise UserError(f"--model {folder}: not a segmentation model folder ({str(e).splitlines()[0]})") from None
         if hf.config.num_labels != len(spec.labels()):

@@ -18,12 +18,14 @@ from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForSemanticSegmentation, BeitConfig, ConvNextConfig, DPTConfig,
-                          SegformerConfig, SegformerImageProcessorPil, UperNetConfig)
+from transformers import (AutoConfig, AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation, BeitConfig,
+                          ConvNextConfig, DPTConfig, Mask2FormerConfig, SegformerConfig, SegformerImageProcessorPil,
+                          SwinConfig, UperNetConfig)
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
-from baselines import BASELINES, build_baseline  # also registers the U-Net baselines with the Auto classes
+from baselines import BASELINE_FAMILIES, BASELINES, build_baseline  # also registers them with the Auto classes
 from inference import InferenceSpec, task_labels
+from masks import multiclass_targets, unpack_targets
 from preprocess import IMAGENET_MEAN, IMAGENET_STD
 from utils import UserError, atomic_dir, command, quiet_third_party
 
@@ -31,7 +33,11 @@ from utils import UserError, atomic_dir, command, quiet_third_party
 FAMILY_STATS = {"segformer": (IMAGENET_MEAN, IMAGENET_STD),
                 "upernet": (IMAGENET_MEAN, IMAGENET_STD),
                 "dpt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-                "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+                "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                "mask2former": (IMAGENET_MEAN, IMAGENET_STD)}
+# mask-classification families: one mask per object query and a class per mask, trained with their own
+# Hungarian-matched loss; not AutoModelForSemanticSegmentation models
+QUERY_FAMILIES = ("mask2former",)
 ADE_LIKE_LABELS = {i: f"ade_class_{i}" for i in range(150)}
 
 
@@ -61,9 +67,23 @@ def _tiny_beit(id2label: dict, width: int = 1):
                       id2label=id2label)
 
 
+def _tiny_mask2former(id2label: dict, width: int = 1):
+    backbone = SwinConfig(image_size=128, patch_size=4, embed_dim=16 * width, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 2, 2], window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, hidden_dim=32 * width, mask_feature_size=32 * width,
+                             feature_size=32 * width, num_queries=16, encoder_layers=1, decoder_layers=3,
+                             num_attention_heads=2, dim_feedforward=64 * width, encoder_feedforward_dim=64 * width,
+                             train_num_points=1024, id2label=id2label)
+
+
 # family -> builder of a small, randomly initialised config of the real architecture
 TINY_CONFIGS: dict[str, Callable] = {"segformer": _tiny_segformer, "upernet": _tiny_upernet, "dpt": _tiny_dpt,
-                                     "beit": _tiny_beit}
+                                     "beit": _tiny_beit, "mask2former": _tiny_mask2former}
+
+
+def auto_class(model_type: str):
+    """The Auto class that loads a ``model_type``: mask classification (Mask2Former) or semantic segmentation."""
+    return AutoModelForUniversalSegmentation if model_type in QUERY_FAMILIES else AutoModelForSemanticSegmentation
 
 
 def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -> Path:
@@ -74,7 +94,7 @@ def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -
     torch.manual_seed(seed)
     config = TINY_CONFIGS[family](ADE_LIKE_LABELS, width)
     config.label2id = {v: k for k, v in config.id2label.items()}
-    model = AutoModelForSemanticSegmentation.from_config(config)
+    model = auto_class(config.model_type).from_config(config)
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
@@ -112,7 +132,8 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``."""
     id2label = task_labels(task, classes)
     if base_model in BASELINES:
-        return LoadedModel(build_baseline(base_model, id2label), "gi_unet",
+        model = build_baseline(base_model, id2label)
+        return LoadedModel(model, model.config.model_type,
                            ["all weights (a CNN baseline starts from random weights: no pretrained encoder offline)"],
                            IMAGENET_MEAN, IMAGENET_STD, "ImageNet (a CNN baseline's choice)")
     try:
@@ -121,13 +142,14 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load --base_model {base_model!r}: {first}.{_hub_hint(base_model)}") from None
     family = config.model_type
-    if family not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and family != "gi_unet":  # any AutoModelForSemanticSegmentation family loads
+    if family not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and family not in (*BASELINE_FAMILIES,
+                                                                                       *QUERY_FAMILIES):  # any AutoModelForSemanticSegmentation family loads
         raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
                         f"tested families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters
-    model, info = AutoModelForSemanticSegmentation.from_pretrained(
+    model, info = auto_class(family).from_pretrained(
         base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
         output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs)
     reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
@@ -146,11 +168,13 @@ class SegmentationModel(nn.Module):
     """Wraps a transformers segmentation model: ``forward(pixel_values) -> (logits, aux_logits or None)``.
 
     The auxiliary head's output (UperNet, DPT, BEiT) is captured with a forward hook, since transformers only
-    uses it inside its own cross-entropy loss."""
+    uses it inside its own cross-entropy loss. A mask-classification model (Mask2Former) returns per-class maps as
+    logits (query_maps); given ``targets`` (query_targets of a batch) its second output is its own matched loss."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
+        self.query_based = hf_model.config.model_type in QUERY_FAMILIES
         self._aux: torch.Tensor | None = None
         aux_head = getattr(hf_model, "auxiliary_head", None)
         if aux_head is not None:
@@ -159,11 +183,42 @@ class SegmentationModel(nn.Module):
     def _keep_aux(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._aux = output
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, pixel_values: torch.Tensor,
+                targets: tuple[list, list] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.query_based:
+            mask_labels, class_labels = targets if targets is not None else (None, None)
+            out = self.hf(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+            multiclass = self.hf.config.id2label.get(0) == "background"
+            return query_maps(out.class_queries_logits, out.masks_queries_logits, multiclass), out.loss
         self._aux = None
         logits = self.hf(pixel_values=pixel_values).logits
         aux, self._aux = self._aux, None
         return logits, aux
+
+
+def query_maps(class_logits: torch.Tensor, mask_logits: torch.Tensor, multiclass: bool) -> torch.Tensor:
+    """Mask2Former's (B, Q, K + 1) class logits (the last: no object) and (B, Q, h, w) mask logits -> (B, K, h, w)
+    logits of per-class maps: p(class k) = sum over queries of softmax(class)_k x sigmoid(mask), as the image
+    processor's semantic post-processing computes before its argmax. Multilabel: the logit of p (so sigmoid gives p
+    back and classes that overlap keep both); multiclass: log p (argmax unchanged)."""
+    probs = torch.einsum("bqk,bqhw->bkhw", class_logits.float().softmax(-1)[..., :-1], mask_logits.float().sigmoid())
+    probs = probs.clamp(1e-6, 1 - 1e-6)
+    return probs.log() if multiclass else torch.logit(probs)
+
+
+def query_targets(packed: torch.Tensor, task: str, classes: tuple[str, ...],
+                  priority: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A batch's packed masks -> Mask2Former's targets: per image, one mask per label present (multilabel: each
+    organ, overlaps kept; multiclass: background and each organ after the priority) and its label."""
+    if task == "multilabel":
+        planes = unpack_targets(packed, len(classes))  # (B, C, H, W)
+        labels = torch.arange(len(classes), device=packed.device)
+    else:
+        ids = multiclass_targets(packed, classes, priority)
+        labels = torch.arange(len(classes) + 1, device=packed.device)
+        planes = (ids.unsqueeze(1) == labels.view(1, -1, 1, 1)).float()
+    present = planes.flatten(2).amax(2) > 0  # (B, K)
+    return [p[keep] for p, keep in zip(planes, present)], [labels[keep] for keep in present]
 
 
 def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> list[str]:

@@ -23,7 +23,7 @@ from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
 from data import check_volume_sizes
 from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, mask_stats, summarise, time_saved
 from rle import RLEError, decode_rle
-from utils import UserError, atomic_write_json, command
+from utils import UserError, atomic_write_json, command, read_csv_strings
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 
@@ -33,13 +33,7 @@ def read_submission(path: str | Path, classes: tuple[str, ...]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"submission {path} not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"submission {path} is empty (0 bytes); expected the header id,class,predicted and a row "
-                        "per slice and class") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"submission {path}: not a readable CSV ({e})") from None
+    df = read_csv_strings(path, f"submission {path}", "the header id,class,predicted and a row per slice and class")
     wide = submission_to_wide(df, str(path), classes=classes)
     if wide.empty:
         raise UserError(f"submission {path} has a header but no rows; nothing to score")

@@ -56,9 +56,9 @@ class TrainConfig:
     # model and data
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
         "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
-                "UperNet-ConvNeXt, DPT or BEiT checkpoint (or any AutoModelForSemanticSegmentation family); its "
-                "decode/auxiliary heads are replaced. Or a CNN baseline trained from scratch: unet, unet-resnet34, "
-                "unet-resnext50, dense-unet (baselines.py)"})
+                "UperNet-ConvNeXt, DPT, BEiT or Mask2Former checkpoint (or any AutoModelForSemanticSegmentation "
+                "family); its decode/auxiliary/class heads are replaced. Or a CNN baseline trained from scratch: unet, unet-resnet34, "
+                "unet-resnext50, dense-unet (baselines.py), unext (unext.py)"})
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder"})
     dataset: str = field(default="gi", metadata={"help": datasets_help, "choices": lambda: tuple(DATASETS)})
@@ -448,6 +448,7 @@ class Run:
     state: TrainState = field(default_factory=TrainState)
     history: list[dict] = field(default_factory=list)
     stop: bool = False  # max_train_steps reached, or early stopping
+    query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
 
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
@@ -706,6 +707,7 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
                                tversky_beta=cfg.tversky_beta)
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
+    run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
     if out.resume is not None:
         accelerator.load_state(str(out.resume))
         run.state = read_state(out.resume)
@@ -769,12 +771,19 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
     if cfg.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
-        with accelerator.autocast():
-            logits, aux = model(pixels)
-        size = batch["mask"].shape[-2:]
-        loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
-        if aux is not None and cfg.aux_weight > 0:
-            loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
+        if run.query_based:  # Mask2Former: its own Hungarian-matched loss on one mask per present label
+            from model import query_targets  # (imported with the model already)
+
+            targets = query_targets(batch["mask"], cfg.task, run.adapter.classes, run.adapter.priority)
+            with accelerator.autocast():
+                _, loss = model(pixels, targets)
+        else:
+            with accelerator.autocast():
+                logits, aux = model(pixels)
+            size = batch["mask"].shape[-2:]
+            loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
+            if aux is not None and cfg.aux_weight > 0:
+                loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -117,6 +117,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def read_csv_strings(path: str | Path, name: str, needs: str):
+    """A CSV as a DataFrame of strings (empty cells stay ''); an empty or unparsable file is one UserError line
+    naming ``name`` (the file as the user knows it) and what it ``needs``."""
+    import pandas as pd  # (0.5 s; only the commands that read a CSV pay it)
+
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{name} is empty (0 bytes); it needs {needs}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{name}: not a readable CSV ({e})") from None
+
+
 def json_safe(obj: object) -> object:
     """NaN and infinities become null, so the output is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):

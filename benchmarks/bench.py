@@ -271,12 +271,18 @@ def train_worker(args) -> None:
     from losses import SegmentationLoss, upsample_like
     from model import SegmentationModel, freeze_unused_parameters
 
+    from baselines import BASELINES, build_baseline
+
     torch.manual_seed(0)
-    cfg = _model_config(args.model)
-    cfg.id2label = dict(enumerate(GI_CLASSES))
-    cfg.label2id = {v: k for k, v in cfg.id2label.items()}
     device = torch.device(args.device)
-    model = SegmentationModel(AutoModelForSemanticSegmentation.from_config(cfg)).to(device)
+    if args.model in BASELINES:  # unet, unext, ...: the CNN baselines as trainer.py builds them
+        hf = build_baseline(args.model, dict(enumerate(GI_CLASSES)))
+    else:
+        cfg = _model_config(args.model)
+        cfg.id2label = dict(enumerate(GI_CLASSES))
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+        hf = AutoModelForSemanticSegmentation.from_config(cfg)
+    model = SegmentationModel(hf).to(device)
     freeze_unused_parameters(model)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -24,11 +24,12 @@ def test_resnet_encoders_match_the_reference_sizes():
     assert 24.0e6 < n34 < 24.9e6 and 31.5e6 < n50 < 32.5e6
 
 
-def test_baseline_saves_and_loads_like_a_transformers_model(tmp_path):
+@pytest.mark.parametrize("name, family", [("unet", "gi_unet"), ("unext", "gi_unext")])
+def test_baseline_saves_and_loads_like_a_transformers_model(tmp_path, name, family):
     from transformers import AutoModelForSemanticSegmentation
 
-    loaded = load_model("unet", "multiclass", GI)
-    assert loaded.family == "gi_unet" and "random weights" in loaded.reinitialised[0]
+    loaded = load_model(name, "multiclass", GI)
+    assert loaded.family == family and "random weights" in loaded.reinitialised[0]
     loaded.model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     again = AutoModelForSemanticSegmentation.from_pretrained(tmp_path)
@@ -39,3 +40,27 @@ def test_baseline_saves_and_loads_like_a_transformers_model(tmp_path):
     assert again.config.id2label[0] == "background"
     relabelled = load_model(str(tmp_path), "multilabel", GI)  # a saved baseline fine-tunes like any checkpoint
     assert relabelled.model.config.num_labels == 3
+
+
+def test_unext_has_the_papers_size_and_cost_and_keeps_the_input_size():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_baseline("unext", {0: "large_bowel", 1: "small_bowel", 2: "stomach"}).eval()
+    # the paper: 1.47M parameters and 0.57 G(MAC) at 256 x 256 (its head has 1 class; ours 3: 34 more weights)
+    assert sum(p.numel() for p in model.parameters()) == 1_471_921 + 2 * 17
+    x = torch.randn(1, 3, 256, 256)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        logits = model(pixel_values=x).logits
+    assert logits.shape == (1, 3, 256, 256)
+    assert abs(flops.get_total_flops() / 2e9 - 0.562) < 0.005  # multiply-accumulates, as the paper counts
+    assert model.config.model_type == "gi_unext"
+
+
+def test_unext_shift_moves_each_channel_group_by_its_own_offset():
+    from unext import shift
+
+    x = torch.zeros(1, 5, 7, 7)
+    x[:, :, 3, 3] = 1  # one pixel in each of 5 groups of one channel
+    moved = shift(x, 5, 2)  # along the height: group g by g - 2, zeros coming in
+    assert [int(moved[0, g, :, 3].argmax()) for g in range(5)] == [1, 2, 3, 4, 5]
+    assert moved.sum() == 5 and torch.equal(shift(x, 5, 3)[0, :, 3, :].argmax(1), torch.tensor([1, 2, 3, 4, 5]))

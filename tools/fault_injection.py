@@ -51,7 +51,9 @@ def prepare(work: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
     from demo_data import make_demo_data
     from model import make_tiny
+    from utils import quiet_third_party
 
+    quiet_third_party()  # no "Writing model shards" bar in the report
     data, model = work / "data", work / "model"
     if not (data / "train.csv").exists():
         make_demo_data(data, slices_per_day=8)
@@ -112,9 +114,6 @@ def differences(got: list[dict], want: list[dict]) -> str:
 def loadable(folder: Path) -> str:
     from transformers import AutoModelForSemanticSegmentation
 
-    from utils import quiet_third_party
-
-    quiet_third_party()
     try:
         AutoModelForSemanticSegmentation.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 (any failure to load is the finding)
