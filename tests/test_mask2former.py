@@ -93,3 +93,26 @@ def test_mask2former_and_unext_train_through_run_train_predict_score_and_compare
     assert compare.main([str(runs["m2f"]), str(runs["unext"])]) == 0
     table = capsys.readouterr().out
     assert f"| m2f | {tiny_mask2former} | multilabel |" in table and "| unext | unext | multilabel | 1.47M |" in table
+
+
+def test_mask2former_trains_under_two_processes(demo_dir, tiny_mask2former, tmp_path):
+    """Its per-image target lists pass through DDP's forward (gloo on the CPU, as CI can run it)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "trainer.py"),
+              "--base_model", str(tiny_mask2former), "--data_dir", str(demo_dir), "--output_dir", str(out),
+              "--image_size", "64", "--epochs", "1", "--num_workers", "0", "--n_folds", "3", "--train_batch_size", "4",
+              "--cache_dir", str(tmp_path / "cache")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(launch, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["step"] == 48 // (4 * 2)  # each rank trained half of the epoch
