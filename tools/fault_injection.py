@@ -70,7 +70,9 @@ def trainer_args(data: Path, model: Path, out: Path, cache: Path) -> list[str]:
 
 
 def environment() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1"}
+    # no .pyc writes: Python writes them with a rename, which would shift the numbering between runs
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def list_points(work: Path, data: Path, model: Path) -> tuple[list[Point], list[dict]]:
@@ -88,8 +90,11 @@ def list_points(work: Path, data: Path, model: Path) -> tuple[list[Point], list[
     counts = {s: 0 for s in SYSCALLS}
     points = []
     for line in lines:
-        pid, _, call = line.partition(" ")
-        name = call.split("(", 1)[0]
+        found = re.match(r"(\d+)\s+(\w+)\((.*)", line)  # strace pads the pid column: "987   rename(..."
+        if not found:
+            continue
+        pid, name = found.group(1), found.group(2)
+        call = f"{name}({found.group(3)}"
         if pid == main_pid and name in counts:
             counts[name] += 1
             points.append(Point(name, counts[name], re.sub(r"\s+=.*$", "", call)))
