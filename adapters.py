@@ -2,6 +2,8 @@
 
     DATASETS["gi"]    UW-Madison GI tract, Kaggle layout (data.py): 3 organs from run-length codes
     DATASETS["lgg"]   LGG brain MRI, kaggle_3m layout (lgg.py): one class, tumor, from mask files
+    DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (hf_data.py); its classes
+                      come with the data, so ``adapter.bind(data_dir, options)`` gives the adapter of one dataset
 
 An adapter owns its name, classes, the multiclass overlap priority, display colours, how to build the slice
 index from a folder, how to read one image and one slice's masks, which rows form a 3D volume, and its demo
@@ -25,7 +27,7 @@ import pandas as pd
 import data
 import lgg
 from demo_data import make_demo_data
-from masks import MAX_CLASSES
+from masks import IGNORE_BIT, MAX_CLASSES, pack_masks, unpack_masks
 from utils import UserError
 
 
@@ -64,6 +66,28 @@ class DatasetAdapter:
         raise NotImplementedError
 
     # ---- with defaults that suit most datasets
+    options: dict = {}  # the --image_column, --label_column, --reduce_labels, --hf_split values it was bound with
+
+    def bind(self, data_dir: str | Path | None, options: dict | None = None,
+             classes: tuple[str, ...] | None = None) -> "DatasetAdapter":
+        """The adapter for the data in ``data_dir`` read with ``options`` (dataset_options): the same object for
+        a dataset whose classes are fixed; a new one for a generic format whose classes come with the data (or
+        ``classes``, a model's, when there is no data, as in the app)."""
+        return self
+
+    def read_packed(self, row) -> np.ndarray:
+        """One labelled row's (H, W) uint8 packed masks (masks.pack_masks; bit 7 set where unlabelled)."""
+        return pack_masks(self.read_masks(row))
+
+    def ignored(self, row) -> np.ndarray | None:
+        """(H, W) bool: pixels of a labelled row that the ground truth leaves unlabelled (None: none are)."""
+        return None
+
+    @property
+    def may_have_unlabelled(self) -> bool:
+        """Whether ``read_packed`` may set the ignore bit (then the loss leaves those pixels out)."""
+        return False
+
     def has_labels(self, index: pd.DataFrame) -> bool:
         """Whether ``index`` carries ground truth (a test layout does not)."""
         return True
@@ -156,7 +180,107 @@ class LGGAdapter(DatasetAdapter):
         return lgg.read_lgg_scan(path), None
 
 
-DATASETS: dict[str, DatasetAdapter] = {"gi": GIAdapter(), "lgg": LGGAdapter()}
+class HFAdapter(DatasetAdapter):
+    """Any image-segmentation dataset in Hugging Face ``datasets`` form (hf_data.py says which columns). Its
+    classes come with the data, so ``bind`` returns an adapter for one dataset and one set of options."""
+    name = "hf"
+    description = ("any image-segmentation dataset in Hugging Face `datasets` form: a save_to_disk folder, a "
+                   "parquet folder or a hub id (hf_data.py; --image_column, --label_column, --reduce_labels, "
+                   "--hf_split, --case_column)")
+    classes = ()
+    priority = ()
+    colours = {}
+    volume_columns = ("case",)
+    PALETTE = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange")
+
+    def __init__(self, source=None, options=None, layout=None, ds=None):
+        import hf_data
+
+        self.source, self.options = source, {**hf_data.DEFAULT_OPTIONS, **(options or {})}
+        self.layout, self._ds, self._reader = layout, ds, None
+        if layout is not None:
+            self.classes = self.priority = layout.classes
+            self.colours = dict(zip(layout.classes, self.PALETTE))
+
+    def bind(self, data_dir, options=None, classes=None):
+        import hf_data
+
+        options = {**hf_data.DEFAULT_OPTIONS, **(options or {})}
+        if data_dir is None:
+            return HFAdapter(None, options, hf_data.Layout(options["image_column"] or "image", tuple(classes or ())))
+        ds = hf_data.load_split(data_dir, options["hf_split"])
+        layout = hf_data.make_layout(ds.column_names, data_dir, options, classes, hf_data.read_id2label(data_dir))
+        bound = HFAdapter(str(data_dir), options, layout, ds)
+        if "day" in ds.column_names:
+            bound.volume_columns = ("case", "day")
+        return bound
+
+    def _dataset(self, data_dir=None, split=None):
+        """The bound dataset; reading other data (or another split) needs ``bind`` first."""
+        if self._ds is None:
+            raise UserError("--dataset hf: no dataset to read; the adapter is bound to one with "
+                            "adapter.bind(data_dir, options)")
+        if (data_dir is not None and str(data_dir) != self.source) or split not in (None, self.options["hf_split"]):
+            raise ValueError(f"this hf adapter reads {self.source} split {self.options['hf_split']}, not {data_dir} "
+                             f"split {split}: bind it to that data first")
+        return self._ds
+
+    def build_index(self, data_dir, split=None, require_labels=True):
+        import hf_data
+
+        ds = self._dataset(data_dir, split)
+        if require_labels and not self.layout.labelled:
+            raise UserError(f"--data_dir {data_dir}: split {self.options['hf_split']} has no ground truth column")
+        return hf_data.build_hf_index(ds, self.layout, data_dir, self.options)
+
+    def reader(self):
+        import hf_data
+
+        if self._reader is None:
+            self._reader = hf_data.Reader(self._dataset(), self.layout)
+        return self._reader
+
+    def read_image(self, row):
+        return self.reader().image(row)
+
+    def read_packed(self, row):
+        return self.reader().packed(row)
+
+    def read_masks(self, row):
+        return unpack_masks(self.read_packed(row), len(self.classes))
+
+    @property
+    def may_have_unlabelled(self):
+        return self.layout is not None and self.layout.label is not None
+
+    def ignored(self, row):
+        if self.layout.label is None:
+            return None
+        return ((self.read_packed(row) >> IGNORE_BIT) & 1).astype(bool)
+
+    def has_labels(self, index):
+        return self.layout is not None and self.layout.labelled
+
+    def fingerprint(self, index):
+        import hf_data
+
+        return hf_data.fingerprint(self._dataset(), index, self.layout, self.options)
+
+    def make_demo(self, out_dir):
+        import hf_data
+
+        out = Path(out_dir)
+        if not (out / hf_data.ID2LABEL).is_file():
+            gi = GIAdapter()
+            hf_data.export_dataset(gi, gi.make_demo(out.with_name(out.name + "-kaggle")), out)
+        return out
+
+    def pixel_spacing(self, row):
+        x, y = getattr(row, "spacing_x", None), getattr(row, "spacing_y", None)
+        return None if x is None or y is None else (float(x), float(y))
+
+
+DATASETS: dict[str, DatasetAdapter] = {"gi": GIAdapter(), "lgg": LGGAdapter(), "hf": HFAdapter()}
 
 
 def get_adapter(name: str, where: str = "--dataset") -> DatasetAdapter:

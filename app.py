@@ -42,7 +42,8 @@ class Analyser:
     def __init__(self, model_dir: str | Path, data_dir: str | Path | None = None, device: str | None = None):
         self.segmenter = Segmenter.load(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.spec = self.segmenter.spec
-        self.adapter = get_adapter(self.spec.dataset, f"--model {model_dir}")
+        self.adapter = get_adapter(self.spec.dataset, f"--model {model_dir}").bind(
+            data_dir, self.spec.dataset_options, self.spec.classes)
         self.index = None
         if data_dir is not None:
             self.index = self.adapter.build_index(data_dir, require_labels=False).set_index("id", drop=False)

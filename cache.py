@@ -30,7 +30,6 @@ import numpy as np
 import pandas as pd
 
 from adapters import DatasetAdapter
-from masks import pack_masks
 from preprocess import prepare_scan, resize_mask
 from utils import FolderLock, UserError, atomic_dir, logger, recover_replaced
 
@@ -141,7 +140,7 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         image = prepare_scan(adapter.read_image(row), image_size)
         if not labelled:
             return image, np.zeros((image_size, image_size), np.uint8)
-        return image, resize_mask(pack_masks(adapter.read_masks(row)), image_size)
+        return image, resize_mask(adapter.read_packed(row), image_size)
 
     logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
     with _SignalsRaise(), atomic_dir(folder) as tmp:

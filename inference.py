@@ -35,7 +35,7 @@ from utils import UserError, atomic_write_json
 SPEC_FILE = "inference_spec.json"
 TASKS = ("multilabel", "multiclass")
 SPLIT_KEYS = ("n_folds", "fold", "split_seed")
-OPTIONAL_KEYS = {"split"}  # added after the first version of the spec; older files lack it
+OPTIONAL_KEYS = {"split", "dataset_options"}  # added after the first version of the spec; older files lack them
 
 
 def task_labels(task: str, classes: tuple[str, ...]) -> dict[int, str]:
@@ -58,6 +58,7 @@ class InferenceSpec:
     std: tuple[float, ...]
     thresholds: tuple[float, ...]  # multilabel: one probability threshold per class; multiclass: () (argmax)
     split: dict | None = None  # the training split {"n_folds", "fold", "split_seed"}; None: not known (older folder)
+    dataset_options: dict | None = None  # how a generic adapter (hf) read the data (trainer.dataset_options)
 
     def __post_init__(self) -> None:
         for name in ("classes", "mean", "std", "thresholds"):
@@ -84,6 +85,8 @@ class InferenceSpec:
         if self.split is not None and (not isinstance(self.split, dict) or set(self.split) != set(SPLIT_KEYS)
                                        or not all(isinstance(v, int) for v in self.split.values())):
             out.append(f"split: null or integers {list(SPLIT_KEYS)}, got {self.split!r}")
+        if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
+            out.append(f"dataset_options: null or an object, got {self.dataset_options!r}")
         want = len(self.classes) if self.task == "multilabel" else 0
         if len(self.thresholds) != want or not all(0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")

@@ -1,14 +1,17 @@
 """Masks packed one byte per pixel, bit c = class c, so that classes which overlap stay overlapping.
 
 The decode-once cache stores packed masks, augmentation moves them with nearest-neighbour sampling (no blended
-bit patterns), and the loss and metrics unpack them on the device. At most 8 classes fit in a byte.
+bit patterns), and the loss and metrics unpack them on the device. Bits 0-6 hold up to 7 classes; bit 7
+(``IGNORE_BIT``) marks pixels that the ground truth leaves unlabelled (label 255 in a label map, as in the
+Hugging Face convention): the loss and the metrics leave them out.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-MAX_CLASSES = 8
+MAX_CLASSES = 7
+IGNORE_BIT = 7
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
@@ -35,6 +38,11 @@ def unpack_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, H, W) packed uint8 -> (B, C, H, W) float 0/1 multi-label targets, on packed's device."""
     bits = torch.arange(n_classes, device=packed.device, dtype=torch.uint8).view(1, -1, 1, 1)
     return ((packed.unsqueeze(1) >> bits) & 1).float()
+
+
+def valid_pixels(packed: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) packed -> (B, 1, H, W) bool: True where the pixel is labelled (its ignore bit is clear)."""
+    return ((packed >> IGNORE_BIT) & 1).eq(0).unsqueeze(1)
 
 
 def multiclass_targets(packed: torch.Tensor, classes: tuple[str, ...], priority: tuple[str, ...]) -> torch.Tensor:

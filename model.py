@@ -263,13 +263,17 @@ def match_gradient_layout(model: nn.Module) -> None:
             p.register_hook(lambda grad, p=p: _in_parameter_layout(grad, p))
 
 
-def save_model(hf_model: nn.Module, out_dir: str | Path, spec: InferenceSpec, state_dict: dict | None = None) -> None:
-    """``save_pretrained`` (safetensors), the image processor and the inference spec, written atomically to
-    ``out_dir``. ``state_dict`` overrides the model's own (the gathered one under DeepSpeed / FSDP)."""
+def save_model(hf_model: nn.Module, out_dir: str | Path, spec: InferenceSpec, state_dict: dict | None = None,
+               card: str | None = None) -> None:
+    """``save_pretrained`` (safetensors), the image processor, the inference spec and the model card ``card``
+    (README.md), written atomically to ``out_dir``. ``state_dict`` overrides the model's own (the gathered one
+    under DeepSpeed / FSDP)."""
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp, state_dict=state_dict)
         make_image_processor(spec.image_size, spec.mean, spec.std).save_pretrained(tmp)
         spec.save(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)
 
 
 @command

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.task != "multilabel":
             raise UserError("--thresholds applies to multilabel models; this one is multiclass (argmax)")
         segmenter.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
-    adapter = get_adapter(spec.dataset, f"--model {args.model}")
+    options = {**(spec.dataset_options or {}), **({"hf_split": args.split} if args.split else {})}
+    adapter = get_adapter(spec.dataset, f"--model {args.model}").bind(args.data_dir, options, spec.classes)
     split = args.split or adapter.inference_split(args.data_dir)
     index = adapter.build_index(args.data_dir, split, require_labels=False)
     rows = np.arange(len(index))

@@ -13,6 +13,10 @@
 #                writes it)
 #   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu; refused unless those GPUs exist)
 #                [unset: default device]
+#   ACCELERATE_CONFIG  a yaml of `accelerate config`: started as `accelerate launch --config_file <it>` (its
+#                processes, mixed precision, FSDP/DeepSpeed settings apply; GPUS still picks the devices)
+#   DATASET      --dataset (gi, lgg, hf)       REPORT_TO  --report_to (tensorboard, wandb, mlflow, trackio, all)
+#   HUB_MODEL_ID --push_to_hub --hub_model_id  (best/ is uploaded at the end; a failed push never fails the run)
 #   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
 #   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return)
 #   PYTHON       interpreter [.venv/bin/python if present, else python3]
@@ -76,14 +80,21 @@ fi
 ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")
 SET=()
 for pair in EPOCHS:--epochs BATCH_SIZE:--train_batch_size LR:--lr IMAGE_SIZE:--image_size WARMUP:--warmup_steps \
-            MIXED_PRECISION:--mixed_precision; do
+            MIXED_PRECISION:--mixed_precision DATASET:--dataset REPORT_TO:--report_to HUB_MODEL_ID:--hub_model_id; do
   var=${pair%%:*} flag=${pair#*:}
   if [ -n "${!var:-}" ]; then ARGS+=("$flag" "${!var}"); SET+=("$var=${!var}"); fi
 done
+[ -n "${HUB_MODEL_ID:-}" ] && ARGS+=(--push_to_hub)
 # shellcheck disable=SC2206
 ARGS+=(${EXTRA_ARGS:-})
-if [ -n "${GPUS:-}" ]; then
-  export CUDA_VISIBLE_DEVICES="$GPUS"
+if [ -n "${ACCELERATE_CONFIG:-}" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
+  echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file (write one with: accelerate config --config_file $ACCELERATE_CONFIG)" >&2
+  exit 2
+fi
+[ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES="$GPUS"
+if [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  CMD=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" "${ARGS[@]}")
+elif [ -n "${GPUS:-}" ]; then
   NPROC=$(awk -F, '{print NF}' <<<"$GPUS")
   if [ "$NPROC" -gt 1 ]; then
     CMD=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$NPROC" --num_machines 1

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
+from hf_data import add_dataset_options, dataset_options
 from data import check_volume_sizes
 from metrics import EMPTY_RULES, competition_score, dice_from_stats, hausdorff_3d, mask_stats, summarise, time_saved
 from rle import RLEError, decode_rle
@@ -115,6 +116,9 @@ def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.Dat
                 except RLEError as e:
                     raise UserError(str(e)) from None
             vt[:, k] = adapter.read_masks(r)
+            unlabelled = adapter.ignored(r)
+            if unlabelled is not None:  # predictions there count neither way
+                vp[:, k] &= ~unlabelled
         stats[grp.index] = mask_stats(vp, vt).transpose(1, 0, 2)  # (C, D, 3) -> (D, C, 3)
         case = grp["case"].iloc[0]
         hd.append([hausdorff_3d(vp[c], vt[c]) for c in range(len(classes))])
@@ -153,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="Dice of an empty prediction on an empty truth: 1 (default), 0, or skip")
     ap.add_argument("--time_saved_threshold", type=float, default=0.9,
                     help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
+    add_dataset_options(ap)
     args = ap.parse_args(argv)
-    adapter = get_adapter(args.dataset)
+    adapter = get_adapter(args.dataset).bind(args.data_dir, dataset_options(args))
     index = adapter.build_index(args.data_dir)
     overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,
                                           args.time_saved_threshold, source=args.pred)

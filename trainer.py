@@ -35,12 +35,16 @@ from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
 from cache import SliceCache, build_cache
 from data import check_fold, check_volume_sizes, neighbour_table, split_by_case
 from dataset import SliceDataset
+from hf_data import dataset_options
 from inference import TASKS, InferenceSpec, Segmenter
 from losses import LOSSES, SegmentationLoss, upsample_like
-from masks import classes_present, unpack_targets
+from masks import classes_present, unpack_targets, valid_pixels
 from metrics import EMPTY_RULES, describe, mask_stats, summarise
 from predict import predict_rows, write_submission
 from score import format_table, score_predictions, submission_to_wide
+from tracking import LOG_FOLDER as TRACKER_FOLDER
+from tracking import log_record, parse_report_to
+from tracking import start as start_trackers
 from utils import (FolderLock, UserError, atomic_write_json, atomic_write_text, command, json_safe, logger,
                    quiet_third_party, recover_replaced, replace_dir, setup_logging, storage_guard)
 
@@ -62,6 +66,19 @@ class TrainConfig:
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder"})
     dataset: str = field(default="gi", metadata={"help": datasets_help, "choices": lambda: tuple(DATASETS)})
+    image_column: str = field(default="", metadata={"help": "--dataset hf: the image column (default: image, else "
+                                                             "pixel_values)"})
+    label_column: str = field(default="", metadata={
+        "help": "--dataset hf: the label-map column, a class index per pixel (default: label, else annotation; "
+                "without one, mask_<class> columns are multi-label masks)"})
+    reduce_labels: bool = field(default=False, metadata={
+        "help": "--dataset hf: label 0 becomes 255 (unlabelled: left out of loss and metrics) and every other "
+                "label v becomes v - 1, as the HF example's --do_reduce_labels"})
+    hf_split: str = field(default="train", metadata={"help": "--dataset hf: the split to train on (folds are made "
+                                                             "inside it)"})
+    case_column: str = field(default="case", metadata={
+        "help": "--dataset hf: the column that groups images into cases for the case-level folds (without it "
+                "each image is its own case)"})
     output_dir: str = field(default="runs/demo", metadata={"help": "where models, metrics and checkpoints go"})
     task: str = field(default="multilabel", metadata={
         "help": "multilabel: a sigmoid channel per class, classes may overlap; multiclass: softmax over background + "
@@ -139,6 +156,15 @@ class TrainConfig:
     final_eval: bool = field(default=False, metadata={
         "help": "after training, predict the validation fold with best/ at original scan sizes and score it "
                 "(val_submission.csv, val_scores.json: Dice, IoU, 3D Hausdorff, competition score, time saved)"})
+    # the Hugging Face ecosystem
+    report_to: str = field(default="none", metadata={
+        "help": "experiment trackers through Accelerate, comma-separated: tensorboard, wandb, mlflow, trackio; all "
+                "(every one installed) or none. They get the figures of metrics.jsonl at the same steps and the run "
+                "config; files under output_dir/trackers"})
+    push_to_hub: bool = field(default=False, metadata={
+        "help": "upload best/ (with its model card) to --hub_model_id at the end; the run never fails for it"})
+    hub_model_id: str = field(default="", metadata={"help": "the Hub repo of --push_to_hub, e.g. me/segformer-gi"})
+    hub_private: bool = field(default=False, metadata={"help": "create the --hub_model_id repo private"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +223,9 @@ def validate_config(cfg: TrainConfig) -> None:
             raise UserError(msg)
     check_fold(cfg.fold, cfg.n_folds)
     get_adapter(cfg.dataset)
+    parse_report_to(cfg.report_to)
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id <owner/name>")
     if cfg.lr_milestones and not re.fullmatch(r"\d+(,\d+)*", cfg.lr_milestones):
         raise UserError(f"--lr_milestones must be comma-separated epochs like 6,9, got {cfg.lr_milestones!r}")
 
@@ -348,7 +377,7 @@ def evaluate(segmenter: Segmenter, loader, loss_fn, accelerator, empty_dice: str
             n = batch["mask"].shape[0]
             loss_sum += loss_fn(logits, batch["mask"]) * n
             count += n
-            preds = segmenter.masks(logits, logits.shape[-2:])
+            preds = segmenter.masks(logits, logits.shape[-2:]) & valid_pixels(batch["mask"])  # unlabelled: out
             stats.append(accelerator.gather_for_metrics(mask_stats(preds, unpack_targets(batch["mask"], len(classes)))))
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     all_stats = torch.cat(stats).cpu().numpy()
@@ -449,6 +478,8 @@ class Run:
     history: list[dict] = field(default_factory=list)
     stop: bool = False  # max_train_steps reached, or early stopping
     query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
+    family: str = ""  # the model family (model.py), for the model cards
+    trackers: list = field(default_factory=list)  # --report_to, parsed
 
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
@@ -457,13 +488,16 @@ RUN_IDENTITY = ("base_model", "data_dir", "dataset", "task", "image_size", "cont
                 "strong_aug", "n_folds", "fold", "split_seed", "seed", "train_batch_size", "gradient_accumulation_steps",
                 "optimizer", "lr", "weight_decay", "scheduler_name", "lr_milestones", "lr_gamma", "warmup_steps",
                 "max_grad_norm", "mixed_precision", "loss", "focal_gamma", "tversky_alpha", "tversky_beta",
-                "pixel_loss_weight", "dice_weight", "aux_weight", "threshold", "empty_dice", "world_size")
+                "pixel_loss_weight", "dice_weight", "aux_weight", "threshold", "empty_dice", "image_column",
+                "label_column", "reduce_labels", "hf_split", "case_column", "world_size")
 MAY_CHANGE_ON_RESUME = ("output_dir", "epochs", "max_train_steps", "eval_batch_size", "num_workers", "log_every",
                         "save_every_steps", "save_total_limit", "save_last", "resume_from_checkpoint",
                         "overwrite_output_dir", "cache_dir", "verify_cache", "trust_remote_code", "torch_compile",
-                        "channels_last", "early_stopping_patience", "final_eval")
+                        "channels_last", "early_stopping_patience", "final_eval", "report_to", "push_to_hub",
+                        "hub_model_id", "hub_private")
 # what a run writes into its output_dir: a fresh start clears these and nothing else
 RUN_ARTEFACTS = ("run_config.json", RESUMABLE_MARK, "metrics.jsonl", "train.log", "best", "last", "checkpoints",
+                 TRACKER_FOLDER,
                  "val_submission.csv", "val_scores.json")
 
 
@@ -636,9 +670,10 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
     return Data(index, train_rows, val_rows, cache, neighbours)
 
 
-def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tuple[torch.nn.Module, InferenceSpec]:
-    """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), and the
-    inference spec saved with it. Under DDP (``processes`` > 1) gradients are put in their parameters' layout."""
+def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tuple[torch.nn.Module, InferenceSpec, str]:
+    """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), the inference
+    spec saved with it, and its family. Under DDP (``processes`` > 1) gradients are put in their parameters'
+    layout."""
     from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code)
@@ -651,7 +686,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
                          context_slices=cfg.context_slices, context_stride=cfg.context_stride, mean=loaded.mean,
                          std=loaded.std, thresholds=(cfg.threshold,) * len(adapter.classes)
                          if cfg.task == "multilabel" else (),
-                         split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed})
+                         split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed},
+                         dataset_options=adapter.options or None)
     if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
         logger.warning("--threshold %g is ignored: a multiclass model takes the argmax over background and classes",
                        cfg.threshold)
@@ -666,7 +702,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
         match_gradient_layout(model)
     if cfg.torch_compile:
         model = torch.compile(model)
-    return model, spec
+    return model, spec, loaded.family
 
 
 def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
@@ -692,9 +728,9 @@ def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torc
 
 def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``out.resume``."""
-    adapter = get_adapter(cfg.dataset)
+    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     data = load_data(cfg, adapter, accelerator)
-    model, spec = build_model(cfg, adapter, accelerator.num_processes)
+    model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
     train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model, accelerator.device)
     model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
@@ -704,10 +740,11 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     accelerator.register_for_checkpointing(scheduler)
     loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
                                loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
-                               tversky_beta=cfg.tversky_beta)
+                               tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
+    run.family, run.trackers = family, parse_report_to(cfg.report_to)
     if out.resume is not None:
         accelerator.load_state(str(out.resume))
         run.state = read_state(out.resume)
@@ -736,6 +773,7 @@ class LossMeter:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.running_n, self.epoch_n, self.images = 0, state.batches_in_epoch, 0
         self.clock = time.perf_counter()
+        self.banked_images, self.banked_seconds = 0, 0.0
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.nonfinite |= ~torch.isfinite(loss)
@@ -756,6 +794,21 @@ class LossMeter:
     def restart_clock(self) -> None:
         """images/s measures training only, not evaluation and saving."""
         self.clock, self.images = time.perf_counter(), 0
+
+    def bank(self) -> float:
+        """Images/s since the clock started; added to the evaluation's figure, and the clock restarted."""
+        dt = max(time.perf_counter() - self.clock, 1e-9)
+        rate = self.images / dt
+        self.banked_images, self.banked_seconds = self.banked_images + self.images, self.banked_seconds + dt
+        self.restart_clock()
+        return rate
+
+    def banked_rate(self) -> float:
+        """Images/s of the training since the last evaluation (its record's ``images_per_s``)."""
+        self.bank()
+        rate = self.banked_images / max(self.banked_seconds, 1e-9)
+        self.banked_images, self.banked_seconds = 0, 0.0
+        return rate
 
 
 def save_state(run: Run, meter: LossMeter) -> Path:
@@ -800,12 +853,10 @@ def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
         raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
                                  "best/ and the last checkpoint hold the last good model. Lower --lr or use "
                                  "--mixed_precision bf16 instead of fp16")
-    dt = time.perf_counter() - meter.clock
     logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step, run.total_steps,
-                mean_loss, run.scheduler.get_last_lr()[0], meter.images / max(dt, 1e-9))
+                mean_loss, run.scheduler.get_last_lr()[0], meter.bank())
     meter.running.zero_()
     meter.running_n = 0
-    meter.restart_clock()
 
 
 def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignal) -> None:
@@ -856,8 +907,20 @@ def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMe
         bar.close()
 
 
-def save_models(run: Run, tag: str) -> None:
-    """best/ or last/: save_pretrained folder + image processor + inference spec (gathered on every rank)."""
+def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> str:
+    """The README.md of best/ or last/ (model_card.py) for the evaluation ``record``."""
+    from model_card import card_text
+
+    cfg, d = run.cfg, run.data
+    sizes = {"slices": len(d.index), "cases": int(d.index["case"].nunique()), "train": len(d.train_rows),
+             "val": len(d.val_rows)}
+    return card_text(config=dataclasses.asdict(cfg), spec=run.spec, record=record, family=run.family,
+                     split_sizes=sizes, scores=scores, repo=cfg.hub_model_id or str(run.output_dir / tag), what=tag)
+
+
+def save_models(run: Run, tag: str, record: dict) -> None:
+    """best/ or last/: save_pretrained folder + image processor + inference spec + model card (gathered on every
+    rank)."""
     from model import save_model
 
     sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
@@ -865,7 +928,8 @@ def save_models(run: Run, tag: str) -> None:
         sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
         wrapper = run.accelerator.unwrap_model(run.model)
         with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
-            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd)
+            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd,
+                       card=model_card(run, tag, record))
 
 
 def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
@@ -873,10 +937,11 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     that records this evaluation (so a resume neither repeats nor skips it). Returns the evaluation's record."""
     cfg, state, out = run.cfg, run.state, run.output_dir
     train_loss = meter.epoch_sum(run.accelerator) / max(1, meter.epoch_n)
+    images_per_s = meter.banked_rate()
     figures = evaluate(Segmenter(run.model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
                        run.accelerator, cfg.empty_dice)
     record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
-              "lr": run.scheduler.get_last_lr()[0], **figures}
+              "lr": run.scheduler.get_last_lr()[0], "images_per_s": images_per_s, **figures}
     run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
     state.evaluated_step = state.global_step
     logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
@@ -886,7 +951,7 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
         meter.new_epoch()
     if figures["dice_mean"] > state.best_dice:
         state.best_dice, state.best_step = figures["dice_mean"], state.global_step
-        save_models(run, "best")
+        save_models(run, "best", record)
         logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state.global_step,
                     out / "best")
     if should_stop_early(run.history, state.best_step, cfg.early_stopping_patience):
@@ -894,12 +959,21 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
                     state.best_dice, state.best_step, cfg.early_stopping_patience)
         run.stop = True
     if cfg.save_last:
-        save_models(run, "last")
+        save_models(run, "last", record)
     if run.accelerator.is_main_process:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in run.history))
+    log_record(run.accelerator, run.trackers, record)
     path = save_state(run, meter)
     logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
     return record
+
+
+def launched_without_accelerator() -> bool:
+    """Several processes (torchrun, ``accelerate launch`` with a multi-GPU config) on a machine with no GPU or
+    other accelerator: Accelerate must be told to use the CPU (gloo), or each process would train alone."""
+    accel = getattr(torch, "accelerator", None)
+    available = accel.is_available() if accel is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not available
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -907,22 +981,36 @@ def train(cfg: TrainConfig) -> dict:
     validate_config(cfg)
     quiet_third_party()
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    trackers = parse_report_to(cfg.report_to)
+    accelerator = Accelerator(cpu=launched_without_accelerator(), mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              log_with=trackers or None, project_config=ProjectConfiguration(
+                                  project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_FOLDER))
+                              if trackers else None)
     out = open_output_dir(cfg, accelerator)
     try:
         set_seed(cfg.seed)
         run = build_run(cfg, accelerator, out)
+        start_trackers(accelerator, trackers, out.path.name, {**dataclasses.asdict(cfg), "run_id": out.run_id,
+                                                             "world_size": accelerator.num_processes})
         last = train_epochs(run)
         logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step, run.state.best_dice,
                     run.state.best_step, run.output_dir / "best")
         if cfg.final_eval:
             if accelerator.is_main_process:
-                last = {**last, **{f"final_{k}": v for k, v in final_evaluation(run).items()}}
+                final = final_evaluation(run)
+                last = {**last, **{f"final_{k}": v for k, v in final.items()}}
+                best = next((r for r in run.history if r["step"] == run.state.best_step), None)
+                if best is not None and (out.path / "best").is_dir():  # the card gets the competition score
+                    atomic_write_text(out.path / "best" / "README.md", model_card(run, "best", best, final))
             accelerator.wait_for_everyone()
+        if cfg.push_to_hub and accelerator.is_main_process:
+            from model_card import push_folder
+
+            push_folder(out.path / "best", cfg.hub_model_id, cfg.hub_private)
         accelerator.end_training()
     finally:
         if out.lock is not None:

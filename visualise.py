@@ -22,6 +22,7 @@ from cache import build_cache
 from data import neighbour_table, split_by_case
 from dataset import seed_pipeline
 from inference import Segmenter
+from hf_data import DEFAULT_OPTIONS
 from masks import pack_masks, unpack_masks
 from metrics import dice_from_stats, mask_stats
 from preprocess import normalise_scan, resize_image, resize_mask
@@ -47,7 +48,8 @@ def run_adapter(run_dir: str | Path) -> tuple[dict, DatasetAdapter]:
         cfg = json.loads(path.read_text())
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    return cfg, get_adapter(cfg["dataset"], f"{run_dir}/run_config.json")
+    options = {k: cfg[k] for k in DEFAULT_OPTIONS if k in cfg}  # how a generic (hf) adapter read the data
+    return cfg, get_adapter(cfg["dataset"], f"{run_dir}/run_config.json").bind(cfg["data_dir"], options)
 
 
 def _plt():

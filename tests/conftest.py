@@ -28,3 +28,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {f: make_tiny(f, root / f"tiny-{f}") for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tracked_run(demo_dir, tiny_models, tmp_path_factory) -> Path:
+    """Two epochs with TensorBoard tracking, --final_eval and --push_to_hub with the Hub offline (as here)."""
+    from trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tracked")
+    train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(root / "run"),
+                      image_size=64, epochs=2, train_batch_size=8, lr=2e-3, num_workers=0, n_folds=3,
+                      cache_dir=str(root / "cache"), report_to="tensorboard", final_eval=True, push_to_hub=True,
+                      hub_model_id="me/gi-test"))
+    return root / "run"

@@ -73,3 +73,32 @@ def test_focal_loss_down_weights_easy_pixels():
     t = torch.ones(1, 1, 2, 2)
     easy, hard = torch.full_like(t, 4.0), torch.full_like(t, -1.0)
     assert focal_loss(easy, t) < 0.01 * focal_loss(hard, t)
+
+
+def test_unlabelled_pixels_count_in_no_loss_term_and_labelled_data_gets_the_plain_loss():
+    import pytest
+
+    from masks import IGNORE_BIT
+
+    torch.manual_seed(0)
+    packed = torch.randint(0, 8, (2, 8, 8), dtype=torch.uint8)
+    ignored = torch.zeros_like(packed, dtype=torch.bool)
+    ignored[:, :3] = True
+    marked = packed | (ignored.to(torch.uint8) << IGNORE_BIT)
+    for task, channels in (("multilabel", 3), ("multiclass", 4)):
+        for recipe in ("bce_dice", "focal", "tversky"):
+            loss = SegmentationLoss(task, GI, PRIORITY, loss=recipe, unlabelled=True)
+            logits = torch.randn(2, channels, 8, 8)
+            changed = logits.clone()
+            changed[:, :, :3] = torch.randn(2, channels, 3, 8) * 50  # anything, where unlabelled
+            assert loss(logits, marked) == pytest.approx(float(loss(changed, marked)), abs=1e-6), (task, recipe)
+            assert loss(logits, marked) != pytest.approx(float(loss(logits, packed)), abs=1e-4)
+    # a dataset without unlabelled pixels gets the plain BCE mean + soft Dice, bit for bit; so does the masked
+    # loss on a batch whose pixels are all labelled, up to the order of the sums
+    logits = torch.randn(2, 3, 8, 8)
+    targets = torch.stack([((packed >> c) & 1).float() for c in range(3)], 1)
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets) + \
+        soft_dice_loss(torch.sigmoid(logits), targets)
+    assert float(SegmentationLoss("multilabel", GI)(logits, packed)) == float(plain)
+    masked = SegmentationLoss("multilabel", GI, unlabelled=True)(logits, packed)
+    assert masked == pytest.approx(float(plain), abs=1e-6)

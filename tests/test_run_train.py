@@ -16,14 +16,16 @@ def _env(tmp_path, **kw):
 
 
 def test_foreground_run_logs_start_command_dice_and_exit_status(demo_dir, tiny_models, tmp_path):
-    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["beit"]))
+    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["beit"]),
+               REPORT_TO="tensorboard")
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     log = (tmp_path / "logs" / "run.log").read_text()
     assert "run start:" in log and "trainer.py --base_model" in log
     assert "dice large_bowel" in log and "run end: exit status 0" in log.splitlines()[-1]
     # a user's model on data: only what was set is passed, trainer.py's defaults (lr 6e-5) do the rest
-    assert "run settings: EPOCHS=1 IMAGE_SIZE=64; trainer.py's defaults for what is not set" in log
+    assert "run settings: EPOCHS=1 IMAGE_SIZE=64 REPORT_TO=tensorboard; trainer.py's defaults for what is not set" in log
+    assert list((tmp_path / "out" / "trackers").rglob("events.out.tfevents.*"))
     assert "--lr" not in log.split("run start:")[1].splitlines()[0] and '"lr": 6e-05' in log
     assert (tmp_path / "out" / "best" / "config.json").is_file()
 
@@ -35,6 +37,20 @@ def test_failing_run_exits_non_zero_with_a_one_line_error(demo_dir, tiny_models,
     log = (tmp_path / "logs" / "run.log").read_text()
     assert "error: --lr must be > 0" in log and "Traceback" not in log
     assert "run end: exit status 2" in log
+
+
+def test_an_accelerate_config_file_is_what_the_run_is_launched_with(demo_dir, tiny_models, tmp_path):
+    config = tmp_path / "accelerate.yaml"
+    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]),
+               ACCELERATE_CONFIG=str(config), REPORT_TO="nonsense")
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and f"ACCELERATE_CONFIG={config}: no such file" in res.stderr
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
+                      "mixed_precision: 'no'\nuse_cpu: true\n")
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert f"-m accelerate.commands.launch --config_file {config} trainer.py" in log
+    assert "--report_to: unknown tracker 'nonsense'" in log and res.returncode != 0
 
 
 def test_background_run_returns_at_once_and_finishes_in_the_log(demo_dir, tiny_models, tmp_path):

@@ -1,0 +1,222 @@
+"""--dataset hf (Hugging Face datasets in) and export_hf.py (out)."""
+import json
+
+import numpy as np
+import pytest
+
+from adapters import get_adapter
+from masks import IGNORE_BIT
+from utils import UserError
+
+INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]
+
+
+@pytest.fixture(scope="module")
+def exported(demo_dir, tmp_path_factory):
+    from export_hf import main
+
+    out = tmp_path_factory.mktemp("hf") / "gi-demo"
+    assert main(["--data_dir", str(demo_dir), "--out", str(out)]) == 0
+    return out
+
+
+def _label_map_dataset(folder, labels: list[np.ndarray], id2label: dict | None, image_column="image",
+                       label_column="label", extra: dict | None = None):
+    """A parquet folder as load_dataset reads it: one image and one label map (uint8 PNG) per row."""
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, lab.shape, dtype=np.uint8)) for lab in labels]
+    ds = datasets.Dataset.from_dict({image_column: images, label_column: [Image.fromarray(lab) for lab in labels],
+                                     **(extra or {})},
+                                    features=datasets.Features({image_column: datasets.Image(),
+                                                                label_column: datasets.Image(),
+                                                                **{k: datasets.Value("string") for k in extra or {}}}))
+    folder.mkdir(parents=True)
+    ds.to_parquet(str(folder / "train.parquet"))
+    if id2label is not None:
+        (folder / "id2label.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}))
+    return folder
+
+
+def test_the_export_reads_back_as_the_same_index_scans_and_overlapping_masks(demo_dir, exported):
+    gi = get_adapter("gi")
+    hf = get_adapter("hf").bind(exported)
+    assert hf.classes == gi.classes and hf.volume_columns == gi.volume_columns
+    a, b = gi.build_index(demo_dir), hf.build_index(exported)
+    assert a[INDEX_COLUMNS].equals(b[INDEX_COLUMNS])
+    overlaps = 0
+    for ra, rb in zip(a.itertuples(), b.itertuples()):
+        scan = hf.read_image(rb)
+        assert scan.dtype == np.uint16 and np.array_equal(scan, gi.read_image(ra))  # 16-bit, as stored
+        assert np.array_equal(hf.read_packed(rb), gi.read_packed(ra))
+        overlaps += int((gi.read_masks(ra).sum(0) > 1).any())
+    assert overlaps > 0  # the demo has overlapping organs, and they survive the export
+    assert json.loads((exported / "id2label.json").read_text()) == {"0": "large_bowel", "1": "small_bowel",
+                                                                     "2": "stomach"}
+
+
+def test_training_on_the_export_matches_training_on_the_kaggle_folder(demo_dir, exported, tiny_models, tmp_path):
+    """Same seed: the same cache masks and the same first-epoch losses; predict.py and score.py read it too."""
+    from cache import build_cache
+    from predict import main as predict_main
+    from score import main as score_main
+    from trainer import TrainConfig, train
+
+    runs = {}
+    for name, dataset, data in (("kaggle", "gi", demo_dir), ("hf", "hf", exported)):
+        cfg = TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(data), dataset=dataset,
+                          output_dir=str(tmp_path / name), image_size=64, epochs=1, train_batch_size=8, lr=2e-3,
+                          num_workers=0, n_folds=3, cache_dir=str(tmp_path / "cache"))
+        train(cfg)
+        runs[name] = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("train_loss", "val_loss", "dice_mean"):
+        assert runs["hf"][key] == pytest.approx(runs["kaggle"][key], abs=1e-6), key
+    gi, hf = get_adapter("gi"), get_adapter("hf").bind(exported)
+    caches = [build_cache(a, a.build_index(d), 64, tmp_path / "cache") for a, d in ((gi, demo_dir), (hf, exported))]
+    assert caches[0].path != caches[1].path and np.array_equal(caches[0].masks, caches[1].masks)
+    spec = json.loads((tmp_path / "hf" / "best" / "inference_spec.json").read_text())
+    assert spec["dataset"] == "hf" and spec["dataset_options"]["hf_split"] == "train"
+    sub = tmp_path / "sub.csv"
+    assert predict_main(["--model", str(tmp_path / "hf" / "best"), "--data_dir", str(exported), "--out", str(sub),
+                         "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert score_main(["--pred", str(sub), "--data_dir", str(exported), "--dataset", "hf",
+                       "--json", str(tmp_path / "s.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "s.json").read_text())["score"] <= 1
+    from app import Analyser
+    from visualise import run_adapter
+
+    analyser = Analyser(tmp_path / "hf" / "best", exported)  # the app, on the export's slices
+    assert list(analyser.analyse_id(analyser.slice_ids()[0]).table["organ"]) == list(gi.classes)
+    assert run_adapter(tmp_path / "hf")[1].classes == gi.classes  # the notebook's figures read the run's data
+    assert not (tmp_path / "hf" / "trackers").exists()  # --report_to none: no tracker
+
+
+def test_label_maps_follow_the_hf_conventions_reduce_labels_and_255_unlabelled(tmp_path):
+    lab = np.array([[0, 1, 2, 255], [3, 0, 1, 2]], np.uint8).repeat(4, 0).repeat(4, 1)
+    folder = _label_map_dataset(tmp_path / "maps", [lab], {0: "road", 1: "car", 2: "tree"})
+    reduced = get_adapter("hf").bind(folder, {"reduce_labels": True})
+    assert reduced.classes == ("road", "car", "tree") and reduced.volume_columns == ("case",)
+    row = next(reduced.build_index(folder).itertuples())
+    packed = reduced.read_packed(row)
+    # reduce: 0 -> 255 (unlabelled), v -> v - 1; so 1 -> road (bit 0), 2 -> car (bit 1), 3 -> tree (bit 2)
+    want = np.select([lab == 0, lab == 255, lab == 1, lab == 2, lab == 3],
+                     [1 << IGNORE_BIT, 1 << IGNORE_BIT, 1, 2, 4])
+    assert np.array_equal(packed, want)
+    assert np.array_equal(reduced.ignored(row), (lab == 0) | (lab == 255))
+    plain = get_adapter("hf").bind(folder)  # not reduced: 0 is road, 3 is not in id2label
+    with pytest.raises(UserError, match=r"label value\(s\) \[3\] are not in id2label.json"):
+        plain.read_packed(next(plain.build_index(folder).itertuples()))
+
+
+def test_a_background_label_is_no_class_and_each_image_is_its_own_case_without_a_case_column(tmp_path):
+    labs = [np.full((8, 8), v, np.uint8) for v in (0, 1, 2)]
+    folder = _label_map_dataset(tmp_path / "bg", labs, {0: "background", 1: "liver", 2: "kidney"})
+    adapter = get_adapter("hf").bind(folder)
+    assert adapter.classes == ("liver", "kidney")
+    index = adapter.build_index(folder)
+    assert list(index["case"]) == [0, 1, 2] and list(index["slice"]) == [0, 0, 0]
+    assert [int(adapter.read_packed(r).max()) for r in index.itertuples()] == [0, 1, 2]
+
+
+def test_a_case_column_groups_images_for_the_case_level_folds(tmp_path):
+    from data import split_by_case
+
+    labs = [np.full((8, 8), 1, np.uint8)] * 6
+    folder = _label_map_dataset(tmp_path / "cases", labs, {1: "lesion"},
+                                extra={"patient": ["p1", "p1", "p2", "p2", "p3", "p3"]})
+    adapter = get_adapter("hf").bind(folder, {"case_column": "patient"})
+    index = adapter.build_index(folder)
+    assert list(index["case_name"]) == ["p1", "p1", "p2", "p2", "p3", "p3"] and index["case"].nunique() == 3
+    train, val = split_by_case(index, 0, 3)
+    assert not set(index["case"].iloc[train]) & set(index["case"].iloc[val])
+
+
+@pytest.mark.parametrize("problem, options, message", [
+    ("no id2label", {}, "needs class names: put an id2label.json"),
+    ("no such image column", {"image_column": "scan"}, "--image_column: .* has no column 'scan'"),
+    ("no such label column", {"label_column": "seg"}, "--label_column seg: .* has no such column"),
+    ("too many classes", {}, "8 classes .* takes 1 to 7"),
+])
+def test_a_dataset_the_adapter_cannot_read_is_refused_in_one_line(tmp_path, problem, options, message):
+    id2label = None if problem == "no id2label" else {i: f"c{i}" for i in range(8 if "many" in problem else 2)}
+    folder = _label_map_dataset(tmp_path / "bad", [np.zeros((8, 8), np.uint8)], id2label)
+    with pytest.raises(UserError, match=message):
+        get_adapter("hf").bind(folder, options)
+
+
+def test_a_split_the_folder_lacks_is_refused_naming_the_splits_it_has(exported, tmp_path):
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.load_from_disk(str(exported)).select(range(2))})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd" / "id2label.json").write_text((exported / "id2label.json").read_text())
+    assert get_adapter("hf").bind(tmp_path / "dd").classes == ("large_bowel", "small_bowel", "stomach")
+    with pytest.raises(UserError, match="--hf_split validation: .* has the splits train"):
+        get_adapter("hf").bind(tmp_path / "dd", {"hf_split": "validation"})
+
+
+def test_unlabelled_pixels_are_left_out_of_the_score(tmp_path):
+    """score.py: a prediction over 255 pixels neither helps nor hurts."""
+    import pandas as pd
+
+    from rle import encode_rle
+    from score import score_predictions
+
+    lab = np.zeros((16, 16), np.uint8)
+    lab[4:8, 4:8] = 1
+    lab[10:14, :] = 255
+    folder = _label_map_dataset(tmp_path / "ign", [lab], {1: "organ"})
+    adapter = get_adapter("hf").bind(folder)
+    index = adapter.build_index(folder)
+    pred = (lab > 0).astype(np.uint8)  # the organ, and every unlabelled pixel too
+    overall, _ = score_predictions(adapter, index, pd.DataFrame({"id": index["id"], "pred_organ": [encode_rle(pred)]}))
+    assert overall["dice_organ"] == pytest.approx(1.0)
+
+
+def test_pushing_an_export_with_the_hub_unreachable_keeps_the_folder_and_says_how_to_push(exported):
+    import io
+    import logging
+
+    from export_hf import push_dataset
+    from utils import logger
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    try:
+        assert push_dataset(exported, "me/gi-demo", private=True) is False
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "push to the Hub failed" in text and f"load_from_disk('{exported}').push_to_hub('me/gi-demo', private=True)" in text
+    assert (exported / "id2label.json").is_file() and (exported / "state.json").is_file()
+
+
+def test_a_label_map_dataset_with_unlabelled_pixels_trains_multiclass_end_to_end(tiny_models, tmp_path):
+    """Parquet label maps with 255 borders, grouped by a patient column: the cache keeps the ignore bit and the
+    run trains and evaluates through it."""
+    from cache import build_cache
+    from trainer import TrainConfig, train
+
+    rng = np.random.default_rng(1)
+    labs = []
+    for _ in range(9):
+        lab = np.zeros((48, 48), np.uint8)
+        y, x = rng.integers(8, 30, 2)
+        lab[y:y + 12, x:x + 12] = rng.integers(1, 3)
+        lab[:, :4] = 255  # unlabelled border
+        labs.append(lab)
+    folder = _label_map_dataset(tmp_path / "maps", labs, {0: "background", 1: "liver", 2: "kidney"},
+                                extra={"case": [f"p{i // 3}" for i in range(9)]})
+    out = tmp_path / "run"
+    last = train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(folder), dataset="hf",
+                             task="multiclass", output_dir=str(out), image_size=64, epochs=1, train_batch_size=3,
+                             lr=2e-3, num_workers=0, n_folds=3, cache_dir=str(tmp_path / "cache")))
+    assert np.isfinite(last["train_loss"]) and 0 <= last["dice_mean"] <= 1
+    assert set(last) >= {"dice_liver", "dice_kidney"}
+    adapter = get_adapter("hf").bind(folder)
+    cache = build_cache(adapter, adapter.build_index(folder), 64, tmp_path / "cache")
+    assert ((cache.masks >> IGNORE_BIT) & 1)[:, :, :4].all()  # the unlabelled border, at the training size
+    assert adapter.may_have_unlabelled and not get_adapter("gi").may_have_unlabelled

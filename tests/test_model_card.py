@@ -1,0 +1,74 @@
+"""Model cards in best/ and last/ (read back with huggingface_hub's ModelCard), and --push_to_hub offline."""
+import json
+import re
+
+import pytest
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _metrics(card) -> dict:
+    return {r.metric_name: r.metric_value for r in card.data.eval_results}
+
+
+def test_best_and_last_cards_carry_the_figures_of_metrics_jsonl(tracked_run):
+    from huggingface_hub import ModelCard
+
+    records = _records(tracked_run)
+    best = max(records, key=lambda r: r["dice_mean"])
+    scores = json.loads((tracked_run / "val_scores.json").read_text())
+    for tag, record in (("best", best), ("last", records[-1])):
+        card = ModelCard.load(tracked_run / tag / "README.md")
+        assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-segmentation"
+        assert "segformer" in card.data.tags and card.data.base_model is None  # a local folder is no hub id
+        got = _metrics(card)
+        for c in ("large_bowel", "small_bowel", "stomach"):
+            assert got[f"Dice {c}"] == pytest.approx(record[f"dice_{c}"], abs=1e-6)
+        assert got["mean Dice"] == pytest.approx(record["dice_mean"], abs=1e-6)
+        assert card.data.eval_results[0].dataset_split == "validation fold 0 of 3 (case-level, seed 42)"
+        assert f"step {record['step']}" in card.text and "## Limits" in card.text and "three organs" in card.text
+    score = [v for k, v in _metrics(ModelCard.load(tracked_run / "best" / "README.md")).items() if "score" in k]
+    assert score == [pytest.approx(scores["score"], abs=1e-6)]  # best/ after --final_eval: the competition score
+
+
+def test_the_cards_usage_code_runs_and_gives_masks_at_the_scan_size(tracked_run):
+    text = (tracked_run / "best" / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert 'repo = "me/gi-test"' in code  # what users load after the push; here, the folder itself
+    scope = {}
+    exec(code.replace('"me/gi-test"', repr(str(tracked_run / "best"))), scope)
+    assert tuple(scope["masks"].shape) == (3, 266, 266) and scope["masks"].dtype.is_floating_point is False
+
+
+def test_a_hub_base_model_is_named_in_the_metadata(tracked_run):
+    from huggingface_hub import ModelCard
+
+    from inference import InferenceSpec
+    from model_card import card_text
+
+    config = {**json.loads((tracked_run / "run_config.json").read_text()),
+              "base_model": "nvidia/segformer-b0-finetuned-ade-512-512"}
+    text = card_text(config=config, spec=InferenceSpec.load(tracked_run / "best"), record=_records(tracked_run)[-1],
+                     family="segformer", split_sizes={"slices": 1, "cases": 1, "train": 1, "val": 1}, scores=None,
+                     repo="me/x", what="best")
+    card = ModelCard(text)
+    assert card.data.base_model == "nvidia/segformer-b0-finetuned-ade-512-512"
+    assert not [r for r in card.data.eval_results if "score" in r.metric_name]  # no --final_eval, no score
+
+
+def test_push_to_hub_with_the_hub_unreachable_finishes_the_run_and_says_how_to_push_later(tracked_run):
+    log = (tracked_run / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "push to the Hub failed" in line]
+    assert len(lines) == 1 and f"hf upload me/gi-test {tracked_run / 'best'} ." in lines[0]
+    assert "Traceback" not in log and (tracked_run / "best" / "model.safetensors").is_file()
+    assert "done:" in log and "final eval" in log
+
+
+def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
+    from trainer import TrainConfig, validate_config
+    from utils import UserError
+
+    with pytest.raises(UserError, match="--push_to_hub needs --hub_model_id"):
+        validate_config(TrainConfig(push_to_hub=True))
