@@ -148,9 +148,13 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
         for name in ("images.npy", "masks.npy"):
             _reserve(tmp / name, (tmp / name).stat().st_size)
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:  # cv2 and numpy release the GIL
-            for i, (im, m) in enumerate(pool.map(load_one, index.itertuples())):
-                images[i], masks[i] = im, m
+        threads = max(1, num_threads)
+        window = 16 * threads  # slices in flight: the memory of a build does not grow with the dataset
+        with ThreadPoolExecutor(threads) as pool:  # cv2 and numpy release the GIL
+            for start in range(0, len(index), window):
+                part = index.iloc[start:start + window].itertuples()
+                for i, (im, m) in enumerate(pool.map(load_one, part), start):
+                    images[i], masks[i] = im, m
         images.flush()
         masks.flush()
         del images, masks

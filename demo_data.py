@@ -8,12 +8,22 @@ stomach, a dark striped C-shaped large bowel and speckled small-bowel loops (one
 bowel, so some pixels carry two labels). Organs come and go along the slice axis, so the first and last
 slices of every volume are empty. Scans come in three sizes, 266x266, 234x234 and 360 wide x 310 high.
 
-    python demo_data.py --out demo/data
+    python demo_data.py --out demo/data                       # the demo: 6 cases, 9 case-days, 216 slices
+    python demo_data.py --out /data/gi-full --size full        # the competition's shape (below), in parallel
+    python demo_data.py --out /data/gi-10x --size 10x          # its first 17 case-days: 2,256 slices
+
+``--size full`` writes a dataset of the real training set's shape: 85 cases, 274 case-days, 38,496 slices (259
+case-days of 144 slices and 15 of 80), 115,488 rows in train.csv, and the scan sizes in the proportions of the
+competition data as public EDA notebooks count them (by slices: 266x266 25,920; 360x310 11,232; 276x276 1,200,
+the 80-slice case-days; 234x234 144). Case-days are drawn in parallel, one process per core; the organs are the
+demo's, so the figures it is for are speed and memory, not Dice.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -27,7 +37,11 @@ from utils import atomic_write_text, command
 DEMO_CASES = ((2, (1, 7), (266, 266)), (7, (3,), (360, 310)), (15, (1, 2), (234, 234)),
               (23, (5,), (360, 310)), (36, (1, 4), (266, 266)), (41, (2,), (360, 310)))
 SLICES_PER_DAY = 24
-PIXEL_SPACING = {(266, 266): 1.50, (234, 234): 1.63, (360, 310): 1.50}
+PIXEL_SPACING = {(266, 266): 1.50, (234, 234): 1.63, (360, 310): 1.50, (276, 276): 1.63}
+# the competition's training set by scan size: (W, H), case-days, slices per case-day
+COMPETITION_SIZES = (((266, 266), 180, 144), ((360, 310), 78, 144), ((276, 276), 15, 80), ((234, 234), 1, 144))
+COMPETITION_CASES = 85
+SIZES = {"demo": 0, "10x": 2160, "full": 38496}  # --size -> slices of the competition layout (0: DEMO_CASES)
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -77,29 +91,70 @@ def _draw_slice(rng: np.random.Generator, shape: tuple[int, int], z: float, anat
     return np.clip(img, 0, 65535).astype(np.uint16), masks
 
 
-def make_demo_data(out_dir: str | Path, seed: int = 0, slices_per_day: int = SLICES_PER_DAY) -> Path:
-    """Write the demo dataset to ``out_dir`` (skipped when its train.csv already exists); return the path."""
+def competition_layout(seed: int = 0) -> list[tuple[int, int, int, tuple[int, int]]]:
+    """(case, day, slices, (W, H)) of every case-day of a dataset of the competition's shape, in a fixed
+    shuffled order of sizes (the first N of them are a smaller dataset of the same mix)."""
+    rng = np.random.default_rng(seed)
+    specs = [(n, size) for size, days, n in COMPETITION_SIZES for _ in range(days)]
+    order = rng.permutation(len(specs))
+    per_case = np.full(COMPETITION_CASES, len(specs) // COMPETITION_CASES)
+    per_case[:len(specs) % COMPETITION_CASES] += 1  # 19 cases of 4 case-days, 66 of 3
+    case_ids = np.sort(rng.choice(np.arange(1, 157), COMPETITION_CASES, replace=False))
+    out, k = [], 0
+    for case, n_days in zip(case_ids, per_case):
+        for day in np.sort(rng.choice(np.arange(0, 40), n_days, replace=False)):
+            n, size = specs[order[k]]
+            out.append((int(case), int(day), n, size))
+            k += 1
+    return out
+
+
+def _write_case_day(out: Path, seed: int, case: int, day: int, n_slices: int, size: tuple[int, int]) -> list[str]:
+    """Draw one case-day's scans into ``out``; return its train.csv rows."""
+    w, h = size
+    rng = np.random.default_rng([seed, case, day])
+    anatomy = {"dy": rng.uniform(-0.04, 0.04), "dx": rng.uniform(-0.04, 0.04), "lb_gap": rng.uniform(-0.6, 0.6),
+               "sb_loops": [(0.13 * np.sin(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03),
+                             0.15 * np.cos(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03)) for k in range(3)]}
+    anatomy["sb_loops"][0] = (0.22, -0.2)  # overlaps the large bowel tube
+    scans = out / "train" / f"case{case}" / f"case{case}_day{day}" / "scans"
+    scans.mkdir(parents=True, exist_ok=True)
+    px = PIXEL_SPACING[(w, h)]
+    rows = []
+    for k in range(1, n_slices + 1):
+        img, masks = _draw_slice(rng, (h, w), k / (n_slices + 1), anatomy)
+        name = f"slice_{k:04d}_{w}_{h}_{px:.2f}_{px:.2f}.png"
+        if not cv2.imwrite(str(scans / name), img):
+            raise OSError(f"could not write {scans / name}")
+        sid = f"case{case}_day{day}_slice_{k:04d}"
+        rows += [f"{sid},{c},{encode_rle(masks[c])}" for c in GI_CLASSES]
+    return rows
+
+
+def make_demo_data(out_dir: str | Path, seed: int = 0, slices_per_day: int = SLICES_PER_DAY, size: str = "demo",
+                   workers: int = 1) -> Path:
+    """Write the demo dataset (``size`` "demo") or one of the competition's shape ("10x", "full"; see the module
+    docstring) to ``out_dir``, drawing case-days in ``workers`` processes; skipped when its train.csv already
+    exists. Returns the path."""
     out = Path(out_dir)
     if (out / "train.csv").exists():
         return out
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    if not SIZES[size]:
+        jobs = [(case, day, slices_per_day, wh) for case, days, wh in DEMO_CASES for day in days]
+    else:  # the first case-days of the layout that hold at least that many slices
+        layout = competition_layout(seed)
+        total = np.cumsum([n for _, _, n, _ in layout])
+        jobs = layout[:int(np.searchsorted(total, SIZES[size])) + 1]
     rows = ["id,class,segmentation"]
-    for case, days, (w, h) in DEMO_CASES:
-        for day in days:
-            rng = np.random.default_rng([seed, case, day])
-            anatomy = {"dy": rng.uniform(-0.04, 0.04), "dx": rng.uniform(-0.04, 0.04), "lb_gap": rng.uniform(-0.6, 0.6),
-                       "sb_loops": [(0.13 * np.sin(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03),
-                                     0.15 * np.cos(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03)) for k in range(3)]}
-            anatomy["sb_loops"][0] = (0.22, -0.2)  # overlaps the large bowel tube
-            scans = out / "train" / f"case{case}" / f"case{case}_day{day}" / "scans"
-            scans.mkdir(parents=True, exist_ok=True)
-            px = PIXEL_SPACING[(w, h)]
-            for k in range(1, slices_per_day + 1):
-                img, masks = _draw_slice(rng, (h, w), k / (slices_per_day + 1), anatomy)
-                name = f"slice_{k:04d}_{w}_{h}_{px:.2f}_{px:.2f}.png"
-                if not cv2.imwrite(str(scans / name), img):
-                    raise OSError(f"could not write {scans / name}")
-                sid = f"case{case}_day{day}_slice_{k:04d}"
-                rows += [f"{sid},{c},{encode_rle(masks[c])}" for c in GI_CLASSES]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for part in pool.map(_write_case_day, *zip(*[(out, seed, *job) for job in jobs])):
+                rows += part
+    else:
+        for job in jobs:
+            rows += _write_case_day(out, seed, *job)
     atomic_write_text(out / "train.csv", "\n".join(rows) + "\n")  # written last: its presence marks a complete set
     return out
 
@@ -109,8 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="demo/data", help="folder to write (default: demo/data)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ap.add_argument("--size", default="demo", choices=tuple(SIZES),
+                    help="demo (216 slices, default), 10x (2,256 slices of the competition's mix) or full (the "
+                         "competition's shape: 38,496 slices of 274 case-days, 85 cases)")
+    ap.add_argument("--workers", type=int, default=0, help="processes drawing case-days (default: one per core)")
     args = ap.parse_args(argv)
-    print(make_demo_data(args.out, args.seed))
+    print(make_demo_data(args.out, args.seed, size=args.size, workers=args.workers or os.cpu_count() or 1))
 
 
 if __name__ == "__main__":

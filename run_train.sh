@@ -13,6 +13,10 @@
 #                writes it)
 #   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu; refused unless those GPUs exist)
 #                [unset: default device]
+#   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   several machines [1 node]: run this script on each node with its
+#                NODE_RANK (0 on the one at MASTER_ADDR) and the same OUTPUT_DIR (required, on a filesystem all nodes
+#                share: Accelerate saves each rank's RNG state into the checkpoint); one process per GPU of GPUS (or
+#                per visible GPU, or 1 without GPUs) on every node; see examples/slurm.sbatch
 #   ACCELERATE_CONFIG  a yaml of `accelerate config`: started as `accelerate launch --config_file <it>` (its
 #                processes, mixed precision, FSDP/DeepSpeed settings apply; GPUS still picks the devices)
 #   DATASET      --dataset (gi, lgg, hf)       REPORT_TO  --report_to (tensorboard, wandb, mlflow, trackio, all)
@@ -24,6 +28,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+  echo "error: NNODES=$NNODES NODE_RANK=$NODE_RANK: expected NNODES >= 1 and 0 <= NODE_RANK < NNODES" >&2
+  exit 2
+fi
+if [ "$NNODES" -gt 1 ] && { [ -z "${OUTPUT_DIR:-}" ] || [ -z "${MASTER_ADDR:-}" ]; }; then
+  echo "error: NNODES=$NNODES: set OUTPUT_DIR (the same shared folder on every node) and MASTER_ADDR (the address of node 0)" >&2
+  exit 2
+fi
 
 DEMO=0
 if [ -z "${DATA_DIR:-}" ] && [ -z "${BASE_MODEL:-}" ]; then
@@ -45,6 +59,9 @@ else
   SETTINGS="trainer.py's defaults for what is not set"
 fi
 NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)-$$"  # the pid: two launches in one second differ
+if [ "$NNODES" -gt 1 ]; then
+  NAME="$(basename "${OUTPUT_DIR%/}")-node$NODE_RANK"
+fi
 OUTPUT_DIR=${OUTPUT_DIR:-runs/$NAME}
 LOG_FILE=${LOG_FILE:-logs/$NAME.log}
 mkdir -p "$(dirname "$LOG_FILE")"
@@ -94,6 +111,17 @@ fi
 [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES="$GPUS"
 if [ -n "${ACCELERATE_CONFIG:-}" ]; then
   CMD=("$PYTHON" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG" "${ARGS[@]}")
+elif [ "$NNODES" -gt 1 ]; then
+  if [ -n "${GPUS:-}" ]; then
+    PER_NODE=$(awk -F, '{print NF}' <<<"$GPUS")
+  elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    PER_NODE=$(nvidia-smi -L | grep -c '^GPU')
+  else
+    PER_NODE=1
+  fi
+  CMD=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_machines "$NNODES" --machine_rank "$NODE_RANK"
+       --num_processes $((PER_NODE * NNODES)) --main_process_ip "$MASTER_ADDR" --main_process_port "${MASTER_PORT:-29500}"
+       --mixed_precision "${MIXED_PRECISION:-no}" --dynamo_backend no "${ARGS[@]}")
 elif [ -n "${GPUS:-}" ]; then
   NPROC=$(awk -F, '{print NF}' <<<"$GPUS")
   if [ "$NPROC" -gt 1 ]; then

@@ -646,8 +646,10 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
 
 
 def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
-    """Index, case-level split and decode-once cache (built by the main process first)."""
-    with accelerator.main_process_first():
+    """Index, case-level split and decode-once cache: built by each machine's first process while the machine's
+    others wait (on a --cache_dir that several machines share, the cache's lock lets one build and the rest find
+    it)."""
+    with accelerator.local_main_process_first():
         index = adapter.build_index(cfg.data_dir)
         train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
         if cfg.final_eval:  # checked now, not after all epochs
@@ -879,6 +881,9 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     run.stop = step >= run.total_steps
 
 
+TRACE_ROWS = "GI_SEG_TRACE_ROWS"  # a folder: each rank appends "<epoch> <rows...>" per batch to rows_rank<R>.txt
+
+
 def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> None:
     """Train ``epoch`` from where the state stands in it (a resumed run skips the batches already seen) until its
     last batch, or until the run must stop."""
@@ -894,7 +899,11 @@ def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMe
     if accelerator.is_main_process and sys.stdout.isatty():
         from tqdm.auto import tqdm
         bar = tqdm(total=len(run.train_dl), initial=skip, desc=f"epoch {epoch + 1}", leave=False, dynamic_ncols=True)
+    trace = os.environ.get(TRACE_ROWS)
     for batch in batches:
+        if trace:  # diagnostics (a host sync per batch): the cache rows this rank trains on
+            with open(Path(trace) / f"rows_rank{accelerator.process_index}.txt", "a") as f:
+                f.write(f"{epoch} " + " ".join(map(str, batch["index"].tolist())) + "\n")
         meter.add(training_step(run, batch), batch["pixel_values"].shape[0] * accelerator.num_processes)
         state.batches_in_epoch += 1
         if bar is not None:

@@ -41,3 +41,57 @@ def tracked_run(demo_dir, tiny_models, tmp_path_factory) -> Path:
                       cache_dir=str(root / "cache"), report_to="tensorboard", final_eval=True, push_to_hub=True,
                       hub_model_id="me/gi-test"))
     return root / "run"
+
+
+# the arguments of the distributed runs that are compared with each other (tests/test_multinode.py)
+DDP_ARGS = ("--image_size", "96", "--train_batch_size", "4", "--lr", "2e-3", "--num_workers", "0", "--n_folds", "3",
+            "--log_every", "1", "--epochs", "2", "--eval_batch_size", "5")
+ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+gpu_ids: all
+main_process_ip: 127.0.0.1
+main_process_port: {port}
+mixed_precision: 'no'
+dynamo_config: {{}}
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def distributed_env(**extra) -> dict:
+    """The environment of a multi-process CPU run: no ACCELERATE_USE_CPU (the trainer finds there is no GPU)."""
+    return {**{k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}, "OMP_NUM_THREADS": "1",
+            "PYTHONDONTWRITEBYTECODE": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def two_process_run(demo_dir, tiny_models, tmp_path_factory):
+    """One machine, two processes, started as `accelerate config` users do: `accelerate launch --config_file`
+    with a two-process multi-GPU yaml (on this machine without GPUs); the rows each rank trained on traced."""
+    import subprocess
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("two_process")
+    config = root / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG.format(port=free_port()))
+    out, trace = root / "run", root / "trace"
+    trace.mkdir()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "trainer.py"),
+           "--base_model", str(tiny_models["upernet"]), "--data_dir", str(demo_dir), "--output_dir", str(out),
+           "--cache_dir", str(root / "cache"), *DDP_ARGS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT,
+                         env=distributed_env(GI_SEG_TRACE_ROWS=str(trace)))
+    return SimpleNamespace(result=res, out=out, trace=trace)

@@ -27,3 +27,30 @@ def test_demo_data_is_deterministic(tmp_path):
     fa = sorted(p.relative_to(a) for p in a.rglob("*.png"))
     assert fa == sorted(p.relative_to(b) for p in b.rglob("*.png"))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in fa[:5])
+
+
+def test_the_full_size_layout_has_the_competitions_shape():
+    from collections import Counter
+
+    from demo_data import competition_layout
+
+    layout = competition_layout()
+    assert len(layout) == 274 and len({case for case, *_ in layout}) == 85
+    assert len({(case, day) for case, day, *_ in layout}) == 274
+    assert sum(n for _, _, n, _ in layout) == 38_496  # x 3 classes = 115,488 rows of train.csv
+    by_size = Counter()
+    for _, _, n, size in layout:
+        by_size[size] += n
+    assert by_size == {(266, 266): 25_920, (360, 310): 11_232, (276, 276): 1_200, (234, 234): 144}
+    assert {n for _, _, n, size in layout if size == (276, 276)} == {80}
+
+
+def test_drawing_case_days_in_parallel_writes_the_same_files(tmp_path):
+    from demo_data import make_demo_data
+
+    serial = make_demo_data(tmp_path / "serial", slices_per_day=3)
+    parallel = make_demo_data(tmp_path / "parallel", slices_per_day=3, workers=2)
+    assert (serial / "train.csv").read_text() == (parallel / "train.csv").read_text()
+    files = sorted(p.relative_to(serial) for p in serial.rglob("*.png"))
+    assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png"))
+    assert all((serial / f).read_bytes() == (parallel / f).read_bytes() for f in files)

@@ -74,38 +74,10 @@ def test_nan_loss_stops_with_a_message_naming_the_step(demo_dir, tiny_models, tm
     assert "loss became NaN/inf between step" in res.stdout and "Traceback" not in res.stdout + res.stderr
 
 
-ACCELERATE_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: MULTI_GPU
-num_machines: 1
-num_processes: 2
-machine_rank: 0
-gpu_ids: all
-main_process_ip: 127.0.0.1
-main_process_port: {port}
-mixed_precision: 'no'
-dynamo_config: {{}}
-rdzv_backend: static
-same_network: true
-use_cpu: false
-"""
-
-
-def test_accelerate_launch_with_a_config_file_shards_training_over_two_processes(demo_dir, tiny_models, tmp_path):
+def test_accelerate_launch_with_a_config_file_shards_training_over_two_processes(two_process_run, demo_dir):
     """As `accelerate config` users start it: `accelerate launch --config_file <yaml> trainer.py ...`, here a
     two-process multi-GPU config on a machine without GPUs (the trainer then runs both ranks on the CPU)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(ACCELERATE_CONFIG.format(port=port))
-    out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    args = _args(demo_dir, tiny_models["upernet"], out, tmp_path, "--epochs", "2", "--eval_batch_size", "5")
-    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*launch, *args[1:]], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    res, out = two_process_run.result, two_process_run.out
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "world size 2, device cpu" in (out / "train.log").read_text()
     assert "Grad strides do not match bucket view strides" not in res.stdout + res.stderr

@@ -121,3 +121,13 @@ def test_two_launches_in_the_same_second_get_their_own_folder_and_log(demo_dir, 
     heads = [p.communicate(timeout=120)[0].splitlines()[0] for p in procs]
     assert heads[0] != heads[1], heads  # "log: logs/<model>-<time>-<pid>.log   output: runs/…"
     assert len(list((proj / "logs").glob("*.log"))) == 2
+
+
+def test_multi_node_settings_are_checked_before_anything_starts(tmp_path):
+    for settings, message in (({"NNODES": "2", "NODE_RANK": "2"}, "expected NNODES >= 1 and 0 <= NODE_RANK < NNODES"),
+                              ({"NNODES": "x"}, "expected NNODES >= 1"),
+                              ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"},
+                               "set OUTPUT_DIR (the same shared folder on every node) and MASTER_ADDR")):
+        env = {k: v for k, v in _env(tmp_path, **settings).items() if k != "OUTPUT_DIR"}
+        res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and message in res.stderr, (settings, res.stderr)

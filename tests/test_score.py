@@ -76,3 +76,18 @@ def test_zero_byte_and_header_only_submissions_are_one_line(demo_dir, tmp_path, 
     assert score_main(["--pred", str(path), "--data_dir", str(demo_dir)]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_volumes_scored_in_threads_give_the_serial_figures(demo_dir):
+    """A prediction that differs from the truth (one slice off, so Hausdorff > 0) scores the same in 1 and 3 threads."""
+    import numpy as np
+
+    index = build_index(demo_dir)
+    truth = pd.read_csv(demo_dir / "train.csv", dtype=str, keep_default_na=False)
+    wide = truth.pivot(index="id", columns="class", values="segmentation").reindex(index["id"])
+    shifted = {f"pred_{c}": np.roll(wide[c].to_numpy(), 1) for c in GI_CLASSES}  # each slice gets its neighbour's
+    pred = pd.DataFrame({"id": index["id"].to_numpy(), **shifted})
+    serial, per_case_serial = score_predictions(DATASETS["gi"], index, pred, workers=1)
+    threaded, per_case_threaded = score_predictions(DATASETS["gi"], index, pred, workers=3)
+    assert 0 < serial["hausdorff"] < 1 and serial == threaded
+    assert per_case_serial.equals(per_case_threaded)
