@@ -108,3 +108,32 @@ def test_two_machines_sharing_one_cache_dir_build_it_once_and_train_the_same(dem
     assert not [p for p in shared.iterdir() if p.name.endswith((".tmp", ".old"))]
     for g, w in zip(_records(out), _records(two_process_run.out)):
         assert g["dice_mean"] == pytest.approx(w["dice_mean"], abs=1e-6)
+
+
+def test_fsdp_on_two_cpu_processes_trains_like_ddp_saves_whole_models_and_resumes(demo_dir, tiny_models,
+                                                                                   two_process_run, tmp_path):
+    """`accelerate launch --use_fsdp` (FSDP2, full shard) on gloo: the figures of the DDP run with the same seed,
+    best/ saved whole (it loads with the Auto class), and a resume from its sharded checkpoint trains on."""
+    from transformers import AutoModelForSemanticSegmentation
+
+    out = tmp_path / "fsdp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port",
+              str(free_port()), "--use_fsdp", "--fsdp_version", "2", "--fsdp_cpu_ram_efficient_loading", "false",
+              "--fsdp_auto_wrap_policy", "NO_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+              "--mixed_precision", "no", str(ROOT / "trainer.py"), "--base_model", str(tiny_models["upernet"]),
+              "--data_dir", str(demo_dir), "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), *DDP_ARGS]
+    res = subprocess.run(launch, capture_output=True, text=True, timeout=400, cwd=ROOT, env=distributed_env())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for g, w in zip(_records(out), _records(two_process_run.out), strict=True):
+        for key in ("train_loss", "val_loss", "dice_mean"):
+            assert g[key] == pytest.approx(w[key], abs=1e-5), key
+    model = AutoModelForSemanticSegmentation.from_pretrained(out / "best")
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in AutoModelForSemanticSegmentation.from_pretrained(two_process_run.out / "best").parameters())
+    launch[launch.index("--epochs") + 1] = "3"  # one more epoch, from the sharded state of step 12
+    res = subprocess.run([*launch, "--resume_from_checkpoint", "latest"], capture_output=True, text=True,
+                         timeout=400, cwd=ROOT, env=distributed_env())
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (out / "train.log").read_text()
+    assert "resumed from " + str(out / "checkpoints" / "step_00000012") in log
+    assert [r["epoch"] for r in _records(out)] == [1, 2, 3]
