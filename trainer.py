@@ -746,7 +746,7 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
-    run.family, run.trackers = family, parse_report_to(cfg.report_to)
+    run.family = family
     if out.resume is not None:
         accelerator.load_state(str(out.resume))
         run.state = read_state(out.resume)
@@ -1003,6 +1003,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         set_seed(cfg.seed)
         run = build_run(cfg, accelerator, out)
+        run.trackers = trackers
         start_trackers(accelerator, trackers, out.path.name, {**dataclasses.asdict(cfg), "run_id": out.run_id,
                                                              "world_size": accelerator.num_processes})
         last = train_epochs(run)

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -239,8 +240,6 @@ def main(argv: list[str] | None = None) -> None:
         if "cache" in stages:
             # a fresh cache each time: build it, not find it
             for old in Path(cache_dir).glob(f"{IMAGE_SIZE}px-*"):
-                import shutil
-
                 shutil.rmtree(old)
             r.update(in_process("cache", data_dir=str(data), cache_dir=cache_dir))
         if "train" in stages:
