@@ -217,11 +217,11 @@ def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 
     """(N, context_slices) row positions of the slices stacked as channels for each slice.
 
     context_slices=1 gives the slice itself (repeated into 3 channels later); 3 gives the slices at
-    -stride, 0, +stride of the same volume (rows sharing ``volume_columns``, the adapter's). At a volume end a missing neighbour is replaced by the nearest
+    -stride, 0, +stride (5: -2 stride ... +2 stride) of the same volume (rows sharing ``volume_columns``, the adapter's). At a volume end a missing neighbour is replaced by the nearest
     slice that exists on that side's way back to the centre (so the first slice uses itself for -stride).
     """
-    if context_slices not in (1, 3):
-        raise UserError(f"--context_slices must be 1 (plain) or 3 (2.5D), got {context_slices}")
+    if context_slices < 1 or context_slices % 2 == 0:
+        raise UserError(f"--context_slices must be odd: 1 (plain), 3, 5 ... (2.5D), got {context_slices}")
     if stride < 1:
         raise UserError(f"--context_stride must be >= 1, got {stride}")
     offsets = (np.arange(context_slices) - context_slices // 2) * stride

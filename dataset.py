@@ -22,23 +22,37 @@ class SliceDataset(torch.utils.data.Dataset):
     it does not depend on the number of data-loader workers, on which batches were loaded before, or on whether
     the run was resumed in the middle of the epoch. ``set_epoch`` reaches worker processes too (the epoch lives
     in shared memory).
+
+    ``draw_from``/``draws`` (--empty_slice_fraction): besides ``rows``, each epoch takes ``draws`` rows of the pool
+    ``draw_from`` (the organ-free slices), a different subset every epoch, chosen by (``seed``, epoch) alone.
     """
 
     def __init__(self, cache: SliceCache, rows: np.ndarray, neighbours: np.ndarray, transform: Callable | None,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, seed: int = 0):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, seed: int = 0,
+                 draw_from: np.ndarray | None = None, draws: int = 0):
         self.cache, self.rows, self.neighbours, self.transform = cache, np.asarray(rows), neighbours, transform
         self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)  # once, not per item
         self.seed = seed
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.pool = np.asarray(draw_from if draw_from is not None else [], dtype=np.int64)
+        self.draws = min(int(draws), len(self.pool))
+        self._drawn: tuple[int, np.ndarray] | None = None  # (epoch, its rows from the pool), per process
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) + self.draws
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """The rows that item positions len(rows).. map to in ``epoch``."""
+        if self._drawn is None or self._drawn[0] != epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, 0x5EED]))
+            self._drawn = (epoch, np.sort(rng.choice(self.pool, self.draws, replace=False)))
+        return self._drawn[1]
 
     def __getitem__(self, i: int) -> dict:
-        row = int(self.rows[i])
+        row = int(self.rows[i]) if i < len(self.rows) else int(self.epoch_rows(int(self.epoch))[i - len(self.rows)])
         chans = self.neighbours[row]
         if len(chans) == 1:  # plain mode: augment one channel, repeat it at normalisation (3x less work)
             image = np.asarray(self.cache.images[chans[0]], dtype=np.float32)  # (S, S)

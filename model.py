@@ -127,9 +127,72 @@ def _hub_hint(name: str) -> str:
             "(or from_pretrained(...).save_pretrained(<folder>)), copy the folder here and pass --base_model <folder>.")
 
 
+def channel_sources(channels: int) -> list[int]:
+    """For an input of ``channels`` slices (odd; offsets -k..k around the centre), the pretrained RGB channel each
+    one takes its weights and statistics from: 0 below the centre, 1 the centre, 2 above (3 -> [0, 1, 2])."""
+    half = channels // 2
+    return [0 if j < half else 1 if j == half else 2 for j in range(channels)]
+
+
+def widen_channels(values, channels: int) -> tuple:
+    """A 3-channel mean or std as ``channels`` values (channel_sources)."""
+    return tuple(values[src] for src in channel_sources(channels))
+
+
+def _config_with_channels(config):
+    """The config whose ``num_channels`` builds the input layer (the backbone's, for UperNet and Mask2Former)."""
+    backbone = getattr(config, "backbone_config", None)
+    return backbone if backbone is not None and hasattr(backbone, "num_channels") else config
+
+
+def input_channels(hf_model: nn.Module) -> int:
+    return int(getattr(_config_with_channels(hf_model.config), "num_channels", 3))
+
+
+def widen_input(hf_model: nn.Module, channels: int) -> str:
+    """Give the model's first 3-channel convolution ``channels`` input channels (an odd number of slices): each new
+    channel takes the pretrained weights of its source channel (channel_sources) divided by how many share them,
+    so an input with the same image in every channel (normalised with widen_channels' statistics) gives exactly
+    the 3-channel model's output; the pretrained weights are kept. Sets ``num_channels`` in the config, so the
+    saved folder loads with the Auto class. Returns the layer's name."""
+    conv = next(((name, m) for name, m in hf_model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
+                None)
+    if conv is None:
+        raise UserError(f"--context_slices {channels}: no 3-channel input convolution found in this "
+                        f"{hf_model.config.model_type} model to widen")
+    name, old = conv
+    src = torch.tensor(channel_sources(channels))
+    share = torch.bincount(src, minlength=3).to(old.weight.dtype)[src].view(1, -1, 1, 1)
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
+                    old.bias is not None, old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:, src] / share)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(hf_model.get_submodule(parent) if parent else hf_model, attr, new)
+    _config_with_channels(hf_model.config).num_channels = channels
+    for m in hf_model.modules():  # embeddings that check the channel count of their input
+        if getattr(m, "num_channels", None) == 3:
+            m.num_channels = channels
+    return name
+
+
 def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``."""
+               trust_remote_code: bool = False, in_channels: int = 3) -> LoadedModel:
+    """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``; with
+    ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too."""
+    loaded = _load_model(base_model, task, classes, aux_weight, trust_remote_code)
+    if in_channels > 3 and input_channels(loaded.model) != in_channels:
+        layer = widen_input(loaded.model, in_channels)
+        loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
+                                    "out; same output for the same image in every channel)")
+        loaded.mean, loaded.std = widen_channels(loaded.mean, in_channels), widen_channels(loaded.std, in_channels)
+    return loaded
+
+
+def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
+                trust_remote_code: bool = False) -> LoadedModel:
     id2label = task_labels(task, classes)
     if base_model in BASELINES:
         model = build_baseline(base_model, id2label)
@@ -231,7 +294,7 @@ def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> 
     model.eval()  # eval: batch-norm running statistics stay untouched; gradients flow all the same
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
-    logits, aux = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    logits, aux = model(torch.zeros(1, input_channels(model.hf), image_size, image_size, device=device))
     (logits.float().sum() + (aux.float().sum() if aux is not None else 0)).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in model.named_parameters():

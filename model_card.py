@@ -40,9 +40,11 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
     dataset, classes = spec.dataset, list(spec.classes)
     data_name = DATASET_NAMES.get(dataset, f"{config['data_dir']} (Hugging Face datasets)")
     n_folds, fold = config["n_folds"], config["fold"]
-    split = f"validation fold {fold} of {n_folds} (case-level, seed {config['split_seed']})"
-    results = [(f"Dice {c}", "dice", record[f"dice_{c}"]) for c in classes]
-    results.append(("mean Dice", "dice", record["dice_mean"]))
+    split = (f"validation fold {fold} of {n_folds} (case-level, seed {config['split_seed']})" if fold >= 0 else
+             "every case (--fold -1: no validation set)")
+    results = [(f"Dice {c}", "dice", record[f"dice_{c}"]) for c in classes] if "dice_mean" in record else []
+    if results:
+        results.append(("mean Dice", "dice", record["dice_mean"]))
     if scores:
         results += [("competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), original sizes)", "score",
                      scores["score"]), ("3D Hausdorff (normalised)", "hausdorff", scores["hausdorff"])]
@@ -52,7 +54,7 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
     base = hub_id(config["base_model"])
     meta = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="image-segmentation",
                          tags=["image-segmentation", "medical-imaging", "mri", family, f"dataset-{dataset}",
-                               spec.task], model_name=Path(config["output_dir"]).name, eval_results=evals,
+                               spec.task], model_name=Path(config["output_dir"]).name, eval_results=evals or None,
                          license=None)
     figures = "\n".join(f"| {name} | {value:.4f} |" for name, _, value in results)
     hp = "\n".join(f"| `--{k}` | {config[k]} |" for k in HYPER_PARAMETERS if k in config)
@@ -86,6 +88,15 @@ logits = torch.nn.functional.interpolate(logits, size=scan.shape, mode="bilinear
                   f"(3D Hausdorff {scores['hausdorff']:.4f})." if scores else
                   "The competition score needs the 3D Hausdorff distance at original sizes: train with "
                   "`--final_eval` (or run `score.py` on this model's predictions) to get it.")
+    results_text = (f"""## Results on the validation fold
+At the training size, per-slice Dice averaged over slices (step {record['step']}, epoch {record['epoch']}):
+
+| figure | value |
+| --- | --- |
+{figures}
+
+{score_line}""" if results else "## Results\nNone: this model was trained on every case (`--fold -1`), with no "
+                    "validation set; the cross-validation of the same settings (cv.py) gives its expected figures.")
     body = f"""
 # {Path(config['output_dir']).name}: {family} for {', '.join(classes)} ({what}/)
 
@@ -106,14 +117,7 @@ new head for these classes. These are the `{what}/` weights of the run: the eval
 | --- | --- |
 {hp}
 
-## Results on the validation fold
-At the training size, per-slice Dice averaged over slices (step {record['step']}, epoch {record['epoch']}):
-
-| figure | value |
-| --- | --- |
-{figures}
-
-{score_line}
+{results_text}
 
 Empty slices: a (slice, class) pair whose prediction and ground truth are both empty
 {EMPTY_RULE.get(str(config.get('empty_dice', '1')), '')} (`--empty_dice {config.get('empty_dice', '1')}`).

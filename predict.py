@@ -12,6 +12,7 @@ fold or split is refused, since its slices were trained on).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,22 +21,22 @@ import pandas as pd
 import torch
 
 from adapters import get_adapter
-from cache import build_cache
-from data import neighbour_table, split_by_case
-from inference import Segmenter
+from data import split_by_case
+from inference import Ensemble
 from rle import encode_rle
 from utils import UserError, atomic_write_text, command, logger, quiet_third_party, setup_logging
 
 
-def predict_rows(segmenter: Segmenter, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
-                 batch_size: int = 16, mixed_precision: str = "no", tta: bool = False,
+def predict_rows(model: Ensemble, index: pd.DataFrame, rows: np.ndarray, inputs: list[tuple],
+                 volume_columns: tuple[str, ...], batch_size: int = 16, mixed_precision: str = "no", tta: bool = False,
                  num_workers: int = 0) -> pd.DataFrame:
-    """Submission rows (id, class, predicted) for ``rows`` of ``index``, in index order."""
+    """Submission rows (id, class, predicted) for ``rows`` of ``index``, in index order; ``inputs`` are the
+    members' (cache, neighbours) (Ensemble.inputs)."""
     ids = index["id"].to_numpy()
-    classes = segmenter.spec.classes
+    classes = model.spec.classes
     out = [(ids[r], name, encode_rle(masks[c]))
-           for r, masks in segmenter.iter_masks(index, rows, cache, neighbours, batch_size, mixed_precision, tta,
-                                                num_workers)
+           for r, masks in model.iter_masks(index, rows, inputs, volume_columns, batch_size, mixed_precision, tta,
+                                            num_workers)
            for c, name in enumerate(classes)]
     return pd.DataFrame(out, columns=["id", "class", "predicted"])
 
@@ -58,6 +59,19 @@ def parse_thresholds(text: str | None, classes: tuple[str, ...]) -> tuple[float,
     return values
 
 
+def parse_weights(text: str | None, n: int) -> list[float] | None:
+    """--weights: ``n`` positive comma-separated numbers, or None (equal)."""
+    if not text:
+        return None
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n or not all(v > 0 for v in values):
+        raise UserError(f"--weights needs {n} positive comma-separated values (one per --model), got {text!r}")
+    return values
+
+
 def check_split(trained: dict | None, fold: int, n_folds: int | None, split_seed: int | None, model: str) -> dict:
     """The split that --fold / --n_folds / --split_seed name, refused unless it is the model's own validation fold
     (another fold, or another split, holds slices the model was trained on: its scores would be inflated)."""
@@ -73,7 +87,12 @@ def check_split(trained: dict | None, fold: int, n_folds: int | None, split_seed
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="saved model folder (runs/<name>/best)")
+    ap.add_argument("--model", required=True, nargs="+",
+                    help="saved model folder (runs/<name>/best); several: an ensemble that averages their probabilities "
+                         "(folds of a run, or different families; each sees its own image size, normalisation and "
+                         "2.5D setting), turned into masks by the first one's thresholds, gates and post-processing")
+    ap.add_argument("--weights", default=None,
+                    help="ensemble weights, comma-separated, one per --model (default: equal)")
     ap.add_argument("--data_dir", required=True, help="folder in the model's dataset layout (Kaggle folder, kaggle_3m)")
     ap.add_argument("--out", default="submission.csv", help="submission CSV to write (default submission.csv)")
     ap.add_argument("--split", default=None, help="scans folder inside data_dir (GI default: test/ if present, "
@@ -88,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     ap.add_argument("--thresholds", default=None,
                     help="per-class probability thresholds of a multilabel model, comma-separated in the order of its "
-                         "classes, e.g. 0.5,0.4,0.5 (default: the ones saved with the model)")
+                         "classes, e.g. 0.5,0.4,0.5 (default: the ones saved with the model; overrides --tuned's)")
+    ap.add_argument("--tuned", default=None,
+                    help="thresholds, gates and post-processing from a tune.py --out file (an ensemble's); default: "
+                         "the first model's spec (tuned by tune.py, or the training threshold)")
     ap.add_argument("--cache_dir", default="cache", help="decode-once cache folder (default cache)")
     ap.add_argument("--num_workers", type=int, default=2, help="data-loader workers (default 2)")
     return ap
@@ -102,28 +124,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    segmenter = Segmenter.load(args.model, device)  # a wrong --model fails before any data work
-    spec = segmenter.spec
+    weights = parse_weights(args.weights, len(args.model))
+    model = Ensemble.load(args.model, device, weights)  # a wrong --model fails before any data work
+    spec = model.spec
+    if args.tuned:
+        from tune import read_tuned
+        model = model.with_decisions(**read_tuned(args.tuned))
+        spec = model.spec
     thresholds = parse_thresholds(args.thresholds, spec.classes)
     if thresholds is not None:
         if spec.task != "multilabel":
             raise UserError("--thresholds applies to multilabel models; this one is multiclass (argmax)")
-        segmenter.thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
+        model = model.with_decisions(thresholds=thresholds)
     options = {**(spec.dataset_options or {}), **({"hf_split": args.split} if args.split else {})}
-    adapter = get_adapter(spec.dataset, f"--model {args.model}").bind(args.data_dir, options, spec.classes)
+    adapter = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(args.data_dir, options, spec.classes)
     split = args.split or adapter.inference_split(args.data_dir)
     index = adapter.build_index(args.data_dir, split, require_labels=False)
     rows = np.arange(len(index))
     if args.fold is not None:
-        split = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model)
+        splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
+        if len(splits) > 1:
+            raise UserError(f"--fold: the models were trained on different splits ({', '.join(sorted(splits))}); "
+                            "every slice is in some model's training set. Omit --fold")
+        split = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model[0])
         _, rows = split_by_case(index, split["fold"], split["n_folds"], split["split_seed"])
-    cache = build_cache(adapter, index, spec.image_size, args.cache_dir, num_threads=max(1, args.num_workers))
-    neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns)
-    logger.info("predicting %d slices of %s (%s) with %s (%s, %dpx, thresholds %s, tta %s) on %s", len(rows),
-                args.data_dir, split or adapter.name, args.model, spec.task, spec.image_size,
-                segmenter.thresholds.tolist() or "argmax", args.tta, device)
-    sub = predict_rows(segmenter, index, rows, cache, neighbours, args.batch_size, args.mixed_precision, args.tta,
-                       args.num_workers)
+    inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
+    for name, m, w in zip(model.names, model.members, model.weights):
+        logger.info("model %s: %s, %dpx, context %d, weight %.3f", name, m.spec.task, m.spec.image_size,
+                    m.spec.context_slices, w)
+    logger.info("predicting %d slices of %s (%s) with %d model(s) (thresholds %s, gates %s / %s, post-processing %s, "
+                "tta %s) on %s", len(rows), args.data_dir, split or adapter.name, len(model.members),
+                list(model.thresholds) or "argmax", list(spec.min_area or []) or "off", list(spec.min_prob or []) or
+                "off", list(spec.postprocess or []) or "off", args.tta, device)
+    sub = predict_rows(model, index, rows, inputs, adapter.volume_columns, args.batch_size, args.mixed_precision,
+                       args.tta, args.num_workers)
     write_submission(sub, args.out)
     logger.info("wrote %s: %d rows, %d slices with a predicted class", args.out, len(sub),
                 sub.groupby("id")["predicted"].apply(lambda s: (s != "").any()).sum())

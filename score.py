@@ -75,7 +75,7 @@ def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str, volume: list[st
     return wanted.merge(pred, on="id", how="left").sort_values([*volume, "slice"]).reset_index(drop=True)
 
 
-def _figures(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float,
+def figures_from_stats(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float,
              classes: tuple[str, ...]) -> dict:
     out = summarise(stats, empty, classes)
     dice = dice_from_stats(stats, empty)
@@ -137,11 +137,11 @@ def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.Dat
             hd_merged.append(vol_merged)
             vol_case.append(case)
     hd, hd_merged, vol_case = np.array(hd), np.array(hd_merged), np.array(vol_case)
-    overall = _figures(stats, hd, hd_merged, empty, threshold, classes)
+    overall = figures_from_stats(stats, hd, hd_merged, empty, threshold, classes)
     per_case = []
     for case in sorted(rows["case"].unique()):
         sel, vsel = rows["case"].to_numpy() == case, vol_case == case
-        per_case.append({"case": int(case), **_figures(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold,
+        per_case.append({"case": int(case), **figures_from_stats(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold,
                                                        classes)})
     return overall, pd.DataFrame(per_case)
 

@@ -35,8 +35,9 @@ from adapters import DATASETS, DatasetAdapter, datasets_help, get_adapter
 from cache import SliceCache, build_cache
 from data import check_fold, check_volume_sizes, neighbour_table, split_by_case
 from dataset import SliceDataset
+from ema import WeightEMA
 from hf_data import dataset_options
-from inference import TASKS, InferenceSpec, Segmenter
+from inference import TASKS, Ensemble, InferenceSpec, Segmenter
 from losses import LOSSES, SegmentationLoss, upsample_like
 from masks import classes_present, unpack_targets, valid_pixels
 from metrics import EMPTY_RULES, describe, mask_stats, summarise
@@ -46,7 +47,7 @@ from tracking import LOG_FOLDER as TRACKER_FOLDER
 from tracking import log_record, parse_report_to
 from tracking import start as start_trackers
 from utils import (FolderLock, UserError, atomic_write_json, atomic_write_text, command, json_safe, logger,
-                   quiet_third_party, recover_replaced, replace_dir, setup_logging, storage_guard)
+                   quiet_third_party, recover_replaced, release_memory, replace_dir, setup_logging, storage_guard)
 
 # transformers (model.py), accelerate and albumentations are imported where they are used: together they cost
 # about 3 s of start-up that `--help` and a rejected argument do not need.
@@ -86,12 +87,18 @@ class TrainConfig:
         "choices": TASKS})
     image_size: int = field(default=288, metadata={"help": "square training size in pixels (multiple of 32)"})
     context_slices: int = field(default=1, metadata={
-        "help": "1: the slice repeated into 3 channels; 3: 2.5D, slices -stride, 0, +stride of the same case-day",
-        "choices": (1, 3)})
+        "help": "1: the slice repeated into 3 channels; 3: 2.5D, slices -stride, 0, +stride of the same case-day; "
+                "5, 7 ...: more neighbours, the model's first layer widened to take them (its pretrained weights "
+                "shared out so that its output is unchanged for the same image in every channel)"})
     context_stride: int = field(default=2, metadata={"help": "slice distance of the 2.5D neighbours"})
+    empty_slice_fraction: float = field(default=-1.0, metadata={
+        "help": "share of organ-free slices among each epoch's training slices, drawn anew every epoch, e.g. 0.1; "
+                "0: train only on slices that show a class (as the 1st-place solution, which gated empty slices); "
+                "-1: every training slice, as the data has them"})
     strong_aug: bool = field(default=False, metadata={"help": "add elastic/grid/optical distortion, blur, gamma"})
     n_folds: int = field(default=5, metadata={"help": "number of case-level folds"})
-    fold: int = field(default=0, metadata={"help": "validation fold, in [0, n_folds)"})
+    fold: int = field(default=0, metadata={"help": "validation fold, in [0, n_folds); -1: train on every case with no "
+                                                   "validation set (a final model; best/ is the last epoch's)"})
     split_seed: int = field(default=42, metadata={"help": "seed of the case-to-fold assignment"})
     cache_dir: str = field(default="cache", metadata={"help": "decode-once cache of resized scans and masks"})
     verify_cache: bool = field(default=False, metadata={
@@ -115,6 +122,9 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
     mixed_precision: str = field(default="no", metadata={"help": "autocast on GPU", "choices": ("no", "fp16", "bf16")})
     seed: int = field(default=42, metadata={"help": "seed of weights init, shuffling and augmentation"})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "exponential moving average of the weights, updated after every optimizer step, e.g. 0.999 (0: off); "
+                "evaluation, best/ and last/ use the average, which every resumable state holds"})
     # loss and metric
     loss: str = field(default="bce_dice", metadata={
         "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice) or tversky (BCE/CE + Tversky)",
@@ -214,6 +224,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
         (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
         (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),
+        (cfg.context_slices >= 1 and cfg.context_slices % 2 == 1,
+         f"--context_slices must be odd: 1, 3, 5 ..., got {cfg.context_slices}"),
+        (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,
+         f"--empty_slice_fraction must be in [0, 1), or -1 for all slices, got {cfg.empty_slice_fraction}"),
+        (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}"),
         (cfg.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0, got {cfg.early_stopping_patience}"),
         (cfg.focal_gamma >= 0 and cfg.tversky_alpha >= 0 and cfg.tversky_beta >= 0,
          "--focal_gamma, --tversky_alpha and --tversky_beta must be >= 0"),
@@ -221,7 +236,13 @@ def validate_config(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
-    check_fold(cfg.fold, cfg.n_folds)
+    if cfg.fold == -1:
+        if cfg.final_eval or cfg.early_stopping_patience:
+            raise UserError("--fold -1 trains on every case with no validation set: --final_eval and "
+                            "--early_stopping_patience need one (cv.py gives the cross-validated figures)")
+        check_fold(0, cfg.n_folds)
+    else:
+        check_fold(cfg.fold, cfg.n_folds)
     get_adapter(cfg.dataset)
     parse_report_to(cfg.report_to)
     if cfg.push_to_hub and not cfg.hub_model_id:
@@ -279,6 +300,7 @@ class TrainState:
 
 
 STATE_FILE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"  # --ema_decay: the average, in every resumable state
 RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
 
 
@@ -332,7 +354,8 @@ def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) 
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
+                    ema: WeightEMA | None = None) -> Path:
     """Accelerator state + trainer_state.json (with the size of every file, so an incomplete copy is never used)
     to checkpoints/step_<N>, via a temporary folder and utils.replace_dir; older ones beyond ``keep`` are removed
     only after this one is complete."""
@@ -347,6 +370,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int)
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(tmp / EMA_FILE)
         files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
         atomic_write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
         replace_dir(tmp, final)
@@ -390,10 +415,17 @@ def final_evaluation(run: "Run") -> dict:
     """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
     cfg, out, d = run.cfg, run.output_dir, run.data
     segmenter = Segmenter.load(out / "best", run.accelerator.device)
-    sub = predict_rows(segmenter, d.index, d.val_rows, d.cache, d.neighbours, cfg.eval_batch_size, cfg.mixed_precision)
+    index = d.index
+    if not run.adapter.has_labels(index):  # load_data dropped the codes once the cache held the masks: read again
+        index = run.adapter.build_index(cfg.data_dir)
+        if not index["id"].equals(d.index["id"]):
+            raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
+                            "trained on); score best/ with score.py")
+    sub = predict_rows(Ensemble([segmenter]), index, d.val_rows, [(d.cache, d.neighbours)], run.adapter.volume_columns,
+                       cfg.eval_batch_size, cfg.mixed_precision)
     write_submission(sub, out / "val_submission.csv")
     classes = segmenter.spec.classes
-    overall, per_case = score_predictions(run.adapter, d.index, submission_to_wide(sub, classes=classes),
+    overall, per_case = score_predictions(run.adapter, index, submission_to_wide(sub, classes=classes),
                                           cfg.empty_dice)
     atomic_write_json(out / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
                                                 "empty_dice": cfg.empty_dice})
@@ -480,6 +512,8 @@ class Run:
     query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
     family: str = ""  # the model family (model.py), for the model cards
     trackers: list = field(default_factory=list)  # --report_to, parsed
+    ema: WeightEMA | None = None  # --ema_decay: the average that evaluation and the saved models use
+    ema_source: torch.nn.Module | None = None  # the unwrapped model it follows
 
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
@@ -489,7 +523,8 @@ RUN_IDENTITY = ("base_model", "data_dir", "dataset", "task", "image_size", "cont
                 "optimizer", "lr", "weight_decay", "scheduler_name", "lr_milestones", "lr_gamma", "warmup_steps",
                 "max_grad_norm", "mixed_precision", "loss", "focal_gamma", "tversky_alpha", "tversky_beta",
                 "pixel_loss_weight", "dice_weight", "aux_weight", "threshold", "empty_dice", "image_column",
-                "label_column", "reduce_labels", "hf_split", "case_column", "world_size")
+                "label_column", "reduce_labels", "hf_split", "case_column", "ema_decay", "empty_slice_fraction",
+                "world_size")
 MAY_CHANGE_ON_RESUME = ("output_dir", "epochs", "max_train_steps", "eval_batch_size", "num_workers", "log_every",
                         "save_every_steps", "save_total_limit", "save_last", "resume_from_checkpoint",
                         "overwrite_output_dir", "cache_dir", "verify_cache", "trust_remote_code", "torch_compile",
@@ -651,12 +686,23 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
     it)."""
     with accelerator.local_main_process_first():
         index = adapter.build_index(cfg.data_dir)
-        train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
+        if cfg.fold == -1:  # every case trains
+            train_rows, val_rows = np.arange(len(index)), np.arange(0)
+        else:
+            train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
         if cfg.final_eval:  # checked now, not after all epochs
             check_volume_sizes(index, adapter.volume_columns, f"{cfg.data_dir} (--final_eval scores whole volumes)")
         cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1,
                             verify=cfg.verify_cache)
+    # the cache holds the masks now: drop the codes, and give back what reading them took (the training process and
+    # each data-loader worker forked from it would otherwise grow with the dataset)
+    index = adapter.without_labels(index)
+    release_memory()
     neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns)
+    if cfg.fold == -1:
+        logger.info("data: %d slices, %d cases from %s (%s); --fold -1: all of them train, no validation set",
+                    len(index), index["case"].nunique(), cfg.data_dir, adapter.name)
+        return Data(index, train_rows, val_rows, cache, neighbours)
     val_cases = sorted(index["case"].iloc[val_rows].unique())
     logger.info("data: %d slices, %d cases from %s (%s); fold %d/%d: train %d slices (%d cases), val %d slices "
                 "(cases %s)", len(index), index["case"].nunique(), cfg.data_dir, adapter.name, cfg.fold, cfg.n_folds,
@@ -678,7 +724,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     layout."""
     from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
 
-    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code)
+    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code,
+                        in_channels=max(3, cfg.context_slices))
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
@@ -710,9 +757,21 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
 def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
     from augment import train_transform
 
-    train_ds = SliceDataset(data.cache, data.train_rows, data.neighbours,
-                            train_transform(cfg.image_size, cfg.strong_aug, cfg.seed), spec.mean, spec.std, cfg.seed)
-    val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std)
+    rows, pool, draws = data.train_rows, None, 0
+    if cfg.empty_slice_fraction >= 0:
+        shown = classes_present(data.cache.masks, data.train_rows, len(spec.classes)).any(1)
+        rows, pool = data.train_rows[shown], data.train_rows[~shown]
+        f = cfg.empty_slice_fraction
+        draws = min(len(pool), round(f / (1 - f) * len(rows)))
+        logger.info("training slices per epoch: the %d that show a class + %d of the %d organ-free ones, drawn anew "
+                    "each epoch (--empty_slice_fraction %g; the data has %.1f%% organ-free)", len(rows), draws,
+                    len(pool), f, 100 * len(pool) / max(1, len(data.train_rows)))
+        if len(rows) + draws == 0:
+            raise UserError("--empty_slice_fraction: no training slice shows a class; use -1")
+    train_ds = SliceDataset(data.cache, rows, data.neighbours, train_transform(cfg.image_size, cfg.strong_aug, cfg.seed),
+                            spec.mean, spec.std, cfg.seed, draw_from=pool, draws=draws)
+    val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std) \
+        if len(data.val_rows) else None
     workers = cfg.num_workers
     if workers < 0:
         workers = min(8, (os.cpu_count() or 1) // processes) if device.type == "cuda" else 0
@@ -724,7 +783,8 @@ def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torc
                                            drop_last=len(train_ds) >= 2 * cfg.train_batch_size,
                                            generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
     val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False,
-                                         generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+                                         generator=torch.Generator().manual_seed(cfg.seed), **loader_kw) \
+        if val_ds is not None else None
     return train_dl, val_dl
 
 
@@ -735,7 +795,10 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
     train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
     optimizer = make_optimizer(cfg, model, accelerator.device)
-    model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    if val_dl is not None:
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    else:  # --fold -1
+        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
@@ -747,8 +810,20 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
     run.family = family
+    if cfg.ema_decay:
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            raise UserError(f"--ema_decay is not supported with {accelerator.distributed_type.value} (sharded "
+                            "weights); use DDP, or leave it at 0")
+        run.ema_source = accelerator.unwrap_model(model)
+        run.ema = WeightEMA(run.ema_source, cfg.ema_decay)
+        logger.info("EMA of the weights: decay %g after every optimizer step; evaluation, best/ and last/ use it",
+                    cfg.ema_decay)
     if out.resume is not None:
         accelerator.load_state(str(out.resume))
+        if run.ema is not None:
+            if not (out.resume / EMA_FILE).is_file():
+                raise UserError(f"{out.resume}: no {EMA_FILE} (the run had no --ema_decay?); resume with its settings")
+            run.ema.load(out.resume / EMA_FILE)
         run.state = read_state(out.resume)
         run.state.run_id = out.run_id  # (a checkpoint of an older version has none)
         metrics_file = run.output_dir / "metrics.jsonl"
@@ -816,7 +891,7 @@ class LossMeter:
 def save_state(run: Run, meter: LossMeter) -> Path:
     """A resumable state of this moment, with the epoch's running loss sum."""
     run.state.epoch_loss_sum = meter.epoch_sum(run.accelerator)
-    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit)
+    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit, run.ema)
 
 
 def training_step(run: Run, batch: dict) -> torch.Tensor:
@@ -865,6 +940,8 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     """Per-step duties: schedule, logging, periodic saving, and stopping on a signal (state saved first)."""
     cfg, state = run.cfg, run.state
     run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.ema_source)
     state.global_step += 1
     step = state.global_step
     if step % cfg.log_every == 0 or step == run.total_steps:
@@ -932,10 +1009,13 @@ def save_models(run: Run, tag: str, record: dict) -> None:
     rank)."""
     from model import save_model
 
-    sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
+    if run.ema is not None:  # the average (never sharded: --ema_decay refuses FSDP and DeepSpeed)
+        sd = run.ema.model.state_dict()
+    else:
+        sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
     if run.accelerator.is_main_process:
         sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
-        wrapper = run.accelerator.unwrap_model(run.model)
+        wrapper = run.ema.model if run.ema is not None else run.accelerator.unwrap_model(run.model)
         with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
             save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd,
                        card=model_card(run, tag, record))
@@ -947,18 +1027,26 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     cfg, state, out = run.cfg, run.state, run.output_dir
     train_loss = meter.epoch_sum(run.accelerator) / max(1, meter.epoch_n)
     images_per_s = meter.banked_rate()
-    figures = evaluate(Segmenter(run.model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
-                       run.accelerator, cfg.empty_dice)
+    model = run.ema.model if run.ema is not None else run.model
+    figures = evaluate(Segmenter(model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn, run.accelerator,
+                       cfg.empty_dice) if run.val_dl is not None else {}
     record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
               "lr": run.scheduler.get_last_lr()[0], "images_per_s": images_per_s, **figures}
     run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
     state.evaluated_step = state.global_step
-    logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
-                describe(figures, run.spec.classes))
+    if figures:
+        logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
+                    describe(figures, run.spec.classes))
+    else:
+        logger.info("epoch %d step %d | train_loss %.4f | no validation set (--fold -1): best/ is this model",
+                    epoch + 1, state.global_step, train_loss)
     if state.batches_in_epoch >= len(run.train_dl):  # a whole epoch: the state points at the next one
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         meter.new_epoch()
-    if figures["dice_mean"] > state.best_dice:
+    if not figures:  # --fold -1: the latest model is the one to keep
+        state.best_step = state.global_step
+        save_models(run, "best", record)
+    elif figures["dice_mean"] > state.best_dice:
         state.best_dice, state.best_step = figures["dice_mean"], state.global_step
         save_models(run, "best", record)
         logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state.global_step,
@@ -1007,8 +1095,12 @@ def train(cfg: TrainConfig) -> dict:
         start_trackers(accelerator, trackers, out.path.name, {**dataclasses.asdict(cfg), "run_id": out.run_id,
                                                              "world_size": accelerator.num_processes})
         last = train_epochs(run)
-        logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step, run.state.best_dice,
-                    run.state.best_step, run.output_dir / "best")
+        if run.val_dl is None:
+            logger.info("done: %d steps on every case (--fold -1): %s is the final model", run.state.global_step,
+                        run.output_dir / "best")
+        else:
+            logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step,
+                        run.state.best_dice, run.state.best_step, run.output_dir / "best")
         if cfg.final_eval:
             if accelerator.is_main_process:
                 final = final_evaluation(run)

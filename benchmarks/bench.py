@@ -462,7 +462,7 @@ def main() -> None:
     else:
         from demo_data import make_demo_data
 
-        data_dir = make_demo_data(tmp / "data", slices_per_day=6 if args.quick else 24)
+        data_dir = make_demo_data(tmp / "data", slices_per_day=6 if args.quick else 24, anatomy="large")
     cpu = platform.processor() or platform.machine()
     print(f"machine: {os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), numpy {np.__version__}, python {platform.python_version()}")

@@ -18,7 +18,9 @@ For each size (demo_data.py --size: demo 216 slices, 10x 2,256, full 38,496), in
 Every stage has a fixed start-up cost (imports, model load); "marginal ms/slice" divides the difference to the
 smallest size by the difference in slices, the cost that grows with the data.
 Peak memory is read from /proc (sampled every 20 ms, main process and workers summed): "anon" is the memory the
-processes own (heap, tensors; what must fit in RAM), "file" the pages of memory-mapped files they touched (the
+processes own (heap, tensors; a forked worker's count includes the pages it still shares with its parent), "PSS"
+the proportional anon memory, read once after the last training step (shared pages split between the processes
+sharing them, so "all PSS" is what must fit in RAM), "file" the pages of memory-mapped files they touched (the
 cache: shared page cache that the kernel can drop), as separate columns. Generating the data is timed too but is
 not part of any figure. A table per stage, per-slice figures and the ratio of the largest size to the smallest.
 """
@@ -55,6 +57,16 @@ def _status_kb(pid: int) -> tuple[int, int]:
     return f.get("RssAnon", 0) + f.get("RssShmem", 0), f.get("RssFile", 0)
 
 
+def _pss_anon_kb(pid: int) -> int:
+    """Proportional anon memory of a process in kB (pages shared with a forked parent count once overall)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    f = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines() if line.startswith("Pss_")}
+    return f.get("Pss_Anon", 0) + f.get("Pss_Shmem", 0)
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -64,10 +76,14 @@ def _children(pid: int) -> list[int]:
 
 class PeakMemory:
     """Samples this process and its children every 20 ms; ``anon_mb`` and ``file_mb`` are the peaks of the sums,
-    ``main_mb`` and ``worker_mb`` the peak anon memory of this process and of its largest child."""
+    ``main_mb`` and ``worker_mb`` the peak anon memory of this process and of its largest child. ``sample_pss()``
+    reads the proportional anon memory once (``pss_*``: a page a forked worker shares with its parent counts once,
+    split between them; ``pss_all_mb`` is what the processes together hold). Reading it walks every mapping and
+    stalls the workers (sampled every second it halved the CPU training rate), so it is read once, at the end."""
 
     def __init__(self):
         self.anon_mb = self.file_mb = self.main_mb = self.worker_mb = 0.0
+        self.pss_main_mb = self.pss_worker_mb = self.pss_all_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -79,6 +95,11 @@ class PeakMemory:
             self.main_mb = max(self.main_mb, sizes[0][0] / 1024)
             self.worker_mb = max([self.worker_mb, *(a / 1024 for a, _ in sizes[1:])])
             self.file_mb = max(self.file_mb, sum(f for _, f in sizes) / 1024)
+
+    def sample_pss(self) -> None:
+        me = os.getpid()
+        pss = [_pss_anon_kb(p) / 1024 for p in [me, *_children(me)]]
+        self.pss_main_mb, self.pss_worker_mb, self.pss_all_mb = pss[0], max(pss[1:], default=0.0), sum(pss)
 
     def __enter__(self):
         self._thread.start()
@@ -156,9 +177,11 @@ def stage_train(data_dir: str, cache_dir: str, model_dir: str, steps: int, worke
         if dev.type == "cuda":
             torch.cuda.synchronize()
         end = time.perf_counter()
+        mem.sample_pss()  # the workers are still alive (persistent)
     return {"train_slices": len(data.train_rows), "steps": n, "first_step_s": first - t_start,
             "images_per_s": images / max(end - first, 1e-9), "anon_mb": mem.anon_mb, "file_mb": mem.file_mb,
-            "main_mb": mem.main_mb, "worker_mb": mem.worker_mb,
+            "main_mb": mem.main_mb, "worker_mb": mem.worker_mb, "pss_main_mb": mem.pss_main_mb,
+            "pss_worker_mb": mem.pss_worker_mb, "pss_all_mb": mem.pss_all_mb,
             "workers": train_dl.num_workers, "full_epoch": not steps or n < steps}
 
 
@@ -234,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes.split(","):
         data = root / f"data-{size}"
         t = time.perf_counter()
-        make_demo_data(data, size=size, workers=os.cpu_count() or 1)
+        make_demo_data(data, size=size, workers=os.cpu_count() or 1, slices_per_day=24,  # the demo before #12
+                       anatomy="large")
         r = {"generate_s": time.perf_counter() - t}
         cache_dir = str(root / "cache")
         if "cache" in stages:
@@ -290,7 +314,9 @@ def report(results: dict) -> None:
             t = r["train"]
             rows_train.append([size, t["train_slices"], t["steps"], "yes" if t["full_epoch"] else "no", t["workers"],
                                f"{t['first_step_s']:.1f}", f"{t['images_per_s']:.1f}", f"{t.get('main_mb', 0):.0f}",
-                               f"{t.get('worker_mb', 0):.0f}", f"{t['anon_mb']:.0f}", f"{t['file_mb']:.0f}"])
+                               f"{t.get('worker_mb', 0):.0f}", f"{t['anon_mb']:.0f}", f"{t['file_mb']:.0f}",
+                               f"{t.get('pss_main_mb', 0):.0f}", f"{t.get('pss_worker_mb', 0):.0f}",
+                               f"{t.get('pss_all_mb', 0):.0f}"])
         if n and ("predict_s" in r or "truth" in r):
             f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
             rows_infer.append([
@@ -305,7 +331,8 @@ def report(results: dict) -> None:
     if rows_train:
         print("\n## training, tiny SegFormer at 288 px, batch 16\n" + table(
             ["size", "train slices", "steps", "whole epoch", "workers", "first step s", "images/s",
-             "main anon MB", "largest worker anon MB", "all anon MB", "all file MB"], rows_train))
+             "main anon MB", "largest worker anon MB", "all anon MB", "all file MB", "main PSS MB",
+             "largest worker PSS MB", "all PSS MB"], rows_train))
     if rows_infer:
         print("\n## predict.py over every slice; score.py on its submission and on the ground truth\n" + table(
             ["size", "slices", "predict s", "predict slices/s", "predict marginal ms/slice", "score s (untrained)",

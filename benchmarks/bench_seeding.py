@@ -28,7 +28,7 @@ from demo_data import make_demo_data  # noqa: E402
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-seeding-"))
-    make_demo_data(work / "data")
+    make_demo_data(work / "data", slices_per_day=24, anatomy="large")  # the data of the figures in the README
     index = build_index(work / "data")
     cache = build_cache(DATASETS["gi"], index, 288, work / "cache")
     ds = dataset.SliceDataset(cache, np.arange(len(index)), neighbour_table(index, 1), train_transform(288, seed=0))

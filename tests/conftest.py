@@ -15,10 +15,11 @@ FAMILIES = ("segformer", "upernet", "dpt", "beit")
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
-    """A small demo dataset (8 slices per case-day) in the Kaggle layout."""
+    """A small dataset (8 slices per case-day) in the Kaggle layout, with the large organs of the "large" anatomy
+    (on almost every slice: a few training steps show learning; the demo itself has the real data's sizes)."""
     from demo_data import make_demo_data
 
-    return make_demo_data(tmp_path_factory.mktemp("demo") / "data", slices_per_day=8)
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "data", slices_per_day=8, anatomy="large")
 
 
 @pytest.fixture(scope="session")

@@ -87,7 +87,7 @@ def test_gpu_utilisation_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch
 
 
 def test_gpu_sections_flow_and_tables_on_the_cpu(demo_dir):
-    """Sections 5 and 6 as they run on a GPU, but on the CPU: every variant runs and the ratios refer to fp32."""
+    """Section 5 as it runs on a GPU, but on the CPU: every variant runs and the ratios refer to fp32."""
     import bench
 
     rows = bench.bench_gpu_training(["tiny-upernet"], 32, 2, 2, 1, device="cpu")
@@ -99,5 +99,4 @@ def test_gpu_sections_flow_and_tables_on_the_cpu(demo_dir):
         lowest = (rate - 0.05) / (base + 0.05)
         highest = (rate + 0.05) / (base - 0.05) if base > 0.05 else float("inf")
         assert lowest - 0.005 <= ratio <= highest + 0.005, (rate, base, ratio)
-    rows = bench.bench_trainer_overhead(demo_dir, "tiny-segformer", 32, 4, 6, 0, 1, "cpu", "bf16")
-    assert rows[0][3] == "bare loop (synthetic batches, cpu bf16)" and float(rows[1][4]) > 0
+    # (section 6, trainer.py against the bare loop, runs in the quick run above, in fp32)

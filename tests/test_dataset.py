@@ -96,3 +96,35 @@ def test_the_transforms_of_a_pipeline_draw_independently():
         seed_pipeline(two_flips, seed)
         net.append(two_flips(image=image)["image"][0, -1] == 1)
     assert 8 <= sum(net) <= 32  # one flip of the two: about half the time (14 of 40 here), never with A's seeding
+
+
+def test_5_slice_context_stacks_five_neighbours_and_augments_them_together(cached):
+    index, cache = cached
+    nb = neighbour_table(index, 5, stride=1)
+    ds = SliceDataset(cache, np.arange(len(index)), nb, None, (0,) * 5, (1,) * 5)
+    px = ds[4]["pixel_values"].numpy()
+    assert px.shape == (5, 64, 64)
+    for ch, j in enumerate(range(2, 7)):
+        np.testing.assert_allclose(px[ch], cache.images[j].astype(np.float32))
+    aug = SliceDataset(cache, np.arange(len(index)), nb, train_transform(64, strong=True, seed=0), (0,) * 5, (1,) * 5)
+    assert aug[4]["pixel_values"].shape == (5, 64, 64)
+
+
+def test_organ_free_slices_are_drawn_anew_each_epoch_and_deterministically(cached):
+    index, cache = cached
+    rows = np.arange(len(index))
+    shown = np.array([cache.masks[r].any() for r in rows])
+    ds = SliceDataset(cache, rows[shown], neighbour_table(index, 1), None, seed=3, draw_from=rows[~shown], draws=2)
+    assert (~shown).sum() > 2 and len(ds) == shown.sum() + 2
+
+    def epoch_rows(epoch):
+        ds.set_epoch(epoch)
+        return [ds[i]["index"] for i in range(len(ds))]
+
+    first, second = epoch_rows(0), epoch_rows(1)
+    assert first[:shown.sum()] == second[:shown.sum()] == list(rows[shown])  # every slice with an organ, each epoch
+    assert set(first[shown.sum():]) <= set(rows[~shown]) and len(set(first[shown.sum():])) == 2
+    assert first[shown.sum():] != second[shown.sum():] or set(first) != set(second)
+    again = SliceDataset(cache, rows[shown], neighbour_table(index, 1), None, seed=3, draw_from=rows[~shown], draws=2)
+    again.set_epoch(1)
+    assert [again[i]["index"] for i in range(len(again))] == second  # a function of (seed, epoch) alone

@@ -54,3 +54,28 @@ def test_drawing_case_days_in_parallel_writes_the_same_files(tmp_path):
     files = sorted(p.relative_to(serial) for p in serial.rglob("*.png"))
     assert files == sorted(p.relative_to(parallel) for p in parallel.rglob("*.png"))
     assert all((serial / f).read_bytes() == (parallel / f).read_bytes() for f in files)
+
+
+def test_the_demos_organs_have_the_real_datas_sizes_and_organ_free_volume_ends(tmp_path):
+    import numpy as np
+
+    from demo_data import REAL_MEDIAN_AREA
+
+    data = make_demo_data(tmp_path / "demo", slices_per_day=40)  # the demo's own settings (anatomy "real")
+    index = build_index(data)
+    masks = [DATASETS["gi"].read_masks(r).astype(bool) for r in index.itertuples()]  # (C, H, W), sizes differ
+    area = np.stack([m.mean((-2, -1)) for m in masks])  # (N, C) fraction of each slice
+    present = area > 0
+    for c, name in enumerate(("large_bowel", "small_bowel", "stomach")):
+        median = np.median(area[area[:, c] > 0, c])
+        assert abs(median - REAL_MEDIAN_AREA[name]) <= 0.2 * REAL_MEDIAN_AREA[name], (name, median)
+    shown = present.any(1)
+    for _, grp in index.groupby(["case", "day"]):
+        rows = grp.sort_values("slice").index.to_numpy()
+        n = len(rows)
+        assert not shown[rows[:n // 6]].any() and not shown[rows[-(n // 6):]].any()  # organ-free ends
+        assert shown[rows[n // 3:2 * n // 3]].all()
+    assert 0.3 < 1 - shown.mean() < 0.6  # a large share of organ-free slices, as in the real volumes
+    assert any((m[0] & m[1]).any() for m in masks)  # the overlap survives
+    # organs come and go: some slice shows the small bowel without the stomach and the other way round
+    assert (present[:, 1] & ~present[:, 2]).any() and (present[:, 2] & ~present[:, 1]).any()

@@ -24,12 +24,16 @@ def test_spec_round_trips_through_its_file(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(image_size=100), "image_size: a positive multiple of 32, got 100"),
-    (dict(context_slices=2), "context_slices: 1 or 3"),
+    (dict(context_slices=2), "context_slices: an odd number >= 1, got 2"),
+    (dict(context_slices=5), "mean, std: 5 values each (one per input channel)"),
     (dict(thresholds=(0.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
     (dict(thresholds=(0.5, 1.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
     (dict(task="multiclass"), "thresholds: 0 value(s) in (0, 1) for task multiclass"),
     (dict(task="panoptic"), "task: one of"),
-    (dict(std=(1, 0, 1)), "mean, std: 3 values each, std > 0"),
+    (dict(std=(1, 0, 1)), "mean, std: 3 values each (one per input channel), std > 0"),
+    (dict(min_area=(0.1, 0.1)), "min_area: null or one per class, fractions in [0, 1)"),
+    (dict(min_prob=(0.5, 1.0, 0.5)), "min_prob: null or one per class, values in [0, 1)"),
+    (dict(postprocess=("largest", "none", "smallest")), "postprocess: null or one per class, one of"),
 ])
 def test_a_value_out_of_range_is_refused_naming_it(tmp_path, change, message):
     (tmp_path / SPEC_FILE).write_text(json.dumps({**dataclasses.asdict(SPEC), **change}))
@@ -97,3 +101,71 @@ def test_prepare_gives_the_input_of_the_cached_pipeline(demo_dir, tmp_path):
     segmenter = Segmenter(torch.nn.Linear(1, 1), SPEC)
     raws = [DATASETS["gi"].read_image(index.iloc[k]) for k in nb[5]]
     torch.testing.assert_close(segmenter.prepare(raws)[0], ds[5]["pixel_values"], rtol=0, atol=0)
+
+
+def _model_folder(tiny, out, image_size: int, seed: int, context: int = 1):
+    """A model folder as the trainer writes it (new random head for the GI classes), untrained."""
+    from data import GI_CLASSES
+    from model import load_model, save_model
+
+    torch.manual_seed(seed)
+    loaded = load_model(str(tiny), "multilabel", GI_CLASSES)
+    spec = InferenceSpec(dataset="gi", task="multilabel", classes=GI_CLASSES, image_size=image_size,
+                         context_slices=context, context_stride=2, mean=loaded.mean, std=loaded.std,
+                         thresholds=(0.5,) * 3, split={"n_folds": 3, "fold": 0, "split_seed": 42})
+    save_model(loaded.model, out, spec)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_models(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ensemble")
+    return (_model_folder(tiny_models["segformer"], root / "a", 64, 1),
+            _model_folder(tiny_models["upernet"], root / "b", 96, 2, context=3))
+
+
+def test_an_ensemble_of_two_models_averages_their_probabilities(demo_dir, two_models, tmp_path):
+    from adapters import DATASETS
+    from data import build_index
+    from inference import Ensemble
+
+    index = build_index(demo_dir)
+    rows = np.arange(8)
+    ens = Ensemble.load(list(two_models), weights=[1.0, 3.0])
+    inputs = ens.inputs(DATASETS["gi"], index, tmp_path)  # each its own size (64, 96) and context (1, 3)
+    assert [c.images.shape[-1] for c, _ in inputs] == [64, 96] and [nb.shape[1] for _, nb in inputs] == [1, 3]
+    alone = [dict(m.iter_probabilities(index, rows, c, nb)) for m, (c, nb) in zip(ens.members, inputs)]
+    got = dict(ens.iter_probabilities(index, rows, inputs))
+    assert list(got) == list(rows)
+    for r in rows:
+        assert got[r].shape == (3, index.at[r, "height"], index.at[r, "width"])
+        np.testing.assert_allclose(got[r], 0.25 * alone[0][r] + 0.75 * alone[1][r], rtol=0, atol=1e-6)
+        assert not np.allclose(alone[0][r], alone[1][r])
+
+
+def test_one_model_through_the_ensemble_gives_the_segmenters_own_masks(demo_dir, two_models, tmp_path):
+    from adapters import DATASETS
+    from data import build_index
+    from inference import Ensemble
+
+    index = build_index(demo_dir)
+    rows = np.arange(len(index))
+    ens = Ensemble.load([two_models[0]])
+    (cache, nb), = ens.inputs(DATASETS["gi"], index, tmp_path)
+    direct = dict(ens.members[0].iter_masks(index, rows, cache, nb))
+    via = dict(ens.iter_masks(index, rows, [(cache, nb)], ("case", "day")))
+    assert all(np.array_equal(direct[r], via[r]) for r in rows)
+    post = dict(ens.with_decisions(postprocess=("largest",) * 3).iter_masks(index, rows, [(cache, nb)],
+                                                                           ("case", "day")))
+    assert list(post) == list(rows) and all(post[r].sum() <= via[r].sum() for r in rows)
+
+
+def test_an_ensemble_refuses_models_of_other_classes_and_wrong_weights(two_models, tmp_path):
+    from inference import Ensemble
+
+    a = Segmenter.load(two_models[0])
+    other = Segmenter(a.model, dataclasses.replace(a.spec, classes=("x", "y", "z")))
+    with pytest.raises(UserError, match="cannot be averaged"):
+        Ensemble([a, other])
+    with pytest.raises(UserError, match="--weights needs 2 positive values"):
+        Ensemble([a, a], weights=[1.0, -1.0])

@@ -116,3 +116,36 @@ def test_an_auto_family_the_project_never_names_trains_predicts_and_scores(demo_
                          "--n_folds", "3", "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"]) == 0
     assert score_main(["--pred", str(sub), "--data_dir", str(demo_dir), "--json", str(tmp_path / "s.json")]) == 0
     assert 0 <= json.loads((tmp_path / "s.json").read_text())["score"] <= 1
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "mask2former", "unet", "unext"])
+def test_a_5_channel_model_at_initialisation_gives_the_3_channel_logits_on_repeated_input(tiny_models, family,
+                                                                                          tmp_path):
+    from inference import InferenceSpec, Segmenter
+    from model import make_tiny, save_model
+
+    base = str(tiny_models[family]) if family in tiny_models else family
+    if family == "mask2former":
+        base = str(make_tiny("mask2former", tmp_path / "m2f"))
+    torch.manual_seed(0)
+    three = load_model(base, "multilabel", GI)
+    torch.manual_seed(0)
+    five = load_model(base, "multilabel", GI, in_channels=5)
+    assert any("widened to 5 input channels" in r for r in five.reinitialised)
+    assert len(five.mean) == len(five.std) == 5 and five.mean[2] == three.mean[1]
+    scan = torch.rand(1, 1, 64, 64)
+
+    def normalised(loaded):
+        mean, std = torch.tensor(loaded.mean).view(1, -1, 1, 1), torch.tensor(loaded.std).view(1, -1, 1, 1)
+        return (scan.expand(1, len(loaded.mean), 64, 64) - mean) / std
+
+    m3, m5 = SegmentationModel(three.model).eval(), SegmentationModel(five.model).eval()
+    with torch.no_grad():
+        want, got = m3(normalised(three))[0], m5(normalised(five))[0]
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)  # float sums in another order
+    # saved as the trainer saves it, it loads back with 5 channels (Auto class) and gives the same logits
+    spec = InferenceSpec("gi", "multilabel", GI, 64, 5, 2, five.mean, five.std, (0.5,) * 3)
+    save_model(five.model, tmp_path / "five", spec)
+    loaded = Segmenter.load(tmp_path / "five")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(normalised(five))[0], got, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -106,9 +107,12 @@ def test_output_dir_of_a_finished_run_is_not_overwritten_and_overwrite_really_st
     (dict(lr=0), "--lr must be > 0"), (dict(train_batch_size=0), "--train_batch_size"),
     (dict(image_size=100), "multiple of 32"), (dict(fold=5, n_folds=5), "--fold must be in"),
     (dict(threshold=1.5), "--threshold"), (dict(lr_milestones="a,b"), "--lr_milestones"),
+    (dict(ema_decay=1.5), "--ema_decay must be in [0, 1)"), (dict(context_slices=4), "--context_slices must be odd"),
+    (dict(empty_slice_fraction=1.0), "--empty_slice_fraction must be in [0, 1)"),
+    (dict(fold=-1, final_eval=True), "--fold -1 trains on every case"),
 ])
 def test_out_of_range_arguments_are_rejected_by_name(change, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=re.escape(message)):
         validate_config(TrainConfig(**change))
 
 
@@ -289,3 +293,22 @@ def test_the_log_names_the_settings_that_differ_from_the_defaults(demo_dir, tiny
     assert "--optimizer" not in settings and "everything else is trainer.py's default" in settings
     floor = next(line for line in (out / "train.log").read_text().splitlines() if "floor:" in line)
     assert "predicting nothing scores mean Dice" in floor
+
+
+def test_the_training_process_keeps_no_run_length_codes_once_the_cache_holds_the_masks(demo_dir, tmp_path):
+    import contextlib
+
+    from adapters import get_adapter
+    from trainer import load_data
+
+    class OneProcess:
+        def local_main_process_first(self):
+            return contextlib.nullcontext()
+
+    adapter = get_adapter("gi")
+    full = adapter.build_index(str(demo_dir))
+    data = load_data(_cfg(demo_dir, "unused", tmp_path / "r", tmp_path), adapter, OneProcess())
+    assert not [c for c in data.index.columns if c.startswith("rle_")] and not adapter.has_labels(data.index)
+    assert data.index.equals(full.drop(columns=[f"rle_{c}" for c in CLASSES]))  # the rest unchanged, same order
+    for r in data.val_rows[:5]:  # the masks come from the cache, built from the codes before they were dropped
+        assert (np.asarray(data.cache.masks[r]) > 0).any() == (full.iloc[r][[f"rle_{c}" for c in CLASSES]] != "").any()

@@ -56,7 +56,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     quiet_third_party()  # no "Writing model shards" bar in the report
     data, model = work / "data", work / "model"
     if not (data / "train.csv").exists():
-        make_demo_data(data, slices_per_day=8)
+        make_demo_data(data, slices_per_day=8, anatomy="large")
     if not (model / "config.json").exists():
         make_tiny("segformer", model)
     return data, model

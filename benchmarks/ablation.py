@@ -1,0 +1,174 @@
+"""The ablation of issue #12 on the demo data: what each competition technique adds, measured by cross-validation.
+
+    python benchmarks/ablation.py --out runs/ablation            # about 20 minutes on 2 CPU cores
+    python benchmarks/ablation.py --out /tmp/abl --epochs 1 --folds 2   # a smoke run
+
+Rows, each adding to the one before (all at original scan size, the competition score 0.4 Dice + 0.6 (1 - 3D
+Hausdorff) and per-class Dice, the mean ± sd over the CV folds, each fold scored on its own validation cases):
+  baseline                 cv.py with the demo preset (tiny SegFormer, 128 px)
+  + EMA                    --ema_decay
+  + thresholds and gating  tune.py --cv --search thresholds,gates (chosen out of fold on the same folds: optimistic)
+  + post-processing        tune.py --cv (thresholds, gates and largest 3D component)
+  + 5-slice context        --context_slices 5, tuned as above
+  fold ensemble            the previous row's fold models averaged, on a held-out synthetic test set (demo_data.py
+                           --seed 1: other cases), against the mean of the same models alone there
+  + second family          cv.py --ensemble with a tiny UperNet-ConvNeXt CV of the same settings, tuned as above
+Every number is measured by this script and printed with the command; the README's table is its output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+CLASSES = ("large_bowel", "small_bowel", "stomach")
+COLUMNS = (*(f"dice_{c}" for c in CLASSES), "dice_mean", "hausdorff", "score")
+
+
+def run(cmd: list[str]) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+
+
+def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path | None, cache_dir: Path,
+                 rows_of: str = "validation") -> list[dict]:
+    """Figures of each fold's model(s) (averaged when several) on its own validation cases ("validation") or on
+    every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own)."""
+
+    from adapters import get_adapter
+    from data import split_by_case
+    from inference import Ensemble
+    from predict import predict_rows
+    from score import score_predictions, submission_to_wide
+    from tune import read_tuned
+
+    adapter = get_adapter("gi")
+    index = adapter.build_index(data_dir)
+    out = []
+    for models in models_per_fold:
+        ens = Ensemble.load(models)
+        if tuned is not None:
+            ens = ens.with_decisions(**read_tuned(tuned))
+        if rows_of == "validation":
+            s = ens.spec.split
+            _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
+        else:
+            rows = np.arange(len(index))
+        sub = predict_rows(ens, index, rows, ens.inputs(adapter, index, cache_dir), adapter.volume_columns)
+        figures, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes))
+        out.append(figures)
+    return out
+
+
+def summary(figures: list[dict]) -> dict:
+    values = np.array([[f[c] for c in COLUMNS] for f in figures], float)
+    sd = values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(COLUMNS))
+    return {"mean": dict(zip(COLUMNS, values.mean(0))), "sd": dict(zip(COLUMNS, sd)), "n": len(figures)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for the CVs, tunings and the table (reused)")
+    ap.add_argument("--data_dir", default=str(ROOT / "demo" / "data"), help="default: the demo data (made if missing)")
+    ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3: two of the demo's six cases each)")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs per fold (default: run_train.sh's demo preset)")
+    ap.add_argument("--ema_decay", type=float, default=0.99, help="--ema_decay of the EMA rows (default 0.99)")
+    args = ap.parse_args(argv)
+    from demo_data import make_demo_data
+    from model import make_tiny
+
+    out, data = Path(args.out), Path(args.data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python", "benchmarks/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    t0 = time.time()
+    make_demo_data(data)
+    test_data = make_demo_data(out / "test-data", seed=1)  # other synthetic cases, never trained on
+    models = {"segformer": ROOT / "demo" / "models" / "tiny-segformer", "upernet": out / "models" / "tiny-upernet"}
+    if not (models["segformer"] / "config.json").is_file():
+        make_tiny("segformer", models["segformer"], width=2)
+    if not (models["upernet"] / "config.json").is_file():
+        make_tiny("upernet", models["upernet"])
+    # run_train.sh's demo preset: EPOCHS=${EPOCHS:-20}; LR=${LR:-2e-3} ...
+    preset = dict(re.findall(r"(EPOCHS|LR|IMAGE_SIZE|WARMUP)=\$\{\1:-([^}]+)\}", (ROOT / "run_train.sh").read_text()))
+    epochs = str(args.epochs or preset["EPOCHS"])
+    common = ["--data_dir", str(data), "--image_size", preset["IMAGE_SIZE"], "--epochs", epochs, "--lr", preset["LR"],
+              "--warmup_steps", preset["WARMUP"], "--n_folds", str(args.folds), "--num_workers", "0",
+              "--cache_dir", str(out / "cache")]
+    py = sys.executable
+
+    def cv(name: str, model: str, *extra: str) -> Path:
+        run([py, "cv.py", "--output_dir", str(out / name), "--", "--base_model", str(models[model]), *common, *extra])
+        return out / name
+
+    def tune(cv_dirs: list[Path], name: str, search: str) -> Path:
+        """Values chosen out of fold (several CVs: their fold-by-fold ensemble), into a file: the specs stay."""
+        path = out / f"{name}.json"
+        if path.is_file():  # (a rerun keeps what it has, as cv.py keeps finished folds)
+            return path
+        run([py, "tune.py", "--cv", *map(str, cv_dirs), "--data_dir", str(data), "--search", search, "--out",
+             str(path), "--cache_dir", str(out / "cache"), "--num_workers", "0"])
+        return path
+
+    folds = range(args.folds)
+    base = cv("baseline", "segformer")
+    ema = cv("ema", "segformer", "--ema_decay", str(args.ema_decay))
+    ctx = cv("ema-context5", "segformer", "--ema_decay", str(args.ema_decay), "--context_slices", "5")
+    upn = cv("upernet-ema-context5", "upernet", "--ema_decay", str(args.ema_decay), "--context_slices", "5")
+    gated = tune([ema], "ema-thresholds-gates", "thresholds,gates")
+    post = tune([ema], "ema-all", "thresholds,gates,postprocess")
+    ctx_tuned = tune([ctx], "ema-context5-all", "thresholds,gates,postprocess")
+    pair_tuned = tune([ctx, upn], "two-families-all", "thresholds,gates,postprocess")
+
+    def fold_models(*cvs: Path) -> list[list[Path]]:
+        return [[c / f"fold_{k}" / "best" for c in cvs] for k in folds]
+
+    rows = [
+        ("baseline", summary(fold_figures(fold_models(base), data, None, out / "cache"))),
+        (f"+ EMA ({args.ema_decay})", summary(fold_figures(fold_models(ema), data, None, out / "cache"))),
+        ("+ tuned thresholds and gating", summary(fold_figures(fold_models(ema), data, gated, out / "cache"))),
+        ("+ post-processing (largest 3D component)",
+         summary(fold_figures(fold_models(ema), data, post, out / "cache"))),
+        ("+ 5-slice context", summary(fold_figures(fold_models(ctx), data, ctx_tuned, out / "cache"))),
+        ("+ second family (UperNet-ConvNeXt), ensemble",
+         summary(fold_figures(fold_models(ctx, upn), data, pair_tuned, out / "cache"))),
+    ]
+    # the fold ensemble, on data no fold saw: the fold models alone (mean over them) and averaged
+    alone = summary(fold_figures(fold_models(ctx), test_data, ctx_tuned, out / "cache", rows_of="all"))
+    together = summary(fold_figures([[ctx / f"fold_{k}" / "best" for k in folds]], test_data, ctx_tuned,
+                                    out / "cache", rows_of="all"))
+    lines = [f"# {command}", f"# {platform.node()}: {os.cpu_count()} cores, python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - t0:.0f} s", "",
+             "| row | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1)]
+    for name, s in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{s['mean'][c]:.4f} ± {s['sd'][c]:.4f}" for c in COLUMNS) + " |")
+    lines += ["", f"held-out test set ({test_data}, other synthetic cases), the 5-slice EMA models with their tuned "
+                  "values:", "", "| models | " + " | ".join(COLUMNS) + " |", "|" + " --- |" * (len(COLUMNS) + 1),
+              f"| each fold model alone (mean ± sd of {args.folds}) | " +
+              " | ".join(f"{alone['mean'][c]:.4f} ± {alone['sd'][c]:.4f}" for c in COLUMNS) + " |",
+              f"| the {args.folds} fold models averaged | " + " | ".join(f"{together['mean'][c]:.4f}" for c in COLUMNS)
+              + " |"]
+    text = "\n".join(lines) + "\n"
+    (out / "ablation.md").write_text(text)
+    json.dump({"rows": rows, "test_alone": alone, "test_fold_ensemble": together}, open(out / "ablation.json", "w"),
+              indent=2, default=float)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""From probabilities to masks: thresholds, empty-slice gates and 3D connected components.
+
+The steps a trained model's inference spec can carry (tune.py chooses them on validation data; predict.py applies
+them), per class:
+  threshold    multilabel: probability above which a pixel is the class (multiclass: argmax, no threshold)
+  min_area     gate: a class predicted on less than this fraction of a slice's pixels is dropped from the slice
+  min_prob     gate: a class whose highest probability on a slice is below this is dropped from the slice
+  postprocess  per volume (a case-day): "none", or "largest" (keep the largest 3D connected component)
+Zero gates and "none" change nothing; a model folder without tuned values gets exactly that.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+POSTPROCESS = ("none", "largest")
+
+
+def masks_from_probabilities(probs: torch.Tensor | np.ndarray, task: str, thresholds) -> np.ndarray:
+    """(..., K, H, W) probabilities -> (..., C, H, W) bool: p > threshold per class (multilabel), or the argmax
+    over background + classes (multiclass: channel c is class c + 1)."""
+    p = torch.as_tensor(probs)
+    if task == "multilabel":
+        t = torch.as_tensor(thresholds, dtype=p.dtype if p.is_floating_point() else torch.float32)
+        return (p > t.view(-1, 1, 1)).numpy()
+    labels = p.argmax(-3, keepdim=True)
+    return (labels == torch.arange(1, p.shape[-3]).view(-1, 1, 1)).numpy()
+
+
+def class_probabilities(probs: np.ndarray, task: str) -> np.ndarray:
+    """(..., K, H, W) -> (..., C, H, W): the classes' channels (multiclass: without the background)."""
+    return probs if task == "multilabel" else probs[..., 1:, :, :]
+
+
+def gate(masks: np.ndarray, probs: np.ndarray, min_area, min_prob) -> np.ndarray:
+    """Empty class c of a slice where its mask covers less than ``min_area[c]`` of the slice or its class
+    probability never reaches ``min_prob[c]``. ``masks`` (..., C, H, W) bool, ``probs`` (..., C, H, W)."""
+    min_area, min_prob = np.asarray(min_area, float), np.asarray(min_prob, float)
+    if not (min_area > 0).any() and not (min_prob > 0).any():
+        return masks
+    area = masks.mean((-2, -1))
+    peak = probs.max((-2, -1)).astype(float)
+    keep = (area >= min_area) & (peak >= min_prob)
+    return masks & keep[..., None, None]
+
+
+def largest_component(volume: np.ndarray) -> np.ndarray:
+    """(D, H, W) bool -> only its largest 3D connected component (faces touching; 6-connectivity)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(volume)
+    if n <= 1:
+        return volume
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def postprocess_volume(masks: np.ndarray, rules) -> np.ndarray:
+    """(D, C, H, W) bool masks of one volume (its slices in order) with each class's rule applied."""
+    out = masks.copy()
+    for c, rule in enumerate(rules):
+        if rule == "largest":
+            out[:, c] = largest_component(masks[:, c])
+        elif rule != "none":
+            raise ValueError(f"unknown post-processing {rule!r}; known: {POSTPROCESS}")
+    return out

@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cv import gpu_groups, main as cv_main, parse_folds
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def cv_run(demo_dir, tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cv")
+    args = ["--output_dir", str(root / "cv"), "--", "--base_model", str(tiny_models["segformer"]),
+            "--data_dir", str(demo_dir), "--image_size", "64", "--epochs", "1", "--lr", "2e-3", "--num_workers", "0",
+            "--n_folds", "2", "--cache_dir", str(root / "cache"), "--train_batch_size", "8"]
+    assert cv_main(args) == 0
+    return root / "cv", args
+
+
+def test_the_cv_table_is_the_mean_and_sd_of_the_fold_figures(cv_run, demo_dir):
+    cv, _ = cv_run
+    scores = json.loads((cv / "cv_scores.json").read_text())
+    folds = [json.loads((cv / f"fold_{k}" / "val_scores.json").read_text()) for k in (0, 1)]
+    for key in ("dice_large_bowel", "dice_small_bowel", "dice_stomach", "dice_mean", "hausdorff", "score"):
+        values = [f[key] for f in folds]
+        assert scores["mean"][key] == pytest.approx(np.mean(values), abs=1e-12)
+        assert scores["sd"][key] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    table = (cv / "cv_table.md").read_text()
+    assert "| mean ± sd |" in table and "| out of fold |" in table
+    # the out-of-fold submission: every slice of the data once, from the model that did not train on it
+    oof = pd.read_csv(cv / "oof_submission.csv", dtype=str, keep_default_na=False)
+    n_slices = sum(1 for _ in (demo_dir / "train").rglob("*.png"))
+    assert oof["id"].nunique() == n_slices and len(oof) == 3 * n_slices
+    assert scores["out_of_fold"]["n_slices"] == n_slices
+
+
+def test_the_final_model_trains_on_every_case_without_validation(demo_dir, tiny_models, tmp_path):
+    from transformers import AutoModelForSemanticSegmentation
+
+    from cv import fold_command
+    from trainer import TrainConfig, train
+
+    cmd = fold_command(["--epochs", "1"], None, tmp_path / "final", [], "")
+    assert cmd[-4:] == ["--fold", "-1", "--output_dir", str(tmp_path / "final")]  # what cv.py --final_model runs
+    final = tmp_path / "final"
+    train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(final),
+                      image_size=64, epochs=1, lr=2e-3, num_workers=0, n_folds=2, fold=-1,
+                      cache_dir=str(tmp_path / "cache")))
+    record = json.loads((final / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "dice_mean" not in record and record["train_loss"] > 0
+    log = (final / "train.log").read_text()
+    assert "--fold -1: all of them train, no validation set" in log and "val_loss" not in log
+    n_slices = sum(1 for _ in (demo_dir / "train").rglob("*.png"))
+    assert f"train {n_slices} slices" in log or f"{n_slices} slices" in log
+    AutoModelForSemanticSegmentation.from_pretrained(final / "best")
+    assert "trained on every case" in (final / "best" / "README.md").read_text()
+    with pytest.raises(UserError, match="--fold -1 trains on every case with no validation set"):
+        train(TrainConfig(data_dir=str(demo_dir), output_dir=str(tmp_path / "x"), fold=-1, final_eval=True))
+
+
+def test_a_second_start_keeps_the_finished_folds(cv_run):
+    cv, args = cv_run
+    before = {k: (cv / f"fold_{k}" / "val_scores.json").stat().st_mtime_ns for k in (0, 1)}
+    assert cv_main(args) == 0
+    assert {k: (cv / f"fold_{k}" / "val_scores.json").stat().st_mtime_ns for k in (0, 1)} == before
+    assert "fold 0: finished before (val_scores.json), kept" in (cv / "cv.log").read_text()
+
+
+def test_an_out_of_fold_ensemble_of_a_cv_with_itself_scores_as_the_cv(cv_run, demo_dir, tmp_path, capsys):
+    cv, args = cv_run
+    cache = args[args.index("--cache_dir") + 1]
+    assert cv_main(["--ensemble", str(cv), str(cv), "--weights", "1,3", "--data_dir", str(demo_dir), "--output_dir",
+                    str(tmp_path / "ens"), "--cache_dir", cache, "--num_workers", "0"]) == 0
+    ens = json.loads((tmp_path / "ens" / "ensemble_scores.json").read_text())
+    oof = json.loads((cv / "cv_scores.json").read_text())["out_of_fold"]
+    for key in ("dice_mean", "hausdorff", "score"):
+        assert ens[key] == pytest.approx(oof[key], abs=1e-6)
+    assert cv_main(["--ensemble", str(tmp_path), "--data_dir", str(demo_dir), "--output_dir", str(tmp_path / "x")]) == 2
+    assert "no cv_config.json" in capsys.readouterr().err
+
+
+def test_tuning_a_cv_out_of_fold_saves_values_that_predict_uses(cv_run, demo_dir, tmp_path):
+    from predict import main as predict_main
+    from score import main as score_main
+    from tune import main as tune_main
+
+    cv, args = cv_run
+    cache = args[args.index("--cache_dir") + 1]
+    # (the gates' grid is left out to stay quick: tests/test_tune.py searches it)
+    assert tune_main(["--cv", str(cv), "--data_dir", str(demo_dir), "--cache_dir", cache, "--num_workers", "0",
+                      "--search", "thresholds,postprocess"]) == 0
+    report = json.loads((cv / "tuning.json").read_text())
+    assert report["after"]["score"] >= report["before"]["score"]
+    specs = [json.loads((cv / f"fold_{k}" / "best" / "inference_spec.json").read_text()) for k in (0, 1)]
+    assert specs[0]["postprocess"] == specs[1]["postprocess"] == list(report["decisions"]["postprocess"])
+    # predict.py applies them: each fold's model on its own cases, scored together = the tuner's figure
+    subs = []
+    for k in (0, 1):
+        out = tmp_path / f"fold{k}.csv"
+        assert predict_main(["--model", str(cv / f"fold_{k}" / "best"), "--data_dir", str(demo_dir), "--fold", str(k),
+                             "--out", str(out), "--cache_dir", cache, "--num_workers", "0"]) == 0
+        subs.append(pd.read_csv(out, dtype=str, keep_default_na=False))
+    pd.concat(subs).to_csv(tmp_path / "oof.csv", index=False)
+    assert score_main(["--pred", str(tmp_path / "oof.csv"), "--data_dir", str(demo_dir), "--json",
+                       str(tmp_path / "s.json")]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["score"] == pytest.approx(report["after"]["score"], abs=2e-3)
+
+
+def test_fold_lists_and_gpu_groups_are_checked():
+    assert parse_folds("all", 3) == [0, 1, 2] and parse_folds("2,0", 3) == [0, 2]
+    with pytest.raises(UserError, match="--folds must be"):
+        parse_folds("3", 3)
+    assert gpu_groups("0,1,2,3", 2) == [["0", "1"], ["2", "3"]] and gpu_groups("", 2) == [[], []]
+    with pytest.raises(UserError, match="cannot be split"):
+        gpu_groups("0,1,2", 2)
