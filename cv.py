@@ -65,6 +65,19 @@ def gpu_groups(gpus: str, parallel: int) -> list[list[str]]:
     return [ids[i * k:(i + 1) * k] for i in range(parallel)]
 
 
+def run_in_slots(folds: list[int], groups: list[list[str]], train_fold) -> None:
+    """``train_fold(k, gpus)`` for every fold, ``len(groups)`` at a time: the i-th fold runs in slot i mod
+    len(groups), with that slot's GPUs, after the slot's previous fold. The first failure is raised."""
+    slots = [[k for i, k in enumerate(folds) if i % len(groups) == s] for s in range(len(groups))]
+    if len(groups) == 1:
+        for k in folds:
+            train_fold(k, groups[0])
+        return
+    with ThreadPoolExecutor(len(groups)) as pool:
+        for done in [pool.submit(lambda ks, g: [train_fold(k, g) for k in ks], ks, g) for ks, g in zip(slots, groups)]:
+            done.result()
+
+
 def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: list[str], launcher: str) -> list[str]:
     """The command that trains one fold (``fold`` None: the final model on every case)."""
     if launcher:
@@ -243,19 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("fold %d: finished before (val_scores.json), kept", k)
     groups = gpu_groups(args.gpus, args.parallel)
 
-    def work(i_k):
-        i, k = i_k
-        gpus = groups[i % len(groups)]
+    def train_fold(k: int, gpus: list[str]) -> None:
         out = cv_dir / f"fold_{k}"
         run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
 
-    if args.parallel == 1:
-        for item in enumerate(todo):
-            work(item)
-    else:  # a slot per GPU group: fold i uses group i mod parallel, and waits for that group's previous fold
-        slots = [[item for item in enumerate(todo) if item[0] % args.parallel == s] for s in range(args.parallel)]
-        with ThreadPoolExecutor(args.parallel) as pool:
-            list(pool.map(lambda items: [work(item) for item in items], slots))
+    run_in_slots(todo, groups, train_fold)
 
     from adapters import get_adapter
     from hf_data import dataset_options

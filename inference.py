@@ -29,7 +29,8 @@ import torch
 from dataset import SliceDataset
 from losses import upsample_like
 from masks import MAX_CLASSES
-from postprocess import POSTPROCESS, class_probabilities, gate, masks_from_probabilities, postprocess_volume
+from postprocess import (POSTPROCESS, class_probabilities, gate, masks_from_probabilities, postprocess_volume,
+                         valid_rule)
 from preprocess import prepare_scan, to_pixel_values
 from utils import UserError, atomic_write_json
 
@@ -64,7 +65,7 @@ class InferenceSpec:
     # tune.py's choices per class (postprocess.py); None: off (a folder that was never tuned)
     min_area: tuple[float, ...] | None = None  # gate: fraction of a slice's pixels below which a class is dropped
     min_prob: tuple[float, ...] | None = None  # gate: a class whose highest probability is below it is dropped
-    postprocess: tuple[str, ...] | None = None  # per volume: "none" or "largest" (3D connected component)
+    postprocess: tuple[str, ...] | None = None  # per volume: "none", "largest" or "min:<voxels>" (3D components)
 
     def __post_init__(self) -> None:
         for name in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
@@ -98,7 +99,7 @@ class InferenceSpec:
             out.append(f"dataset_options: null or an object, got {self.dataset_options!r}")
         fraction = lambda v: isinstance(v, (int, float)) and 0 <= v < 1  # noqa: E731
         for name, ok, what in (("min_area", fraction, "fractions in [0, 1)"), ("min_prob", fraction, "values in [0, 1)"),
-                               ("postprocess", lambda v: v in POSTPROCESS, f"one of {POSTPROCESS}")):
+                               ("postprocess", valid_rule, f"one of {POSTPROCESS}")):
             value = getattr(self, name)
             if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
                 out.append(f"{name}: null or one per class, {what}, got {list(value)}")

@@ -5,7 +5,8 @@ them), per class:
   threshold    multilabel: probability above which a pixel is the class (multiclass: argmax, no threshold)
   min_area     gate: a class predicted on less than this fraction of a slice's pixels is dropped from the slice
   min_prob     gate: a class whose highest probability on a slice is below this is dropped from the slice
-  postprocess  per volume (a case-day): "none", or "largest" (keep the largest 3D connected component)
+  postprocess  per volume (a case-day): "none", "largest" (keep the largest 3D connected component) or "min:<N>"
+               (drop the 3D connected components of fewer than N voxels, at the scans' original size)
 Zero gates and "none" change nothing; a model folder without tuned values gets exactly that.
 """
 from __future__ import annotations
@@ -13,7 +14,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-POSTPROCESS = ("none", "largest")
+POSTPROCESS = ("none", "largest", "min:<voxels>")  # the rules, as --help and errors name them
+
+
+def valid_rule(rule: object) -> bool:
+    return isinstance(rule, str) and (rule in ("none", "largest") or
+                                      (rule.startswith("min:") and rule[4:].isdigit() and int(rule[4:]) > 0))
 
 
 def masks_from_probabilities(probs: torch.Tensor | np.ndarray, task: str, thresholds) -> np.ndarray:
@@ -56,12 +62,32 @@ def largest_component(volume: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
+def drop_small_components(volume: np.ndarray, min_voxels: int) -> np.ndarray:
+    """(D, H, W) bool -> without its 3D connected components (6-connectivity) of fewer than ``min_voxels``."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(volume)
+    if n == 0:
+        return volume
+    keep = np.bincount(labels.ravel()) >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def apply_rule(volume: np.ndarray, rule: str) -> np.ndarray:
+    """One class's (D, H, W) volume under ``rule`` (see the module's doc)."""
+    if not valid_rule(rule):
+        raise ValueError(f"unknown post-processing {rule!r}; known: {POSTPROCESS}")
+    if rule == "largest":
+        return largest_component(volume)
+    if rule.startswith("min:"):
+        return drop_small_components(volume, int(rule[4:]))
+    return volume
+
+
 def postprocess_volume(masks: np.ndarray, rules) -> np.ndarray:
     """(D, C, H, W) bool masks of one volume (its slices in order) with each class's rule applied."""
     out = masks.copy()
     for c, rule in enumerate(rules):
-        if rule == "largest":
-            out[:, c] = largest_component(masks[:, c])
-        elif rule != "none":
-            raise ValueError(f"unknown post-processing {rule!r}; known: {POSTPROCESS}")
+        out[:, c] = apply_rule(masks[:, c], rule)
     return out

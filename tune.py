@@ -8,7 +8,8 @@
 For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
 score.py figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
 from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
-then "largest" (keep the largest 3D connected component of each volume). It starts from the untuned decisions
+then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
+voxels. It starts from the untuned decisions
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
 
@@ -34,13 +35,14 @@ from adapters import get_adapter
 from data import split_by_case
 from inference import Ensemble, InferenceSpec
 from metrics import EMPTY_RULES, hausdorff_3d, mask_stats
-from postprocess import largest_component
+from postprocess import apply_rule
 from score import figures_from_stats
 from utils import UserError, atomic_write_json, atomic_write_text, command, logger, quiet_third_party, setup_logging
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_PROB = (0.0, 0.5, 0.6, 0.7, 0.8)
 MIN_AREA = (0.0, 0.0005, 0.001, 0.002, 0.005)
+MIN_VOXELS = (100, 500, 2000)  # "min:<N>": drop 3D components smaller than this, at original size
 DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess")
 SEARCH = ("thresholds", "gates", "postprocess")  # the steps of the search, in order
 
@@ -106,8 +108,8 @@ class Tuner:
         if d["min_area"] > 0 or d["min_prob"] > 0:
             keep = (m.mean((-2, -1)) >= d["min_area"]) & (p.max((-2, -1)).astype(float) >= d["min_prob"])
             m = m & keep[:, None, None]
-        if d["postprocess"] == "largest":
-            m = largest_component(m)
+        if d["postprocess"] != "none":
+            m = apply_rule(m, d["postprocess"])
         if v.ignored is not None:
             m = m & ~v.ignored
         return m
@@ -140,7 +142,8 @@ class Tuner:
             if "gates" in self.search_steps:
                 grids.append([{"min_prob": p, "min_area": a} for p in MIN_PROB for a in MIN_AREA])
             if "postprocess" in self.search_steps:
-                grids.append([{"postprocess": "largest"}, {"postprocess": "none"}])
+                grids.append([{"postprocess": "largest"}, *({"postprocess": f"min:{n}"} for n in MIN_VOXELS),
+                              {"postprocess": "none"}])
             for grid in grids:
                 for change in grid:
                     trial = {**chosen[c], **change}

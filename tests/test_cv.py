@@ -114,3 +114,28 @@ def test_fold_lists_and_gpu_groups_are_checked():
     assert gpu_groups("0,1,2,3", 2) == [["0", "1"], ["2", "3"]] and gpu_groups("", 2) == [[], []]
     with pytest.raises(UserError, match="cannot be split"):
         gpu_groups("0,1,2", 2)
+
+
+def test_parallel_folds_run_in_slots_with_their_own_gpus_at_the_same_time():
+    import threading
+    import time
+
+    from cv import run_in_slots
+
+    seen, running, peak, lock = [], [0], [0], threading.Lock()
+
+    def train_fold(k, gpus):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            seen.append((k, tuple(gpus)))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    run_in_slots([0, 1, 2, 3, 4], gpu_groups("0,1,2,3", 2), train_fold)
+    assert sorted(seen) == [(0, ("0", "1")), (1, ("2", "3")), (2, ("0", "1")), (3, ("2", "3")), (4, ("0", "1"))]
+    assert peak[0] == 2  # two folds at once, never more
+    seen.clear()
+    run_in_slots([1, 2], [[]], train_fold)
+    assert seen == [(1, ()), (2, ())]  # one slot: in order

@@ -34,6 +34,7 @@ def test_spec_round_trips_through_its_file(tmp_path):
     (dict(min_area=(0.1, 0.1)), "min_area: null or one per class, fractions in [0, 1)"),
     (dict(min_prob=(0.5, 1.0, 0.5)), "min_prob: null or one per class, values in [0, 1)"),
     (dict(postprocess=("largest", "none", "smallest")), "postprocess: null or one per class, one of"),
+    (dict(postprocess=("largest", "none", "min:0")), "postprocess: null or one per class, one of"),
 ])
 def test_a_value_out_of_range_is_refused_naming_it(tmp_path, change, message):
     (tmp_path / SPEC_FILE).write_text(json.dumps({**dataclasses.asdict(SPEC), **change}))

@@ -1,6 +1,7 @@
 import numpy as np
 
-from postprocess import gate, largest_component, masks_from_probabilities, postprocess_volume
+from postprocess import (drop_small_components, gate, largest_component, masks_from_probabilities, postprocess_volume,
+                         valid_rule)
 
 
 def test_largest_component_keeps_the_biggest_3d_blob_and_nothing_else():
@@ -42,3 +43,17 @@ def test_multiclass_masks_are_the_argmax_over_background_and_classes():
     assert m.shape == (2, 1, 2) and m[0, 0, 0] and not m[1, 0, 0] and not m[:, 0, 1].any()
     assert np.array_equal(masks_from_probabilities(p[1:], "multilabel", (0.5, 0.25)), p[1:] > np.array([0.5, 0.25])
                           .reshape(-1, 1, 1))
+
+
+def test_small_components_are_dropped_below_the_voxel_count_and_the_rest_kept():
+    v = np.zeros((4, 8, 8), bool)
+    v[0:3, 1:4, 1:4] = True  # 27 voxels
+    v[3, 6:8, 6:8] = True  # 4 voxels
+    v[0, 6, 0] = True  # 1 voxel
+    expected = v.copy()
+    expected[0, 6, 0] = False
+    assert np.array_equal(drop_small_components(v, 2), expected)  # only the single voxel goes
+    assert drop_small_components(v, 5).sum() == 27 and drop_small_components(v, 28).sum() == 0
+    out = postprocess_volume(v[:, None], ("min:5",))
+    assert out.sum() == 27
+    assert valid_rule("min:100") and valid_rule("largest") and not valid_rule("min:0") and not valid_rule("min:x")

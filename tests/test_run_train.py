@@ -67,11 +67,12 @@ def test_background_run_returns_at_once_and_finishes_in_the_log(demo_dir, tiny_m
 
 
 def test_default_demo_run_builds_its_data_and_model_without_network(tmp_path):
-    """`bash run_train.sh` with no settings, in a fresh copy of the project (1 epoch to stay quick)."""
+    """`bash run_train.sh` with no settings, in a fresh copy of the project (1 epoch at 64 px to stay quick)."""
     proj = tmp_path / "proj"
     shutil.copytree(ROOT, proj, ignore=shutil.ignore_patterns(".venv", ".git", "demo", "runs", "cache", "logs",
                                                               "__pycache__", ".pytest_cache"))
-    env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "EPOCHS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "EPOCHS": "1", "IMAGE_SIZE": "64",
+           "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(["bash", "run_train.sh"], cwd=proj, env=env, capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:]
     assert (proj / "demo" / "data" / "train.csv").is_file()
