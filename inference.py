@@ -20,7 +20,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ from postprocess import (POSTPROCESS, class_probabilities, gate, masks_from_prob
 from preprocess import prepare_scan, to_pixel_values
 from utils import UserError, atomic_write_json
 
+T = TypeVar("T")
 SPEC_FILE = "inference_spec.json"
 TASKS = ("multilabel", "multiclass")
 SPLIT_KEYS = ("n_folds", "fold", "split_seed")
@@ -256,6 +257,19 @@ class Segmenter:
             yield r, probs[0].cpu().numpy()
 
 
+def group_by_volume(items: Iterable[tuple[int, T]], keys: np.ndarray) -> Iterator[list[tuple[int, T]]]:
+    """Consecutive (row, item) pairs of one volume at a time; ``keys`` are the index's volume columns as an array
+    (rows come volume by volume, as the index lists them)."""
+    volume: list[tuple[int, T]] = []
+    for r, item in items:
+        if volume and tuple(keys[r]) != tuple(keys[volume[0][0]]):
+            yield volume
+            volume = []
+        volume.append((r, item))
+    if volume:
+        yield volume
+
+
 class Ensemble:
     """One trained model or several (folds of a run, or different families, each with its own image size,
     normalisation and 2.5D setting) whose probabilities are averaged with ``weights``, turned into masks by the
@@ -341,14 +355,8 @@ class Ensemble:
             for r, p in probs:
                 yield r, self._masks(p)
             return
-        keys = index[list(volume_columns)].to_numpy()
-        volume: list[tuple[int, np.ndarray]] = []
-        for r, p in probs:
-            if volume and tuple(keys[r]) != tuple(keys[volume[0][0]]):
-                yield from self._flush(volume, rules)
-                volume = []
-            volume.append((r, self._masks(p)))
-        if volume:
+        masks = ((r, self._masks(p)) for r, p in probs)
+        for volume in group_by_volume(masks, index[list(volume_columns)].to_numpy()):
             yield from self._flush(volume, rules)
 
     @staticmethod

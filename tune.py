@@ -33,9 +33,9 @@ import torch
 
 from adapters import get_adapter
 from data import split_by_case
-from inference import Ensemble, InferenceSpec
+from inference import Ensemble, InferenceSpec, group_by_volume
 from metrics import EMPTY_RULES, hausdorff_3d, mask_stats
-from postprocess import apply_rule
+from postprocess import apply_rule, gate
 from score import figures_from_stats
 from utils import UserError, atomic_write_json, atomic_write_text, command, logger, quiet_third_party, setup_logging
 
@@ -65,8 +65,6 @@ def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndar
     """The model's probabilities on ``rows`` (whole volumes, in index order) with their ground truth."""
     task, n_classes = model.spec.task, len(model.spec.classes)
     inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
-    keys = index[list(adapter.volume_columns)].to_numpy()
-    volumes, current = [], []
 
     def close(items):
         rs = np.array([r for r, _ in items])
@@ -81,14 +79,8 @@ def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndar
             [i if i is not None else np.zeros(truth.shape[-2:], bool) for i in ign])
         return Volume(rs, cls.astype(np.float32), argmax, truth, ignored)
 
-    for r, p in model.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, False, num_workers):
-        if current and tuple(keys[r]) != tuple(keys[current[0][0]]):
-            volumes.append(close(current))
-            current = []
-        current.append((r, p))
-    if current:
-        volumes.append(close(current))
-    return volumes
+    probs = model.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, False, num_workers)
+    return [close(volume) for volume in group_by_volume(probs, index[list(adapter.volume_columns)].to_numpy())]
 
 
 class Tuner:
@@ -105,9 +97,7 @@ class Tuner:
         """(D, H, W) masks of class ``c`` of volume ``v`` under decisions ``d`` (one class's values)."""
         p = v.probs[:, c]
         m = v.argmax[:, c] if self.task == "multiclass" else p > np.float32(d["thresholds"])
-        if d["min_area"] > 0 or d["min_prob"] > 0:
-            keep = (m.mean((-2, -1)) >= d["min_area"]) & (p.max((-2, -1)).astype(float) >= d["min_prob"])
-            m = m & keep[:, None, None]
+        m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # predict.py's own gate
         if d["postprocess"] != "none":
             m = apply_rule(m, d["postprocess"])
         if v.ignored is not None:
