@@ -8,7 +8,7 @@
 #                passed as --epochs --train_batch_size --lr --image_size --warmup_steps --mixed_precision when set;
 #                unset, trainer.py's defaults apply (one set, in `python trainer.py --help`: 15 epochs, batch 8,
 #                lr 6e-5, 288 px, no warm-up, no mixed precision). With neither BASE_MODEL nor DATA_DIR set, the
-#                demo preset applies instead: 14 epochs, lr 2e-3, 96 px, 20 warm-up steps (a tiny random model).
+#                demo preset applies instead (trainer.py --preset demo: a tiny random model on a CPU).
 #   OUTPUT_DIR   [runs/<model>-<time>-<pid>]       LOG_FILE  [logs/<model>-<time>-<pid>.log] (refused while a live run
 #                writes it)
 #   GPUS         e.g. 0 or 0,1 (several -> accelerate launch --multi_gpu; refused unless those GPUs exist)
@@ -21,7 +21,7 @@
 #                processes, mixed precision, FSDP/DeepSpeed settings apply; GPUS still picks the devices)
 #   DATASET      --dataset (gi, lgg, hf)       REPORT_TO  --report_to (tensorboard, wandb, mlflow, trackio, all)
 #   HUB_MODEL_ID --push_to_hub --hub_model_id  (best/ is uploaded at the end; a failed push never fails the run)
-#   FOLDS        cross-validation (cv.py): "all" or e.g. "0,2": every fold in OUTPUT_DIR/fold_<k> with --final_eval,
+#   FOLDS        cross-validation (giseg cv): "all" or e.g. "0,2": every fold in OUTPUT_DIR/fold_<k> with --final_eval,
 #                then OUTPUT_DIR/cv_table.md; PARALLEL=N folds at a time (GPUS shared out among them), FINAL_MODEL=1
 #                then trains OUTPUT_DIR/final on every case (--fold -1)
 #   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
@@ -48,16 +48,17 @@ if [ -z "${DATA_DIR:-}" ] && [ -z "${BASE_MODEL:-}" ]; then
 fi
 if [ -z "${DATA_DIR:-}" ]; then
   DATA_DIR=demo/data
-  [ -f "$DATA_DIR/train.csv" ] || { echo "creating demo data in $DATA_DIR"; "$PYTHON" demo_data.py --out "$DATA_DIR" >/dev/null; }
+  [ -f "$DATA_DIR/train.csv" ] || { echo "creating demo data in $DATA_DIR"; "$PYTHON" -m giseg demo-data --out "$DATA_DIR" >/dev/null; }
 fi
 if [ -z "${BASE_MODEL:-}" ]; then
   BASE_MODEL=demo/models/tiny-segformer
   [ -f "$BASE_MODEL/config.json" ] || { echo "creating demo model in $BASE_MODEL"; \
-    "$PYTHON" model.py make-tiny --family segformer --width 2 --out "$BASE_MODEL" >/dev/null; }
+    "$PYTHON" -m giseg make-tiny --family segformer --width 2 --out "$BASE_MODEL" >/dev/null; }
 fi
-if [ "$DEMO" = 1 ]; then
-  EPOCHS=${EPOCHS:-14}; LR=${LR:-2e-3}; IMAGE_SIZE=${IMAGE_SIZE:-96}; WARMUP=${WARMUP:-20}
-  SETTINGS="demo preset (neither BASE_MODEL nor DATA_DIR set)"
+PRESET=()
+if [ "$DEMO" = 1 ]; then  # the demo preset's values are trainer.py's (python trainer.py --help: --preset)
+  PRESET=(--preset demo)
+  SETTINGS="demo preset (neither BASE_MODEL nor DATA_DIR set): trainer.py --preset demo for what is not set"
 else
   SETTINGS="trainer.py's defaults for what is not set"
 fi
@@ -97,7 +98,7 @@ if [ -n "${GPUS:-}" ]; then  # the GPUs must exist: CUDA_VISIBLE_DEVICES with a 
   done
 fi
 
-ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR")
+ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" "${PRESET[@]}")
 SET=()
 for pair in EPOCHS:--epochs BATCH_SIZE:--train_batch_size LR:--lr IMAGE_SIZE:--image_size WARMUP:--warmup_steps \
             MIXED_PRECISION:--mixed_precision DATASET:--dataset REPORT_TO:--report_to HUB_MODEL_ID:--hub_model_id; do
@@ -114,10 +115,10 @@ fi
 [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES="$GPUS"
 if [ -n "${FOLDS:-}" ]; then
   if [ "$NNODES" -gt 1 ] || [ -n "${ACCELERATE_CONFIG:-}" ]; then
-    echo "error: FOLDS=$FOLDS runs on one machine without ACCELERATE_CONFIG (cv.py starts each fold itself)" >&2
+    echo "error: FOLDS=$FOLDS runs on one machine without ACCELERATE_CONFIG (giseg cv starts each fold itself)" >&2
     exit 2
   fi
-  CMD=("$PYTHON" cv.py --output_dir "$OUTPUT_DIR" --folds "$FOLDS" --parallel "${PARALLEL:-1}" --gpus "${GPUS:-}")
+  CMD=("$PYTHON" -m giseg cv --output_dir "$OUTPUT_DIR" --folds "$FOLDS" --parallel "${PARALLEL:-1}" --gpus "${GPUS:-}")
   [ "${FINAL_MODEL:-0}" = 1 ] && CMD+=(--final_model)
   CMD+=(-- "${ARGS[@]:1:4}" "${ARGS[@]:7}")  # trainer.py's arguments without its --output_dir
   SET+=("FOLDS=$FOLDS")

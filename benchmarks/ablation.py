@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -51,12 +49,12 @@ def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path 
     """Figures of each fold's model(s) (averaged when several) on its own validation cases ("validation") or on
     every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own)."""
 
-    from adapters import get_adapter
-    from data import split_by_case
-    from inference import Ensemble
-    from predict import predict_rows
-    from score import score_predictions, submission_to_wide
-    from tune import read_tuned
+    from giseg.data.folds import split_by_case
+    from giseg.data.registry import get_adapter
+    from giseg.evaluation.score import score_predictions, submission_to_wide
+    from giseg.evaluation.tuning import read_tuned
+    from giseg.inference.ensemble import Ensemble
+    from giseg.inference.submission import predict_rows
 
     adapter = get_adapter("gi")
     index = adapter.build_index(data_dir)
@@ -87,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="folder for the CVs, tunings and the table (reused)")
     ap.add_argument("--data_dir", default=str(ROOT / "demo" / "data"), help="default: the demo data (made if missing)")
     ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3: two of the demo's six cases each)")
-    ap.add_argument("--epochs", type=int, default=0, help="epochs per fold (default: run_train.sh's demo preset)")
+    ap.add_argument("--epochs", type=int, default=0, help="epochs per fold (default: the demo preset's)")
     ap.add_argument("--ema_decay", type=float, default=0.99, help="--ema_decay of the EMA rows (default 0.99)")
     args = ap.parse_args(argv)
-    from demo_data import make_demo_data
-    from model import make_tiny
+    from giseg.data.demo import make_demo_data
+    from giseg.models.tiny import make_tiny
 
     out, data = Path(args.out), Path(args.data_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,16 +102,16 @@ def main(argv: list[str] | None = None) -> None:
         make_tiny("segformer", models["segformer"], width=2)
     if not (models["upernet"] / "config.json").is_file():
         make_tiny("upernet", models["upernet"])
-    # run_train.sh's demo preset: EPOCHS=${EPOCHS:-20}; LR=${LR:-2e-3} ...
-    preset = dict(re.findall(r"(EPOCHS|LR|IMAGE_SIZE|WARMUP)=\$\{\1:-([^}]+)\}", (ROOT / "run_train.sh").read_text()))
-    epochs = str(args.epochs or preset["EPOCHS"])
-    common = ["--data_dir", str(data), "--image_size", preset["IMAGE_SIZE"], "--epochs", epochs, "--lr", preset["LR"],
-              "--warmup_steps", preset["WARMUP"], "--n_folds", str(args.folds), "--num_workers", "0",
+    from giseg.training.config import PRESETS
+
+    epochs = str(args.epochs or PRESETS["demo"]["epochs"])  # the demo preset (trainer.py --preset demo)
+    common = ["--data_dir", str(data), "--preset", "demo", "--epochs", epochs, "--n_folds", str(args.folds),
+              "--num_workers", "0",
               "--cache_dir", str(out / "cache")]
     py = sys.executable
 
     def cv(name: str, model: str, *extra: str) -> Path:
-        run([py, "cv.py", "--output_dir", str(out / name), "--", "--base_model", str(models[model]), *common, *extra])
+        run([py, "-m", "giseg", "cv", "--output_dir", str(out / name), "--", "--base_model", str(models[model]), *common, *extra])
         return out / name
 
     def tune(cv_dirs: list[Path], name: str, search: str) -> Path:
@@ -121,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         path = out / f"{name}.json"
         if path.is_file():  # (a rerun keeps what it has, as cv.py keeps finished folds)
             return path
-        run([py, "tune.py", "--cv", *map(str, cv_dirs), "--data_dir", str(data), "--search", search, "--out",
+        run([py, "-m", "giseg", "tune", "--cv", *map(str, cv_dirs), "--data_dir", str(data), "--search", search, "--out",
              str(path), "--cache_dir", str(out / "cache"), "--num_workers", "0"])
         return path
 

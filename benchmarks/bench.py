@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,7 +61,7 @@ class NaiveDataset:
         import cv2
         import torch
 
-        from data import GI_CLASSES
+        from giseg.data.gi import GI_CLASSES
 
         r = self.index.iloc[int(self.rows[i])]
         img = cv2.imread(r.path, cv2.IMREAD_UNCHANGED).astype(np.float32)
@@ -113,8 +112,8 @@ def bench_rle(data_dir: Path, repeats: int) -> tuple[list[list], str]:
     """Both decoders on every non-empty code, each returning a fresh mask (dropped before the next); ours into a
     reused buffer (as the cache build does); and the two floors that bound a numpy decoder: parsing the digits (one
     np.fromstring over all codes at once) and allocating the zeroed masks."""
-    from data import GI_CLASSES, build_index
-    from rle import decode_rle
+    from giseg.data.gi import GI_CLASSES, build_index
+    from giseg.data.rle import decode_rle
 
     index = build_index(data_dir)
     items = [(getattr(r, f"rle_{c}"), (r.height, r.width)) for r in index.itertuples() for c in GI_CLASSES
@@ -164,11 +163,12 @@ def bench_rle(data_dir: Path, repeats: int) -> tuple[list[list], str]:
 
 # ---------------------------------------------------------------- 2. data pipeline
 def bench_pipeline(data_dir: Path, image_size: int, repeats: int, workers: int) -> list[list]:
-    from augment import train_transform
-    from adapters import DATASETS
-    from cache import build_cache
-    from data import build_index, neighbour_table
-    from dataset import SliceDataset
+    from giseg.data.augment import train_transform
+    from giseg.data.registry import DATASETS
+    from giseg.data.cache import build_cache
+    from giseg.data.gi import build_index
+    from giseg.data.volumes import neighbour_table
+    from giseg.data.dataset import SliceDataset
 
     index = build_index(data_dir)
     rows = np.arange(len(index))
@@ -218,7 +218,7 @@ GPU_MODELS = ["segformer-b0", "segformer-b2", "upernet-convnext-small", "dpt-bas
 
 
 def _model_config(name: str):
-    from model import ADE_LIKE_LABELS, TINY_CONFIGS
+    from giseg.models.tiny import ADE_LIKE_LABELS, TINY_CONFIGS
 
     sized = _sized_configs()
     if name in sized:
@@ -267,11 +267,12 @@ def train_worker(args) -> None:
     import torch
     from transformers import AutoModelForSemanticSegmentation
 
-    from data import GI_CLASSES
-    from losses import SegmentationLoss, upsample_like
-    from model import SegmentationModel, freeze_unused_parameters
+    from giseg.data.gi import GI_CLASSES
+    from giseg.training.losses import SegmentationLoss
+    from giseg.inference.segmenter import upsample_like
+    from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
 
-    from baselines import BASELINES, build_baseline
+    from giseg.models.baselines import BASELINES, build_baseline
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -452,7 +453,7 @@ def main() -> None:
 
     if args.gpu == "yes" and not torch.cuda.is_available():  # before the CPU sections, not after them
         raise SystemExit("--gpu yes: CUDA is not available to torch here")
-    from utils import quiet_third_party
+    from giseg.utils import quiet_third_party
 
     quiet_third_party()
     repeats = 1 if args.quick else args.repeats
@@ -460,7 +461,7 @@ def main() -> None:
     if args.data_dir:
         data_dir = Path(args.data_dir)
     else:
-        from demo_data import make_demo_data
+        from giseg.data.demo import make_demo_data
 
         data_dir = make_demo_data(tmp / "data", slices_per_day=6 if args.quick else 24, anatomy="large")
     cpu = platform.processor() or platform.machine()

@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -112,8 +111,8 @@ class PeakMemory:
 
 # ---------------------------------------------------------------- stages (each in its own process)
 def stage_cache(data_dir: str, cache_dir: str) -> dict:
-    from adapters import get_adapter
-    from cache import build_cache
+    from giseg.data.registry import get_adapter
+    from giseg.data.cache import build_cache
 
     adapter = get_adapter("gi")
     with PeakMemory() as mem:
@@ -132,9 +131,12 @@ def stage_train(data_dir: str, cache_dir: str, model_dir: str, steps: int, worke
     t_start = time.perf_counter()
     import torch
 
-    from adapters import get_adapter
-    from losses import SegmentationLoss, upsample_like
-    from trainer import TrainConfig, build_model, load_data, make_loaders, make_optimizer
+    from giseg.data.registry import get_adapter
+    from giseg.training.losses import SegmentationLoss
+    from giseg.inference.segmenter import upsample_like
+    from giseg.training.config import TrainConfig
+    from giseg.training.build import build_model, load_data, make_loaders
+    from giseg.training.optim import make_optimizer
 
     class OneProcess:  # what load_data asks of an Accelerator, for one process
         def local_main_process_first(self):
@@ -187,9 +189,10 @@ def stage_train(data_dir: str, cache_dir: str, model_dir: str, steps: int, worke
 
 def stage_model(model_dir: str) -> dict:
     """A tiny SegFormer at 288 px saved as predict.py reads it (its head replaced for our classes)."""
-    from data import GI_CLASSES
-    from inference import InferenceSpec
-    from model import load_model, make_tiny, save_model
+    from giseg.data.gi import GI_CLASSES
+    from giseg.inference.spec import InferenceSpec
+    from giseg.models.load import load_model, save_model
+    from giseg.models.tiny import make_tiny
 
     tiny = make_tiny("segformer", Path(model_dir) / "tiny")
     loaded = load_model(str(tiny), "multilabel", GI_CLASSES)
@@ -200,7 +203,8 @@ def stage_model(model_dir: str) -> dict:
 
 
 def stage_score(data_dir: str, submission: str) -> dict:
-    import score
+    from giseg.commands import score as score_command
+    from giseg.evaluation import score
 
     spent = [0.0]
     inner = score.hausdorff_3d
@@ -214,14 +218,14 @@ def stage_score(data_dir: str, submission: str) -> dict:
 
     score.hausdorff_3d = timed
     t0 = time.perf_counter()
-    assert score.main(["--pred", submission, "--data_dir", data_dir, "--json", submission + ".json"]) == 0
+    assert score_command.main(["--pred", submission, "--data_dir", data_dir, "--json", submission + ".json"]) == 0
     return {"score_s": time.perf_counter() - t0, "hausdorff_s": spent[0]}
 
 
 # ---------------------------------------------------------------- driver
 def in_process(stage: str, **kw) -> dict:
     """Run one stage in a fresh interpreter (its own peak memory) and return its figures."""
-    code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r});"
             f"import bench_scaling as b; print('RESULT' + json.dumps(b.stage_{stage}(**{kw!r})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     if res.returncode != 0:
@@ -246,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = Path(args.root)
     stages = args.stages.split(",")
-    from demo_data import make_demo_data
+    from giseg.data.demo import make_demo_data
 
     command = " ".join(["python", "benchmarks/bench_scaling.py", *(argv if argv is not None else sys.argv[1:])])
     print(f"# {command}\n# {platform.node()}: {os.cpu_count()} cores, {platform.python_version()}, "
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         if "predict" in stages:
             sub = root / f"submission-{size}.csv"
             t = time.perf_counter()
-            res = subprocess.run([sys.executable, "predict.py", "--model", str(root / "model" / "best"), "--data_dir",
+            res = subprocess.run([sys.executable, "-m", "giseg", "predict", "--model", str(root / "model" / "best"), "--data_dir",
                                   str(data), "--out", str(sub), "--cache_dir", cache_dir, "--num_workers",
                                   str(args.workers), "--batch_size", "32"], capture_output=True, text=True, cwd=ROOT)
             if res.returncode:

@@ -9,21 +9,20 @@ one running stream (no per-sample seeding, as before issue 16), and with albumen
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dataset  # noqa: E402
-from adapters import DATASETS  # noqa: E402
-from augment import train_transform  # noqa: E402
-from cache import build_cache  # noqa: E402
-from data import build_index, neighbour_table  # noqa: E402
-from demo_data import make_demo_data  # noqa: E402
+from giseg.data import dataset  # noqa: E402
+from giseg.data.registry import DATASETS
+from giseg.data.augment import train_transform
+from giseg.data.cache import build_cache
+from giseg.data.gi import build_index
+from giseg.data.volumes import neighbour_table
+from giseg.data.demo import make_demo_data
 
 
 def main() -> None:

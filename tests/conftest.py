@@ -6,7 +6,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # a hub id fails fast instead of retrying
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 
@@ -17,7 +16,7 @@ FAMILIES = ("segformer", "upernet", "dpt", "beit")
 def demo_dir(tmp_path_factory) -> Path:
     """A small dataset (8 slices per case-day) in the Kaggle layout, with the large organs of the "large" anatomy
     (on almost every slice: a few training steps show learning; the demo itself has the real data's sizes)."""
-    from demo_data import make_demo_data
+    from giseg.data.demo import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo") / "data", slices_per_day=8, anatomy="large")
 
@@ -25,7 +24,7 @@ def demo_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny random checkpoint with 150 labels per family, saved with save_pretrained."""
-    from model import make_tiny
+    from giseg.models.tiny import make_tiny
 
     root = tmp_path_factory.mktemp("models")
     return {f: make_tiny(f, root / f"tiny-{f}") for f in FAMILIES}
@@ -34,7 +33,8 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tracked_run(demo_dir, tiny_models, tmp_path_factory) -> Path:
     """Two epochs with TensorBoard tracking, --final_eval and --push_to_hub with the Hub offline (as here)."""
-    from trainer import TrainConfig, train
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     root = tmp_path_factory.mktemp("tracked")
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(root / "run"),
@@ -92,7 +92,6 @@ def two_process_run(demo_dir, tiny_models, tmp_path_factory):
     trace.mkdir()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "trainer.py"),
            "--base_model", str(tiny_models["upernet"]), "--data_dir", str(demo_dir), "--output_dir", str(out),
-           "--cache_dir", str(root / "cache"), *DDP_ARGS]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT,
-                         env=distributed_env(GI_SEG_TRACE_ROWS=str(trace)))
+           "--cache_dir", str(root / "cache"), "--trace_rows", str(trace), *DDP_ARGS]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=distributed_env())
     return SimpleNamespace(result=res, out=out, trace=trace)

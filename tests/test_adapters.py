@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adapters import DATASETS, DatasetAdapter, get_adapter
-from utils import UserError
+from giseg.data.registry import DATASETS, get_adapter
+from giseg.data.base import DatasetAdapter
+from giseg.utils import UserError
 
 
 class ShapesAdapter(DatasetAdapter):
@@ -60,7 +61,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shapes_run(shapes, tiny_models, tmp_path_factory):
     """trainer.py's CLI on the shapes dataset; every mask its evaluation computes is recorded on the way."""
-    import inference
+    from giseg.inference import segmenter as inference
     from trainer import main as train_main
 
     out = tmp_path_factory.mktemp("shapes_run")
@@ -95,10 +96,10 @@ def test_the_third_dataset_trains_with_its_own_classes(shapes_run):
 
 
 def test_the_third_dataset_predicts_scores_and_draws(shapes, shapes_run, tmp_path):
-    import visualise as vis
-    from app import Analyser
-    from predict import main as predict_main
-    from score import main as score_main
+    from giseg.evaluation import figures as vis
+    from giseg.commands.app import Analyser
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
 
     run, cache, _ = shapes_run
     sub = tmp_path / "sub.csv"
@@ -119,11 +120,11 @@ def test_the_third_dataset_predicts_scores_and_draws(shapes, shapes_run, tmp_pat
 
 def test_predict_visualise_and_app_give_the_masks_of_the_trainers_evaluation(shapes, shapes_run, tmp_path):
     """The slices are 64x64 and the model's size is 64: the evaluation's masks are at original size too."""
-    import visualise as vis
-    from app import Analyser
-    from data import split_by_case
-    from predict import main as predict_main
-    from rle import decode_rle
+    from giseg.evaluation import figures as vis
+    from giseg.commands.app import Analyser
+    from giseg.data.folds import split_by_case
+    from giseg.commands.predict import main as predict_main
+    from giseg.data.rle import decode_rle
 
     run, cache, recorded = shapes_run
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

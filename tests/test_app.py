@@ -9,9 +9,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from app import Analyser, shown_on_page
+from giseg.commands.app import Analyser, shown_on_page
 from conftest import ROOT
-from trainer import TrainConfig, train
+from giseg.training.config import TrainConfig
+from trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
     if browser is None:
         pytest.skip("Chromium is not installed (apt-get install chromium); CI installs it")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model_dir), "--data_dir",
+    server = subprocess.Popen([sys.executable, "-m", "giseg", "app", "--model", str(model_dir), "--data_dir",
                                str(demo_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, cwd=ROOT)
     chrome = None
@@ -165,7 +166,7 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
 def test_our_message_reaches_the_page_instead_of_gradios_generic_error():
     import gradio as gr
 
-    from utils import UserError
+    from giseg.utils import UserError
 
     def handler(slice_id):
         raise UserError(f"slice {slice_id!r} is not in the data folder")

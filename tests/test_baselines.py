@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from baselines import BASELINES, build_baseline
-from data import GI_CLASSES as GI
-from model import SegmentationModel, freeze_unused_parameters, load_model
+from giseg.models.baselines import BASELINES, build_baseline
+from giseg.data.gi import GI_CLASSES as GI
+from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
+from giseg.models.load import load_model
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
@@ -57,7 +58,7 @@ def test_unext_has_the_papers_size_and_cost_and_keeps_the_input_size():
 
 
 def test_unext_shift_moves_each_channel_group_by_its_own_offset():
-    from unext import shift
+    from giseg.models.unext import shift
 
     x = torch.zeros(1, 5, 7, 7)
     x[:, :, 3, 3] = 1  # one pixel in each of 5 groups of one channel

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from adapters import DATASETS
-from cache import build_cache
-from data import build_index
+from giseg.data.registry import DATASETS
+from giseg.data.cache import build_cache
+from giseg.data.gi import build_index
 
 GI = DATASETS["gi"]
 
@@ -61,7 +61,7 @@ def test_a_truncated_or_zeroed_cache_is_rebuilt_with_one_line(demo_dir, tmp_path
 
 
 def test_verify_checks_every_block_where_the_default_checks_a_sample(demo_dir, tmp_path, caplog):
-    from cache import check_cache
+    from giseg.data.cache import check_cache
 
     index = build_index(demo_dir)
     path = build_cache(GI, index, 256, tmp_path).path  # 9.4 MB of images: 10 blocks of 1 MiB
@@ -77,8 +77,8 @@ def test_verify_checks_every_block_where_the_default_checks_a_sample(demo_dir, t
 def test_too_little_free_space_is_refused_before_writing(demo_dir, tmp_path, monkeypatch):
     import shutil
 
-    import cache as cache_module
-    from utils import UserError
+    from giseg.data import cache as cache_module
+    from giseg.utils import UserError
 
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match=r"needs 0.00 GB but only 0.00 GB are free"):
@@ -88,11 +88,10 @@ def test_too_little_free_space_is_refused_before_writing(demo_dir, tmp_path, mon
 
 BUILD = """
 import sys, time
-sys.path.insert(0, {root!r})
-from adapters import DATASETS
-from cache import build_cache
-from data import build_index
-from utils import setup_logging
+from giseg.data.registry import DATASETS
+from giseg.data.cache import build_cache
+from giseg.data.gi import build_index
+from giseg.utils import setup_logging
 setup_logging()
 gi = DATASETS["gi"]
 class Slow(type(gi)):

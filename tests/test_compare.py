@@ -1,5 +1,6 @@
-from compare import main as compare_main
-from trainer import TrainConfig, train
+from giseg.commands.compare import main as compare_main
+from giseg.training.config import TrainConfig
+from trainer import train
 
 
 def test_compare_prints_one_row_per_run_with_params_and_dice(demo_dir, tiny_models, tmp_path, capsys):
@@ -19,8 +20,8 @@ def test_compare_prints_one_row_per_run_with_params_and_dice(demo_dir, tiny_mode
     body = "\n".join(table[2:])
     assert "| unet | unet |" in body and str(tiny_models["segformer"]) in body
     assert "M |" in body  # parameter counts read from the safetensors headers
-    from compare import count_parameters
-    from model import load_model
+    from giseg.evaluation.compare import count_parameters
+    from giseg.models.load import load_model
 
     unet = load_model("unet", "multilabel", ("large_bowel", "small_bowel", "stomach")).model
     assert count_parameters(tmp_path / "unet" / "best") == sum(p.numel() for p in unet.parameters())  # no buffers

@@ -4,8 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cv import gpu_groups, main as cv_main, parse_folds
-from utils import UserError
+from giseg.training.cv import gpu_groups, parse_folds
+from giseg.commands.cv import main as cv_main
+from giseg.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,9 @@ def test_the_cv_table_is_the_mean_and_sd_of_the_fold_figures(cv_run, demo_dir):
 def test_the_final_model_trains_on_every_case_without_validation(demo_dir, tiny_models, tmp_path):
     from transformers import AutoModelForSemanticSegmentation
 
-    from cv import fold_command
-    from trainer import TrainConfig, train
+    from giseg.training.cv import fold_command
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     cmd = fold_command(["--epochs", "1"], None, tmp_path / "final", [], "")
     assert cmd[-4:] == ["--fold", "-1", "--output_dir", str(tmp_path / "final")]  # what cv.py --final_model runs
@@ -81,9 +83,9 @@ def test_an_out_of_fold_ensemble_of_a_cv_with_itself_scores_as_the_cv(cv_run, de
 
 
 def test_tuning_a_cv_out_of_fold_saves_values_that_predict_uses(cv_run, demo_dir, tmp_path):
-    from predict import main as predict_main
-    from score import main as score_main
-    from tune import main as tune_main
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
+    from giseg.commands.tune import main as tune_main
 
     cv, args = cv_run
     cache = args[args.index("--cache_dir") + 1]
@@ -120,7 +122,7 @@ def test_parallel_folds_run_in_slots_with_their_own_gpus_at_the_same_time():
     import threading
     import time
 
-    from cv import run_in_slots
+    from giseg.training.cv import run_in_slots
 
     seen, running, peak, lock = [], [0], [0], threading.Lock()
 

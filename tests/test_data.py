@@ -5,10 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import GI_CLASSES, build_index, case_folds, neighbour_table, read_scan, split_by_case
-from preprocess import normalise_scan
-from rle import decode_rle, encode_rle
-from utils import UserError
+from giseg.data.gi import GI_CLASSES, build_index
+from giseg.data.folds import case_folds, split_by_case
+from giseg.data.volumes import neighbour_table
+from giseg.data.base import read_scan
+from giseg.data.preprocess import normalise_scan
+from giseg.data.rle import decode_rle, encode_rle
+from giseg.utils import UserError
 
 
 def test_index_has_one_row_per_slice_with_sizes_from_file_names(demo_dir):
@@ -133,7 +136,7 @@ def test_corrupt_png_is_named(tmp_path):
 
 
 def test_8bit_scan_is_accepted_with_a_warning(tmp_path):
-    import data
+    from giseg.data import base as data
 
     data._warned_formats.discard("8bit")  # warned once per process: forget earlier tests' warning
     path = tmp_path / "s.png"
@@ -144,7 +147,7 @@ def test_8bit_scan_is_accepted_with_a_warning(tmp_path):
 
 
 def test_rgb_scan_is_converted_to_gray_with_a_warning(tmp_path):
-    import data
+    from giseg.data import base as data
 
     data._warned_formats.discard("rgb")
     path = tmp_path / "rgb.png"
@@ -179,7 +182,7 @@ def test_zero_byte_train_csv_is_one_line_not_a_traceback(demo_dir, tmp_path):
 
 
 def test_a_volume_mixing_scan_sizes_is_named(demo_dir):
-    from data import check_volume_sizes
+    from giseg.data.volumes import check_volume_sizes
 
     index = build_index(demo_dir)
     check_volume_sizes(index, ("case", "day"), "demo")  # the demo's volumes are uniform

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import DATASETS
-from augment import train_transform
-from cache import build_cache
-from data import build_index, neighbour_table
-from dataset import SliceDataset
+from giseg.data.registry import DATASETS
+from giseg.data.augment import train_transform
+from giseg.data.cache import build_cache
+from giseg.data.gi import build_index
+from giseg.data.volumes import neighbour_table
+from giseg.data.dataset import SliceDataset
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_the_transforms_of_a_pipeline_draw_independently():
     # albumentations' own set_random_seed seeds every transform alike: two flips at p=0.5 then always cancel
     import albumentations as A
 
-    from dataset import seed_pipeline
+    from giseg.data.dataset import seed_pipeline
 
     image = np.zeros((8, 8), np.float32)
     image[:, :2] = 1

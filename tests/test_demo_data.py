@@ -1,8 +1,8 @@
 import pandas as pd
 
-from adapters import DATASETS
-from data import build_index
-from demo_data import make_demo_data
+from giseg.data.registry import DATASETS
+from giseg.data.gi import build_index
+from giseg.data.demo import make_demo_data
 
 
 def test_demo_data_is_in_the_kaggle_layout_with_overlaps_and_empty_slices(demo_dir):
@@ -32,7 +32,7 @@ def test_demo_data_is_deterministic(tmp_path):
 def test_the_full_size_layout_has_the_competitions_shape():
     from collections import Counter
 
-    from demo_data import competition_layout
+    from giseg.data.demo import competition_layout
 
     layout = competition_layout()
     assert len(layout) == 274 and len({case for case, *_ in layout}) == 85
@@ -46,7 +46,7 @@ def test_the_full_size_layout_has_the_competitions_shape():
 
 
 def test_drawing_case_days_in_parallel_writes_the_same_files(tmp_path):
-    from demo_data import make_demo_data
+    from giseg.data.demo import make_demo_data
 
     serial = make_demo_data(tmp_path / "serial", slices_per_day=3)
     parallel = make_demo_data(tmp_path / "parallel", slices_per_day=3, workers=2)
@@ -59,7 +59,7 @@ def test_drawing_case_days_in_parallel_writes_the_same_files(tmp_path):
 def test_the_demos_organs_have_the_real_datas_sizes_and_organ_free_volume_ends(tmp_path):
     import numpy as np
 
-    from demo_data import REAL_MEDIAN_AREA
+    from giseg.data.demo import REAL_MEDIAN_AREA
 
     data = make_demo_data(tmp_path / "demo", slices_per_day=40)  # the demo's own settings (anatomy "real")
     index = build_index(data)

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ema import WeightEMA
-from trainer import TrainConfig, train
+from giseg.training.ema import WeightEMA
+from giseg.training.config import TrainConfig
+from trainer import train
 
 
 def test_ema_after_k_steps_equals_the_closed_form_on_a_toy_model():

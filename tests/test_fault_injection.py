@@ -1,17 +1,14 @@
 """SIGKILL at the trainer's commit points, then a plain `--resume_from_checkpoint latest`: the run must end as an
 uninterrupted one. Three chosen points run here (a half-deleted checkpoint is tested without strace in
 test_reliability.py::test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once); every point (about 80, ~25 min) with
-FAULT_INJECTION=all python -m pytest tests/test_fault_injection.py   (or python tools/fault_injection.py)."""
+FAULT_INJECTION=all python -m pytest tests/test_fault_injection.py   (or python tests/fault_injection.py)."""
 import os
 import re
 import shutil
-import sys
 
 import pytest
 
-from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "tools"))
 import fault_injection as fi  # noqa: E402
 
 # (syscall call as strace prints it, which occurrence): the states the issue found unrecoverable

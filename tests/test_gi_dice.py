@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from data import GI_CLASSES
-from metrics import mask_stats, summarise
+from giseg.data.gi import GI_CLASSES
+from giseg.evaluation.metrics import mask_stats, summarise
 
 
 @pytest.mark.parametrize("rule", ["1", "skip"])
@@ -15,7 +15,7 @@ def test_evaluate_module_loads_offline_and_agrees_with_metrics(rule):
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     import evaluate
 
-    module = evaluate.load(str(ROOT / "gi_dice"))
+    module = evaluate.load(str(ROOT / "giseg" / "evaluation" / "gi_dice"))
     rng = np.random.default_rng(1)
     preds = (rng.random((5, 3, 7, 9)) < 0.3).astype(np.uint8)
     refs = (rng.random((5, 3, 7, 9)) < 0.3).astype(np.uint8)
@@ -30,7 +30,8 @@ def test_training_path_never_imports_evaluate():
     import subprocess
     import sys
 
-    code = "import sys, trainer, metrics, predict, score; import dataset, model; print('evaluate' in sys.modules)"
+    code = ("import sys, trainer, model; import giseg.evaluation.metrics, giseg.commands.predict, giseg.commands.score, "
+            "giseg.data.dataset; print('evaluate' in sys.modules)")
     t = time.monotonic()
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "False", time.monotonic() - t

@@ -4,16 +4,16 @@ import json
 import numpy as np
 import pytest
 
-from adapters import get_adapter
-from masks import IGNORE_BIT
-from utils import UserError
+from giseg.data.registry import get_adapter
+from giseg.data.masks import IGNORE_BIT
+from giseg.utils import UserError
 
 INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]
 
 
 @pytest.fixture(scope="module")
 def exported(demo_dir, tmp_path_factory):
-    from export_hf import main
+    from giseg.commands.export_hf import main
 
     out = tmp_path_factory.mktemp("hf") / "gi-demo"
     assert main(["--data_dir", str(demo_dir), "--out", str(out)]) == 0
@@ -59,10 +59,11 @@ def test_the_export_reads_back_as_the_same_index_scans_and_overlapping_masks(dem
 
 def test_training_on_the_export_matches_training_on_the_kaggle_folder(demo_dir, exported, tiny_models, tmp_path):
     """Same seed: the same cache masks and the same first-epoch losses; predict.py and score.py read it too."""
-    from cache import build_cache
-    from predict import main as predict_main
-    from score import main as score_main
-    from trainer import TrainConfig, train
+    from giseg.data.cache import build_cache
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     runs = {}
     for name, dataset, data in (("kaggle", "gi", demo_dir), ("hf", "hf", exported)):
@@ -84,8 +85,8 @@ def test_training_on_the_export_matches_training_on_the_kaggle_folder(demo_dir, 
     assert score_main(["--pred", str(sub), "--data_dir", str(exported), "--dataset", "hf",
                        "--json", str(tmp_path / "s.json")]) == 0
     assert 0 <= json.loads((tmp_path / "s.json").read_text())["score"] <= 1
-    from app import Analyser
-    from visualise import run_adapter
+    from giseg.commands.app import Analyser
+    from giseg.evaluation.figures import run_adapter
 
     analyser = Analyser(tmp_path / "hf" / "best", exported)  # the app, on the export's slices
     assert list(analyser.analyse_id(analyser.slice_ids()[0]).table["organ"]) == list(gi.classes)
@@ -121,7 +122,7 @@ def test_a_background_label_is_no_class_and_each_image_is_its_own_case_without_a
 
 
 def test_a_case_column_groups_images_for_the_case_level_folds(tmp_path):
-    from data import split_by_case
+    from giseg.data.folds import split_by_case
 
     labs = [np.full((8, 8), 1, np.uint8)] * 6
     folder = _label_map_dataset(tmp_path / "cases", labs, {1: "lesion"},
@@ -161,8 +162,8 @@ def test_unlabelled_pixels_are_left_out_of_the_score(tmp_path):
     """score.py: a prediction over 255 pixels neither helps nor hurts."""
     import pandas as pd
 
-    from rle import encode_rle
-    from score import score_predictions
+    from giseg.data.rle import encode_rle
+    from giseg.evaluation.score import score_predictions
 
     lab = np.zeros((16, 16), np.uint8)
     lab[4:8, 4:8] = 1
@@ -179,8 +180,8 @@ def test_pushing_an_export_with_the_hub_unreachable_keeps_the_folder_and_says_ho
     import io
     import logging
 
-    from export_hf import push_dataset
-    from utils import logger
+    from giseg.commands.export_hf import push_dataset
+    from giseg.utils import logger
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -197,8 +198,9 @@ def test_pushing_an_export_with_the_hub_unreachable_keeps_the_folder_and_says_ho
 def test_a_label_map_dataset_with_unlabelled_pixels_trains_multiclass_end_to_end(tiny_models, tmp_path):
     """Parquet label maps with 255 borders, grouped by a patient column: the cache keeps the ignore bit and the
     run trains and evaluates through it."""
-    from cache import build_cache
-    from trainer import TrainConfig, train
+    from giseg.data.cache import build_cache
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     rng = np.random.default_rng(1)
     labs = []

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from inference import SPEC_FILE, InferenceSpec, Segmenter, masks_from_logits
-from utils import UserError
+from giseg.inference.spec import SPEC_FILE, InferenceSpec
+from giseg.inference.segmenter import Segmenter, masks_from_logits
+from giseg.utils import UserError
 
 SPEC = InferenceSpec(dataset="gi", task="multilabel", classes=("large_bowel", "small_bowel", "stomach"),
                      image_size=64, context_slices=3, context_stride=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
@@ -23,8 +24,8 @@ def test_spec_round_trips_through_its_file(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(image_size=100), "image_size: a positive multiple of 32, got 100"),
-    (dict(context_slices=2), "context_slices: an odd number >= 1, got 2"),
+    (dict(image_size=100), "image_size: a positive multiple of 32 (the models downsample by 32), got 100"),
+    (dict(context_slices=2), "context_slices: an odd number >= 1 (1, 3, 5 ...), got 2"),
     (dict(context_slices=5), "mean, std: 5 values each (one per input channel)"),
     (dict(thresholds=(0.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
     (dict(thresholds=(0.5, 1.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
@@ -90,10 +91,11 @@ def test_logits_are_upsampled_before_the_threshold():
 
 def test_prepare_gives_the_input_of_the_cached_pipeline(demo_dir, tmp_path):
     """What the app feeds the model for a raw scan equals what the data set makes of the cached slice."""
-    from adapters import DATASETS
-    from cache import build_cache
-    from data import build_index, neighbour_table
-    from dataset import SliceDataset
+    from giseg.data.registry import DATASETS
+    from giseg.data.cache import build_cache
+    from giseg.data.gi import build_index
+    from giseg.data.volumes import neighbour_table
+    from giseg.data.dataset import SliceDataset
 
     index = build_index(demo_dir)
     cache = build_cache(DATASETS["gi"], index, 64, tmp_path)
@@ -106,8 +108,8 @@ def test_prepare_gives_the_input_of_the_cached_pipeline(demo_dir, tmp_path):
 
 def _model_folder(tiny, out, image_size: int, seed: int, context: int = 1):
     """A model folder as the trainer writes it (new random head for the GI classes), untrained."""
-    from data import GI_CLASSES
-    from model import load_model, save_model
+    from giseg.data.gi import GI_CLASSES
+    from giseg.models.load import load_model, save_model
 
     torch.manual_seed(seed)
     loaded = load_model(str(tiny), "multilabel", GI_CLASSES)
@@ -126,9 +128,9 @@ def two_models(tiny_models, tmp_path_factory):
 
 
 def test_an_ensemble_of_two_models_averages_their_probabilities(demo_dir, two_models, tmp_path):
-    from adapters import DATASETS
-    from data import build_index
-    from inference import Ensemble
+    from giseg.data.registry import DATASETS
+    from giseg.data.gi import build_index
+    from giseg.inference.ensemble import Ensemble
 
     index = build_index(demo_dir)
     rows = np.arange(8)
@@ -145,9 +147,9 @@ def test_an_ensemble_of_two_models_averages_their_probabilities(demo_dir, two_mo
 
 
 def test_one_model_through_the_ensemble_gives_the_segmenters_own_masks(demo_dir, two_models, tmp_path):
-    from adapters import DATASETS
-    from data import build_index
-    from inference import Ensemble
+    from giseg.data.registry import DATASETS
+    from giseg.data.gi import build_index
+    from giseg.inference.ensemble import Ensemble
 
     index = build_index(demo_dir)
     rows = np.arange(len(index))
@@ -162,7 +164,7 @@ def test_one_model_through_the_ensemble_gives_the_segmenters_own_masks(demo_dir,
 
 
 def test_an_ensemble_refuses_models_of_other_classes_and_wrong_weights(two_models, tmp_path):
-    from inference import Ensemble
+    from giseg.inference.ensemble import Ensemble
 
     a = Segmenter.load(two_models[0])
     other = Segmenter(a.model, dataclasses.replace(a.spec, classes=("x", "y", "z")))

@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lgg import LGG_CLASSES, build_lgg_index, make_lgg_demo
-from trainer import TrainConfig, train
-from utils import UserError
+from giseg.data.lgg import LGG_CLASSES, build_lgg_index, make_lgg_demo
+from giseg.training.config import TrainConfig
+from trainer import train
+from giseg.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,8 @@ def test_lgg_trains_one_epoch_with_a_tumor_class(lgg_run):
 
 
 def test_lgg_predict_and_score_round_trip(lgg_run, lgg_dir, tmp_path):
-    from predict import main as predict_main
-    from score import main as score_main
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
 
     run, _ = lgg_run
     out = tmp_path / "sub.csv"
@@ -56,8 +57,8 @@ def test_lgg_predict_and_score_round_trip(lgg_run, lgg_dir, tmp_path):
     sub = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert set(sub["class"]) == set(LGG_CLASSES) and len(sub) == 4 * 8
     # the truth written as a submission scores 1
-    from lgg import read_lgg_mask
-    from rle import encode_rle
+    from giseg.data.lgg import read_lgg_mask
+    from giseg.data.rle import encode_rle
 
     index = build_lgg_index(lgg_dir)
     truth = pd.DataFrame({"id": index["id"], "class": "tumor",
@@ -69,7 +70,7 @@ def test_lgg_predict_and_score_round_trip(lgg_run, lgg_dir, tmp_path):
 
 
 def test_lgg_figures_and_notebook_helpers(lgg_run, tmp_path):
-    import visualise as vis
+    from giseg.evaluation import figures as vis
 
     run, _ = lgg_run
     paths = vis.save_all(run, tmp_path / "figs")

@@ -1,6 +1,7 @@
 import torch
 
-from losses import SegmentationLoss, tversky_loss, upsample_like
+from giseg.training.losses import SegmentationLoss, tversky_loss
+from giseg.inference.segmenter import upsample_like
 
 GI = ("large_bowel", "small_bowel", "stomach")
 PRIORITY = ("stomach", "large_bowel", "small_bowel")
@@ -38,7 +39,7 @@ def test_soft_dice_loss_bounds_and_upsampling():
 
 import pytest  # noqa: E402
 
-from losses import LOSSES, focal_loss  # noqa: E402
+from giseg.training.losses import LOSSES, focal_loss
 
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
@@ -51,7 +52,7 @@ def test_every_loss_prefers_the_right_answer(task, name):
         target = torch.stack([((packed >> c) & 1).float() for c in range(3)], 1)
         good = (target * 2 - 1) * 8
     else:
-        from masks import multiclass_targets
+        from giseg.data.masks import multiclass_targets
 
         good = torch.nn.functional.one_hot(multiclass_targets(packed, GI, PRIORITY), 4).permute(0, 3, 1, 2).float() * 16 - 8
     loss = SegmentationLoss(task, GI, PRIORITY, loss=name)
@@ -78,7 +79,7 @@ def test_focal_loss_down_weights_easy_pixels():
 def test_unlabelled_pixels_count_in_no_loss_term_and_labelled_data_gets_the_plain_loss():
     import pytest
 
-    from masks import IGNORE_BIT
+    from giseg.data.masks import IGNORE_BIT
 
     torch.manual_seed(0)
     packed = torch.randint(0, 8, (2, 8, 8), dtype=torch.uint8)

@@ -3,9 +3,11 @@ maps that keep overlapping organs, and a trained folder that predict.py and Mask
 import pytest
 import torch
 
-from data import GI_CLASSES as GI
-from data import GI_PRIORITY
-from model import SegmentationModel, freeze_unused_parameters, load_model, make_tiny, query_maps, query_targets
+from giseg.data.gi import GI_CLASSES as GI
+from giseg.data.gi import GI_PRIORITY
+from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, query_maps, query_targets
+from giseg.models.load import load_model
+from giseg.models.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +68,12 @@ def test_mask2former_and_unext_train_through_run_train_predict_score_and_compare
     import pandas as pd
     from transformers import Mask2FormerForUniversalSegmentation
 
-    import compare
+    from giseg.commands import compare
     from conftest import ROOT
-    from predict import main as predict_main
-    from score import main as score_main
-    from trainer import TrainConfig, train
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     runs = {"m2f": tmp_path / "m2f", "unext": tmp_path / "unext"}
     env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "EPOCHS": "1", "IMAGE_SIZE": "64",

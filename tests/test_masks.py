@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from masks import classes_present, multiclass_targets, pack_masks, unpack_masks, unpack_targets
+from giseg.data.masks import classes_present, multiclass_targets, pack_masks, unpack_masks, unpack_targets
 
 GI = ("large_bowel", "small_bowel", "stomach")
 

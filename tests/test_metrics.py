@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import GI_CLASSES as GI
-from metrics import dice_from_stats, mask_stats, summarise
+from giseg.data.gi import GI_CLASSES as GI
+from giseg.evaluation.metrics import dice_from_stats, mask_stats, summarise
 
 
 def _stats(pred, true):
@@ -52,7 +52,7 @@ def test_mask_stats_agree_between_numpy_and_torch():
 
 
 def test_a_new_metric_is_one_entry_of_the_table(monkeypatch):
-    import metrics
+    from giseg.evaluation import metrics
 
     recall = metrics.Metric("recall", lambda s, empty: s[..., 0] / np.maximum(s[..., 2], 1), pooled=False)
     monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, recall))
@@ -62,7 +62,7 @@ def test_a_new_metric_is_one_entry_of_the_table(monkeypatch):
     assert out["recall_large_bowel"] == pytest.approx(0.125) and "recall mean" in metrics.describe(out, GI)
 
 
-from metrics import competition_score, hausdorff_3d, time_saved  # noqa: E402
+from giseg.evaluation.metrics import competition_score, hausdorff_3d, time_saved
 
 
 def test_hausdorff_empty_rules():

@@ -2,11 +2,13 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from losses import SegmentationLoss, upsample_like
-from data import GI_CLASSES as GI
-from data import GI_PRIORITY
-from model import SegmentationModel, freeze_unused_parameters, load_model, match_gradient_layout
-from utils import UserError
+from giseg.training.losses import SegmentationLoss
+from giseg.inference.segmenter import upsample_like
+from giseg.data.gi import GI_CLASSES as GI
+from giseg.data.gi import GI_PRIORITY
+from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
+from giseg.models.load import load_model
+from giseg.utils import UserError
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -98,8 +100,8 @@ def test_an_auto_family_the_project_never_names_trains_predicts_and_scores(demo_
 
     from transformers import AutoModelForSemanticSegmentation, MobileViTV2Config
 
-    from predict import main as predict_main
-    from score import main as score_main
+    from giseg.commands.predict import main as predict_main
+    from giseg.commands.score import main as score_main
     from trainer import main as train_main
 
     torch.manual_seed(0)
@@ -121,8 +123,10 @@ def test_an_auto_family_the_project_never_names_trains_predicts_and_scores(demo_
 @pytest.mark.parametrize("family", [*FAMILIES, "mask2former", "unet", "unext"])
 def test_a_5_channel_model_at_initialisation_gives_the_3_channel_logits_on_repeated_input(tiny_models, family,
                                                                                           tmp_path):
-    from inference import InferenceSpec, Segmenter
-    from model import make_tiny, save_model
+    from giseg.inference.spec import InferenceSpec
+    from giseg.inference.segmenter import Segmenter
+    from giseg.models.tiny import make_tiny
+    from giseg.models.load import save_model
 
     base = str(tiny_models[family]) if family in tiny_models else family
     if family == "mask2former":

@@ -45,8 +45,8 @@ def test_the_cards_usage_code_runs_and_gives_masks_at_the_scan_size(tracked_run)
 def test_a_hub_base_model_is_named_in_the_metadata(tracked_run):
     from huggingface_hub import ModelCard
 
-    from inference import InferenceSpec
-    from model_card import card_text
+    from giseg.inference.spec import InferenceSpec
+    from giseg.training.model_card import card_text
 
     config = {**json.loads((tracked_run / "run_config.json").read_text()),
               "base_model": "nvidia/segformer-b0-finetuned-ade-512-512"}
@@ -67,8 +67,8 @@ def test_push_to_hub_with_the_hub_unreachable_finishes_the_run_and_says_how_to_p
 
 
 def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
-    from trainer import TrainConfig, validate_config
-    from utils import UserError
+    from giseg.training.config import TrainConfig, validate_config
+    from giseg.utils import UserError
 
     with pytest.raises(UserError, match="--push_to_hub needs --hub_model_id"):
         validate_config(TrainConfig(push_to_hub=True))

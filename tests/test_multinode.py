@@ -15,7 +15,7 @@ def _records(out):
 
 
 def _rows(trace):
-    """{rank: {epoch: [rows...]}} from the GI_SEG_TRACE_ROWS files."""
+    """{rank: {epoch: [rows...]}} from the --trace_rows files."""
     out = {}
     for f in sorted(trace.glob("rows_rank*.txt")):
         per_epoch = {}
@@ -36,8 +36,8 @@ def _two_machines(demo_dir, model, tmp_path, caches, strace_node1: bool = False)
         env = distributed_env(
             PYTHON=sys.executable, NNODES="2", NODE_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
             OUTPUT_DIR=str(out), LOG_FILE=str(tmp_path / f"node{rank}.log"), FOREGROUND="1",
-            BASE_MODEL=str(model), DATA_DIR=str(demo_dir), GI_SEG_TRACE_ROWS=str(trace),
-            EXTRA_ARGS=" ".join([*DDP_ARGS, "--cache_dir", str(cache)]))
+            BASE_MODEL=str(model), DATA_DIR=str(demo_dir),
+            EXTRA_ARGS=" ".join([*DDP_ARGS, "--cache_dir", str(cache), "--trace_rows", str(trace)]))
         cmd = ["bash", str(ROOT / "run_train.sh")]
         if rank == 1 and strace_node1:
             cmd = ["strace", "-f", "-qq", "-o", str(tmp_path / "node1.strace"),
@@ -82,7 +82,8 @@ def test_two_machines_of_one_process_train_like_one_machine_of_two(demo_dir, tin
     # each rank trained on its own half of every epoch, the same halves as on one machine
     rows, ref_rows = _rows(trace), _rows(reference.trace)
     assert set(rows) == {0, 1} and rows == ref_rows
-    from data import build_index, split_by_case
+    from giseg.data.gi import build_index
+    from giseg.data.folds import split_by_case
 
     train_rows, _ = split_by_case(build_index(demo_dir), 0, 3)
     for epoch in (0, 1):
@@ -99,7 +100,7 @@ def test_two_machines_of_one_process_train_like_one_machine_of_two(demo_dir, tin
 
 def test_two_machines_sharing_one_cache_dir_build_it_once_and_train_the_same(demo_dir, tiny_models, two_process_run,
                                                                               tmp_path):
-    from cache import check_cache
+    from giseg.data.cache import check_cache
 
     shared = tmp_path / "shared-cache"
     out, _ = _two_machines(demo_dir, tiny_models["upernet"], tmp_path, [shared, shared])

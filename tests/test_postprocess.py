@@ -1,7 +1,6 @@
 import numpy as np
 
-from postprocess import (drop_small_components, gate, largest_component, masks_from_probabilities, postprocess_volume,
-                         valid_rule)
+from giseg.inference.postprocess import drop_small_components, gate, largest_component, masks_from_probabilities, postprocess_volume, valid_rule
 
 
 def test_largest_component_keeps_the_biggest_3d_blob_and_nothing_else():

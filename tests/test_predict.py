@@ -2,10 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import build_index, split_by_case
-from predict import main as predict_main
-from rle import decode_rle
-from trainer import TrainConfig, train
+from giseg.data.gi import build_index
+from giseg.data.folds import split_by_case
+from giseg.commands.predict import main as predict_main
+from giseg.data.rle import decode_rle
+from giseg.training.config import TrainConfig
+from trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def test_predict_on_a_folder_without_scans_or_model_is_clear(demo_dir, tmp_path,
 def test_val_scores_from_predict_and_score_agree_with_final_eval(demo_dir, trained, tmp_path):
     import json
 
-    from score import main as score_main
+    from giseg.commands.score import main as score_main
 
     run, _ = trained
     sub = tmp_path / "val.csv"

@@ -81,7 +81,8 @@ def test_accelerate_launch_with_a_config_file_shards_training_over_two_processes
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "world size 2, device cpu" in (out / "train.log").read_text()
     assert "Grad strides do not match bucket view strides" not in res.stdout + res.stderr
-    from data import build_index, split_by_case
+    from giseg.data.gi import build_index
+    from giseg.data.folds import split_by_case
 
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     recs = _records(out)
@@ -98,7 +99,7 @@ def test_accelerate_launch_with_a_config_file_shards_training_over_two_processes
 
 # ---------------------------------------------------------------- run identity and lifecycle (in-process)
 def _cfg(demo_dir, model, out, tmp_path, **kw):
-    from trainer import TrainConfig
+    from giseg.training.config import TrainConfig
 
     base = dict(base_model=str(model), data_dir=str(demo_dir), output_dir=str(out), image_size=64, epochs=1,
                 train_batch_size=8, lr=2e-3, num_workers=0, n_folds=3, cache_dir=str(tmp_path / "cache"), log_every=3)
@@ -108,7 +109,8 @@ def _cfg(demo_dir, model, out, tmp_path, **kw):
 def test_every_flag_is_either_part_of_the_run_identity_or_allowed_to_change_on_resume():
     import dataclasses
 
-    from trainer import MAY_CHANGE_ON_RESUME, RUN_IDENTITY, TrainConfig
+    from giseg.training.run_dir import MAY_CHANGE_ON_RESUME, RUN_IDENTITY
+    from giseg.training.config import TrainConfig
 
     flags = {f.name for f in dataclasses.fields(TrainConfig)}
     assert not set(RUN_IDENTITY) & set(MAY_CHANGE_ON_RESUME)
@@ -119,7 +121,7 @@ def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new
     import dataclasses
 
     from trainer import train
-    from utils import UserError
+    from giseg.utils import UserError
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
@@ -143,7 +145,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_reruns_plainly(demo_dir
     import dataclasses
 
     from trainer import train
-    from utils import UserError
+    from giseg.utils import UserError
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
@@ -179,7 +181,7 @@ def test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once(d
 
 def test_a_live_run_holds_its_output_dir_and_a_file_is_no_output_dir(demo_dir, tiny_models, tmp_path):
     from trainer import train
-    from utils import FolderLock, UserError
+    from giseg.utils import FolderLock, UserError
 
     out = tmp_path / "run"
     with FolderLock(out / ".lock", wait=False):  # as a running trainer holds it
@@ -197,7 +199,7 @@ def test_final_eval_refuses_mixed_scan_sizes_in_a_volume_before_training(demo_di
     import pandas as pd
 
     from trainer import train
-    from utils import UserError
+    from giseg.utils import UserError
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)

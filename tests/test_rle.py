@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rle import RLEError, decode_rle, encode_rle
+from giseg.data.rle import RLEError, decode_rle, encode_rle
 
 
 @pytest.mark.parametrize("shape", [(266, 266), (310, 360), (1, 7), (5, 1)])

@@ -4,11 +4,11 @@ import re
 import pandas as pd
 import pytest
 
-from adapters import DATASETS
-from data import GI_CLASSES, build_index
-from score import main as score_main
-from score import read_submission, score_predictions
-from utils import UserError
+from giseg.data.registry import DATASETS
+from giseg.data.gi import GI_CLASSES, build_index
+from giseg.commands.score import main as score_main
+from giseg.evaluation.score import read_submission, score_predictions
+from giseg.utils import UserError
 
 
 def _gt_submission(demo_dir, path, cases=None):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from utils import UserError
+from giseg.utils import UserError
 
 
 def _records(run):
@@ -31,7 +31,8 @@ def test_tensorboard_holds_the_per_class_dice_series_of_metrics_jsonl(tracked_ru
 
 
 def test_report_to_none_is_the_default_and_starts_no_tracker(demo_dir, tiny_models, tmp_path):
-    from trainer import TrainConfig, train
+    from giseg.training.config import TrainConfig
+    from trainer import train
 
     assert TrainConfig().report_to == "none"
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(tmp_path / "r"),
@@ -41,8 +42,8 @@ def test_report_to_none_is_the_default_and_starts_no_tracker(demo_dir, tiny_mode
 
 
 def test_a_tracker_that_is_not_installed_or_unknown_is_refused_naming_what_to_install(monkeypatch):
-    import tracking
-    from trainer import TrainConfig, validate_config
+    from giseg.training import tracking
+    from giseg.training.config import TrainConfig, validate_config
 
     monkeypatch.setattr(tracking, "installed", lambda name: name == "tensorboard")
     with pytest.raises(UserError, match="--report_to mlflow: the package is not installed; pip install mlflow"):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import TrainConfig, build_parser, lr_factor, parse_config, train, validate_config
-from data import GI_CLASSES as CLASSES
-from utils import UserError
+from giseg.training.config import TrainConfig, build_parser, parse_config, validate_config
+from giseg.training.optim import lr_factor
+from trainer import train
+from giseg.data.gi import GI_CLASSES as CLASSES
+from giseg.utils import UserError
 
 
 def _cfg(demo_dir, model, out, tmp_path, **kw) -> TrainConfig:
@@ -61,8 +63,9 @@ def test_resume_continues_from_the_saved_step(demo_dir, tiny_models, tmp_path):
 
 
 def test_multiclass_25d_run_with_an_auxiliary_head(demo_dir, tiny_models, tmp_path):
-    from data import build_index, split_by_case
-    from inference import Segmenter
+    from giseg.data.gi import build_index
+    from giseg.data.folds import split_by_case
+    from giseg.inference.segmenter import Segmenter
 
     cfg = _cfg(demo_dir, tiny_models["upernet"], tmp_path / "r", tmp_path, task="multiclass", context_slices=3,
                gradient_accumulation_steps=2, scheduler_name="MultiStepLR", channels_last=True, optimizer="SGD",
@@ -107,7 +110,7 @@ def test_output_dir_of_a_finished_run_is_not_overwritten_and_overwrite_really_st
     (dict(lr=0), "--lr must be > 0"), (dict(train_batch_size=0), "--train_batch_size"),
     (dict(image_size=100), "multiple of 32"), (dict(fold=5, n_folds=5), "--fold must be in"),
     (dict(threshold=1.5), "--threshold"), (dict(lr_milestones="a,b"), "--lr_milestones"),
-    (dict(ema_decay=1.5), "--ema_decay must be in [0, 1)"), (dict(context_slices=4), "--context_slices must be odd"),
+    (dict(ema_decay=1.5), "--ema_decay must be in [0, 1)"), (dict(context_slices=4), "--context_slices must be an odd number"),
     (dict(empty_slice_fraction=1.0), "--empty_slice_fraction must be in [0, 1)"),
     (dict(fold=-1, final_eval=True), "--fold -1 trains on every case"),
 ])
@@ -128,7 +131,7 @@ def test_help_documents_every_option_and_the_reference_flags_parse():
         assert f.metadata.get("help"), f"--{f.name} has no help text"
         assert f"--{f.name}" in text
     assert "(default: 6e-05)" in text and "{gi,lgg,hf}" in text and "--bce_weight" in text
-    from baselines import BASELINES
+    from giseg.models.baselines import BASELINES
 
     assert all(name in text.replace("- ", "-") for name in BASELINES)  # --base_model names the CNN baselines
     cfg = parse_config(["--base_model", "m", "--train_batch_size", "4", "--weight_decay", "0.1", "--optimizer", "SGD",
@@ -174,7 +177,7 @@ def test_unknown_scheduler_is_rejected_by_the_parser(capsys):
 
 
 def test_early_stopping_counts_evaluations_after_the_best():
-    from trainer import should_stop_early
+    from giseg.training.optim import should_stop_early
 
     history = [{"step": 10}, {"step": 20}, {"step": 30}, {"step": 40}]
     assert not should_stop_early(history, best_step=40, patience=1)
@@ -207,10 +210,11 @@ def test_evaluate_reports_the_dice_computed_by_hand():
     """Two 4x4 slices, two classes, fixed logits: every figure of the log line, worked out by hand."""
     from accelerate import Accelerator
 
-    from inference import InferenceSpec, Segmenter
-    from losses import SegmentationLoss
-    from metrics import describe
-    from trainer import evaluate
+    from giseg.inference.spec import InferenceSpec
+    from giseg.inference.segmenter import Segmenter
+    from giseg.training.losses import SegmentationLoss
+    from giseg.evaluation.metrics import describe
+    from giseg.evaluation.validation import evaluate
 
     classes = ("a", "b")
     truth = torch.zeros(2, 2, 4, 4, dtype=torch.uint8)
@@ -298,8 +302,8 @@ def test_the_log_names_the_settings_that_differ_from_the_defaults(demo_dir, tiny
 def test_the_training_process_keeps_no_run_length_codes_once_the_cache_holds_the_masks(demo_dir, tmp_path):
     import contextlib
 
-    from adapters import get_adapter
-    from trainer import load_data
+    from giseg.data.registry import get_adapter
+    from giseg.training.build import load_data
 
     class OneProcess:
         def local_main_process_first(self):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from tune import Tuner, Volume, start_decisions
+from giseg.evaluation.tuning import Tuner, Volume, start_decisions
 
 CLASSES = ("a", "b")
 
@@ -15,7 +15,7 @@ def _ball(shape, centre, r):
 
 
 def _start():
-    from inference import InferenceSpec
+    from giseg.inference.spec import InferenceSpec
 
     spec = InferenceSpec("gi", "multilabel", CLASSES, 64, 1, 2, (0, 0, 0), (1, 1, 1), (0.5, 0.5))
     return start_decisions(spec)

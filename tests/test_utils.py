@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from utils import (FolderLock, UserError, atomic_dir, atomic_write_text, command, recover_replaced, replace_dir,
-                   storage_guard)
+from giseg.utils import (FolderLock, UserError, atomic_dir, atomic_write_text, command, current_umask, recover_replaced,
+                         replace_dir, storage_guard)
 
 
 def _folder(path, text):
@@ -45,15 +45,17 @@ def test_replace_dir_when_only_the_old_copy_survived(tmp_path):
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
-def test_outputs_get_the_umask_modes_not_owner_only(tmp_path, monkeypatch, umask, file_mode, dir_mode):
-    import utils
-
-    monkeypatch.setattr(utils, "UMASK", umask)  # (read from the process once, at import)
-    atomic_write_text(tmp_path / "a.json", "{}")
-    with atomic_dir(tmp_path / "folder") as tmp:
-        (tmp / "x").write_text("1")
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == file_mode  # tempfile alone gives 0600 / 0700
-    assert (tmp_path / "folder").stat().st_mode & 0o777 == dir_mode
+def test_outputs_get_the_umask_modes_not_owner_only(tmp_path, umask, file_mode, dir_mode):
+    previous = os.umask(umask)  # the process's own umask, as a user's shell sets it
+    try:
+        assert current_umask() == umask
+        atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("1")
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == file_mode  # tempfile alone gives 0600 / 0700
+        assert (tmp_path / "folder").stat().st_mode & 0o777 == dir_mode
+    finally:
+        os.umask(previous)
 
 
 def test_atomic_write_leaves_the_old_file_when_it_fails(tmp_path, monkeypatch):

@@ -5,11 +5,13 @@ import nbformat
 import numpy as np
 import pytest
 
-import visualise as vis
+from giseg.commands.figures import main as figures_main
+from giseg.evaluation import figures as vis
 from conftest import ROOT
-from adapters import DATASETS
-from data import build_index
-from trainer import TrainConfig, train
+from giseg.data.registry import DATASETS
+from giseg.data.gi import build_index
+from giseg.training.config import TrainConfig
+from trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +112,11 @@ def test_multiclass_run_predictions_have_organ_channels(demo_dir, tiny_models, t
 
 
 def test_a_folder_that_is_no_run_or_has_no_best_model_is_one_line(run_dir, tmp_path, capsys):
-    assert vis.main(["--run_dir", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    assert figures_main(["--run_dir", str(tmp_path), "--out", str(tmp_path / "f")]) == 2
     assert "is not a run folder (no run_config.json)" in capsys.readouterr().err
     early = tmp_path / "early"
     early.mkdir()
     (early / "run_config.json").write_text((run_dir / "run_config.json").read_text())  # started, not yet evaluated
-    assert vis.main(["--run_dir", str(early), "--out", str(tmp_path / "f")]) == 2
+    assert figures_main(["--run_dir", str(early), "--out", str(tmp_path / "f")]) == 2
     err = capsys.readouterr().err
     assert "has no best/ model yet" in err and "Traceback" not in err

@@ -1,0 +1,34 @@
+"""One Markdown row per run, to compare models on one table.
+
+    giseg compare runs/*
+
+Columns: run, model, parameters, epochs run, per-class and mean Dice of the best evaluation (per slice, the run's
+--empty_dice rule), the competition score when the run has val_scores.json (trainer.py --final_eval or score.py
+--json into the run folder), and the median training images/s from its log.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from giseg.evaluation.compare import NotComparable, markdown, summarise_run
+from giseg.utils import UserError, command
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="giseg compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py)")
+    args = ap.parse_args(argv)
+    rows = []
+    for folder in args.runs:
+        try:
+            rows.append(summarise_run(Path(folder)))
+        except NotComparable as e:
+            print(f"left out {folder}: {e}", file=sys.stderr)
+    if not rows:
+        raise UserError("none of the given folders is a run with an evaluation (run_config.json + metrics.jsonl + "
+                        "best/)")
+    print(markdown(rows))
+    return 0

@@ -1,0 +1,133 @@
+"""Cross-validation: train every fold of one model, score each at original size, and write the CV table.
+
+    giseg cv --output_dir runs/cv-segformer --folds all -- --base_model <id or folder> --data_dir <folder> ...
+    giseg cv --output_dir runs/cv-segformer --parallel 2 --gpus 0,1,2,3 -- ...   # two folds at a time, 2 GPUs each
+    giseg cv --output_dir runs/cv-segformer --final_model -- ...                   # then one model on every case
+
+Everything after ``--`` goes to trainer.py (its --n_folds and --split_seed define the folds). Fold k trains in
+<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python trainer.py``, or ``accelerate launch``
+with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
+present) is kept; an interrupted one resumes from its checkpoint. Then:
+  cv_scores.json / cv_table.md  per class Dice, mean Dice, 3D Hausdorff and competition score per fold, their
+                                mean and sample standard deviation over the folds, and the out-of-fold row: every
+                                fold's validation predictions (val_submission.csv) scored together
+  oof_submission.csv            those predictions, one row per slice and class of the whole data set
+--final_model then trains <output_dir>/final on every case (trainer.py --fold -1: no validation set, best/ is the
+last epoch's model), as the 1st-place solution trained its submitted models.
+
+    giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
+
+scores an ensemble of finished CVs out of fold, with no training: fold k's models of every CV (same folds) average
+their probabilities on fold k's cases (inference.Ensemble; each with its own size, normalisation and 2.5D setting),
+and the predictions of all folds are scored as one submission (ensemble_scores.json, ensemble_submission.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from giseg.training.cv import (
+    cv_table,
+    fold_command,
+    fold_figures,
+    gpu_groups,
+    parse_folds,
+    run_fold,
+    run_in_slots,
+    score_ensemble,
+    score_out_of_fold,
+)
+from giseg.utils import UserError, atomic_write_json, atomic_write_text, command, logger, setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="giseg cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output_dir", required=True, help="the CV's folder: fold_<k>/, cv_table.md, cv_scores.json")
+    ap.add_argument("--folds", default="all", help="'all' or comma-separated folds (default all)")
+    ap.add_argument("--parallel", type=int, default=1, help="folds trained at the same time (default 1: one by one)")
+    ap.add_argument("--gpus", default=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                    help="GPU ids shared out among the --parallel folds, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES)")
+    ap.add_argument("--launcher", default="",
+                    help="command that starts trainer.py for a fold (default: python, or accelerate launch --multi_gpu "
+                         "with one process per GPU of the fold's group)")
+    ap.add_argument("--final_model", action="store_true",
+                    help="after the folds, train output_dir/final on every case (no validation set)")
+    ap.add_argument("--ensemble", nargs="+", default=None,
+                    help="no training: score the out-of-fold ensemble of these finished CV folders")
+    ap.add_argument("--weights", default=None, help="--ensemble: one weight per CV, comma-separated (default equal)")
+    ap.add_argument("--data_dir", default=None, help="--ensemble: the data the CVs were trained on")
+    ap.add_argument("--cache_dir", default="cache", help="--ensemble: decode-once cache folder (default cache)")
+    ap.add_argument("--num_workers", type=int, default=2, help="--ensemble: data-loader workers (default 2)")
+    return ap
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    own, trainer_args = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if args.ensemble:
+        if not args.data_dir:
+            raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
+        from giseg.commands.options import parse_weights
+
+        setup_logging(True)
+        score_ensemble([Path(d) for d in args.ensemble], args.data_dir, Path(args.output_dir),
+                       parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers)
+        return 0
+    from giseg.training.config import parse_config, validate_config
+
+    forbidden = [a for a in trainer_args if a.split("=")[0] in ("--fold", "--output_dir")]
+    if forbidden:
+        raise UserError(f"{forbidden[0]}: cv.py sets each fold's --fold and --output_dir itself; pass --folds and "
+                        "--output_dir before the --")
+    cfg = parse_config(trainer_args)
+    validate_config(cfg)
+    folds = parse_folds(args.folds, cfg.n_folds)
+    if args.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {args.parallel}")
+    cv_dir = Path(args.output_dir)
+    cv_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(True, cv_dir / "cv.log")
+    logger.info("cross-validation of %s on %s: folds %s of %d (split seed %d) in %s", cfg.base_model, cfg.data_dir,
+                ",".join(map(str, folds)), cfg.n_folds, cfg.split_seed, cv_dir)
+    atomic_write_json(cv_dir / "cv_config.json", {"folds": folds, "n_folds": cfg.n_folds, "trainer_args": trainer_args,
+                                                  "parallel": args.parallel, "final_model": args.final_model})
+    todo = [k for k in folds if not (cv_dir / f"fold_{k}" / "val_scores.json").is_file()]
+    for k in sorted(set(folds) - set(todo)):
+        logger.info("fold %d: finished before (val_scores.json), kept", k)
+    groups = gpu_groups(args.gpus, args.parallel)
+
+    def train_fold(k: int, gpus: list[str]) -> None:
+        out = cv_dir / f"fold_{k}"
+        run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
+
+    run_in_slots(todo, groups, train_fold)
+
+    from giseg.data.hf import dataset_options
+    from giseg.data.registry import get_adapter
+
+    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
+    rows = fold_figures(cv_dir, folds)
+    oof = score_out_of_fold(cv_dir, folds, cfg.data_dir, adapter, cfg.empty_dice) if folds == list(
+        range(cfg.n_folds)) else None
+    summary, table = cv_table(rows, adapter.classes, oof)
+    atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})
+    atomic_write_text(cv_dir / "cv_table.md", table + "\n")
+    for line in table.splitlines():
+        logger.info("cv | %s", line)
+    logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", summary["mean"]["score"],
+                summary["sd"]["score"], summary["mean"]["dice_mean"], summary["sd"]["dice_mean"], len(rows),
+                cv_dir / "cv_table.md")
+    if args.final_model:
+        out = cv_dir / "final"  # (a finished one is resumed at its last step: nothing to do)
+        run_fold(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
+    return 0

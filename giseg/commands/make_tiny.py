@@ -1,0 +1,33 @@
+"""Save a small random model of a real architecture (150 ADE-like labels), for offline tries and the tests.
+
+    giseg make-tiny --family segformer --out demo/models/tiny-segformer [--width 2] [--seed 0]
+
+The folder is a ``save_pretrained`` folder of the family's own class (SegFormer, UperNet-ConvNeXt, DPT, BEiT,
+Mask2Former) with an image-processor config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+
+from giseg.utils import command, quiet_third_party
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from giseg.models.tiny import TINY_CONFIGS  # transformers (1.8 s): not for `giseg --help`
+
+    ap = argparse.ArgumentParser(prog="giseg make-tiny", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", required=True, choices=sorted(TINY_CONFIGS), help="architecture family")
+    ap.add_argument("--out", required=True, help="folder to write")
+    ap.add_argument("--width", type=int, default=1, help="channel multiplier (default 1)")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> None:
+    from giseg.models.tiny import make_tiny
+
+    args = build_parser().parse_args(argv)
+    quiet_third_party()  # no "Writing model shards" progress bar
+    print(make_tiny(args.family, args.out, args.width, args.seed))

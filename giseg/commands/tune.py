@@ -1,0 +1,153 @@
+"""Tune per-class thresholds, empty-slice gates and 3D post-processing on validation data; save them with the model.
+
+    giseg tune --model runs/<name>/best --data_dir <folder>          # the model's own validation fold
+    giseg tune --cv runs/<cv> --data_dir <folder>                    # out of fold: each fold's best/ on its cases
+    giseg tune --cv runs/<cv1> runs/<cv2> --out ens.json ...         # their fold-by-fold ensemble, out of fold
+    giseg tune --model runs/a/best runs/b/best --out ens.json ...    # an ensemble (members share a split)
+
+For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
+score.py figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
+from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
+then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
+voxels. It starts from the untuned decisions
+(threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
+rule for post-processing), so the result never scores below the start on the data it was tuned on.
+
+The choices go into the inference spec of every tuned model folder (predict.py, the app and visualise.py use them;
+predict.py --thresholds still overrides), or into --out for an ensemble (predict.py --tuned). tuning.json and
+tuning.md (before/after, per class) are written beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from giseg.data.folds import split_by_case
+from giseg.data.registry import get_adapter
+from giseg.evaluation.metrics import EMPTY_RULES
+from giseg.evaluation.tuning import (
+    SEARCH,
+    Tuner,
+    as_spec_values,
+    collect_volumes,
+    cv_folds,
+    report_markdown,
+    start_decisions,
+)
+from giseg.inference.ensemble import Ensemble
+from giseg.inference.spec import InferenceSpec
+from giseg.utils import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    command,
+    logger,
+    quiet_third_party,
+    setup_logging,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="giseg tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    who = ap.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", nargs="+", help="a model folder (runs/<name>/best), or several: an ensemble")
+    who.add_argument("--cv", nargs="+", help="a cv.py run folder: every fold's best/ on its own validation cases (out "
+                                             "of fold); several: their fold-by-fold ensemble (needs --out)")
+    ap.add_argument("--data_dir", required=True, help="the data the models were trained on (their folds are inside)")
+    ap.add_argument("--weights", default=None, help="ensemble weights, comma-separated (default: equal)")
+    ap.add_argument("--out", default=None,
+                    help="write the tuned values here (JSON for predict.py --tuned) instead of into the model specs; "
+                         "needed for an ensemble")
+    ap.add_argument("--search", default=",".join(SEARCH),
+                    help=f"which steps to search, comma-separated (default {','.join(SEARCH)}); the others stay "
+                         "untuned (e.g. thresholds,gates: no post-processing)")
+    ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES, help="Dice of empty/empty pairs (default 1)")
+    ap.add_argument("--cache_dir", default="cache", help="decode-once cache folder (default cache)")
+    ap.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default 16)")
+    ap.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
+                    help="autocast on GPU (default bf16; ignored on CPU)")
+    ap.add_argument("--num_workers", type=int, default=2, help="data-loader workers (default 2)")
+    ap.add_argument("--workers", type=int, default=0, help="threads scoring volumes (default: one per core)")
+    return ap
+
+
+def tune(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.cv:
+        per_cv = [cv_folds(Path(c)) for c in args.cv]
+        folds = [[f.parent.name for f in fs] for fs in per_cv]
+        if any(f != folds[0] for f in folds):
+            raise UserError(f"--cv: the folders hold different folds ({folds}); an ensemble needs the same ones")
+        groups = [list(g) for g in zip(*per_cv)]  # fold k's model(s) predict fold k's validation cases
+        folders = [f for g in groups for f in g]
+        if len(per_cv) > 1 and not args.out:
+            raise UserError("tuning an ensemble of several CVs needs --out <file.json>; predict.py --tuned uses it")
+    else:
+        folders = [Path(m) for m in args.model]
+        groups = [folders]
+        if len(folders) > 1 and not args.out:
+            raise UserError("tuning an ensemble needs --out <file.json> (its members' own specs stay as they are); "
+                            "predict.py --tuned <file.json> then uses it")
+    weights = None
+    if args.weights:
+        from giseg.commands.options import parse_weights
+        weights = parse_weights(args.weights, len(groups[0]))
+    volumes, spec, adapter, index = [], None, None, None
+    for group in groups:
+        model = Ensemble.load(group, device, weights)
+        if spec is None:
+            spec = model.spec
+            adapter = get_adapter(spec.dataset, f"--model {group[0]}").bind(args.data_dir, spec.dataset_options or {},
+                                                                            spec.classes)
+            index = adapter.build_index(args.data_dir)
+        splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
+        if len(splits) > 1 or model.spec.split is None:
+            raise UserError(f"--model {group[0]}: the members must share a known training split to be tuned on its "
+                            f"validation cases, got {sorted(splits)}")
+        s = model.spec.split
+        _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
+        logger.info("predicting %d validation slices (fold %d/%d) with %s", len(rows), s["fold"], s["n_folds"],
+                    ", ".join(map(str, group)))
+        volumes += collect_volumes(model, adapter, index, rows, args.cache_dir, args.batch_size, args.mixed_precision,
+                                   args.num_workers)
+    search = tuple(s for s in args.search.split(",") if s)
+    if not search or set(search) - set(SEARCH):
+        raise UserError(f"--search takes steps of {SEARCH}, comma-separated; got {args.search!r}")
+    tuner = Tuner(volumes, spec.task, spec.classes, args.empty_dice, args.workers or os.cpu_count() or 1, search)
+    chosen, before, after = tuner.search(start_decisions(spec))
+    values = as_spec_values(chosen, spec.task)
+    source = (f"out-of-fold validation of {', '.join(args.cv)}" if args.cv else
+              f"validation of {', '.join(map(str, folders))}")
+    report = {"source": source, "models": [str(f) for f in folders], "weights": weights, "decisions": values,
+              "search": list(search),
+              "before": before, "after": after, "candidates_scored": tuner.evaluated, "empty_dice": args.empty_dice}
+    if args.out:
+        out = Path(args.out)
+        atomic_write_json(out, report)
+        atomic_write_text(out.with_suffix(".md"), report_markdown(spec.classes, chosen, before, after, spec.task, source))
+    else:
+        for folder in folders:
+            tuned = dataclasses.replace(InferenceSpec.load(folder), **values)
+            tuned.save(folder)
+        where = Path(args.cv[0]) if args.cv else folders[0].parent
+        atomic_write_json(where / "tuning.json", report)
+        atomic_write_text(where / "tuning.md", report_markdown(spec.classes, chosen, before, after, spec.task, source))
+    logger.info("tuned on %d slices in %d volumes (%d candidates scored): score %.4f -> %.4f, mean Dice %.4f -> %.4f, "
+                "Hausdorff %.4f -> %.4f; saved in %s", before["n_slices"], before["n_volumes"], tuner.evaluated,
+                before["score"], after["score"], before["dice_mean"], after["dice_mean"], before["hausdorff"],
+                after["hausdorff"], args.out or ", ".join(f"{f}/inference_spec.json" for f in folders))
+    return report
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(True)
+    quiet_third_party()
+    tune(args)
+    return 0

@@ -1,0 +1,129 @@
+"""(from adapters.py, py)"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from giseg.data.masks import pack_masks
+from giseg.utils import UserError
+
+_warned_formats: set[str] = set()
+
+def read_scan(path: str | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
+    """Read a scan as a (H, W) array of its raw intensities (uint16 for the competition's 16-bit PNGs).
+
+    8-bit and RGB scans are accepted with a one-time warning (RGB is converted to gray); a file that does not
+    decode, or whose size disagrees with its file name, raises UserError.
+    """
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise UserError(f"{path}: cannot decode the image (corrupt or truncated PNG?); re-copy the file")
+    if img.ndim == 3:
+        if "rgb" not in _warned_formats:
+            warnings.warn(f"{path}: colour scan converted to gray (expected 16-bit grayscale); further ones silently",
+                          stacklevel=2)
+            _warned_formats.add("rgb")
+        img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    if img.dtype == np.uint8 and "8bit" not in _warned_formats:
+        warnings.warn(f"{path}: 8-bit scan (expected 16-bit); intensities are normalised per slice so it still "
+                      "works; further ones silently", stacklevel=2)
+        _warned_formats.add("8bit")
+    if (width is not None and img.shape[1] != width) or (height is not None and img.shape[0] != height):
+        raise UserError(f"{path}: image is {img.shape[1]} wide x {img.shape[0]} high but its name says "
+                        f"{width} x {height}")
+    return img
+
+
+def hash_files(h, paths) -> str:
+    """Add each file's path, size and modification time to the hash ``h``; return its hex digest."""
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+class DatasetAdapter:
+    """Base of the adapters; subclasses set the attributes and implement the four readers/writers."""
+    name: str
+    description: str  # one line for --help
+    classes: tuple[str, ...]
+    priority: tuple[str, ...]  # --task multiclass: where classes overlap, the first of these wins
+    colours: dict[str, str]  # class -> colour name (matplotlib / CSS), used by figures and the app
+    volume_columns: tuple[str, ...] = ("case", "day")
+
+    def build_index(self, data_dir: str | Path, split: str | None = None,
+                    require_labels: bool = True) -> pd.DataFrame:
+        """The slice index of ``data_dir`` (``split``: a sub-folder, where the layout has several)."""
+        raise NotImplementedError
+
+    def read_image(self, row) -> np.ndarray:
+        """One index row's raw (H, W) image."""
+        raise NotImplementedError
+
+    def read_masks(self, row) -> np.ndarray:
+        """One labelled index row's (C, H, W) uint8 0/1 masks, at the image's size."""
+        raise NotImplementedError
+
+    def make_demo(self, out_dir: str | Path) -> Path:
+        """Write a small deterministic dataset in this layout; return its folder."""
+        raise NotImplementedError
+
+    # ---- with defaults that suit most datasets
+    options: dict = {}  # the --image_column, --label_column, --reduce_labels, --hf_split values it was bound with
+
+    def bind(self, data_dir: str | Path | None, options: dict | None = None,
+             classes: tuple[str, ...] | None = None) -> "DatasetAdapter":
+        """The adapter for the data in ``data_dir`` read with ``options`` (dataset_options): the same object for
+        a dataset whose classes are fixed; a new one for a generic format whose classes come with the data (or
+        ``classes``, a model's, when there is no data, as in the app)."""
+        return self
+
+    def read_packed(self, row) -> np.ndarray:
+        """One labelled row's (H, W) uint8 packed masks (masks.pack_masks; bit 7 set where unlabelled)."""
+        return pack_masks(self.read_masks(row))
+
+    def ignored(self, row) -> np.ndarray | None:
+        """(H, W) bool: pixels of a labelled row that the ground truth leaves unlabelled (None: none are)."""
+        return None
+
+    @property
+    def may_have_unlabelled(self) -> bool:
+        """Whether ``read_packed`` may set the ignore bit (then the loss leaves those pixels out)."""
+        return False
+
+    def has_labels(self, index: pd.DataFrame) -> bool:
+        """Whether ``index`` carries ground truth (a test layout does not)."""
+        return True
+
+    def without_labels(self, index: pd.DataFrame) -> pd.DataFrame:
+        """``index`` without the ground-truth columns that the decode-once cache has made redundant (a training
+        process keeps only what it reads again; nothing for most layouts)."""
+        return index
+
+    def presence(self, index: pd.DataFrame) -> pd.DataFrame:
+        """(slices x classes) booleans: does the ground truth show the class?"""
+        shown = [self.read_masks(r).reshape(len(self.classes), -1).any(1) for r in index.itertuples()]
+        return pd.DataFrame(shown, columns=list(self.classes), index=index.index, dtype=bool)
+
+    def fingerprint(self, index: pd.DataFrame) -> str:
+        """What the decode-once cache depends on: the index's contents and each image file's size and time."""
+        h = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).to_numpy().tobytes())
+        return hash_files(h, index["path"])
+
+    def inference_split(self, data_dir: str | Path) -> str | None:
+        """The split predict.py reads when the user names none."""
+        return None
+
+    def read_upload(self, path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:
+        """An image file a user hands the app: (H, W) raw image and pixel spacing in mm (None: unknown)."""
+        return read_scan(path), None
+
+    def pixel_spacing(self, row) -> tuple[float, float] | None:
+        """(x, y) pixel spacing of an index row in mm, or None."""
+        return None

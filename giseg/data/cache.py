@@ -1,0 +1,195 @@
+"""Decode once: images and masks turned into arrays at the training resolution, on disk.
+
+A cache folder holds ``images.npy`` (N, S, S) float16, each slice prepared as the model sees it
+(preprocess.prepare_scan: normalised to [0, 1] and resized to S x S), and ``masks.npy`` (N, S, S) uint8 whose
+bit c is class c of the dataset adapter (masks.pack_masks), so classes that overlap stay overlapping at one byte
+per pixel. Both are opened with ``np.load(mmap_mode="r")``: every data-loader worker shares the page cache
+instead of a copy. ``manifest.json``, written last, lists each file's size and block checksums: a cache is used
+only when its sizes match (always checked) and a sample of its blocks does (every block with ``verify=True``);
+a damaged one is rebuilt with one log line. One process builds a cache at a time (a lock file beside it), after
+checking the free space and reserving the files' blocks, so a full disk is an error message and not SIGBUS;
+an interrupted build leaves nothing that a later one uses. The folder name is a hash of everything the arrays depend on (the adapter's fingerprint of
+the index: slice ids, labels, file sizes and times; the size, the preprocessing version), so a change of any of
+them builds a new cache. Full competition data (38,496 slices) at 288 px: 38,496 * 288 * 288 * (2 + 1) bytes
+= 9.6 GB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from giseg.data.base import DatasetAdapter
+from giseg.data.preprocess import prepare_scan, resize_mask
+from giseg.utils import FolderLock, UserError, atomic_dir, logger, recover_replaced
+
+CACHE_VERSION = 2  # bump when the preprocessing below changes
+
+
+MANIFEST = "manifest.json"
+
+
+BLOCKS = 64  # checksummed blocks per file
+
+
+SAMPLED_BLOCKS = 4  # of them checked at every open (first, last and two more)
+
+
+@dataclass
+class SliceCache:
+    images: np.ndarray  # (N, S, S) float16 in [0, 1]
+    masks: np.ndarray  # (N, S, S) uint8, bit c = class c
+    path: Path
+
+
+def cache_key(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int) -> str:
+    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": image_size, "dataset": adapter.name,
+                                   "classes": adapter.classes}).encode())
+    h.update(adapter.fingerprint(index).encode())
+    return h.hexdigest()[:16]
+
+
+def _block_size(size: int) -> int:
+    return max(1 << 20, -(-size // BLOCKS))
+
+
+def _checksums(path: Path, blocks: list[int] | None = None) -> dict[int, int]:
+    """crc32 of the file's blocks (all, or the numbers in ``blocks``)."""
+    size = path.stat().st_size
+    step = _block_size(size)
+    wanted = range(-(-size // step)) if blocks is None else blocks
+    out = {}
+    with open(path, "rb") as f:
+        for b in wanted:
+            f.seek(b * step)
+            out[b] = zlib.crc32(f.read(step))
+    return out
+
+
+def write_manifest(folder: Path) -> None:
+    files = {f.name: {"size": f.stat().st_size, "crc32": list(_checksums(f).values())}
+             for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"version": CACHE_VERSION, "files": files}) + "\n")
+
+
+def check_cache(folder: Path, verify: bool = False) -> str | None:
+    """None when the cache in ``folder`` is whole, else what is wrong (one phrase). Sizes are always checked,
+    the checksums of a few blocks per file too; ``verify`` checks every block."""
+    if not folder.exists():
+        return "missing"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {MANIFEST} (unfinished build, or written by an older version)"
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != meta["size"]:
+            return f"{name} is {path.stat().st_size if path.is_file() else 'missing'}, not {meta['size']} bytes"
+        n = len(meta["crc32"])
+        blocks = None if verify else sorted({0, n - 1, n // 3, (2 * n) // 3})[:SAMPLED_BLOCKS]
+        for b, crc in _checksums(path, blocks).items():
+            if crc != meta["crc32"][b]:
+                return f"{name} block {b} of {n} does not match its checksum"
+    return None
+
+
+class _SignalsRaise:
+    """While building, SIGTERM raises SystemExit (SIGINT already raises KeyboardInterrupt), so the temporary
+    folder is removed instead of left behind. Only in the main thread, where Python allows handlers."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Allocate the file's blocks now: a full disk raises ENOSPC here instead of SIGBUS on a memory-mapped write."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder: Path, num_threads: int) -> None:
+    labelled = adapter.has_labels(index)
+    shape = (len(index), image_size, image_size)
+    need = len(index) * image_size * image_size * 3 + 64 * len(index) + (1 << 20)
+    free = shutil.disk_usage(folder.parent).free
+    if free < need:
+        raise UserError(f"--cache_dir {folder.parent}: the cache of {len(index)} slices at {image_size}px needs "
+                        f"{need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free; free space or pass a --cache_dir "
+                        "on a larger disk")
+
+    def load_one(row) -> tuple[np.ndarray, np.ndarray]:
+        image = prepare_scan(adapter.read_image(row), image_size)
+        if not labelled:
+            return image, np.zeros((image_size, image_size), np.uint8)
+        return image, resize_mask(adapter.read_packed(row), image_size)
+
+    logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
+    with _SignalsRaise(), atomic_dir(folder) as tmp:
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
+        masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
+        for name in ("images.npy", "masks.npy"):
+            _reserve(tmp / name, (tmp / name).stat().st_size)
+        threads = max(1, num_threads)
+        window = 16 * threads  # slices in flight: the memory of a build does not grow with the dataset
+        with ThreadPoolExecutor(threads) as pool:  # cv2 and numpy release the GIL
+            for start in range(0, len(index), window):
+                part = index.iloc[start:start + window].itertuples()
+                for i, (im, m) in enumerate(pool.map(load_one, part), start):
+                    images[i], masks[i] = im, m
+        images.flush()
+        masks.flush()
+        del images, masks
+        (tmp / "ids.txt").write_text("\n".join(index["id"]) + "\n")
+        write_manifest(tmp)  # last: a folder without it is never used
+    logger.info("cache ready: %.1f MB", sum(f.stat().st_size for f in folder.iterdir()) / 1e6)
+
+
+def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, cache_root: str | Path,
+                num_threads: int = 4, verify: bool = False) -> SliceCache:
+    """Open the cache of ``index`` at ``image_size`` under ``cache_root``, building it first if it is missing or
+    damaged (``verify``: check every block's checksum, not a sample). An index without labels (a test layout)
+    gets empty masks."""
+    root = Path(cache_root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--cache_dir {root} is a file; pass a folder")
+    folder = root / f"{image_size}px-{len(index)}-{cache_key(adapter, index, image_size)}"
+    problem = check_cache(folder, verify)
+    if problem is not None:
+        with FolderLock(root / f".{folder.name}.lock"):  # one builder; the others wait and then use its cache
+            recover_replaced(root, folder.name)  # leftovers of a killed build (safe: we hold the lock)
+            problem = check_cache(folder, verify)
+            if problem is not None:
+                if problem != "missing":
+                    logger.warning("cache %s is damaged (%s): rebuilding it", folder, problem)
+                _build(adapter, index, image_size, folder, num_threads)
+    cache = SliceCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
+                       folder)
+    if cache.images.shape != (len(index), image_size, image_size) or cache.masks.shape != cache.images.shape:
+        raise UserError(f"cache {folder} holds arrays of shape {cache.images.shape}, not ({len(index)}, {image_size}, "
+                        f"{image_size}); delete the folder and run again")
+    return cache

@@ -1,0 +1,441 @@
+"""Hugging Face ``datasets`` both ways: read any image-segmentation dataset (``--dataset hf``), write ours as one.
+
+In:  a ``save_to_disk`` folder, a folder ``datasets.load_dataset`` reads (parquet, ...) or a hub id (where the Hub
+     is reachable), split ``--hf_split``. Columns:
+       image            ``--image_column`` (default: ``image``, else ``pixel_values``), any PIL mode; RGB is
+                        read as luminance (the pipeline is single-channel, as MRI is), 16-bit stays 16-bit;
+       ground truth     either a label map ``--label_column`` (default: ``label``, else ``annotation``): one class
+                        index per pixel, names from ``id2label.json`` beside the data (as on the Hub); or one mask
+                        image per class, columns ``mask_<class>`` (multi-label: classes may overlap), names from
+                        the columns (ordered by ``id2label.json`` when there is one);
+       optional         ``id`` (unique), ``--case_column`` (default ``case``: the unit of the case-level folds;
+                        without one each image is its own case), ``day`` (a case's volumes), ``slice`` (order in
+                        a volume), ``spacing_x``/``spacing_y`` (mm).
+     Label maps follow the HF example's conventions: ``--reduce_labels`` turns 0 into 255 and every other value
+     v into v - 1; then 255 is unlabelled (left out of loss and metrics), a label named ``background`` and a 0
+     that id2label does not name are background, and any other value missing from id2label is an error.
+Out: ``export_dataset`` (``giseg export-hf``) writes a dataset adapter's data as a ``datasets.Dataset``
+     folder in exactly the multi-label form above, with the scans as stored (16-bit).
+
+``datasets`` is imported only here, and only when one of these functions runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from giseg.data.base import DatasetAdapter
+from giseg.data.gi import GIAdapter
+from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, unpack_masks
+from giseg.utils import UserError, atomic_dir, logger, options_of
+
+IMAGE_COLUMNS = ("image", "pixel_values")
+
+
+LABEL_COLUMNS = ("label", "annotation")
+
+
+MASK_PREFIX = "mask_"
+
+
+ID2LABEL = "id2label.json"
+
+
+IGNORE = 255
+
+
+@dataclass
+class HFOptions:
+    """How ``--dataset hf`` reads a dataset: declared once, for trainer.py (TrainConfig has these fields), giseg
+    score, and the inference spec (``dataset_options``) that predict, tune and the app read back."""
+    image_column: str = field(default="", metadata={
+        "help": "--dataset hf: the image column (default: image, else pixel_values)", "identity": True,
+        "group": "--dataset hf"})
+    label_column: str = field(default="", metadata={
+        "help": "--dataset hf: the label-map column, a class index per pixel (default: label, else annotation; "
+                "without one, mask_<class> columns are multi-label masks)", "identity": True, "group": "--dataset hf"})
+    reduce_labels: bool = field(default=False, metadata={
+        "help": "--dataset hf: label 0 becomes 255 (unlabelled: left out of loss and metrics) and every other "
+                "label v becomes v - 1, as the HF example's --do_reduce_labels", "identity": True,
+        "group": "--dataset hf"})
+    hf_split: str = field(default="train", metadata={
+        "help": "--dataset hf: the split to train on or read (folds are made inside it)", "identity": True,
+        "group": "--dataset hf"})
+    case_column: str = field(default="case", metadata={
+        "help": "--dataset hf: the column that groups images into cases for the case-level folds (without it "
+                "each image is its own case)", "identity": True, "group": "--dataset hf"})
+
+
+DEFAULT_OPTIONS = dataclasses.asdict(HFOptions())
+
+
+def dataset_options(args) -> dict:
+    """The HFOptions values of ``args`` (an argparse namespace or a TrainConfig)."""
+    return options_of(HFOptions, args)
+
+
+def import_datasets():
+    """``datasets``, with its progress bars off (they would fill a log file with carriage returns)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def load_split(source: str | Path, split: str):
+    """The ``split`` of the dataset at ``source``: a save_to_disk folder (a Dataset or a DatasetDict), another
+    folder ``load_dataset`` reads, or a hub id."""
+    datasets = import_datasets()
+
+    path = Path(source)
+    try:
+        if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(path))
+        elif path.is_dir() or "/" in str(source):
+            ds = datasets.load_dataset(str(source))
+        else:
+            raise UserError(f"--data_dir {source}: not a folder and not a hub id")
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"--data_dir {source}: not a dataset that `datasets` can read ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise UserError(f"--hf_split {split}: {source} has the splits {', '.join(ds)}")
+        ds = ds[split]
+    return ds
+
+
+def read_id2label(source: str | Path) -> dict[int, str] | None:
+    """``id2label.json`` beside the data (or in the hub repo), as {id: name}; None when there is none."""
+    path = Path(source) / ID2LABEL
+    if not path.is_file() and not Path(source).exists() and "/" in str(source):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), ID2LABEL, repo_type="dataset"))
+        except Exception:  # noqa: BLE001 -- no such file, or no Hub: the classes must come from elsewhere
+            return None
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError) as e:
+        raise UserError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}} ({e})") from None
+
+
+@dataclass
+class Layout:
+    """Which columns hold what, and how ground-truth values become packed class bits."""
+    image: str
+    classes: tuple[str, ...]
+    label: str | None = None  # a label-map column, or None
+    masks: tuple[str, ...] = ()  # the mask_<class> columns, or ()
+    lut: np.ndarray | None = None  # label value (after reduction) -> packed byte; 0xFF entries: not allowed
+    reduce_labels: bool = False
+
+    @property
+    def labelled(self) -> bool:
+        return self.label is not None or bool(self.masks)
+
+
+def make_layout(columns: list[str], source, options: dict, classes: tuple[str, ...] | None = None,
+                id2label: dict[int, str] | None = None) -> Layout:
+    """The layout of a dataset with ``columns``: image and ground-truth columns, classes and the label table.
+    ``classes`` (a trained model's) stand in when the data names none (an unlabelled split)."""
+    image = options.get("image_column") or next((c for c in IMAGE_COLUMNS if c in columns), None)
+    if image not in columns:
+        raise UserError(f"--image_column: {source} has no column {image or ' or '.join(IMAGE_COLUMNS)!r}; its "
+                        f"columns are {columns}")
+    label = options.get("label_column") or next((c for c in LABEL_COLUMNS if c in columns), None)
+    if options.get("label_column") and label not in columns:
+        raise UserError(f"--label_column {label}: {source} has no such column; its columns are {columns}")
+    mask_cols = [c for c in columns if c.startswith(MASK_PREFIX)]
+    if label is not None:
+        if id2label is None:
+            if classes is None:
+                raise UserError(f"{source}: a label map ({label!r}) needs class names: put an {ID2LABEL} "
+                                '({"0": "name", ...}) beside the data')
+            id2label = dict(enumerate(classes))
+        lut = np.full(256, 0xFF, np.uint8)
+        lut[IGNORE] = 1 << IGNORE_BIT
+        names = [n for _, n in sorted(id2label.items()) if n.lower() != "background"]
+        for i, name in id2label.items():
+            if not 0 <= i < IGNORE:
+                raise UserError(f"{ID2LABEL} of {source}: label id {i} is out of 0..254")
+            lut[i] = 0 if name.lower() == "background" else 1 << names.index(name)
+        if 0 not in id2label:
+            lut[0] = 0
+        layout = Layout(image, tuple(names), label=label, lut=lut, reduce_labels=bool(options.get("reduce_labels")))
+    elif mask_cols:
+        names = [c[len(MASK_PREFIX):] for c in mask_cols]
+        if id2label is not None:
+            ordered = [n for _, n in sorted(id2label.items())]
+            if sorted(ordered) != sorted(names):
+                raise UserError(f"{source}: {ID2LABEL} names {ordered} but the mask columns are {mask_cols}")
+            names = ordered
+        layout = Layout(image, tuple(names), masks=tuple(MASK_PREFIX + n for n in names))
+    else:
+        if classes is None:
+            raise UserError(f"{source}: no ground truth: neither a label map ({' or '.join(LABEL_COLUMNS)}, or "
+                            f"--label_column) nor {MASK_PREFIX}<class> columns among {columns}")
+        layout = Layout(image, tuple(classes))
+    if not layout.classes or len(layout.classes) > MAX_CLASSES:
+        raise UserError(f"{source}: {len(layout.classes)} classes {list(layout.classes)}; this toolkit takes 1 to "
+                        f"{MAX_CLASSES} (one bit each in its packed masks)")
+    if classes is not None and tuple(classes) != layout.classes:
+        raise UserError(f"{source}: its classes {list(layout.classes)} are not the model's {list(classes)}")
+    return layout
+
+
+def to_array(value, what: str) -> np.ndarray:
+    """A decoded image cell (PIL image, array or nested lists) as a 2D array; colour images as luminance."""
+    if hasattr(value, "mode"):  # PIL
+        if value.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "HSV") and what == "image":
+            value = value.convert("L")
+        arr = np.array(value)
+    else:
+        arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and what == "image":
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+    if arr.ndim != 2:
+        raise UserError(f"{what}: expected a 2D image, got shape {arr.shape}")
+    return arr
+
+
+def image_size(value) -> tuple[int, int]:
+    """(width, height) of an undecoded image cell ({"bytes", "path"}) from its header, or of an array."""
+    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
+        from PIL import Image
+
+        src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
+        with Image.open(src) as im:
+            return im.size
+    arr = to_array(value, "image")
+    return arr.shape[1], arr.shape[0]
+
+
+def build_hf_index(ds, layout: Layout, source, options: dict) -> pd.DataFrame:
+    """The slice index of dataset ``ds``: one row per example, columns as the adapters' contract asks."""
+    import datasets
+
+    columns = ds.column_names
+    meta = [c for c in ("id", "day", "slice", "width", "height", "spacing_x", "spacing_y") if c in columns]
+    case_col = options.get("case_column") or "case"
+    if case_col in columns:
+        meta.append(case_col)
+    table = ds.select_columns(meta).to_pandas() if meta else pd.DataFrame(index=range(len(ds)))
+    df = pd.DataFrame({"row": np.arange(len(ds))})
+    df["id"] = table["id"].astype(str) if "id" in table else df["row"].map(lambda r: f"{r:06d}")
+    if df["id"].duplicated().any():
+        raise UserError(f"{source}: column 'id' repeats {df['id'][df['id'].duplicated()].iloc[0]!r}; ids must be unique")
+    if case_col in table:
+        cases = table[case_col]
+        df["case"] = cases.astype(int) if pd.api.types.is_integer_dtype(cases) else pd.factorize(cases)[0]
+        df["case_name"] = cases.astype(str)
+    else:
+        df["case"] = df["row"]
+    if "day" in table:
+        df["day"] = table["day"].astype(int)
+    if "width" in table and "height" in table:
+        df["width"], df["height"] = table["width"].astype(int), table["height"].astype(int)
+    else:
+        cell = ds.cast_column(layout.image, datasets.Image(decode=False)) if isinstance(
+            ds.features[layout.image], datasets.Image) else ds
+        sizes = [image_size(v) for v in cell[layout.image]]
+        df["width"], df["height"] = [w for w, _ in sizes], [h for _, h in sizes]
+    for c in ("spacing_x", "spacing_y"):
+        if c in table:
+            df[c] = table[c].astype(float)
+    volume = ["case", "day"] if "day" in df else ["case"]
+    df["slice"] = table["slice"].astype(int) if "slice" in table else df.groupby(volume).cumcount()
+    df["path"] = [f"{source}#{options.get('hf_split', 'train')}/{r}" for r in df["row"]]
+    return df.sort_values([*volume, "slice"], kind="stable").reset_index(drop=True)
+
+
+class Reader:
+    """Decoded records of one dataset, the last one per thread remembered (the image and the masks of a row are
+    read one after the other by the cache builder)."""
+
+    def __init__(self, ds, layout: Layout):
+        self.ds, self.layout, self._local = ds, layout, threading.local()
+
+    def record(self, row: int) -> dict:
+        memo = getattr(self._local, "memo", None)
+        if memo is None or memo[0] != row:
+            memo = self._local.memo = (row, self.ds[int(row)])
+        return memo[1]
+
+    def image(self, row) -> np.ndarray:
+        return to_array(self.record(row.row)[self.layout.image], "image")
+
+    def packed(self, row) -> np.ndarray:
+        """(H, W) uint8: bit c for class c, bit 7 where unlabelled."""
+        rec, lay = self.record(row.row), self.layout
+        shape = (int(row.height), int(row.width))
+        if lay.label is not None:
+            lab = to_array(rec[lay.label], f"row {row.row} column {lay.label}").astype(np.int64)
+            if lay.reduce_labels:
+                lab = np.where(lab == 0, IGNORE, lab - 1)
+                lab[lab == IGNORE - 1] = IGNORE
+            if lab.min() < 0 or lab.max() > IGNORE:
+                raise UserError(f"row {row.row} column {lay.label}: label values must be 0..255, got "
+                                f"{lab.min()}..{lab.max()}")
+            packed = lay.lut[lab]
+            if (packed == 0xFF).any():
+                raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: label value(s) "
+                                f"{sorted(set(np.unique(lab[packed == 0xFF]).tolist()))} are not in {ID2LABEL} "
+                                f"(classes {list(lay.classes)}; --reduce_labels: {lay.reduce_labels})")
+        else:
+            packed = np.zeros(shape, np.uint8)
+            for c, col in enumerate(lay.masks):
+                m = to_array(rec[col], f"row {row.row} column {col}")
+                if m.shape != shape:
+                    raise UserError(f"row {row.row} (id {row.id}) column {col}: mask {m.shape[1]}x{m.shape[0]}, "
+                                    f"image {shape[1]}x{shape[0]}")
+                packed |= (m > 0).astype(np.uint8) << c
+        if packed.shape != shape:
+            raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: label map {packed.shape[1]}x"
+                            f"{packed.shape[0]}, image {shape[1]}x{shape[0]}")
+        return packed.astype(np.uint8)
+
+
+def fingerprint(ds, index: pd.DataFrame, layout: Layout, options: dict) -> str:
+    """What a cache of this data depends on: the index, the dataset's own fingerprint and files, the options."""
+    h = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).to_numpy().tobytes())
+    h.update(json.dumps({"fp": getattr(ds, "_fingerprint", ""), "options": options, "classes": layout.classes,
+                         "files": [f.get("filename") for f in getattr(ds, "cache_files", [])]},
+                        sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- out
+def export_dataset(adapter, data_dir: str | Path, out_dir: str | Path, split: str | None = None):
+    """Write ``adapter``'s data in ``data_dir`` as a datasets folder (save_to_disk) at ``out_dir``: one row per
+    slice with the scan as stored, a ``mask_<class>`` image per class, the index's metadata; id2label.json
+    beside it (written to a temporary folder, then renamed). Returns the number of rows."""
+    datasets = import_datasets()
+    from PIL import Image
+
+    index = adapter.build_index(data_dir, split)
+    meta = [c for c in ("id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y") if c in index]
+    features = {c: datasets.Value("string" if c == "id" else "float64" if c.startswith("spacing") else "int64")
+                for c in meta}
+    features.update({"image": datasets.Image(), **{MASK_PREFIX + c: datasets.Image() for c in adapter.classes}})
+
+    def rows():
+        for row in index.itertuples():
+            masks = adapter.read_masks(row)
+            yield {**{c: getattr(row, c) for c in meta}, "image": Image.fromarray(adapter.read_image(row)),
+                   **{MASK_PREFIX + c: Image.fromarray(masks[k].astype(np.uint8) * 255)
+                      for k, c in enumerate(adapter.classes)}}
+
+    work = Path(out_dir).with_name(f".{Path(out_dir).name}.work")  # datasets' own cache while the rows are built
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(work))
+        n = len(ds)
+        with atomic_dir(out_dir) as tmp:
+            ds.save_to_disk(str(tmp))
+            (tmp / ID2LABEL).write_text(json.dumps({str(i): c for i, c in enumerate(adapter.classes)}, indent=1) + "\n")
+        del ds
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("exported %d slices of %s (%s) to %s", n, data_dir, adapter.name, out_dir)
+    return n
+
+
+class HFAdapter(DatasetAdapter):
+    """Any image-segmentation dataset in Hugging Face ``datasets`` form (py says which columns). Its
+    classes come with the data, so ``bind`` returns an adapter for one dataset and one set of options."""
+    name = "hf"
+    description = ("any image-segmentation dataset in Hugging Face `datasets` form: a save_to_disk folder, a "
+                   "parquet folder or a hub id (py; --image_column, --label_column, --reduce_labels, "
+                   "--hf_split, --case_column)")
+    classes = ()
+    priority = ()
+    colours = {}
+    volume_columns = ("case",)
+    PALETTE = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange")
+
+    def __init__(self, source=None, options=None, layout=None, ds=None):
+        self.source, self.options = source, {**DEFAULT_OPTIONS, **(options or {})}
+        self.layout, self._ds, self._reader = layout, ds, None
+        if layout is not None:
+            self.classes = self.priority = layout.classes
+            self.colours = dict(zip(layout.classes, self.PALETTE))
+
+    def bind(self, data_dir, options=None, classes=None):
+        options = {**DEFAULT_OPTIONS, **(options or {})}
+        if data_dir is None:
+            return HFAdapter(None, options, Layout(options["image_column"] or "image", tuple(classes or ())))
+        ds = load_split(data_dir, options["hf_split"])
+        layout = make_layout(ds.column_names, data_dir, options, classes, read_id2label(data_dir))
+        bound = HFAdapter(str(data_dir), options, layout, ds)
+        if "day" in ds.column_names:
+            bound.volume_columns = ("case", "day")
+        return bound
+
+    def _dataset(self, data_dir=None, split=None):
+        """The bound dataset; reading other data (or another split) needs ``bind`` first."""
+        if self._ds is None:
+            raise UserError("--dataset hf: no dataset to read; the adapter is bound to one with "
+                            "adapter.bind(data_dir, options)")
+        if (data_dir is not None and str(data_dir) != self.source) or split not in (None, self.options["hf_split"]):
+            raise ValueError(f"this hf adapter reads {self.source} split {self.options['hf_split']}, not {data_dir} "
+                             f"split {split}: bind it to that data first")
+        return self._ds
+
+    def build_index(self, data_dir, split=None, require_labels=True):
+        ds = self._dataset(data_dir, split)
+        if require_labels and not self.layout.labelled:
+            raise UserError(f"--data_dir {data_dir}: split {self.options['hf_split']} has no ground truth column")
+        return build_hf_index(ds, self.layout, data_dir, self.options)
+
+    def reader(self):
+        if self._reader is None:
+            self._reader = Reader(self._dataset(), self.layout)
+        return self._reader
+
+    def read_image(self, row):
+        return self.reader().image(row)
+
+    def read_packed(self, row):
+        return self.reader().packed(row)
+
+    def read_masks(self, row):
+        return unpack_masks(self.read_packed(row), len(self.classes))
+
+    @property
+    def may_have_unlabelled(self):
+        return self.layout is not None and self.layout.label is not None
+
+    def ignored(self, row):
+        if self.layout.label is None:
+            return None
+        return ((self.read_packed(row) >> IGNORE_BIT) & 1).astype(bool)
+
+    def has_labels(self, index):
+        return self.layout is not None and self.layout.labelled
+
+    def fingerprint(self, index):
+        return fingerprint(self._dataset(), index, self.layout, self.options)
+
+    def make_demo(self, out_dir):
+        out = Path(out_dir)
+        if not (out / ID2LABEL).is_file():
+            gi = GIAdapter()
+            export_dataset(gi, gi.make_demo(out.with_name(out.name + "-kaggle")), out)
+        return out
+
+    def pixel_spacing(self, row):
+        x, y = getattr(row, "spacing_x", None), getattr(row, "spacing_y", None)
+        return None if x is None or y is None else (float(x), float(y))

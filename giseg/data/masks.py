@@ -1,0 +1,58 @@
+"""Masks packed one byte per pixel, bit c = class c, so that classes which overlap stay overlapping.
+
+The decode-once cache stores packed masks, augmentation moves them with nearest-neighbour sampling (no blended
+bit patterns), and the loss and metrics unpack them on the device. Bits 0-6 hold up to 7 classes; bit 7
+(``IGNORE_BIT``) marks pixels that the ground truth leaves unlabelled (label 255 in a label map, as in the
+Hugging Face convention): the loss and the metrics leave them out.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_CLASSES = 7
+
+
+IGNORE_BIT = 7
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """(C, H, W) 0/1 masks -> (H, W) uint8 with bit c set where class c is present."""
+    bits = (1 << np.arange(masks.shape[0], dtype=np.uint8))[:, None, None]
+    return (masks.astype(np.uint8) * bits).sum(axis=0, dtype=np.uint8)
+
+
+def unpack_masks(packed: np.ndarray, n_classes: int) -> np.ndarray:
+    """(..., H, W) packed uint8 -> (..., C, H, W) uint8 0/1."""
+    bits = np.arange(n_classes, dtype=np.uint8)[:, None, None]
+    return (packed[..., None, :, :] >> bits) & 1
+
+
+def classes_present(packed: np.ndarray, rows: np.ndarray, n_classes: int, chunk: int = 512) -> np.ndarray:
+    """(len(rows), C) bool: does packed mask ``rows[i]`` show class c anywhere? One OR over each slice's bytes,
+    read ``chunk`` slices at a time (``packed`` is usually the memory-mapped cache)."""
+    bits = np.concatenate([np.bitwise_or.reduce(packed[rows[i:i + chunk]].reshape(len(rows[i:i + chunk]), -1), axis=1)
+                           for i in range(0, len(rows), chunk)] or [np.zeros(0, np.uint8)])
+    return ((bits[:, None] >> np.arange(n_classes, dtype=np.uint8)) & 1).astype(bool)
+
+
+def unpack_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, H, W) packed uint8 -> (B, C, H, W) float 0/1 multi-label targets, on packed's device."""
+    bits = torch.arange(n_classes, device=packed.device, dtype=torch.uint8).view(1, -1, 1, 1)
+    return ((packed.unsqueeze(1) >> bits) & 1).float()
+
+
+def valid_pixels(packed: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) packed -> (B, 1, H, W) bool: True where the pixel is labelled (its ignore bit is clear)."""
+    return ((packed >> IGNORE_BIT) & 1).eq(0).unsqueeze(1)
+
+
+def multiclass_targets(packed: torch.Tensor, classes: tuple[str, ...], priority: tuple[str, ...]) -> torch.Tensor:
+    """(B, H, W) packed -> (B, H, W) long: 0 background, 1 + index in ``classes`` for a class.
+
+    Where classes overlap, the one that comes first in ``priority`` (the dataset adapter's) wins."""
+    out = torch.zeros(packed.shape, dtype=torch.long, device=packed.device)
+    for name in reversed(priority):  # lowest priority first, higher ones overwrite
+        c = classes.index(name)
+        out = torch.where(((packed >> c) & 1).bool(), torch.full_like(out, c + 1), out)
+    return out

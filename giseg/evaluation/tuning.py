@@ -1,0 +1,202 @@
+"""Tune per-class thresholds, empty-slice gates and 3D post-processing on validation data; save them with the model.
+
+    giseg tune --model runs/<name>/best --data_dir <folder>          # the model's own validation fold
+    giseg tune --cv runs/<cv> --data_dir <folder>                    # out of fold: each fold's best/ on its cases
+    giseg tune --cv runs/<cv1> runs/<cv2> --out ens.json ...         # their fold-by-fold ensemble, out of fold
+    giseg tune --model runs/a/best runs/b/best --out ens.json ...    # an ensemble (members share a split)
+
+For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
+score.py figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
+from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
+then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
+voxels. It starts from the untuned decisions
+(threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
+rule for post-processing), so the result never scores below the start on the data it was tuned on.
+
+The choices go into the inference spec of every tuned model folder (predict.py, the app and visualise.py use them;
+predict.py --thresholds still overrides), or into --out for an ensemble (predict.py --tuned). tuning.json and
+tuning.md (before/after, per class) are written beside them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from giseg.evaluation.metrics import hausdorff_3d, mask_stats
+from giseg.evaluation.score import figures_from_stats
+from giseg.inference.ensemble import Ensemble, group_by_volume
+from giseg.inference.postprocess import apply_rule, gate
+from giseg.inference.spec import InferenceSpec
+from giseg.utils import UserError, logger
+
+THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
+
+
+MIN_PROB = (0.0, 0.5, 0.6, 0.7, 0.8)
+
+
+MIN_AREA = (0.0, 0.0005, 0.001, 0.002, 0.005)
+
+
+MIN_VOXELS = (100, 500, 2000)  # "min:<N>": drop 3D components smaller than this, at original size
+
+
+DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess")
+
+
+SEARCH = ("thresholds", "gates", "postprocess")  # the steps of the search, in order
+
+
+@dataclasses.dataclass
+class Volume:
+    """One validation volume: class probabilities (D, C, H, W) float32 (as predict.py thresholds them: float16 moved
+    borderline pixels and the tuned score by 0.003 on the demo; 4 bytes per pixel and class of the validation set),
+    the task's base masks for multiclass (argmax; None for multilabel), the truth (D, C, H, W) bool and the
+    unlabelled pixels (D, H, W) or None."""
+    rows: np.ndarray
+    probs: np.ndarray
+    argmax: np.ndarray | None
+    truth: np.ndarray
+    ignored: np.ndarray | None
+
+
+def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndarray, cache_dir: str,
+                    batch_size: int, mixed_precision: str, num_workers: int) -> list[Volume]:
+    """The model's probabilities on ``rows`` (whole volumes, in index order) with their ground truth."""
+    task, n_classes = model.spec.task, len(model.spec.classes)
+    inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
+
+    def close(items):
+        rs = np.array([r for r, _ in items])
+        probs = np.stack([p for _, p in items])  # (D, K, H, W)
+        cls = probs if task == "multilabel" else probs[:, 1:]
+        argmax = None
+        if task == "multiclass":
+            argmax = probs.argmax(1)[:, None] == np.arange(1, n_classes + 1).reshape(1, -1, 1, 1)
+        truth = np.stack([adapter.read_masks(index.iloc[r]).astype(bool) for r in rs])
+        ign = [adapter.ignored(index.iloc[r]) for r in rs]
+        ignored = None if all(i is None for i in ign) else np.stack(
+            [i if i is not None else np.zeros(truth.shape[-2:], bool) for i in ign])
+        return Volume(rs, cls.astype(np.float32), argmax, truth, ignored)
+
+    probs = model.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, False, num_workers)
+    return [close(volume) for volume in group_by_volume(probs, index[list(adapter.volume_columns)].to_numpy())]
+
+
+class Tuner:
+    """Scores per-class decisions on a list of volumes; caches the statistics of each class's candidates."""
+
+    def __init__(self, volumes: list[Volume], task: str, classes: tuple[str, ...], empty: str, workers: int,
+                 search: tuple[str, ...] = SEARCH):
+        self.volumes, self.task, self.classes, self.empty, self.search_steps = volumes, task, classes, empty, search
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.n_slices = sum(len(v.rows) for v in volumes)
+        self.evaluated = 0
+
+    def class_masks(self, v: Volume, c: int, d: dict) -> np.ndarray:
+        """(D, H, W) masks of class ``c`` of volume ``v`` under decisions ``d`` (one class's values)."""
+        p = v.probs[:, c]
+        m = v.argmax[:, c] if self.task == "multiclass" else p > np.float32(d["thresholds"])
+        m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # predict.py's own gate
+        if d["postprocess"] != "none":
+            m = apply_rule(m, d["postprocess"])
+        if v.ignored is not None:
+            m = m & ~v.ignored
+        return m
+
+    def class_figures(self, c: int, d: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3) per-slice statistics and (V,) 3D Hausdorff of class ``c`` under ``d``, over all volumes."""
+        def one(v: Volume):
+            m = self.class_masks(v, c, d)
+            return mask_stats(m[:, None], v.truth[:, c:c + 1])[:, 0], hausdorff_3d(m, v.truth[:, c])
+
+        out = list(self.pool.map(one, self.volumes))
+        self.evaluated += 1
+        return np.concatenate([s for s, _ in out]), np.array([h for _, h in out])
+
+    def figures(self, per_class: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        stats = np.stack([s for s, _ in per_class], axis=1)  # (N, C, 3)
+        hd = np.stack([h for _, h in per_class], axis=1)  # (V, C)
+        return figures_from_stats(stats, hd, np.zeros(len(hd)), self.empty, 0.9, self.classes)
+
+    def search(self, start: list[dict]) -> tuple[list[dict], dict, dict]:
+        """Greedy per-class search from ``start`` (one dict of DECISIONS per class): (chosen, before, after)."""
+        chosen = [dict(d) for d in start]
+        current = [self.class_figures(c, d) for c, d in enumerate(chosen)]
+        before = self.figures(current)
+        best = before["score"]
+        for c, name in enumerate(self.classes):
+            grids = []
+            if self.task == "multilabel" and "thresholds" in self.search_steps:
+                grids.append([{"thresholds": t} for t in THRESHOLDS])
+            if "gates" in self.search_steps:
+                grids.append([{"min_prob": p, "min_area": a} for p in MIN_PROB for a in MIN_AREA])
+            if "postprocess" in self.search_steps:
+                grids.append([{"postprocess": "largest"}, *({"postprocess": f"min:{n}"} for n in MIN_VOXELS),
+                              {"postprocess": "none"}])
+            for grid in grids:
+                for change in grid:
+                    trial = {**chosen[c], **change}
+                    if trial == chosen[c]:
+                        continue
+                    figs = self.class_figures(c, trial)
+                    score = self.figures([figs if k == c else current[k] for k in range(len(current))])["score"]
+                    if score > best + 1e-12:
+                        best, chosen[c], current[c] = score, trial, figs
+            logger.info("tuned %s: threshold %s, min_area %g, min_prob %g, post-processing %s (score %.4f)", name,
+                        chosen[c]["thresholds"] if self.task == "multilabel" else "argmax", chosen[c]["min_area"],
+                        chosen[c]["min_prob"], chosen[c]["postprocess"], best)
+        return chosen, before, self.figures(current)
+
+
+def start_decisions(spec: InferenceSpec) -> list[dict]:
+    """The untuned decisions of a spec: its thresholds (0.5 for multiclass, unused), no gates, no post-processing."""
+    n = len(spec.classes)
+    thresholds = spec.thresholds or (0.5,) * n
+    return [{"thresholds": thresholds[c], "min_area": 0.0, "min_prob": 0.0, "postprocess": "none"} for c in range(n)]
+
+
+def as_spec_values(chosen: list[dict], task: str) -> dict:
+    """Per-class dicts -> the spec's tuples (no thresholds for multiclass)."""
+    values = {k: tuple(d[k] for d in chosen) for k in DECISIONS}
+    if task == "multiclass":
+        values["thresholds"] = ()
+    return values
+
+
+def report_markdown(classes, chosen: list[dict], before: dict, after: dict, task: str, source: str) -> str:
+    lines = [f"# Tuning on {source}", "",
+             "| class | threshold | min_area | min_prob | post-processing | Dice before | Dice after | Hausdorff before "
+             "| Hausdorff after |", "|" + " --- |" * 9]
+    for c, name in enumerate(classes):
+        d = chosen[c]
+        lines.append(f"| {name} | {d['thresholds'] if task == 'multilabel' else 'argmax'} | {d['min_area']:g} | "
+                     f"{d['min_prob']:g} | {d['postprocess']} | {before[f'dice_{name}']:.4f} | {after[f'dice_{name}']:.4f}"
+                     f" | {before[f'hausdorff_{name}']:.4f} | {after[f'hausdorff_{name}']:.4f} |")
+    lines += ["", f"score {before['score']:.4f} -> {after['score']:.4f}; mean Dice {before['dice_mean']:.4f} -> "
+                  f"{after['dice_mean']:.4f}; Hausdorff {before['hausdorff']:.4f} -> {after['hausdorff']:.4f} "
+                  f"({before['n_slices']} slices, {before['n_volumes']} volumes)", ""]
+    return "\n".join(lines)
+
+
+def cv_folds(cv_dir: Path) -> list[Path]:
+    """The fold models of a CV run folder (cv.py): fold_<k>/best, in fold order."""
+    folds = sorted(cv_dir.glob("fold_*/best"), key=lambda p: int(p.parent.name.split("_")[1]))
+    folds = [f for f in folds if f.parent.name.split("_")[1].isdigit()]
+    if not folds:
+        raise UserError(f"--cv {cv_dir}: no fold_<k>/best folders; pass a folder written by cv.py")
+    return folds
+
+
+def read_tuned(path: str | Path) -> dict:
+    """The decisions of a tune.py --out file (predict.py --tuned)."""
+    try:
+        values = json.loads(Path(path).read_text())["decisions"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--tuned {path}: not a tune.py --out file ({e})") from None
+    return {k: tuple(values[k]) for k in DECISIONS if k in values}

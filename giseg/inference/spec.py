@@ -1,0 +1,151 @@
+"""(from inference.py)"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from giseg.data.masks import MAX_CLASSES
+from giseg.inference.postprocess import POSTPROCESS, valid_rule
+from giseg.models.labels import TASKS, task_labels
+from giseg.utils import UserError, atomic_write_json
+
+SPEC_FILE = "inference_spec.json"
+SPLIT_KEYS = ("n_folds", "fold", "split_seed")
+
+
+
+
+def flag(default, help: str, check, what: str, **meta) -> dict:
+    """Metadata of a spec field that is also a training flag: TrainConfig (training/config.py) gets --<name> with
+    this default, help and choices; ``check`` (with ``what`` it must be) validates it in the spec and on the CLI."""
+    return {"flag": {"default": default, "help": help, "identity": True, "group": "model and data", "card": True,
+                     **meta}, "check": check, "what": what}
+
+
+def spec_flags() -> list[dataclasses.Field]:
+    """The spec fields that are training flags."""
+    return [f for f in dataclasses.fields(InferenceSpec) if "flag" in f.metadata]
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    """What a trained model needs to see its inputs as in training and to turn its outputs into masks."""
+    dataset: str  # the adapter's name (data/registry.py DATASETS)
+    # Fields that are also training flags ("flag": TrainConfig gets each as --<name> with this default and help; the
+    # trainer saves its value here). A new one goes at the end of the class with a default (older folders lack it).
+    task: str = field(metadata=flag(
+        "multilabel", "multilabel: a sigmoid channel per class, classes may overlap; multiclass: softmax over "
+        "background + classes, overlaps resolved by the dataset's priority (GI: stomach > large_bowel > small_bowel)",
+        lambda v: v in TASKS, f"one of {TASKS}", choices=TASKS))
+    classes: tuple[str, ...]
+    image_size: int = field(metadata=flag(
+        288, "square training size in pixels (multiple of 32)",
+        lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0, "a positive multiple of 32 (the models "
+        "downsample by 32)"))
+    context_slices: int = field(metadata=flag(
+        1, "1: the slice repeated into 3 channels; 3: 2.5D, slices -stride, 0, +stride of the same case-day; 5, 7 "
+        "...: more neighbours, the model's first layer widened to take them (its pretrained weights shared out so "
+        "that its output is unchanged for the same image in every channel)",
+        lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd number >= 1 (1, 3, 5 ...)"))
+    context_stride: int = field(metadata=flag(
+        2, "slice distance of the 2.5D neighbours", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"))
+    mean: tuple[float, ...]  # per input channel
+    std: tuple[float, ...]
+    thresholds: tuple[float, ...]  # multilabel: one probability threshold per class; multiclass: () (argmax)
+    split: dict | None = None  # the training split {"n_folds", "fold", "split_seed"}; None: not known (older folder)
+    dataset_options: dict | None = None  # how a generic adapter (hf) read the data (trainer.dataset_options)
+    # tune.py's choices per class (postprocess.py); None: off (a folder that was never tuned)
+    min_area: tuple[float, ...] | None = None  # gate: fraction of a slice's pixels below which a class is dropped
+    min_prob: tuple[float, ...] | None = None  # gate: a class whose highest probability is below it is dropped
+    postprocess: tuple[str, ...] | None = None  # per volume: "none", "largest" or "min:<voxels>" (3D components)
+
+    def __post_init__(self) -> None:
+        for name in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def problems(self) -> list[str]:
+        """What is out of range, as 'field: why' strings (empty when the spec is valid)."""
+        out = []
+        if not isinstance(self.dataset, str) or not self.dataset:
+            out.append(f"dataset: a registered dataset name, got {self.dataset!r}")
+        out += [f"{f.name}: {f.metadata['what']}, got {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                if "check" in f.metadata and not f.metadata["check"](getattr(self, f.name))]
+        if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or \
+                len(self.classes) > MAX_CLASSES:
+            out.append(f"classes: 1 to {MAX_CLASSES} names, got {list(self.classes)}")
+        channels = max(3, self.context_slices if isinstance(self.context_slices, int) else 3)
+        if len(self.mean) != channels or len(self.std) != channels or not all(s > 0 for s in self.std):
+            out.append(f"mean, std: {channels} values each (one per input channel), std > 0, got {list(self.mean)}, "
+                       f"{list(self.std)}")
+        if self.split is not None and (not isinstance(self.split, dict) or set(self.split) != set(SPLIT_KEYS)
+                                       or not all(isinstance(v, int) for v in self.split.values())):
+            out.append(f"split: null or integers {list(SPLIT_KEYS)}, got {self.split!r}")
+        if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
+            out.append(f"dataset_options: null or an object, got {self.dataset_options!r}")
+        fraction = lambda v: isinstance(v, (int, float)) and 0 <= v < 1  # noqa: E731
+        for name, ok, what in (("min_area", fraction, "fractions in [0, 1)"), ("min_prob", fraction, "values in [0, 1)"),
+                               ("postprocess", valid_rule, f"one of {POSTPROCESS}")):
+            value = getattr(self, name)
+            if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
+                out.append(f"{name}: null or one per class, {what}, got {list(value)}")
+        want = len(self.classes) if self.task == "multilabel" else 0
+        if len(self.thresholds) != want or not all(0 < t < 1 for t in self.thresholds):
+            out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
+        return out
+
+    def labels(self) -> dict[int, str]:
+        return task_labels(self.task, self.classes)
+
+    def save(self, folder: str | Path) -> None:
+        atomic_write_json(Path(folder) / SPEC_FILE, dataclasses.asdict(self))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "InferenceSpec":
+        """The spec of a model folder, checked; one UserError line naming what is missing or wrong."""
+        folder = Path(folder)
+        path = folder / SPEC_FILE
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: not valid JSON ({e})") from None
+        else:
+            raw = _legacy_spec(folder)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        got = set(raw) if isinstance(raw, dict) else set()
+        if not isinstance(raw, dict) or not fields - OPTIONAL_KEYS <= got <= fields:
+            raise UserError(f"{path}: keys must be {sorted(fields)} ({sorted(OPTIONAL_KEYS)} optional); missing "
+                            f"{sorted(fields - OPTIONAL_KEYS - got)}, unknown {sorted(got - fields)}")
+        spec = cls(**raw)
+        bad = spec.problems()
+        if bad:
+            raise UserError(f"{path}: {bad[0]}")
+        return spec
+
+
+# added after the first version of the spec (they have defaults); older files lack them
+OPTIONAL_KEYS = {f.name for f in dataclasses.fields(InferenceSpec) if f.default is not dataclasses.MISSING}
+
+
+def _legacy_spec(folder: Path) -> dict:
+    """The spec of a folder written before inference_spec.json, from its gi_* config attributes and image
+    processor; refused unless every fact is there (no silent defaults)."""
+    config, proc = folder / "config.json", folder / "preprocessor_config.json"
+    cfg = json.loads(config.read_text()) if config.is_file() else {}
+    pre = json.loads(proc.read_text()) if proc.is_file() else {}
+    needed = {"gi_task": cfg, "gi_dataset": cfg, "gi_context_slices": cfg, "gi_context_stride": cfg,
+              "id2label": cfg, "size": pre, "image_mean": pre, "image_std": pre}
+    missing = [k for k, src in needed.items() if k not in src]
+    if missing:
+        raise UserError(f"{folder}: no {SPEC_FILE} (and no complete settings of an earlier version: {missing[0]} "
+                        "missing); pass a model folder written by trainer.py, e.g. runs/<name>/best")
+    labels = tuple(cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int))
+    multiclass = cfg["gi_task"] == "multiclass"
+    classes = labels[1:] if multiclass else labels
+    return {"dataset": cfg["gi_dataset"], "task": cfg["gi_task"], "classes": classes,
+            "image_size": pre["size"].get("height"), "context_slices": cfg["gi_context_slices"],
+            "context_stride": cfg["gi_context_stride"], "mean": pre["image_mean"], "std": pre["image_std"],
+            "thresholds": () if multiclass else (0.5,) * len(classes)}  # predict.py's threshold then

@@ -1,0 +1,13 @@
+"""(from inference.py)"""
+from __future__ import annotations
+
+from giseg.utils import UserError
+
+TASKS = ("multilabel", "multiclass")
+
+
+def task_labels(task: str, classes: tuple[str, ...]) -> dict[int, str]:
+    """A model's id2label for ``task``: the classes, with background first for multiclass."""
+    if task not in TASKS:
+        raise UserError(f"--task must be one of {TASKS}, got {task!r}")
+    return dict(enumerate(classes if task == "multilabel" else ("background", *classes)))

@@ -1,0 +1,110 @@
+"""Pretrained Hugging Face segmentation models with a new head for our classes.
+
+    giseg make-tiny --family segformer --out demo/models/tiny-segformer
+
+``load_model`` calls ``AutoModelForSemanticSegmentation.from_pretrained(<hub id or folder>, id2label=...,
+ignore_mismatched_sizes=True)``: everything loads except the classifier layers of the decode head and the
+auxiliary head, which are re-initialised for our labels (and reported). ``SegmentationModel`` returns the
+auxiliary head's logits too, so they can join the loss (every parameter gets a gradient under DDP).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+
+from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from giseg.models.baselines import (  # also registers them with the Auto classes
+    BASELINE_FAMILIES,
+    BASELINES,
+    build_baseline,
+)
+from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
+from giseg.models.labels import task_labels
+from giseg.models.tiny import TINY_CONFIGS
+from giseg.models.widen import input_channels, widen_channels, widen_input
+from giseg.utils import UserError, atomic_dir
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # the transformers model
+    family: str
+    reinitialised: list[str]  # "name: old shape -> new shape"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    stats_source: str  # where mean/std came from, for the log
+
+
+def _hub_hint(name: str) -> str:
+    if Path(name).exists():
+        return ""
+    return (" If this is a hub id, the Hugging Face hub may be unreachable from here (no network, or "
+            "HF_HUB_OFFLINE=1): on a machine with network run `hf download " + name + " --local-dir <folder>` "
+            "(or from_pretrained(...).save_pretrained(<folder>)), copy the folder here and pass --base_model <folder>.")
+
+
+def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
+               trust_remote_code: bool = False, in_channels: int = 3) -> LoadedModel:
+    """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``; with
+    ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too."""
+    loaded = _load_model(base_model, task, classes, aux_weight, trust_remote_code)
+    if in_channels > 3 and input_channels(loaded.model) != in_channels:
+        layer = widen_input(loaded.model, in_channels)
+        loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
+                                    "out; same output for the same image in every channel)")
+        loaded.mean, loaded.std = widen_channels(loaded.mean, in_channels), widen_channels(loaded.std, in_channels)
+    return loaded
+
+
+def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
+                trust_remote_code: bool = False) -> LoadedModel:
+    id2label = task_labels(task, classes)
+    if base_model in BASELINES:
+        model = build_baseline(base_model, id2label)
+        return LoadedModel(model, model.config.model_type,
+                           ["all weights (a CNN baseline starts from random weights: no pretrained encoder offline)"],
+                           IMAGENET_MEAN, IMAGENET_STD, "ImageNet (a CNN baseline's choice)")
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --base_model {base_model!r}: {first}.{_hub_hint(base_model)}") from None
+    family = config.model_type
+    if family not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and family not in (*BASELINE_FAMILIES,
+                                                                                       *QUERY_FAMILIES):  # any AutoModelForSemanticSegmentation family loads
+        raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
+                        f"tested families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
+    kwargs = {}
+    if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
+        kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters
+    model, info = auto_class(family).from_pretrained(
+        base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
+        output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs)
+    reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
+    reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
+    mean, std = FAMILY_STATS.get(family, (IMAGENET_MEAN, IMAGENET_STD))
+    source = f"the {family} family's" if family in FAMILY_STATS else "ImageNet (no preprocessor config, family untested)"
+    proc_file = Path(base_model) / "preprocessor_config.json"
+    if proc_file.is_file():
+        proc = json.loads(proc_file.read_text())
+        if "image_mean" in proc and "image_std" in proc:
+            mean, std, source = proc["image_mean"], proc["image_std"], f"{proc_file}"
+    return LoadedModel(model, family, sorted(reinit), tuple(mean), tuple(std), source)
+
+
+def save_model(hf_model: nn.Module, out_dir: str | Path, spec, state_dict: dict | None = None,
+               card: str | None = None) -> None:
+    """``save_pretrained`` (safetensors), the image processor, the inference spec and the model card ``card``
+    (README.md), written atomically to ``out_dir``. ``state_dict`` overrides the model's own (the gathered one
+    under DeepSpeed / FSDP)."""
+    with atomic_dir(out_dir) as tmp:
+        hf_model.save_pretrained(tmp, state_dict=state_dict)
+        make_image_processor(spec.image_size, spec.mean, spec.std).save_pretrained(tmp)
+        spec.save(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card)

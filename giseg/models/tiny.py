@@ -1,0 +1,78 @@
+"""(from model.py)"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    BeitConfig,
+    ConvNextConfig,
+    DPTConfig,
+    Mask2FormerConfig,
+    SegformerConfig,
+    SwinConfig,
+    UperNetConfig,
+)
+
+from giseg.models.families import FAMILY_STATS, auto_class, make_image_processor
+from giseg.utils import UserError, atomic_dir
+
+ADE_LIKE_LABELS = {i: f"ade_class_{i}" for i in range(150)}
+
+
+def _tiny_segformer(id2label: dict, width: int = 1):
+    return SegformerConfig(hidden_sizes=[16 * width, 32 * width, 80 * width, 128 * width], depths=[1, 1, 1, 1],
+                           num_attention_heads=[1, 2, 5, 8], decoder_hidden_size=64 * width, id2label=id2label)
+
+
+def _tiny_upernet(id2label: dict, width: int = 1):
+    backbone = ConvNextConfig(hidden_sizes=[16 * width, 32 * width, 64 * width, 128 * width], depths=[1, 1, 2, 1],
+                              out_features=["stage1", "stage2", "stage3", "stage4"])
+    return UperNetConfig(backbone_config=backbone, hidden_size=64 * width, auxiliary_channels=32 * width,
+                         use_auxiliary_head=True, id2label=id2label)
+
+
+def _tiny_dpt(id2label: dict, width: int = 1):
+    return DPTConfig(hidden_size=64 * width, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128 * width,
+                     image_size=128, patch_size=16, backbone_out_indices=[0, 1, 2, 3],
+                     neck_hidden_sizes=[16 * width, 32 * width, 64 * width, 64 * width], fusion_hidden_size=32 * width,
+                     use_auxiliary_head=True, id2label=id2label)
+
+
+def _tiny_beit(id2label: dict, width: int = 1):
+    return BeitConfig(hidden_size=64 * width, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128 * width,
+                      image_size=128, patch_size=16, out_indices=[0, 1, 2, 3], use_relative_position_bias=True,
+                      use_auxiliary_head=True, pool_scales=[1, 2, 3, 6], auxiliary_channels=32 * width,
+                      id2label=id2label)
+
+
+def _tiny_mask2former(id2label: dict, width: int = 1):
+    backbone = SwinConfig(image_size=128, patch_size=4, embed_dim=16 * width, depths=[1, 1, 1, 1],
+                          num_heads=[1, 1, 2, 2], window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, hidden_dim=32 * width, mask_feature_size=32 * width,
+                             feature_size=32 * width, num_queries=16, encoder_layers=1, decoder_layers=3,
+                             num_attention_heads=2, dim_feedforward=64 * width, encoder_feedforward_dim=64 * width,
+                             train_num_points=1024, id2label=id2label)
+
+
+# family -> builder of a small, randomly initialised config of the real architecture
+TINY_CONFIGS: dict[str, Callable] = {"segformer": _tiny_segformer, "upernet": _tiny_upernet, "dpt": _tiny_dpt,
+                                     "beit": _tiny_beit, "mask2former": _tiny_mask2former}
+
+
+def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -> Path:
+    """Save a randomly initialised model of ``family`` with 150 ADE-like labels (so loading it for our classes
+    exercises the head replacement) plus its image processor, with ``save_pretrained``."""
+    if family not in TINY_CONFIGS:
+        raise UserError(f"unknown --family {family!r}; choose from {sorted(TINY_CONFIGS)}")
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family](ADE_LIKE_LABELS, width)
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    model = auto_class(config.model_type).from_config(config)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        mean, std = FAMILY_STATS[family]
+        make_image_processor(512, mean, std).save_pretrained(tmp)
+    return out

@@ -1,0 +1,58 @@
+"""(from model.py)"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from giseg.utils import UserError
+
+
+def channel_sources(channels: int) -> list[int]:
+    """For an input of ``channels`` slices (odd; offsets -k..k around the centre), the pretrained RGB channel each
+    one takes its weights and statistics from: 0 below the centre, 1 the centre, 2 above (3 -> [0, 1, 2])."""
+    half = channels // 2
+    return [0 if j < half else 1 if j == half else 2 for j in range(channels)]
+
+
+def widen_channels(values, channels: int) -> tuple:
+    """A 3-channel mean or std as ``channels`` values (channel_sources)."""
+    return tuple(values[src] for src in channel_sources(channels))
+
+
+def _config_with_channels(config):
+    """The config whose ``num_channels`` builds the input layer (the backbone's, for UperNet and Mask2Former)."""
+    backbone = getattr(config, "backbone_config", None)
+    return backbone if backbone is not None and hasattr(backbone, "num_channels") else config
+
+
+def input_channels(hf_model: nn.Module) -> int:
+    return int(getattr(_config_with_channels(hf_model.config), "num_channels", 3))
+
+
+def widen_input(hf_model: nn.Module, channels: int) -> str:
+    """Give the model's first 3-channel convolution ``channels`` input channels (an odd number of slices): each new
+    channel takes the pretrained weights of its source channel (channel_sources) divided by how many share them,
+    so an input with the same image in every channel (normalised with widen_channels' statistics) gives exactly
+    the 3-channel model's output; the pretrained weights are kept. Sets ``num_channels`` in the config, so the
+    saved folder loads with the Auto class. Returns the layer's name."""
+    conv = next(((name, m) for name, m in hf_model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3),
+                None)
+    if conv is None:
+        raise UserError(f"--context_slices {channels}: no 3-channel input convolution found in this "
+                        f"{hf_model.config.model_type} model to widen")
+    name, old = conv
+    src = torch.tensor(channel_sources(channels))
+    share = torch.bincount(src, minlength=3).to(old.weight.dtype)[src].view(1, -1, 1, 1)
+    new = nn.Conv2d(channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation, old.groups,
+                    old.bias is not None, old.padding_mode, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:, src] / share)
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(hf_model.get_submodule(parent) if parent else hf_model, attr, new)
+    _config_with_channels(hf_model.config).num_channels = channels
+    for m in hf_model.modules():  # embeddings that check the channel count of their input
+        if getattr(m, "num_channels", None) == 3:
+            m.num_channels = channels
+    return name

@@ -1,0 +1,233 @@
+"""(from trainer.py)"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from giseg.data.base import DatasetAdapter
+from giseg.data.cache import SliceCache, build_cache
+from giseg.data.dataset import SliceDataset
+from giseg.data.folds import split_by_case
+from giseg.data.hf import dataset_options
+from giseg.data.masks import classes_present
+from giseg.data.registry import get_adapter
+from giseg.data.volumes import check_volume_sizes, neighbour_table
+from giseg.evaluation.metrics import summarise
+from giseg.inference.spec import InferenceSpec, spec_flags
+from giseg.training.checkpoints import EMA_FILE, TrainState, read_state
+from giseg.training.config import TrainConfig
+from giseg.training.ema import WeightEMA
+from giseg.training.losses import SegmentationLoss
+from giseg.training.optim import lr_factor, make_optimizer
+from giseg.training.run_dir import OutputDir
+from giseg.utils import UserError, logger, release_memory
+
+
+# ---------------------------------------------------------------- building a run
+@dataclass
+class Data:
+    index: Any  # the adapter's slice index (pandas DataFrame)
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    cache: SliceCache
+    neighbours: np.ndarray
+
+
+@dataclass
+class Run:
+    """What train() builds once and the loop's parts share."""
+    cfg: TrainConfig
+    accelerator: Any
+    output_dir: Path
+    adapter: DatasetAdapter
+    data: Data
+    spec: InferenceSpec
+    model: torch.nn.Module  # SegmentationModel, prepared by Accelerate
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    loss_fn: SegmentationLoss
+    total_steps: int
+    state: TrainState = field(default_factory=TrainState)
+    history: list[dict] = field(default_factory=list)
+    stop: bool = False  # max_train_steps reached, or early stopping
+    query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
+    family: str = ""  # the model family (model.py), for the model cards
+    trackers: list = field(default_factory=list)  # --report_to, parsed
+    ema: WeightEMA | None = None  # --ema_decay: the average that evaluation and the saved models use
+    ema_source: torch.nn.Module | None = None  # the unwrapped model it follows
+
+
+def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
+    """Index, case-level split and decode-once cache: built by each machine's first process while the machine's
+    others wait (on a --cache_dir that several machines share, the cache's lock lets one build and the rest find
+    it)."""
+    with accelerator.local_main_process_first():
+        index = adapter.build_index(cfg.data_dir)
+        if cfg.fold == -1:  # every case trains
+            train_rows, val_rows = np.arange(len(index)), np.arange(0)
+        else:
+            train_rows, val_rows = split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
+        if cfg.final_eval:  # checked now, not after all epochs
+            check_volume_sizes(index, adapter.volume_columns, f"{cfg.data_dir} (--final_eval scores whole volumes)")
+        cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1,
+                            verify=cfg.verify_cache)
+    # the cache holds the masks now: drop the codes, and give back what reading them took (the training process and
+    # each data-loader worker forked from it would otherwise grow with the dataset)
+    index = adapter.without_labels(index)
+    release_memory()
+    neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns)
+    if cfg.fold == -1:
+        logger.info("data: %d slices, %d cases from %s (%s); --fold -1: all of them train, no validation set",
+                    len(index), index["case"].nunique(), cfg.data_dir, adapter.name)
+        return Data(index, train_rows, val_rows, cache, neighbours)
+    val_cases = sorted(index["case"].iloc[val_rows].unique())
+    logger.info("data: %d slices, %d cases from %s (%s); fold %d/%d: train %d slices (%d cases), val %d slices "
+                "(cases %s)", len(index), index["case"].nunique(), cfg.data_dir, adapter.name, cfg.fold, cfg.n_folds,
+                len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows), ",".join(map(str, val_cases)))
+    if len(val_rows) == 0 or len(train_rows) == 0:
+        raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
+    # the truth as the evaluation sees it (the cache, at --image_size): the floor is in the log's own terms
+    shown = classes_present(cache.masks, val_rows, len(adapter.classes))
+    nothing = np.stack([np.zeros_like(shown), np.zeros_like(shown), shown], axis=-1).astype(float)
+    logger.info("floor: predicting nothing scores mean Dice %.4f on this validation set (--empty_dice %s); read the "
+                "evaluations against it", summarise(nothing, cfg.empty_dice, adapter.classes)["dice_mean"],
+                cfg.empty_dice)
+    return Data(index, train_rows, val_rows, cache, neighbours)
+
+
+def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tuple[torch.nn.Module, InferenceSpec, str]:
+    """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), the inference
+    spec saved with it, and its family. Under DDP (``processes`` > 1) gradients are put in their parameters'
+    layout."""
+    from giseg.models.load import load_model
+    from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
+
+    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code,
+                        in_channels=max(3, cfg.context_slices))
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
+                cfg.task, list(loaded.model.config.id2label.values()))
+    logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
+    logger.info("input normalisation: mean %s, std %s (%s)", list(loaded.mean), list(loaded.std), loaded.stats_source)
+    spec = InferenceSpec(dataset=adapter.name, classes=adapter.classes, mean=loaded.mean, std=loaded.std,
+                         **{f.name: getattr(cfg, f.name) for f in spec_flags()},  # task, image_size, context ...
+                         thresholds=(cfg.threshold,) * len(adapter.classes) if cfg.task == "multilabel" else (),
+                         split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed},
+                         dataset_options=adapter.options or None)
+    if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
+        logger.warning("--threshold %g is ignored: a multiclass model takes the argmax over background and classes",
+                       cfg.threshold)
+    model = SegmentationModel(loaded.model)
+    frozen = freeze_unused_parameters(model)
+    if frozen:
+        logger.info("frozen %d parameter tensors the architecture never uses: %s", len(frozen),
+                    ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
+        match_gradient_layout(model)
+    if cfg.torch_compile:
+        model = torch.compile(model)
+    return model, spec, loaded.family
+
+
+def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
+    from giseg.data.augment import train_transform
+
+    rows, pool, draws = data.train_rows, None, 0
+    if cfg.empty_slice_fraction >= 0:
+        shown = classes_present(data.cache.masks, data.train_rows, len(spec.classes)).any(1)
+        rows, pool = data.train_rows[shown], data.train_rows[~shown]
+        f = cfg.empty_slice_fraction
+        draws = min(len(pool), round(f / (1 - f) * len(rows)))
+        logger.info("training slices per epoch: the %d that show a class + %d of the %d organ-free ones, drawn anew "
+                    "each epoch (--empty_slice_fraction %g; the data has %.1f%% organ-free)", len(rows), draws,
+                    len(pool), f, 100 * len(pool) / max(1, len(data.train_rows)))
+        if len(rows) + draws == 0:
+            raise UserError("--empty_slice_fraction: no training slice shows a class; use -1")
+    train_ds = SliceDataset(data.cache, rows, data.neighbours, train_transform(cfg.image_size, cfg.strong_aug, cfg.seed),
+                            spec.mean, spec.std, cfg.seed, draw_from=pool, draws=draws)
+    val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std) \
+        if len(data.val_rows) else None
+    workers = cfg.num_workers
+    if workers < 0:
+        workers = min(8, (os.cpu_count() or 1) // processes) if device.type == "cuda" else 0
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda",
+                     persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    # each loader draws its iterators' seeds from its own generator, not from the global RNG that dropout uses: a
+    # run resumed mid-epoch (a new iterator after the RNG state was restored) then replays the same dropout masks
+    train_dl = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train_batch_size, shuffle=True,
+                                           drop_last=len(train_ds) >= 2 * cfg.train_batch_size,
+                                           generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+    val_dl = torch.utils.data.DataLoader(val_ds, batch_size=cfg.eval_batch_size, shuffle=False,
+                                         generator=torch.Generator().manual_seed(cfg.seed), **loader_kw) \
+        if val_ds is not None else None
+    return train_dl, val_dl
+
+
+def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
+    """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``out.resume``."""
+    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
+    data = load_data(cfg, adapter, accelerator)
+    model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
+    train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
+    optimizer = make_optimizer(cfg, model, accelerator.device)
+    if val_dl is not None:
+        model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
+    else:  # --fold -1
+        model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
+    accelerator.register_for_checkpointing(scheduler)
+    loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
+                               loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
+                               tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
+    run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
+              total_steps, state=TrainState(run_id=out.run_id))
+    run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
+    run.family = family
+    if cfg.ema_decay:
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            raise UserError(f"--ema_decay is not supported with {accelerator.distributed_type.value} (sharded "
+                            "weights); use DDP, or leave it at 0")
+        run.ema_source = accelerator.unwrap_model(model)
+        run.ema = WeightEMA(run.ema_source, cfg.ema_decay)
+        logger.info("EMA of the weights: decay %g after every optimizer step; evaluation, best/ and last/ use it",
+                    cfg.ema_decay)
+    if out.resume is not None:
+        accelerator.load_state(str(out.resume))
+        if run.ema is not None:
+            if not (out.resume / EMA_FILE).is_file():
+                raise UserError(f"{out.resume}: no {EMA_FILE} (the run had no --ema_decay?); resume with its settings")
+            run.ema.load(out.resume / EMA_FILE)
+        run.state = read_state(out.resume)
+        run.state.run_id = out.run_id  # (a checkpoint of an older version has none)
+        metrics_file = run.output_dir / "metrics.jsonl"
+        if metrics_file.exists():  # the evaluations this state knows of; later rows (written after it) are redone
+            run.history = [r for r in map(json.loads, metrics_file.read_text().splitlines())
+                           if r["step"] <= run.state.evaluated_step]
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", out.resume,
+                    run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
+    logger.info("training: %d epochs x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
+                cfg.epochs, steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
+                cfg.gradient_accumulation_steps, cfg.lr, cfg.scheduler_name)
+    run.stop = run.state.global_step >= total_steps
+    return run
+
+
+def launched_without_accelerator() -> bool:
+    """Several processes (torchrun, ``accelerate launch`` with a multi-GPU config) on a machine with no GPU or
+    other accelerator: Accelerate must be told to use the CPU (gloo), or each process would train alone."""
+    accel = getattr(torch, "accelerator", None)
+    available = accel.is_available() if accel is not None else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not available

@@ -1,0 +1,115 @@
+"""(from trainer.py)"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from giseg.training.ema import WeightEMA
+from giseg.utils import UserError, atomic_write_json, atomic_write_text, replace_dir, storage_guard
+
+
+# ---------------------------------------------------------------- checkpoints
+@dataclass
+class TrainState:
+    """Where a run stands; saved as trainer_state.json in every checkpoint."""
+    run_id: str = ""  # the run's identity (run_config.json has the same); "" in checkpoints of older versions
+    global_step: int = 0
+    epoch: int = 0  # the epoch in progress (0-based)
+    batches_in_epoch: int = 0  # batches of that epoch already trained
+    epoch_loss_sum: float = 0.0  # their training losses, summed (averaged over processes)
+    evaluated_step: int = 0  # the step of the last evaluation whose record is in metrics.jsonl (0: none)
+    best_dice: float = -1.0
+    best_step: int = -1
+
+
+STATE_FILE = "trainer_state.json"
+
+
+EMA_FILE = "ema.safetensors"  # --ema_decay: the average, in every resumable state
+
+
+RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    found = (p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name))
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def checkpoint_problem(path: Path, run_id: str) -> str | None:
+    """None when ``path`` is a complete checkpoint of run ``run_id``, else what is wrong with it."""
+    try:
+        raw = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return f"no readable {STATE_FILE}"
+    files = raw.get("files")
+    if not isinstance(files, dict):
+        if run_id:  # checkpoints of older versions carry neither a file list nor a run id
+            return f"{STATE_FILE} has no file list"
+        files = {}
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is {'missing' if not f.is_file() else 'truncated'}"
+    if run_id and raw.get("run_id") != run_id:
+        return f"it belongs to run {raw.get('run_id') or '(unknown)'}, not to run {run_id} of this output_dir"
+    return None
+
+
+def read_state(path: Path) -> TrainState:
+    raw = json.loads((path / STATE_FILE).read_text())
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    raw.setdefault("evaluated_step", raw["global_step"])  # older versions kept the metrics rows up to the state's step
+    return TrainState(**{k: v for k, v in raw.items() if k in known})
+
+
+def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) -> Path | None:
+    """'latest' -> the newest complete checkpoint of run ``run_id`` under output_dir/checkpoints (None if there is
+    none; incomplete ones are skipped with a note); otherwise the given folder, which must be one."""
+    if spec == "latest":
+        for path in reversed(_step_dirs(output_dir / "checkpoints")):
+            problem = checkpoint_problem(path, run_id)
+            if problem is None:
+                return path
+            notes.append(f"skipped checkpoint {path}: {problem}")
+        return None
+    path = Path(spec)
+    problem = checkpoint_problem(path, run_id) if path.is_dir() else "not a folder"
+    if problem is not None:
+        raise UserError(f"--resume_from_checkpoint {spec}: {problem}; use 'latest' or a complete folder under "
+                        f"{output_dir / 'checkpoints'}")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
+                    ema: WeightEMA | None = None) -> Path:
+    """Accelerator state + trainer_state.json (with the size of every file, so an incomplete copy is never used)
+    to checkpoints/step_<N>, via a temporary folder and utils.replace_dir; older ones beyond ``keep`` are removed
+    only after this one is complete."""
+    root = output_dir / "checkpoints"
+    final = root / f"step_{state.global_step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    with storage_guard(tmp, "a resumable state"):
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(tmp / EMA_FILE)
+        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        atomic_write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
+        replace_dir(tmp, final)
+        if not (output_dir / RESUMABLE_MARK).exists():
+            atomic_write_text(output_dir / RESUMABLE_MARK, f"{state.run_id}\n")
+        older = [p for p in _step_dirs(root) if int(p.name.split("_")[1]) < state.global_step]
+        for p in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,193 @@
+"""Cross-validation: train every fold of one model, score each at original size, and write the CV table.
+
+    giseg cv --output_dir runs/cv-segformer --folds all -- --base_model <id or folder> --data_dir <folder> ...
+    giseg cv --output_dir runs/cv-segformer --parallel 2 --gpus 0,1,2,3 -- ...   # two folds at a time, 2 GPUs each
+    giseg cv --output_dir runs/cv-segformer --final_model -- ...                   # then one model on every case
+
+Everything after ``--`` goes to trainer.py (its --n_folds and --split_seed define the folds). Fold k trains in
+<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python trainer.py``, or ``accelerate launch``
+with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
+present) is kept; an interrupted one resumes from its checkpoint. Then:
+  cv_scores.json / cv_table.md  per class Dice, mean Dice, 3D Hausdorff and competition score per fold, their
+                                mean and sample standard deviation over the folds, and the out-of-fold row: every
+                                fold's validation predictions (val_submission.csv) scored together
+  oof_submission.csv            those predictions, one row per slice and class of the whole data set
+--final_model then trains <output_dir>/final on every case (trainer.py --fold -1: no validation set, best/ is the
+last epoch's model), as the 1st-place solution trained its submitted models.
+
+    giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
+
+scores an ensemble of finished CVs out of fold, with no training: fold k's models of every CV (same folds) average
+their probabilities on fold k's cases (inference.Ensemble; each with its own size, normalisation and 2.5D setting),
+and the predictions of all folds are scored as one submission (ensemble_scores.json, ensemble_submission.csv).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
+
+ROOT = Path(__file__).resolve().parent
+
+
+FIGURES = ("dice_mean", "hausdorff", "score")
+
+
+def parse_folds(text: str, n_folds: int) -> list[int]:
+    if text == "all":
+        return list(range(n_folds))
+    try:
+        folds = sorted({int(t) for t in text.split(",")})
+    except ValueError:
+        folds = []
+    if not folds or not all(0 <= f < n_folds for f in folds):
+        raise UserError(f"--folds must be 'all' or comma-separated folds in [0, {n_folds - 1}], got {text!r}")
+    return folds
+
+
+def gpu_groups(gpus: str, parallel: int) -> list[list[str]]:
+    """``parallel`` groups of GPU ids from "0,1,2,3" (contiguous, equal sizes); [[]] * parallel without GPUs."""
+    ids = [g for g in gpus.split(",") if g] if gpus else []
+    if not ids:
+        return [[] for _ in range(parallel)]
+    if len(ids) % parallel:
+        raise UserError(f"--gpus {gpus}: {len(ids)} GPU(s) cannot be split into --parallel {parallel} equal groups")
+    k = len(ids) // parallel
+    return [ids[i * k:(i + 1) * k] for i in range(parallel)]
+
+
+def run_in_slots(folds: list[int], groups: list[list[str]], train_fold) -> None:
+    """``train_fold(k, gpus)`` for every fold, ``len(groups)`` at a time: the i-th fold runs in slot i mod
+    len(groups), with that slot's GPUs, after the slot's previous fold. The first failure is raised."""
+    slots = [[k for i, k in enumerate(folds) if i % len(groups) == s] for s in range(len(groups))]
+    if len(groups) == 1:
+        for k in folds:
+            train_fold(k, groups[0])
+        return
+    with ThreadPoolExecutor(len(groups)) as pool:
+        for done in [pool.submit(lambda ks, g: [train_fold(k, g) for k in ks], ks, g) for ks, g in zip(slots, groups)]:
+            done.result()
+
+
+def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: list[str], launcher: str) -> list[str]:
+    """The command that trains one fold (``fold`` None: the final model on every case)."""
+    if launcher:
+        prefix = shlex.split(launcher)
+    elif len(gpus) > 1:
+        prefix = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(len(gpus))]
+    else:
+        prefix = [sys.executable]
+    extra = ["--fold", "-1"] if fold is None else ["--fold", str(fold), "--final_eval"]
+    resume = ["--resume_from_checkpoint", "latest"] if (out / "run_config.json").is_file() else []
+    return [*prefix, str(ROOT / "trainer.py"), *trainer_args, *extra, "--output_dir", str(out), *resume]
+
+
+def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
+    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("%s: starting%s: %s", name, f" on GPUs {','.join(gpus)}" if gpus else "", shlex.join(cmd))
+    t = time.perf_counter()
+    with open(out / "stdout.log", "ab") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code != 0:
+        raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; run the same "
+                        "cv.py command again to resume it")
+    logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
+
+
+def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
+    """Each fold's val_scores.json (trainer.py --final_eval), with its fold number."""
+    rows = []
+    for k in folds:
+        path = cv_dir / f"fold_{k}" / "val_scores.json"
+        if not path.is_file():
+            raise UserError(f"{path} missing: fold {k} has not finished with --final_eval")
+        scores = json.loads(path.read_text())
+        rows.append({"fold": k, **{key: v for key, v in scores.items() if not isinstance(v, (list, dict))}})
+    return rows
+
+
+def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None) -> tuple[dict, str]:
+    """(summary with mean and sd over folds of every figure, Markdown table)."""
+    cols = [*(f"dice_{c}" for c in classes), *FIGURES]
+    values = np.array([[r[c] for c in cols] for r in rows], dtype=float)
+    mean = values.mean(0)
+    sd = values.std(0, ddof=1) if len(rows) > 1 else np.zeros(len(cols))
+    summary = {"folds": rows, "mean": dict(zip(cols, mean.tolist())), "sd": dict(zip(cols, sd.tolist())),
+               "out_of_fold": oof}
+    lines = ["| fold | slices | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
+    for r in rows:
+        lines.append(f"| {r['fold']} | {r['n_slices']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
+    lines.append(f"| mean ± sd | {sum(r['n_slices'] for r in rows)} | " +
+                 " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, sd)) + " |")
+    if oof is not None:
+        lines.append(f"| out of fold | {oof['n_slices']} | " + " | ".join(f"{oof[c]:.4f}" for c in cols) + " |")
+    return summary, "\n".join(lines)
+
+
+def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, empty: str) -> dict:
+    """Every fold's validation predictions in one submission, scored against the whole ground truth."""
+    from giseg.evaluation.score import score_predictions, submission_to_wide
+
+    sub = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_submission.csv", dtype=str, keep_default_na=False)
+                     for k in folds], ignore_index=True)
+    atomic_write_text(cv_dir / "oof_submission.csv", sub.to_csv(index=False))
+    index = adapter.build_index(data_dir)
+    overall, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes), empty)
+    return overall
+
+
+def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: list[float] | None,
+                   cache_dir: str, num_workers: int) -> dict:
+    """Out-of-fold figures of the ensemble of several CVs (see the module's doc)."""
+    import torch
+
+    from giseg.data.folds import split_by_case
+    from giseg.data.registry import get_adapter
+    from giseg.evaluation.score import score_predictions, submission_to_wide
+    from giseg.inference.ensemble import Ensemble
+    from giseg.inference.submission import predict_rows
+
+    configs = [json.loads((d / "cv_config.json").read_text()) if (d / "cv_config.json").is_file() else None
+               for d in cv_dirs]
+    missing = [str(d) for d, c in zip(cv_dirs, configs) if c is None]
+    if missing:
+        raise UserError(f"--ensemble {missing[0]}: no cv_config.json; pass folders written by cv.py")
+    folds = sorted(set.intersection(*(set(c["folds"]) for c in configs)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    subs, adapter, index = [], None, None
+    for k in folds:
+        model = Ensemble.load([d / f"fold_{k}" / "best" for d in cv_dirs], device, weights)
+        splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
+        if len(splits) != 1:
+            raise UserError(f"fold {k}: the CVs were split differently ({', '.join(sorted(splits))}); an out-of-fold "
+                            "ensemble needs the same --n_folds and --split_seed")
+        if adapter is None:
+            spec = model.spec
+            adapter = get_adapter(spec.dataset).bind(data_dir, spec.dataset_options or {}, spec.classes)
+            index = adapter.build_index(data_dir)
+        s = model.spec.split
+        _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
+        inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
+        subs.append(predict_rows(model, index, rows, inputs, adapter.volume_columns, num_workers=num_workers))
+        logger.info("ensemble: fold %d predicted (%d slices, %d models)", k, len(rows), len(model.members))
+    sub = pd.concat(subs, ignore_index=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "ensemble_submission.csv", sub.to_csv(index=False))
+    overall, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes))
+    atomic_write_json(out_dir / "ensemble_scores.json", {**overall, "cvs": [str(d) for d in cv_dirs],
+                                                         "weights": weights, "folds": folds})
+    logger.info("ensemble of %s, out of fold (%d slices): score %.4f, mean Dice %.4f, Hausdorff %.4f -> %s",
+                ", ".join(map(str, cv_dirs)), overall["n_slices"], overall["score"], overall["dice_mean"],
+                overall["hausdorff"], out_dir / "ensemble_scores.json")
+    return overall

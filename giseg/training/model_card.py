@@ -1,0 +1,169 @@
+"""Model cards (``README.md`` in every best/ and last/ folder) in the Hub's format, and ``--push_to_hub``.
+
+The card's YAML metadata carries the base model, ``library_name: transformers``, ``pipeline_tag:
+image-segmentation``, tags, and a ``model-index`` with the validation fold's per-class Dice, its mean and, after
+``--final_eval``, the competition score; the text says what it was trained on, with which hyper-parameters,
+how empty slices are scored, how to run it, and where it stops being valid. huggingface_hub writes the metadata
+(``ModelCardData``) and reads it back (``ModelCard.load``), as the Hub does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from giseg.models.baselines import BASELINE_FAMILIES
+from giseg.models.families import QUERY_FAMILIES
+from giseg.training.config import TrainConfig
+from giseg.utils import logger
+
+# the card's hyper-parameter table: the TrainConfig fields declared with "card": True
+HYPER_PARAMETERS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("card"))
+
+
+EMPTY_RULE = {"1": "scores 1 (the 1st-place solution's rule; the default)",
+              "0": "scores 0 (the competition text's rule)",
+              "skip": "is left out of the mean (as a public grader does)"}
+
+
+LIMITS = {"gi": "MRI of the abdomen (UW-Madison GI tract: MR-Linac scans of the abdomen, axial slices) and these "
+                "three organs only: large bowel, small bowel, stomach.",
+          "lgg": "brain MRI (FLAIR, the LGG collection's kaggle_3m slices) and one class only: tumor."}
+
+
+DATASET_NAMES = {"gi": "UW-Madison GI Tract Image Segmentation", "lgg": "LGG brain MRI segmentation (kaggle_3m)"}
+
+
+def hub_id(text: str) -> str | None:
+    """``text`` if it names a hub repo (owner/name, not a local path), else None."""
+    parts = str(text).split("/")
+    return text if len(parts) == 2 and all(parts) and not Path(text).exists() else None
+
+
+def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dict, scores: dict | None,
+              repo: str, what: str) -> str:
+    """The README.md of a model folder: ``record`` is the evaluation the folder's weights had (a metrics.jsonl
+    row), ``scores`` val_scores.json (None before --final_eval), ``repo`` what the usage code loads from."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    dataset, classes = spec.dataset, list(spec.classes)
+    data_name = DATASET_NAMES.get(dataset, f"{config['data_dir']} (Hugging Face datasets)")
+    n_folds, fold = config["n_folds"], config["fold"]
+    split = (f"validation fold {fold} of {n_folds} (case-level, seed {config['split_seed']})" if fold >= 0 else
+             "every case (--fold -1: no validation set)")
+    results = [(f"Dice {c}", "dice", record[f"dice_{c}"]) for c in classes] if "dice_mean" in record else []
+    if results:
+        results.append(("mean Dice", "dice", record["dice_mean"]))
+    if scores:
+        results += [("competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), original sizes)", "score",
+                     scores["score"]), ("3D Hausdorff (normalised)", "hausdorff", scores["hausdorff"])]
+    evals = [EvalResult(task_type="image-segmentation", task_name="Semantic segmentation", dataset_type=dataset,
+                        dataset_name=data_name, dataset_split=split, metric_type=kind, metric_name=name,
+                        metric_value=round(float(value), 6)) for name, kind, value in results]
+    base = hub_id(config["base_model"])
+    meta = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="image-segmentation",
+                         tags=["image-segmentation", "medical-imaging", "mri", family, f"dataset-{dataset}",
+                               spec.task], model_name=Path(config["output_dir"]).name, eval_results=evals or None,
+                         license=None)
+    figures = "\n".join(f"| {name} | {value:.4f} |" for name, _, value in results)
+    hp = "\n".join(f"| `--{k}` | {config[k]} |" for k in HYPER_PARAMETERS if k in config)
+    thresholds = ", ".join(f"{c} {t}" for c, t in zip(classes, spec.thresholds)) or "argmax"
+    decode = (f"probs = logits.sigmoid()[0]\nmasks = probs > torch.tensor({list(spec.thresholds)}).view(-1, 1, 1)"
+              f"  # ({len(classes)}, H, W): {', '.join(classes)}"
+              if spec.task == "multilabel" else
+              f"masks = logits.argmax(1)[0]  # (H, W): 0 background, 1.. {', '.join(classes)}")
+    if family in QUERY_FAMILIES:  # per-class maps come from its queries: the toolkit's own path turns them to masks
+        usage = f"""```python
+import numpy as np
+from giseg.inference.segmenter import Segmenter  # pip install -e <this toolkit>; a hub repo: snapshot_download first
+
+seg = Segmenter.load("{repo}")  # the {family} model with its inference spec
+scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one raw slice, (H, W)
+masks = seg.masks(seg.logits(seg.prepare([scan])), scan.shape)  # (1, {len(classes)}, H, W) bool: {', '.join(classes)}
+```"""
+    else:
+        register = (f"import giseg.models.baselines  # registers the {family} architecture with the Auto classes\n"
+                    if family in BASELINE_FAMILIES else "")
+        usage = f"""```python
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+{register}
+repo = "{repo}"
+processor = AutoImageProcessor.from_pretrained(repo)
+model = AutoModelForSemanticSegmentation.from_pretrained(repo).eval()
+scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one slice scaled to [0, 1]
+channels = np.repeat(scan[..., None], {max(3, spec.context_slices)}, axis=-1)  # {"the slice in every channel" if spec.context_slices == 1 else
+                                                    "slices i-k*stride .. i+k*stride (2.5D)"}
+inputs = processor(images=channels, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+logits = torch.nn.functional.interpolate(logits, size=scan.shape, mode="bilinear", align_corners=False)
+{decode}
+```"""
+    score_line = (f"Competition score at original sizes (`--final_eval`): **{scores['score']:.4f}** "
+                  f"(3D Hausdorff {scores['hausdorff']:.4f})." if scores else
+                  "The competition score needs the 3D Hausdorff distance at original sizes: train with "
+                  "`--final_eval` (or run `giseg score` on this model's predictions) to get it.")
+    results_text = (f"""## Results on the validation fold
+At the training size, per-slice Dice averaged over slices (step {record['step']}, epoch {record['epoch']}):
+
+| figure | value |
+| --- | --- |
+{figures}
+
+{score_line}""" if results else "## Results\nNone: this model was trained on every case (`--fold -1`), with no "
+                    "validation set; the cross-validation of the same settings (cv.py) gives its expected figures.")
+    body = f"""
+# {Path(config['output_dir']).name}: {family} for {', '.join(classes)} ({what}/)
+
+`{config['base_model']}` fine-tuned for {spec.task} segmentation of {', '.join(classes)} on {data_name}, with a
+new head for these classes. These are the `{what}/` weights of the run: the evaluation of step {record['step']}
+(epoch {record['epoch']}).
+
+## Training data and split
+- Data: `{config['data_dir']}` (dataset adapter `{dataset}`), {split_sizes['slices']} slices of
+  {split_sizes['cases']} cases.
+- Split: {split}: {split_sizes['train']} training slices, {split_sizes['val']} validation slices; no case is in both.
+- Input: {spec.image_size} x {spec.image_size} px, each slice scaled to [0, 1] between its 0.5th and 99.5th
+  intensity percentiles, normalised with mean {list(spec.mean)} and std {list(spec.std)};
+  {spec.context_slices} slice(s) of context (stride {spec.context_stride}). Thresholds: {thresholds}.
+
+## Hyper-parameters
+| argument | value |
+| --- | --- |
+{hp}
+
+{results_text}
+
+Empty slices: a (slice, class) pair whose prediction and ground truth are both empty
+{EMPTY_RULE.get(str(config.get('empty_dice', '1')), '')} (`--empty_dice {config.get('empty_dice', '1')}`).
+
+## How to use
+{usage}
+
+## Limits
+Trained and validated on {LIMITS.get(dataset, f'{data_name} only, classes: ' + ', '.join(classes) + '.')}
+Figures come from one validation fold of the training data, not from an independent test set. A research
+model, not a medical device: every contour needs a clinician's review.
+"""
+    return f"---\n{meta.to_yaml()}\n---\n{body}"
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> bool:
+    """Upload ``folder`` to the model repo ``repo_id`` with huggingface_hub's API. Never raises: a failure (no
+    network, no token, offline mode) is one warning line saying how to push the folder later."""
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                          commit_message=f"Upload {folder.name}/ of {folder.parent.name}")
+    except Exception as e:  # noqa: BLE001 -- the run is saved; pushing is the last, optional step
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        logger.warning("push to the Hub failed (%s: %s); everything is saved in %s. Push it later with: "
+                       "hf upload %s %s .%s", type(e).__name__, reason, folder, repo_id, folder,
+                       " --private" if private else "")
+        return False
+    logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
+    return True
