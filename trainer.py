@@ -5,7 +5,7 @@ Several GPUs:     accelerate launch --multi_gpu --num_processes 2 trainer.py ...
 
 Writes to --output_dir: run_config.json, train.log, metrics.jsonl (one JSON object per evaluation), best/ and
 last/ (save_pretrained folders that AutoModelForSemanticSegmentation / AutoImageProcessor load, with the
-inference_spec.json that predict.py reads) and checkpoints/step_<N>/ (accelerator state for
+inference_spec.json that giseg predict reads) and checkpoints/step_<N>/ (accelerator state for
 --resume_from_checkpoint latest).
 
 The loop reads top to bottom in train(): build_run (data, model, loaders, optimizer), then per epoch
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -50,7 +49,7 @@ from giseg.utils import (
     storage_guard,
 )
 
-# transformers (model.py), accelerate and albumentations are imported where they are used: together they cost
+# transformers (models/), accelerate and albumentations are imported where they are used: together they cost
 # about 3 s of start-up that `--help` and a rejected argument do not need.
 
 
@@ -63,7 +62,7 @@ def final_evaluation(run: "Run") -> dict:
         index = run.adapter.build_index(cfg.data_dir)
         if not index["id"].equals(d.index["id"]):
             raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
-                            "trained on); score best/ with score.py")
+                            "trained on); score best/ with giseg score")
     sub = predict_rows(Ensemble([segmenter]), index, d.val_rows, [(d.cache, d.neighbours)], run.adapter.volume_columns,
                        cfg.eval_batch_size, cfg.mixed_precision)
     write_submission(sub, out / "val_submission.csv")
@@ -182,7 +181,7 @@ def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMe
 
 
 def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> str:
-    """The README.md of best/ or last/ (model_card.py) for the evaluation ``record``."""
+    """The README.md of best/ or last/ (training/model_card.py) for the evaluation ``record``."""
     from giseg.training.model_card import card_text
 
     cfg, d = run.cfg, run.data

@@ -20,6 +20,7 @@ COMMANDS = {
     "demo-data": ("demo_data", "write the synthetic demo data (Kaggle GI layout, or LGG)"),
     "export-hf": ("export_hf", "export a dataset as a Hugging Face `datasets` folder (optionally push it)"),
     "make-tiny": ("make_tiny", "save a small random model of a real architecture (offline tries, tests)"),
+    "flags": ("flags", "print the flag reference of every command (docs/flags.md)"),
 }
 
 

@@ -36,7 +36,7 @@ class Analysis:
 
 class Analyser:
     """Holds a loaded model (and optionally a data folder of its dataset) and analyses one scan at a time, through
-    the same Segmenter path as predict.py and the trainer's evaluation."""
+    the same Segmenter path as giseg predict and the trainer's evaluation."""
 
     def __init__(self, model_dir: str | Path, data_dir: str | Path | None = None, device: str | None = None):
         self.segmenter = Segmenter.load(model_dir, device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -147,14 +147,18 @@ def build_demo(analyser: Analyser):
     return demo
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg app", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="saved model folder (runs/<name>/best)")
     ap.add_argument("--data_dir", default=None, help="a Kaggle-layout folder to pick slices from")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_third_party()
     analyser = Analyser(args.model, args.data_dir)
     demo = build_demo(analyser)

@@ -3,7 +3,7 @@
     giseg compare runs/*
 
 Columns: run, model, parameters, epochs run, per-class and mean Dice of the best evaluation (per slice, the run's
---empty_dice rule), the competition score when the run has val_scores.json (trainer.py --final_eval or score.py
+--empty_dice rule), the competition score when the run has val_scores.json (trainer.py --final_eval or giseg score
 --json into the run folder), and the median training images/s from its log.
 """
 from __future__ import annotations
@@ -16,11 +16,15 @@ from giseg.evaluation.compare import NotComparable, markdown, summarise_run
 from giseg.utils import UserError, command
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     rows = []
     for folder in args.runs:
         try:

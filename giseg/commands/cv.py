@@ -28,6 +28,7 @@ import os
 import sys
 from pathlib import Path
 
+from giseg.commands.options import RunOptions, parse_weights
 from giseg.training.cv import (
     cv_table,
     fold_command,
@@ -39,7 +40,7 @@ from giseg.training.cv import (
     score_ensemble,
     score_out_of_fold,
 )
-from giseg.utils import UserError, atomic_write_json, atomic_write_text, command, logger, setup_logging
+from giseg.utils import UserError, add_options, atomic_write_json, atomic_write_text, command, logger, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,10 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="after the folds, train output_dir/final on every case (no validation set)")
     ap.add_argument("--ensemble", nargs="+", default=None,
                     help="no training: score the out-of-fold ensemble of these finished CV folders")
-    ap.add_argument("--weights", default=None, help="--ensemble: one weight per CV, comma-separated (default equal)")
     ap.add_argument("--data_dir", default=None, help="--ensemble: the data the CVs were trained on")
-    ap.add_argument("--cache_dir", default="cache", help="--ensemble: decode-once cache folder (default cache)")
-    ap.add_argument("--num_workers", type=int, default=2, help="--ensemble: data-loader workers (default 2)")
+    add_options(ap.add_argument_group("--ensemble: how the CVs' models run"), RunOptions)
     return ap
 
 
@@ -77,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ensemble:
         if not args.data_dir:
             raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
-        from giseg.commands.options import parse_weights
 
         setup_logging(True)
         score_ensemble([Path(d) for d in args.ensemble], args.data_dir, Path(args.output_dir),
-                       parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers)
+                       parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers,
+                       args.batch_size, args.mixed_precision)
         return 0
     from giseg.training.config import parse_config, validate_config
 
     forbidden = [a for a in trainer_args if a.split("=")[0] in ("--fold", "--output_dir")]
     if forbidden:
-        raise UserError(f"{forbidden[0]}: cv.py sets each fold's --fold and --output_dir itself; pass --folds and "
+        raise UserError(f"{forbidden[0]}: giseg cv sets each fold's --fold and --output_dir itself; pass --folds and "
                         "--output_dir before the --")
     cfg = parse_config(trainer_args)
     validate_config(cfg)

@@ -34,8 +34,7 @@ from giseg.data.lgg import make_lgg_demo
 from giseg.utils import command
 
 
-@command
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg demo-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="gi", choices=("gi", "lgg"),
                     help="gi: the Kaggle GI-tract layout (default); lgg: the LGG kaggle_3m layout (5 patients)")
@@ -50,7 +49,12 @@ def main(argv: list[str] | None = None) -> None:
                          "organs 3-5x larger on almost every slice (default for 10x and full)")
     ap.add_argument("--slices_per_day", type=int, default=SLICES_PER_DAY,
                     help=f"slices per case-day of the demo (default {SLICES_PER_DAY})")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.dataset == "lgg":
         print(make_lgg_demo(args.out or "demo/lgg"))
         return

@@ -13,14 +13,18 @@ from giseg.evaluation.figures import save_all
 from giseg.utils import command, quiet_third_party
 
 
-@command
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", required=True, help="a run folder (with run_config.json, metrics.jsonl, best/)")
     ap.add_argument("--out", default="figures", help="folder for the PNGs (default figures/)")
     ap.add_argument("--data_dir", default=None, help="data folder (default: the run's)")
     ap.add_argument("--max_slices", type=int, default=None, help="predict at most this many validation slices")
-    args = ap.parse_args(argv)
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     quiet_third_party()
     for path in save_all(args.run_dir, args.out, args.data_dir, args.max_slices):
         print(path)

@@ -1,7 +1,39 @@
-"""(from predict.py)"""
+"""Options and their parsing shared by several commands (predict, tune, cv, score): declared once here."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.utils import UserError
+
+
+@dataclass
+class RunOptions:
+    """How a command runs models over a data folder: giseg predict, tune and cv --ensemble."""
+    weights: str = field(default="", metadata={
+        "help": "ensemble weights, comma-separated, one per model (or per CV); empty: equal"})
+    cache_dir: str = field(default="cache", metadata={"help": "decode-once cache folder"})
+    batch_size: int = field(default=16, metadata={"help": "slices per forward pass"})
+    mixed_precision: str = field(default="bf16", metadata={
+        "help": "autocast on GPU (ignored on CPU)", "choices": ("no", "fp16", "bf16")})
+    num_workers: int = field(default=2, metadata={"help": "data-loader workers"})
+
+
+@dataclass
+class ScoringOptions:
+    """How figures are scored: giseg score and tune."""
+    empty_dice: str = field(default="1", metadata={
+        "help": "Dice of an empty prediction on an empty truth: 1 (the 1st-place solution's rule), 0 (the "
+                "competition text), or skip (left out of the mean)", "choices": EMPTY_RULES})
+    workers: int = field(default=0, metadata={"help": "threads scoring volumes (0: one per core)"})
+
+
+def check_run_options(args) -> None:
+    """One line for a value no run can use."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
 
 
 def parse_thresholds(text: str | None, classes: tuple[str, ...]) -> tuple[float, ...] | None:

@@ -17,12 +17,12 @@ import json
 import numpy as np
 import torch
 
-from giseg.commands.options import check_split, parse_thresholds, parse_weights
+from giseg.commands.options import RunOptions, check_run_options, check_split, parse_thresholds, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.submission import predict_rows, write_submission
-from giseg.utils import UserError, command, logger, quiet_third_party, setup_logging
+from giseg.utils import UserError, add_options, command, logger, quiet_third_party, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="saved model folder (runs/<name>/best); several: an ensemble that averages their probabilities "
                          "(folds of a run, or different families; each sees its own image size, normalisation and "
                          "2.5D setting), turned into masks by the first one's thresholds, gates and post-processing")
-    ap.add_argument("--weights", default=None,
-                    help="ensemble weights, comma-separated, one per --model (default: equal)")
     ap.add_argument("--data_dir", required=True, help="folder in the model's dataset layout (Kaggle folder, kaggle_3m)")
     ap.add_argument("--out", default="submission.csv", help="submission CSV to write (default submission.csv)")
     ap.add_argument("--split", default=None, help="scans folder inside data_dir (GI default: test/ if present, "
@@ -41,18 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only this validation fold; it must be the model's own (its training split is saved with it)")
     ap.add_argument("--n_folds", type=int, default=None, help="folds of the training run (default: the model's)")
     ap.add_argument("--split_seed", type=int, default=None, help="split seed of the training run (default: the model's)")
-    ap.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default 16)")
-    ap.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
-                    help="autocast on GPU (default bf16; ignored on CPU)")
     ap.add_argument("--tta", action="store_true", help="average with the horizontally flipped prediction")
     ap.add_argument("--thresholds", default=None,
                     help="per-class probability thresholds of a multilabel model, comma-separated in the order of its "
                          "classes, e.g. 0.5,0.4,0.5 (default: the ones saved with the model; overrides --tuned's)")
     ap.add_argument("--tuned", default=None,
-                    help="thresholds, gates and post-processing from a tune.py --out file (an ensemble's); default: "
-                         "the first model's spec (tuned by tune.py, or the training threshold)")
-    ap.add_argument("--cache_dir", default="cache", help="decode-once cache folder (default cache)")
-    ap.add_argument("--num_workers", type=int, default=2, help="data-loader workers (default 2)")
+                    help="thresholds, gates and post-processing from a giseg tune --out file (an ensemble's); default: "
+                         "the first model's spec (tuned by giseg tune, or the training threshold)")
+    add_options(ap, RunOptions)
     return ap
 
 
@@ -61,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(True)
     quiet_third_party()
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_run_options(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = parse_weights(args.weights, len(args.model))
     model = Ensemble.load(args.model, device, weights)  # a wrong --model fails before any data work

@@ -14,28 +14,30 @@ from __future__ import annotations
 
 import argparse
 
+from giseg.commands.options import ScoringOptions
 from giseg.data.hf import HFOptions, dataset_options
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
-from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.evaluation.score import format_table, read_submission, score_predictions
 from giseg.utils import add_options, atomic_write_json, command
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
     ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
     ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")
     ap.add_argument("--dataset", default="gi", choices=tuple(DATASETS),
                     help="the data folder's layout (default gi): " + datasets_help())
-    ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES,
-                    help="Dice of an empty prediction on an empty truth: 1 (default), 0, or skip")
     ap.add_argument("--time_saved_threshold", type=float, default=0.9,
                     help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
-    ap.add_argument("--workers", type=int, default=0, help="threads scoring volumes (default: one per core)")
+    add_options(ap, ScoringOptions)
     add_options(ap, HFOptions)
-    args = ap.parse_args(argv)
+    return ap
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     adapter = get_adapter(args.dataset).bind(args.data_dir, dataset_options(args))
     index = adapter.build_index(args.data_dir)
     overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,

@@ -6,15 +6,15 @@
     giseg tune --model runs/a/best runs/b/best --out ens.json ...    # an ensemble (members share a split)
 
 For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
-score.py figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
+giseg score figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
 from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
 then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
 voxels. It starts from the untuned decisions
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
 
-The choices go into the inference spec of every tuned model folder (predict.py, the app and visualise.py use them;
-predict.py --thresholds still overrides), or into --out for an ensemble (predict.py --tuned). tuning.json and
+The choices go into the inference spec of every tuned model folder (giseg predict, the app and evaluation/figures.py use them;
+giseg predict --thresholds still overrides), or into --out for an ensemble (giseg predict --tuned). tuning.json and
 tuning.md (before/after, per class) are written beside them.
 """
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
+from giseg.commands.options import RunOptions, ScoringOptions, check_run_options, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
-from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.evaluation.tuning import (
     SEARCH,
     Tuner,
@@ -43,6 +43,7 @@ from giseg.inference.ensemble import Ensemble
 from giseg.inference.spec import InferenceSpec
 from giseg.utils import (
     UserError,
+    add_options,
     atomic_write_json,
     atomic_write_text,
     command,
@@ -56,27 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", nargs="+", help="a model folder (runs/<name>/best), or several: an ensemble")
-    who.add_argument("--cv", nargs="+", help="a cv.py run folder: every fold's best/ on its own validation cases (out "
+    who.add_argument("--cv", nargs="+", help="a giseg cv run folder: every fold's best/ on its own validation cases (out "
                                              "of fold); several: their fold-by-fold ensemble (needs --out)")
     ap.add_argument("--data_dir", required=True, help="the data the models were trained on (their folds are inside)")
-    ap.add_argument("--weights", default=None, help="ensemble weights, comma-separated (default: equal)")
     ap.add_argument("--out", default=None,
-                    help="write the tuned values here (JSON for predict.py --tuned) instead of into the model specs; "
+                    help="write the tuned values here (JSON for giseg predict --tuned) instead of into the model specs; "
                          "needed for an ensemble")
     ap.add_argument("--search", default=",".join(SEARCH),
                     help=f"which steps to search, comma-separated (default {','.join(SEARCH)}); the others stay "
                          "untuned (e.g. thresholds,gates: no post-processing)")
-    ap.add_argument("--empty_dice", default="1", choices=EMPTY_RULES, help="Dice of empty/empty pairs (default 1)")
-    ap.add_argument("--cache_dir", default="cache", help="decode-once cache folder (default cache)")
-    ap.add_argument("--batch_size", type=int, default=16, help="slices per forward pass (default 16)")
-    ap.add_argument("--mixed_precision", default="bf16", choices=("no", "fp16", "bf16"),
-                    help="autocast on GPU (default bf16; ignored on CPU)")
-    ap.add_argument("--num_workers", type=int, default=2, help="data-loader workers (default 2)")
-    ap.add_argument("--workers", type=int, default=0, help="threads scoring volumes (default: one per core)")
+    add_options(ap, RunOptions)
+    add_options(ap, ScoringOptions)
     return ap
 
 
 def tune(args) -> dict:
+    check_run_options(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.cv:
         per_cv = [cv_folds(Path(c)) for c in args.cv]
@@ -86,16 +82,15 @@ def tune(args) -> dict:
         groups = [list(g) for g in zip(*per_cv)]  # fold k's model(s) predict fold k's validation cases
         folders = [f for g in groups for f in g]
         if len(per_cv) > 1 and not args.out:
-            raise UserError("tuning an ensemble of several CVs needs --out <file.json>; predict.py --tuned uses it")
+            raise UserError("tuning an ensemble of several CVs needs --out <file.json>; giseg predict --tuned uses it")
     else:
         folders = [Path(m) for m in args.model]
         groups = [folders]
         if len(folders) > 1 and not args.out:
             raise UserError("tuning an ensemble needs --out <file.json> (its members' own specs stay as they are); "
-                            "predict.py --tuned <file.json> then uses it")
+                            "giseg predict --tuned <file.json> then uses it")
     weights = None
     if args.weights:
-        from giseg.commands.options import parse_weights
         weights = parse_weights(args.weights, len(groups[0]))
     volumes, spec, adapter, index = [], None, None, None
     for group in groups:

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import os
 
-import albumentations as A  # noqa: E402
-import cv2  # noqa: E402
-
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import cv2
 
 
-def train_transform(image_size: int, strong: bool = False, seed: int | None = None) -> A.Compose:
+def import_albumentations():
+    """albumentations, imported without its update check: that check asks the network at import (a call home, and
+    a wait on an offline machine) unless NO_ALBUMENTATIONS_UPDATE is set. Set for the import only, then restored."""
+    previous = os.environ.get("NO_ALBUMENTATIONS_UPDATE")
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    try:
+        import albumentations
+    finally:
+        if previous is None:
+            del os.environ["NO_ALBUMENTATIONS_UPDATE"]
+        else:
+            os.environ["NO_ALBUMENTATIONS_UPDATE"] = previous
+    return albumentations
+
+
+def train_transform(image_size: int, strong: bool = False, seed: int | None = None):
     """Flips, affine scale/shift/rotate, brightness/contrast and coarse dropout; ``strong`` adds elastic, grid
     and optical distortion, blur and gamma. ``seed`` fixes the pipeline's own random state (albumentations
-    ignores the global seeds); dataset.SliceDataset re-seeds it per sample from (seed, epoch, row)."""
+    ignores the global seeds); data/dataset.py's SliceDataset re-seeds it per sample from (seed, epoch, row)."""
+    A = import_albumentations()
     ops = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
         A.HorizontalFlip(p=0.5),

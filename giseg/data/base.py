@@ -1,10 +1,16 @@
-"""(from adapters.py, py)"""
+"""The base of the dataset adapters (``DatasetAdapter``) and the image reader they share.
+
+An adapter owns its name, classes, the multiclass overlap priority, display colours, how to build the slice index
+from a folder, how to read one image and one slice's masks, which rows form a 3D volume, and its demo generator.
+Nothing outside an adapter looks at index columns to decide what the data is. registry.py lists the adapters."""
 from __future__ import annotations
 
 import hashlib
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import cv2
 import numpy as np
@@ -56,6 +62,8 @@ class DatasetAdapter:
     priority: tuple[str, ...]  # --task multiclass: where classes overlap, the first of these wins
     colours: dict[str, str]  # class -> colour name (matplotlib / CSS), used by figures and the app
     volume_columns: tuple[str, ...] = ("case", "day")
+    title: str = ""  # the dataset's full name, for model cards ("": the data folder's)
+    limits: str = ""  # where a model trained on it stops being valid, for model cards ("": its name and classes)
 
     def build_index(self, data_dir: str | Path, split: str | None = None,
                     require_labels: bool = True) -> pd.DataFrame:
@@ -75,7 +83,9 @@ class DatasetAdapter:
         raise NotImplementedError
 
     # ---- with defaults that suit most datasets
-    options: dict = {}  # the --image_column, --label_column, --reduce_labels, --hf_split values it was bound with
+    # the HFOptions values it was bound with (data/hf.py); read-only and empty for a dataset without options, so no
+    # adapter can change another's through a shared default
+    options: Mapping[str, object] = MappingProxyType({})
 
     def bind(self, data_dir: str | Path | None, options: dict | None = None,
              classes: tuple[str, ...] | None = None) -> "DatasetAdapter":
@@ -117,7 +127,7 @@ class DatasetAdapter:
         return hash_files(h, index["path"])
 
     def inference_split(self, data_dir: str | Path) -> str | None:
-        """The split predict.py reads when the user names none."""
+        """The split giseg predict reads when the user names none."""
         return None
 
     def read_upload(self, path: str | Path) -> tuple[np.ndarray, tuple[float, float] | None]:

@@ -1,4 +1,4 @@
-"""(from data.py)"""
+"""Case-level folds: whole cases go to folds, so a case is never in both training and validation."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +23,7 @@ def case_folds(index: pd.DataFrame, n_folds: int, seed: int = 42) -> dict[int, i
 
 
 def check_fold(fold: int, n_folds: int) -> None:
-    """The one check of --fold / --n_folds (the trainer calls it before any data work, predict.py through
+    """The one check of --fold / --n_folds (the trainer calls it before any data work, giseg predict through
     split_by_case)."""
     if n_folds < 2:
         raise UserError(f"--n_folds must be at least 2, got {n_folds}")

@@ -1,10 +1,10 @@
-"""The Kaggle UW-Madison GI-tract layout: slice index, scan reading, case-level folds, 2.5D neighbours.
+"""The Kaggle UW-Madison GI-tract layout (``--dataset gi``): slice index, run-length masks, and its adapter.
 
     <data_dir>/train.csv   id,class,segmentation   (three rows per slice; empty segmentation = no organ)
     <data_dir>/<split>/case<N>/case<N>_day<D>/scans/slice_<SSSS>_<W>_<H>_<PX>_<PY>.png
 
-W is the width and H the height in pixels; arrays are (H, W). One index row per slice. The case-level folds and
-the 2.5D neighbour table at the end serve every dataset (adapters.py): they need only ``case`` and the volume
+W is the width and H the height in pixels; arrays are (H, W). One index row per slice. The case-level folds
+(folds.py) and the 2.5D neighbour table (volumes.py) serve every dataset: they need only ``case`` and the volume
 columns.
 """
 from __future__ import annotations
@@ -148,6 +148,9 @@ class GIAdapter(DatasetAdapter):
     classes = GI_CLASSES
     priority = GI_PRIORITY
     colours = {"large_bowel": "red", "small_bowel": "green", "stomach": "blue"}
+    title = "UW-Madison GI Tract Image Segmentation"
+    limits = ("MRI of the abdomen (UW-Madison GI tract: MR-Linac scans of the abdomen, axial slices) and these "
+              "three organs only: large bowel, small bowel, stomach.")
 
     def build_index(self, data_dir, split=None, require_labels=True):
         split = split or "train"

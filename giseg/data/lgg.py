@@ -109,6 +109,8 @@ class LGGAdapter(DatasetAdapter):
     classes = LGG_CLASSES
     priority = LGG_CLASSES
     colours = {"tumor": "yellow"}
+    title = "LGG brain MRI segmentation (kaggle_3m)"
+    limits = "brain MRI (FLAIR, the LGG collection's kaggle_3m slices) and one class only: tumor."
     volume_columns = ("case",)
 
     def build_index(self, data_dir, split=None, require_labels=True):

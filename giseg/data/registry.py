@@ -1,15 +1,15 @@
 """Dataset adapters: everything that differs between the datasets the toolkit reads, one object per dataset.
 
-    DATASETS["gi"]    UW-Madison GI tract, Kaggle layout (data.py): 3 organs from run-length codes
-    DATASETS["lgg"]   LGG brain MRI, kaggle_3m layout (lgg.py): one class, tumor, from mask files
-    DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (hf_data.py); its classes
+    DATASETS["gi"]    UW-Madison GI tract, Kaggle layout (data/gi.py): 3 organs from run-length codes
+    DATASETS["lgg"]   LGG brain MRI, kaggle_3m layout (data/lgg.py): one class, tumor, from mask files
+    DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (data/hf.py); its classes
                       come with the data, so ``adapter.bind(data_dir, options)`` gives the adapter of one dataset
 
 An adapter owns its name, classes, the multiclass overlap priority, display colours, how to build the slice
 index from a folder, how to read one image and one slice's masks, which rows form a 3D volume, and its demo
-generator. Nothing outside an adapter looks at index columns to decide what the data is. To add a dataset,
-subclass ``DatasetAdapter`` and put an instance in ``DATASETS``: the trainer, predict.py, score.py,
-visualise.py and the app take it from there (``--dataset`` choices come from this dict).
+generator. Nothing outside an adapter looks at index columns to decide what the data is. To add a dataset, write
+one module with a ``DatasetAdapter`` subclass (base.py) and add one line to ``DATASETS``: the trainer, giseg
+predict, score, tune, cv, the figures and the app take it from there (``--dataset`` choices come from this dict).
 
 An index is a DataFrame with one row per slice and at least the columns ``id`` (unique), ``case`` (the unit
 of the case-level folds), the ``volume_columns`` (rows sharing them form one volume, ordered by ``slice``),
@@ -17,14 +17,26 @@ of the case-level folds), the ``volume_columns`` (rows sharing them form one vol
 """
 from __future__ import annotations
 
+import importlib
+
 from giseg.data.base import DatasetAdapter
-from giseg.data.gi import GIAdapter
-from giseg.data.hf import HFAdapter
-from giseg.data.lgg import LGGAdapter
 from giseg.data.masks import MAX_CLASSES
 from giseg.utils import UserError
 
-DATASETS: dict[str, DatasetAdapter] = {"gi": GIAdapter(), "lgg": LGGAdapter(), "hf": HFAdapter()}
+# name -> "module:class" of its adapter; a new dataset is one module (a DatasetAdapter subclass) and one line here
+ADAPTERS = {
+    "gi": "giseg.data.gi:GIAdapter",
+    "lgg": "giseg.data.lgg:LGGAdapter",
+    "hf": "giseg.data.hf:HFAdapter",
+}
+
+
+def _instance(ref: str) -> DatasetAdapter:
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+DATASETS: dict[str, DatasetAdapter] = {name: _instance(ref) for name, ref in ADAPTERS.items()}
 
 
 def get_adapter(name: str, where: str = "--dataset") -> DatasetAdapter:

@@ -1,4 +1,4 @@
-"""(from data.py)"""
+"""Volumes of an index: same-size checks, and the 2.5D neighbour table (slices at -stride, 0, +stride)."""
 from __future__ import annotations
 
 import numpy as np

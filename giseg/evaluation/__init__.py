@@ -1,1 +1,1 @@
-"""."""
+"""Evaluation: metrics, validation during training, scoring, tuning, run comparison, figures."""

@@ -3,7 +3,7 @@
     giseg compare runs/*
 
 Columns: run, model, parameters, epochs run, per-class and mean Dice of the best evaluation (per slice, the run's
---empty_dice rule), the competition score when the run has val_scores.json (trainer.py --final_eval or score.py
+--empty_dice rule), the competition score when the run has val_scores.json (trainer.py --final_eval or giseg score
 --json into the run folder), and the median training images/s from its log.
 """
 from __future__ import annotations

@@ -239,7 +239,7 @@ class Predictions:
 def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, max_slices: int | None = None,
                        cache_dir: str | None = None, batch_size: int = 16) -> Predictions:
     """Run best/ of ``run_dir`` over its validation fold (from run_config.json), through the Segmenter that
-    predict.py and the trainer's evaluation use."""
+    giseg predict and the trainer's evaluation use."""
     run_dir = Path(run_dir)
     cfg, adapter = run_adapter(run_dir)
     if not (run_dir / "best").is_dir():

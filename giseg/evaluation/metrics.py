@@ -20,7 +20,7 @@ EMPTY_RULES = ("1", "0", "skip")
 def mask_stats(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """(..., C, H, W) boolean prediction and truth -> (..., C, 3) float: |P∩T|, |P|, |T| per slice and class.
 
-    The one place these statistics are computed: the trainer (torch, on the device), score.py, visualise.py
+    The one place these statistics are computed: the trainer (torch, on the device), giseg score, evaluation/figures.py
     and the app (numpy). Every figure below is a function of them."""
     if isinstance(pred, torch.Tensor):
         pred, truth = pred.bool(), truth.bool()

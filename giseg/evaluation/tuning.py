@@ -6,15 +6,15 @@
     giseg tune --model runs/a/best runs/b/best --out ens.json ...    # an ensemble (members share a split)
 
 For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
-score.py figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
+giseg score figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
 from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
 then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
 voxels. It starts from the untuned decisions
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
 
-The choices go into the inference spec of every tuned model folder (predict.py, the app and visualise.py use them;
-predict.py --thresholds still overrides), or into --out for an ensemble (predict.py --tuned). tuning.json and
+The choices go into the inference spec of every tuned model folder (giseg predict, the app and evaluation/figures.py use them;
+giseg predict --thresholds still overrides), or into --out for an ensemble (giseg predict --tuned). tuning.json and
 tuning.md (before/after, per class) are written beside them.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ SEARCH = ("thresholds", "gates", "postprocess")  # the steps of the search, in o
 
 @dataclasses.dataclass
 class Volume:
-    """One validation volume: class probabilities (D, C, H, W) float32 (as predict.py thresholds them: float16 moved
+    """One validation volume: class probabilities (D, C, H, W) float32 (as giseg predict thresholds them: float16 moved
     borderline pixels and the tuned score by 0.003 on the demo; 4 bytes per pixel and class of the validation set),
     the task's base masks for multiclass (argmax; None for multilabel), the truth (D, C, H, W) bool and the
     unlabelled pixels (D, H, W) or None."""
@@ -102,7 +102,7 @@ class Tuner:
         """(D, H, W) masks of class ``c`` of volume ``v`` under decisions ``d`` (one class's values)."""
         p = v.probs[:, c]
         m = v.argmax[:, c] if self.task == "multiclass" else p > np.float32(d["thresholds"])
-        m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # predict.py's own gate
+        m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # giseg predict's own gate
         if d["postprocess"] != "none":
             m = apply_rule(m, d["postprocess"])
         if v.ignored is not None:
@@ -185,18 +185,18 @@ def report_markdown(classes, chosen: list[dict], before: dict, after: dict, task
 
 
 def cv_folds(cv_dir: Path) -> list[Path]:
-    """The fold models of a CV run folder (cv.py): fold_<k>/best, in fold order."""
+    """The fold models of a CV run folder (giseg cv): fold_<k>/best, in fold order."""
     folds = sorted(cv_dir.glob("fold_*/best"), key=lambda p: int(p.parent.name.split("_")[1]))
     folds = [f for f in folds if f.parent.name.split("_")[1].isdigit()]
     if not folds:
-        raise UserError(f"--cv {cv_dir}: no fold_<k>/best folders; pass a folder written by cv.py")
+        raise UserError(f"--cv {cv_dir}: no fold_<k>/best folders; pass a folder written by giseg cv")
     return folds
 
 
 def read_tuned(path: str | Path) -> dict:
-    """The decisions of a tune.py --out file (predict.py --tuned)."""
+    """The decisions of a giseg tune --out file (giseg predict --tuned)."""
     try:
         values = json.loads(Path(path).read_text())["decisions"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--tuned {path}: not a tune.py --out file ({e})") from None
+        raise UserError(f"--tuned {path}: not a giseg tune --out file ({e})") from None
     return {k: tuple(values[k]) for k in DECISIONS if k in values}

@@ -1,4 +1,4 @@
-"""(from trainer.py)"""
+"""The evaluation during training: validation loss and every metric per class, one host transfer each time."""
 from __future__ import annotations
 
 import torch
@@ -12,7 +12,7 @@ from giseg.inference.segmenter import Segmenter, upsample_like
 def evaluate(segmenter: Segmenter, loader, loss_fn, accelerator, empty_dice: str) -> dict[str, float]:
     """Validation loss, every METRICS figure per class and its mean, and the number of slices. Per-slice
     statistics stay on the device, gathered across processes without counting padded samples twice: one host
-    transfer per evaluation. Masks come from the same Segmenter path as predict.py's."""
+    transfer per evaluation. Masks come from the same Segmenter path as giseg predict's."""
     model, classes = segmenter.model, segmenter.spec.classes
     model.eval()
     stats = []

@@ -1,4 +1,4 @@
-"""(from inference.py)"""
+"""Ensembles: several models (or folds) averaged at original size, each with its own cache, size and 2.5D."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +32,7 @@ def group_by_volume(items: Iterable[tuple[int, T]], keys: np.ndarray) -> Iterato
 class Ensemble:
     """One trained model or several (folds of a run, or different families, each with its own image size,
     normalisation and 2.5D setting) whose probabilities are averaged with ``weights``, turned into masks by the
-    first member's spec: thresholds, gates, and per-volume post-processing (postprocess.py). One model with an
+    first member's spec: thresholds, gates, and per-volume post-processing (inference/postprocess.py). One model with an
     untuned spec gives exactly the masks of ``Segmenter.iter_masks``."""
 
     def __init__(self, members: list[Segmenter], weights: list[float] | None = None, names: list[str] | None = None):

@@ -1,6 +1,6 @@
 """From probabilities to masks: thresholds, empty-slice gates and 3D connected components.
 
-The steps a trained model's inference spec can carry (tune.py chooses them on validation data; predict.py applies
+The steps a trained model's inference spec can carry (giseg tune chooses them on validation data; giseg predict applies
 them), per class:
   threshold    multilabel: probability above which a pixel is the class (multiclass: argmax, no threshold)
   min_area     gate: a class predicted on less than this fraction of a slice's pixels is dropped from the slice

@@ -9,8 +9,8 @@ strictly: a missing file, key or a value out of range is refused with one line n
 the spec existed carried the same facts as ``gi_*`` config attributes; they are converted, and only when every
 one of them is there.)
 
-``Segmenter`` is the path from prepared images to masks that the trainer's evaluation, predict.py, visualise.py
-and the app share: input preparation (preprocess.py: the decode-once cache's own functions), forward (optionally
+``Segmenter`` is the path from prepared images to masks that the trainer's evaluation, giseg predict, evaluation/figures.py
+and the app share: input preparation (data/preprocess.py: the decode-once cache's own functions), forward (optionally
 averaged with the flipped input's), logits upsampled bilinearly to any size (as the loss sees them), then the
 spec's per-class probability thresholds on the sigmoid, or argmax over background + classes.
 """

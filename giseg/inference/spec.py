@@ -1,4 +1,8 @@
-"""(from inference.py)"""
+"""The inference spec (``inference_spec.json`` beside the weights): how a model sees its inputs and reads its outputs.
+
+dataset, task, classes, image size, context slices and stride, normalisation, thresholds, the training split and
+tune's decisions. It is read back strictly: a missing file, key or a value out of range is refused with one line
+naming it. Fields that are also training flags carry ``flag`` metadata: TrainConfig gets them from here."""
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +60,7 @@ class InferenceSpec:
     thresholds: tuple[float, ...]  # multilabel: one probability threshold per class; multiclass: () (argmax)
     split: dict | None = None  # the training split {"n_folds", "fold", "split_seed"}; None: not known (older folder)
     dataset_options: dict | None = None  # how a generic adapter (hf) read the data (trainer.dataset_options)
-    # tune.py's choices per class (postprocess.py); None: off (a folder that was never tuned)
+    # giseg tune's choices per class (inference/postprocess.py); None: off (a folder that was never tuned)
     min_area: tuple[float, ...] | None = None  # gate: fraction of a slice's pixels below which a class is dropped
     min_prob: tuple[float, ...] | None = None  # gate: a class whose highest probability is below it is dropped
     postprocess: tuple[str, ...] | None = None  # per volume: "none", "largest" or "min:<voxels>" (3D components)
@@ -148,4 +152,4 @@ def _legacy_spec(folder: Path) -> dict:
     return {"dataset": cfg["gi_dataset"], "task": cfg["gi_task"], "classes": classes,
             "image_size": pre["size"].get("height"), "context_slices": cfg["gi_context_slices"],
             "context_stride": cfg["gi_context_stride"], "mean": pre["image_mean"], "std": pre["image_std"],
-            "thresholds": () if multiclass else (0.5,) * len(classes)}  # predict.py's threshold then
+            "thresholds": () if multiclass else (0.5,) * len(classes)}  # giseg predict's threshold then

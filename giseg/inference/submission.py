@@ -1,4 +1,4 @@
-"""(from predict.py)"""
+"""Submission rows (id, class, run-length code at original size) from a model or an ensemble."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,1 +1,1 @@
-"""."""
+"""Models: Hugging Face checkpoints with new heads, widened inputs, tiny configs, CNN baselines."""

@@ -6,7 +6,7 @@
     --base_model unet-resnext50    U-Net with a ResNeXt50 32x4d encoder (Bottlenecks 3-4-6-3, 32 groups)
     --base_model dense-unet        U-Net whose encoder blocks are dense blocks (the "FancyUNet" / DenseUNet
                                    baseline of the SegFormer-vs-U-Net comparison)
-    --base_model unext             UNeXt (MICCAI 2022): conv stages, then tokenised shifted-MLP stages (unext.py)
+    --base_model unext             UNeXt (MICCAI 2022): conv stages, then tokenised shifted-MLP stages (models/unext.py)
 
 Why not segmentation_models_pytorch: it (and timm) require torchvision, which on a CPU machine replaces the CPU
 torch build with a multi-GB CUDA one, and its pretrained encoder weights come from a hub we cannot reach. The
@@ -14,7 +14,7 @@ architectures here are the same recipes, written out; all start from random weig
 
 They are ``PreTrainedModel`` subclasses registered with the Auto classes, so a trained one saves with
 ``save_pretrained`` (safetensors + config.json) and loads with
-``AutoModelForSemanticSegmentation.from_pretrained(folder)`` once this module is imported (model.py does).
+``AutoModelForSemanticSegmentation.from_pretrained(folder)`` once this module is imported (models/load.py does).
 """
 from __future__ import annotations
 

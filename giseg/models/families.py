@@ -1,4 +1,4 @@
-"""(from model.py)"""
+"""The model families: their input statistics, their Auto class, the image processor saved with a model."""
 from __future__ import annotations
 
 from transformers import AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation, SegformerImageProcessorPil

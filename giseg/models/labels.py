@@ -1,4 +1,4 @@
-"""(from inference.py)"""
+"""A model's labels for a task: the classes (multilabel), or background + the classes (multiclass)."""
 from __future__ import annotations
 
 from giseg.utils import UserError

@@ -1,4 +1,7 @@
-"""(from model.py)"""
+"""Small random models of the real architectures (150 ADE-like labels), saved like hub checkpoints.
+
+They stand in for hub ids where there is no network: the tests and the demo fine-tune them through the same
+``from_pretrained`` path as a real checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""(from model.py)"""
+"""Input widening (--context_slices 5, 7 ...): the first convolution takes more channels, output unchanged."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,7 @@
-"""(from model.py)"""
+"""SegmentationModel: ``forward(pixel_values) -> (logits, aux logits)`` for every family, and what DDP needs.
+
+The auxiliary head's output (UperNet, DPT, BEiT) is captured with a forward hook; a mask-classification model
+(Mask2Former) returns per-class maps built from its queries, and its own matched loss given targets."""
 from __future__ import annotations
 
 import torch

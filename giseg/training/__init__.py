@@ -1,1 +1,1 @@
-"""."""
+"""Training: configuration, run folder and identity, checkpoints, signals, losses, EMA, trackers, cards, CV."""

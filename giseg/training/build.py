@@ -1,4 +1,4 @@
-"""(from trainer.py)"""
+"""Building a run: data (index, split, cache), model with its spec, loaders, optimizer, schedule, loss, resume."""
 from __future__ import annotations
 
 import json
@@ -60,7 +60,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     stop: bool = False  # max_train_steps reached, or early stopping
     query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
-    family: str = ""  # the model family (model.py), for the model cards
+    family: str = ""  # the model family (models/), for the model cards
     trackers: list = field(default_factory=list)  # --report_to, parsed
     ema: WeightEMA | None = None  # --ema_decay: the average that evaluation and the saved models use
     ema_source: torch.nn.Module | None = None  # the unwrapped model it follows

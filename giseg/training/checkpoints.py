@@ -1,4 +1,6 @@
-"""(from trainer.py)"""
+"""Resumable states: checkpoints/step_<N> (accelerator state + trainer_state.json with every file's size).
+
+A state is written to a temporary folder and renamed; an incomplete or foreign one is never resumed."""
 from __future__ import annotations
 
 import dataclasses

@@ -41,16 +41,14 @@ SpecFlags = dataclasses.make_dataclass("SpecFlags", [(f.name, f.type, field(defa
 
 
 @dataclass
-class TrainConfig(HFOptions, SpecFlags):
-    """Every training flag, declared once: its help, choices and --help section (group), whether a resume must keep
-    it (identity: see run_dir.RUN_IDENTITY), whether the model card lists it (card). The parser, the resume check,
-    the card and docs/flags.md are derived from these fields; tests/training/test_config.py checks each has them."""
+class TrainerFlags:
+    """The flags that only the trainer has (the fields of TrainConfig before the shared ones)."""
     # model and data
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
         "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
                 "UperNet-ConvNeXt, DPT, BEiT or Mask2Former checkpoint (or any AutoModelForSemanticSegmentation "
                 "family); its decode/auxiliary/class heads are replaced. Or a CNN baseline trained from scratch: "
-                "unet, unet-resnet34, unet-resnext50, dense-unet (baselines.py), unext (unext.py)",
+                "unet, unet-resnet34, unet-resnext50, dense-unet (models/baselines.py), unext (models/unext.py)",
         "identity": True, "group": "model and data"})
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder",
@@ -99,10 +97,10 @@ class TrainConfig(HFOptions, SpecFlags):
         "help": "peak learning rate",
         "identity": True, "group": "optimisation", "card": True})
     weight_decay: float = field(default=0.01, metadata={
-        "help": "weight decay",
+        "help": "AdamW/Adam/SGD weight decay of the weights (not of biases and norms)",
         "identity": True, "group": "optimisation", "card": True})
     optimizer: str = field(default="AdamW", metadata={
-        "help": "optimizer",
+        "help": "AdamW (fused on GPU), Adam, or SGD (momentum 0.9, Nesterov)",
         "identity": True, "group": "optimisation", "card": True, "choices": OPTIMIZERS})
     scheduler_name: str = field(default="cosine", metadata={
         "help": "MultiStepLR (x lr_gamma at lr_milestones epochs), cosine, poly (power 1.0) or constant; all after "
@@ -127,7 +125,7 @@ class TrainConfig(HFOptions, SpecFlags):
         "help": "gradient clipping norm (0: off)",
         "identity": True, "group": "optimisation"})
     mixed_precision: str = field(default="no", metadata={
-        "help": "autocast on GPU",
+        "help": "autocast: bf16 or fp16 on GPU (fp16 with loss scaling); no: float32",
         "identity": True, "group": "optimisation", "card": True, "choices": ("no", "fp16", "bf16")})
     seed: int = field(default=42, metadata={
         "help": "seed of weights init, shuffling and augmentation",
@@ -160,7 +158,7 @@ class TrainConfig(HFOptions, SpecFlags):
         "help": "weight of the auxiliary head's loss (UperNet, DPT, BEiT); 0 removes the auxiliary head",
         "identity": True, "group": "loss and metric", "card": True})
     threshold: float = field(default=0.5, metadata={
-        "help": "sigmoid threshold of multilabel predictions, every class (saved with the model for predict.py)",
+        "help": "sigmoid threshold of multilabel predictions, every class (saved with the model for giseg predict)",
         "identity": True, "group": "loss and metric"})
     empty_dice: str = field(default="1", metadata={
         "help": "Dice of a slice-class pair whose prediction and truth are both empty: 1 (1st-place solution, "
@@ -231,6 +229,14 @@ class TrainConfig(HFOptions, SpecFlags):
         "identity": False, "group": "the Hugging Face ecosystem"})
 
 
+@dataclass
+class TrainConfig(HFOptions, SpecFlags, TrainerFlags):
+    """Every training flag, declared once: its help, choices and --help section (group), whether a resume must keep
+    it (identity: see run_dir.RUN_IDENTITY), whether the model card lists it (card). The parser, the resume check,
+    the card and docs/flags.md are derived from these fields; tests/training/test_config.py checks each has them."""
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one option per TrainConfig field, in the --help section its metadata names."""
     ap = argparse.ArgumentParser(prog="trainer.py", description=__doc__.split("\n", 2)[2],
@@ -285,7 +291,7 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.fold == -1:
         if cfg.final_eval or cfg.early_stopping_patience:
             raise UserError("--fold -1 trains on every case with no validation set: --final_eval and "
-                            "--early_stopping_patience need one (cv.py gives the cross-validated figures)")
+                            "--early_stopping_patience need one (giseg cv gives the cross-validated figures)")
         check_fold(0, cfg.n_folds)
     else:
         check_fold(cfg.fold, cfg.n_folds)

@@ -101,7 +101,7 @@ def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
         code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if code != 0:
         raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; run the same "
-                        "cv.py command again to resume it")
+                        "giseg cv command again to resume it")
     logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
 
 
@@ -148,7 +148,7 @@ def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, em
 
 
 def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: list[float] | None,
-                   cache_dir: str, num_workers: int) -> dict:
+                   cache_dir: str, num_workers: int, batch_size: int = 16, mixed_precision: str = "no") -> dict:
     """Out-of-fold figures of the ensemble of several CVs (see the module's doc)."""
     import torch
 
@@ -162,7 +162,7 @@ def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: l
                for d in cv_dirs]
     missing = [str(d) for d, c in zip(cv_dirs, configs) if c is None]
     if missing:
-        raise UserError(f"--ensemble {missing[0]}: no cv_config.json; pass folders written by cv.py")
+        raise UserError(f"--ensemble {missing[0]}: no cv_config.json; pass folders written by giseg cv")
     folds = sorted(set.intersection(*(set(c["folds"]) for c in configs)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     subs, adapter, index = [], None, None
@@ -179,7 +179,8 @@ def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: l
         s = model.spec.split
         _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
         inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
-        subs.append(predict_rows(model, index, rows, inputs, adapter.volume_columns, num_workers=num_workers))
+        subs.append(predict_rows(model, index, rows, inputs, adapter.volume_columns, batch_size, mixed_precision,
+                                 num_workers=num_workers))
         logger.info("ensemble: fold %d predicted (%d slices, %d models)", k, len(rows), len(model.members))
     sub = pd.concat(subs, ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)

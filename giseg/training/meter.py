@@ -1,4 +1,4 @@
-"""(from trainer.py)"""
+"""Training losses summed on the device, read back only at log steps, saves and epoch ends; images/s."""
 from __future__ import annotations
 
 import time

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from giseg.data.registry import DATASETS
 from giseg.models.baselines import BASELINE_FAMILIES
 from giseg.models.families import QUERY_FAMILIES
 from giseg.training.config import TrainConfig
@@ -25,12 +26,8 @@ EMPTY_RULE = {"1": "scores 1 (the 1st-place solution's rule; the default)",
               "skip": "is left out of the mean (as a public grader does)"}
 
 
-LIMITS = {"gi": "MRI of the abdomen (UW-Madison GI tract: MR-Linac scans of the abdomen, axial slices) and these "
-                "three organs only: large bowel, small bowel, stomach.",
-          "lgg": "brain MRI (FLAIR, the LGG collection's kaggle_3m slices) and one class only: tumor."}
 
 
-DATASET_NAMES = {"gi": "UW-Madison GI Tract Image Segmentation", "lgg": "LGG brain MRI segmentation (kaggle_3m)"}
 
 
 def hub_id(text: str) -> str | None:
@@ -46,7 +43,8 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
     from huggingface_hub import EvalResult, ModelCardData
 
     dataset, classes = spec.dataset, list(spec.classes)
-    data_name = DATASET_NAMES.get(dataset, f"{config['data_dir']} (Hugging Face datasets)")
+    adapter = DATASETS.get(dataset)
+    data_name = adapter.title if adapter is not None and adapter.title else f"{config['data_dir']} ({dataset} dataset)"
     n_folds, fold = config["n_folds"], config["fold"]
     split = (f"validation fold {fold} of {n_folds} (case-level, seed {config['split_seed']})" if fold >= 0 else
              "every case (--fold -1: no validation set)")
@@ -112,7 +110,7 @@ At the training size, per-slice Dice averaged over slices (step {record['step']}
 {figures}
 
 {score_line}""" if results else "## Results\nNone: this model was trained on every case (`--fold -1`), with no "
-                    "validation set; the cross-validation of the same settings (cv.py) gives its expected figures.")
+                    "validation set; the cross-validation of the same settings (giseg cv) gives its expected figures.")
     body = f"""
 # {Path(config['output_dir']).name}: {family} for {', '.join(classes)} ({what}/)
 
@@ -142,7 +140,8 @@ Empty slices: a (slice, class) pair whose prediction and ground truth are both e
 {usage}
 
 ## Limits
-Trained and validated on {LIMITS.get(dataset, f'{data_name} only, classes: ' + ', '.join(classes) + '.')}
+Trained and validated on {adapter.limits if adapter is not None and adapter.limits else
+                          f'{data_name} only, classes: ' + ', '.join(classes) + '.'}
 Figures come from one validation fold of the training data, not from an independent test set. A research
 model, not a medical device: every contour needs a clinician's review.
 """

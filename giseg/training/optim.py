@@ -1,4 +1,4 @@
-"""(from trainer.py)"""
+"""Optimizer, learning-rate schedule (warm-up, then cosine, poly, MultiStepLR or constant) and early stopping."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,7 @@
-"""(from trainer.py)"""
+"""The run folder: claimed with a lock, a fresh start or a resume checked against the run's identity.
+
+RUN_IDENTITY is what a resume must share with the run it continues (the TrainConfig fields declared with
+``identity``); run_config.json records every argument, the run id and each resume."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""(from trainer.py)"""
+"""SIGTERM / SIGINT: finish the step, save a resumable state, stop; several processes agree on it."""
 from __future__ import annotations
 
 import signal

@@ -6,7 +6,7 @@
 
 Each prediction / reference is one slice: a (3, H, W) 0/1 array for large_bowel, small_bowel, stomach.
 Returns dice_<class> (per-slice mean), dice_mean, global_dice_<class> (all pixels pooled) and global_dice_mean,
-the same figures as the toolkit's metrics.py. ``empty_dice``: the Dice of an empty prediction on an empty truth,
+the same figures as the toolkit's evaluation/metrics.py. ``empty_dice``: the Dice of an empty prediction on an empty truth,
 "1" (default), "0" or "skip" (left out of the mean).
 
 This file is self-contained (numpy only) because `evaluate` copies it into its module cache.

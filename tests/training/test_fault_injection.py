@@ -1,7 +1,7 @@
 """SIGKILL at the trainer's commit points, then a plain `--resume_from_checkpoint latest`: the run must end as an
 uninterrupted one. Three chosen points run here (a half-deleted checkpoint is tested without strace in
 test_reliability.py::test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once); every point (about 80, ~25 min) with
-FAULT_INJECTION=all python -m pytest tests/test_fault_injection.py   (or python tests/fault_injection.py)."""
+FAULT_INJECTION=all python -m pytest tests/training/test_fault_injection.py   (or python tests/training/fault_injection.py)."""
 import os
 import re
 import shutil

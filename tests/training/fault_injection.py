@@ -1,7 +1,7 @@
 """Kill the trainer at its rename and delete points, resume, and check the run ends as an uninterrupted one.
 
-    python tests/fault_injection.py                 every kill point (about 80; ~25 min on 2 CPU cores)
-    python tests/fault_injection.py --sample 4      4 points spread over the run (what CI runs)
+    python tests/training/fault_injection.py                 every kill point (about 80; ~25 min on 2 CPU cores)
+    python tests/training/fault_injection.py --sample 4      4 points spread over the run (what CI runs)
 
 A reference run (2 epochs, a resumable state every 2 steps and at each epoch end, --save_total_limit 1, so
 the epoch-end save replaces the step save of the same number) is traced with strace to list its commit points:
@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SYSCALLS = ("rename", "unlinkat")
 TOLERANCE = 1e-5
 COMPARED = ("epoch", "step", "train_loss", "val_loss", "dice_mean")
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     killed = sum(o.killed for o in outcomes)
     ok = sum(o.ok for o in outcomes)
     print(f"kill points tried {len(outcomes)}, killed there {killed}, completed identically {ok}; "
-          f"command: python tests/fault_injection.py{f' --sample {args.sample}' if args.sample else ''}")
+          f"command: python tests/training/fault_injection.py{f' --sample {args.sample}' if args.sample else ''}")
     return 0 if ok == len(outcomes) and killed == len(outcomes) else 1
 
 

@@ -72,3 +72,39 @@ def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
 
     with pytest.raises(UserError, match="--push_to_hub needs --hub_model_id"):
         validate_config(TrainConfig(push_to_hub=True))
+
+
+@pytest.mark.parametrize("family", ["segformer", "upernet", "dpt", "beit", "mask2former", "unet", "unext"])
+def test_the_cards_usage_code_loads_the_folder_for_every_family(family, tiny_models, tmp_path):
+    """Each family's card shows code that loads its own folder: run in a fresh interpreter (so nothing this test
+    process registered helps it), it must give masks at the scan's size. The CNN baselines' model types (gi_unet,
+    gi_unext) need their registration import, Mask2Former the toolkit's query post-processing."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from giseg.inference.spec import InferenceSpec
+    from giseg.models.load import load_model, save_model
+    from giseg.models.tiny import make_tiny
+    from giseg.training.config import TrainConfig
+    from giseg.training.model_card import card_text
+
+    classes = ("large_bowel", "small_bowel", "stomach")
+    base = (str(tiny_models[family]) if family in tiny_models else
+            str(make_tiny(family, tmp_path / "tiny")) if family == "mask2former" else family)
+    loaded = load_model(base, "multilabel", classes)
+    spec = InferenceSpec(dataset="gi", task="multilabel", classes=classes, image_size=64, context_slices=1,
+                         context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
+    folder = tmp_path / "best"
+    config = dataclasses.asdict(TrainConfig(base_model=base, output_dir=str(tmp_path), image_size=64))
+    card = card_text(config=config, spec=spec, record={"step": 1, "epoch": 1}, family=loaded.family,
+                     split_sizes={"slices": 1, "cases": 1, "train": 1, "val": 1}, scores=None, repo=str(folder),
+                     what="best")
+    save_model(loaded.model, folder, spec, card=card)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    res = subprocess.run([sys.executable, "-c", code + "\nprint('MASKS', tuple(masks.shape), masks.dtype)"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    shape = "(1, 3, 266, 266)" if family == "mask2former" else "(3, 266, 266)"
+    assert f"MASKS {shape} torch.bool" in res.stdout

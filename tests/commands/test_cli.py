@@ -1,0 +1,39 @@
+"""The `giseg` command: one entry with a subcommand per job; bad input is one `error:` line and exit status 2."""
+import subprocess
+import sys
+
+import pytest
+
+from giseg.cli import COMMANDS, main
+
+
+def test_the_overview_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS) and "python trainer.py --help" in out
+
+
+def test_an_unknown_command_is_one_line_and_exit_2(capsys):
+    assert main(["predcit"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown command 'predcit'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--model", "no/such/folder", "--data_dir", "."], "error: --model no/such/folder: no config.json"),
+    (["score", "--pred", "missing.csv", "--data_dir", "no/such/folder"], "error: "),
+    (["tune", "--model", "m", "--data_dir", ".", "--batch_size", "0"], "error: --batch_size must be >= 1"),
+    (["demo-data", "--size", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_input_to_a_command_is_one_line_and_exit_2(argv, message, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "giseg", *argv], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_the_console_script_and_python_m_are_the_same_entry():
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("giseg") == "giseg.cli:main"  # pip install -e . put it on PATH

@@ -1,0 +1,54 @@
+"""Docs that cannot drift: the flag reference is the parsers' own --help, every page is linked and every link
+resolves, the README stays short, and no page names a command that no longer exists."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from giseg.commands.flags import PARSERS, WIDTH, help_text, reference
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PAGES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *DOCS]
+
+
+def test_the_flag_reference_is_what_the_parsers_say():
+    assert (ROOT / "docs" / "flags.md").read_text() == reference(), \
+        "docs/flags.md is out of date: run `giseg flags --out docs/flags.md`"
+
+
+@pytest.mark.parametrize("argv, module", [(["trainer.py"], "giseg.training.config"),
+                                          (["-m", "giseg", "predict"], "giseg.commands.predict"),
+                                          (["-m", "giseg", "cv"], "giseg.commands.cv")])
+def test_the_reference_is_the_help_a_user_gets(argv, module):
+    """The in-process parsers that write the reference are the ones the commands parse with."""
+    env = {**os.environ, "COLUMNS": str(WIDTH + 2)}
+    res = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout == help_text(module)
+    assert module in dict((m, n) for n, m in PARSERS)
+
+
+def test_the_readme_is_short_and_links_every_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 10 * 1024
+    for page in DOCS:
+        assert f"(docs/{page.name})" in readme, f"docs/{page.name} is not linked from the README"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        assert (page.parent / target).exists(), f"{page.relative_to(ROOT)}: broken link {target}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_names_a_command_that_is_gone(page):
+    gone = re.findall(r"python (?:tools/)?(?:predict|score|tune|cv|compare|app|export_hf|visualise|demo_data|lgg|"
+                      r"fault_injection|make_notebook)\.py", page.read_text())
+    assert gone == [], f"{page.relative_to(ROOT)} names {gone}: these are `giseg <command>` now"
