@@ -8,9 +8,10 @@ last/ (save_pretrained folders that AutoModelForSemanticSegmentation / AutoImage
 inference_spec.json that giseg predict reads) and checkpoints/step_<N>/ (accelerator state for
 --resume_from_checkpoint latest).
 
-The loop reads top to bottom in train(): build_run (data, model, loaders, optimizer), then per epoch
-train_one_epoch (training_step per batch, after_optimizer_step per optimizer step) and end_epoch (evaluate, best
-model, early stopping, saving).
+The loop reads top to bottom: train() sets the run up (giseg/training/: configuration, run folder and identity, data,
+model, loaders, optimizer), train_epochs() runs the epochs, train_one_epoch() the batches (training_step per batch,
+after_optimizer_step per optimizer step), end_epoch() evaluates and saves (best/, last/, a resumable state), and
+final_evaluation() scores best/ at original sizes. Every flag: python trainer.py --help (giseg/training/config.py).
 """
 from __future__ import annotations
 
@@ -49,103 +50,73 @@ from giseg.utils import (
     storage_guard,
 )
 
-# transformers (models/), accelerate and albumentations are imported where they are used: together they cost
+# transformers (giseg.models), accelerate and albumentations are imported where they are used: together they cost
 # about 3 s of start-up that `--help` and a rejected argument do not need.
 
 
-def final_evaluation(run: "Run") -> dict:
-    """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
-    cfg, out, d = run.cfg, run.output_dir, run.data
-    segmenter = Segmenter.load(out / "best", run.accelerator.device)
-    index = d.index
-    if not run.adapter.has_labels(index):  # load_data dropped the codes once the cache held the masks: read again
-        index = run.adapter.build_index(cfg.data_dir)
-        if not index["id"].equals(d.index["id"]):
-            raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
-                            "trained on); score best/ with giseg score")
-    sub = predict_rows(Ensemble([segmenter]), index, d.val_rows, [(d.cache, d.neighbours)], run.adapter.volume_columns,
-                       cfg.eval_batch_size, cfg.mixed_precision)
-    write_submission(sub, out / "val_submission.csv")
-    classes = segmenter.spec.classes
-    overall, per_case = score_predictions(run.adapter, index, submission_to_wide(sub, classes=classes),
-                                          cfg.empty_dice)
-    atomic_write_json(out / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
-                                                "empty_dice": cfg.empty_dice})
-    for line in format_table(overall, per_case, classes).splitlines():
-        logger.info("final eval | %s", line)
-    logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
-                overall["dice_mean"], overall["hausdorff"], overall["score"], out / "val_scores.json")
-    return overall
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole fine-tuning; returns the last evaluation's figures (with final_* ones after --final_eval)."""
+    validate_config(cfg)
+    quiet_third_party()
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-
-def save_state(run: Run, meter: LossMeter) -> Path:
-    """A resumable state of this moment, with the epoch's running loss sum."""
-    run.state.epoch_loss_sum = meter.epoch_sum(run.accelerator)
-    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit, run.ema)
-
-
-def training_step(run: Run, batch: dict) -> torch.Tensor:
-    """Forward, loss (plus the auxiliary head's), backward, clipping and the optimizer step of one batch."""
-    cfg, accelerator, model = run.cfg, run.accelerator, run.model
-    pixels = batch["pixel_values"]
-    if cfg.channels_last:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    with accelerator.accumulate(model):
-        if run.query_based:  # Mask2Former: its own Hungarian-matched loss on one mask per present label
-            from giseg.models.wrapper import query_targets
-
-            targets = query_targets(batch["mask"], cfg.task, run.adapter.classes, run.adapter.priority)
-            with accelerator.autocast():
-                _, loss = model(pixels, targets)
+    trackers = parse_report_to(cfg.report_to)
+    accelerator = Accelerator(cpu=launched_without_accelerator(), mixed_precision=cfg.mixed_precision,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              log_with=trackers or None, project_config=ProjectConfiguration(
+                                  project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_FOLDER))
+                              if trackers else None)
+    out = open_output_dir(cfg, accelerator)
+    try:
+        set_seed(cfg.seed)
+        run = build_run(cfg, accelerator, out)
+        run.trackers = trackers
+        start_trackers(accelerator, trackers, out.path.name, {**dataclasses.asdict(cfg), "run_id": out.run_id,
+                                                             "world_size": accelerator.num_processes})
+        last = train_epochs(run)
+        if run.val_dl is None:
+            logger.info("done: %d steps on every case (--fold -1): %s is the final model", run.state.global_step,
+                        run.output_dir / "best")
         else:
-            with accelerator.autocast():
-                logits, aux = model(pixels)
-            size = batch["mask"].shape[-2:]
-            loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
-            if aux is not None and cfg.aux_weight > 0:
-                loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+            logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step,
+                        run.state.best_dice, run.state.best_step, run.output_dir / "best")
+        if cfg.final_eval:
+            if accelerator.is_main_process:
+                final = final_evaluation(run)
+                last = {**last, **{f"final_{k}": v for k, v in final.items()}}
+                best = next((r for r in run.history if r["step"] == run.state.best_step), None)
+                if best is not None and (out.path / "best").is_dir():  # the card gets the competition score
+                    atomic_write_text(out.path / "best" / "README.md", model_card(run, "best", best, final))
+            accelerator.wait_for_everyone()
+        if cfg.push_to_hub and accelerator.is_main_process:
+            from giseg.training.model_card import push_folder  # huggingface_hub: only for --push_to_hub
+
+            push_folder(out.path / "best", cfg.hub_model_id, cfg.hub_private)
+        accelerator.end_training()
+    finally:
+        if out.lock is not None:
+            out.lock.release()
+    return last
 
 
-def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
-    """The periodic log line (the one host sync of the training loop); a NaN/inf loss stops the run."""
-    step = run.state.global_step
-    mean_loss = float(run.accelerator.reduce(meter.running, "mean")) / max(1, meter.running_n)
-    if bool(meter.nonfinite):
-        raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
-                                 "best/ and the last checkpoint hold the last good model. Lower --lr or use "
-                                 "--mixed_precision bf16 instead of fp16")
-    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step, run.total_steps,
-                mean_loss, run.scheduler.get_last_lr()[0], meter.bank())
-    meter.running.zero_()
-    meter.running_n = 0
-
-
-def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignal) -> None:
-    """Per-step duties: schedule, logging, periodic saving, and stopping on a signal (state saved first)."""
-    cfg, state = run.cfg, run.state
-    run.scheduler.step()
-    if run.ema is not None:
-        run.ema.update(run.ema_source)
-    state.global_step += 1
-    step = state.global_step
-    if step % cfg.log_every == 0 or step == run.total_steps:
-        log_progress(run, meter, epoch)
-    if cfg.save_every_steps and step % cfg.save_every_steps == 0:
-        logger.info("saved resumable state %s", save_state(run, meter))
-    signum = agreed_signal(run.accelerator, stop_signal.signum, step, cfg.log_every)
-    if signum:
-        path = save_state(run, meter)
-        name = signal.Signals(signum).name
-        logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
-                     "--resume_from_checkpoint latest", name, step, path)
-        raise Interrupted(signum, f"stopped by {name} at step {step}")
-    run.stop = step >= run.total_steps
+def train_epochs(run: Run) -> dict:
+    """The epochs from where the state stands: each one trained to its end (or until the run must stop) and then
+    evaluated, unless the state says that evaluation already happened. Returns the last evaluation's record."""
+    last = run.history[-1] if run.history else {}
+    meter = LossMeter(run.accelerator.device, run.state)
+    run.model.train()
+    with StopSignal() as stop_signal:
+        for epoch in range(run.state.epoch, run.cfg.epochs):
+            if run.state.batches_in_epoch < len(run.train_dl) and not run.stop:
+                train_one_epoch(run, epoch, stop_signal, meter)
+            if run.state.evaluated_step < run.state.global_step:
+                last = end_epoch(run, epoch, meter)
+                meter.restart_clock()
+            if run.stop:
+                break
+    return last
 
 
 def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> None:
@@ -180,32 +151,74 @@ def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMe
         bar.close()
 
 
-def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> str:
-    """The README.md of best/ or last/ (training/model_card.py) for the evaluation ``record``."""
-    from giseg.training.model_card import card_text
+def training_step(run: Run, batch: dict) -> torch.Tensor:
+    """Forward, loss (plus the auxiliary head's), backward, clipping and the optimizer step of one batch."""
+    cfg, accelerator, model = run.cfg, run.accelerator, run.model
+    pixels = batch["pixel_values"]
+    if cfg.channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with accelerator.accumulate(model):
+        if run.query_based:  # Mask2Former: its own Hungarian-matched loss on one mask per present label
+            from giseg.models.wrapper import query_targets  # (transformers: imported with the model already)
 
-    cfg, d = run.cfg, run.data
-    sizes = {"slices": len(d.index), "cases": int(d.index["case"].nunique()), "train": len(d.train_rows),
-             "val": len(d.val_rows)}
-    return card_text(config=dataclasses.asdict(cfg), spec=run.spec, record=record, family=run.family,
-                     split_sizes=sizes, scores=scores, repo=cfg.hub_model_id or str(run.output_dir / tag), what=tag)
+            targets = query_targets(batch["mask"], cfg.task, run.adapter.classes, run.adapter.priority)
+            with accelerator.autocast():
+                _, loss = model(pixels, targets)
+        else:
+            with accelerator.autocast():
+                logits, aux = model(pixels)
+            size = batch["mask"].shape[-2:]
+            loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
+            if aux is not None and cfg.aux_weight > 0:
+                loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
-def save_models(run: Run, tag: str, record: dict) -> None:
-    """best/ or last/: save_pretrained folder + image processor + inference spec + model card (gathered on every
-    rank)."""
-    from giseg.models.load import save_model
+def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignal) -> None:
+    """Per-step duties: schedule, logging, periodic saving, and stopping on a signal (state saved first)."""
+    cfg, state = run.cfg, run.state
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update(run.ema_source)
+    state.global_step += 1
+    step = state.global_step
+    if step % cfg.log_every == 0 or step == run.total_steps:
+        log_progress(run, meter, epoch)
+    if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+        logger.info("saved resumable state %s", save_state(run, meter))
+    signum = agreed_signal(run.accelerator, stop_signal.signum, step, cfg.log_every)
+    if signum:
+        path = save_state(run, meter)
+        name = signal.Signals(signum).name
+        logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
+                     "--resume_from_checkpoint latest", name, step, path)
+        raise Interrupted(signum, f"stopped by {name} at step {step}")
+    run.stop = step >= run.total_steps
 
-    if run.ema is not None:  # the average (never sharded: --ema_decay refuses FSDP and DeepSpeed)
-        sd = run.ema.model.state_dict()
-    else:
-        sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
-    if run.accelerator.is_main_process:
-        sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
-        wrapper = run.ema.model if run.ema is not None else run.accelerator.unwrap_model(run.model)
-        with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
-            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd,
-                       card=model_card(run, tag, record))
+
+def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
+    """The periodic log line (the one host sync of the training loop); a NaN/inf loss stops the run."""
+    step = run.state.global_step
+    mean_loss = float(run.accelerator.reduce(meter.running, "mean")) / max(1, meter.running_n)
+    if bool(meter.nonfinite):
+        raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
+                                 "best/ and the last checkpoint hold the last good model. Lower --lr or use "
+                                 "--mixed_precision bf16 instead of fp16")
+    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step, run.total_steps,
+                mean_loss, run.scheduler.get_last_lr()[0], meter.bank())
+    meter.running.zero_()
+    meter.running_n = 0
+
+
+def save_state(run: Run, meter: LossMeter) -> Path:
+    """A resumable state of this moment, with the epoch's running loss sum."""
+    run.state.epoch_loss_sum = meter.epoch_sum(run.accelerator)
+    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit, run.ema)
 
 
 def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
@@ -252,69 +265,57 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     return record
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the whole fine-tuning; returns the last evaluation's figures (with final_* ones after --final_eval)."""
-    validate_config(cfg)
-    quiet_third_party()
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+def save_models(run: Run, tag: str, record: dict) -> None:
+    """best/ or last/: save_pretrained folder + image processor + inference spec + model card (gathered on every
+    rank)."""
+    from giseg.models.load import save_model  # transformers (1.8 s): not for --help or a rejected argument
 
-    trackers = parse_report_to(cfg.report_to)
-    accelerator = Accelerator(cpu=launched_without_accelerator(), mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              log_with=trackers or None, project_config=ProjectConfiguration(
-                                  project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_FOLDER))
-                              if trackers else None)
-    out = open_output_dir(cfg, accelerator)
-    try:
-        set_seed(cfg.seed)
-        run = build_run(cfg, accelerator, out)
-        run.trackers = trackers
-        start_trackers(accelerator, trackers, out.path.name, {**dataclasses.asdict(cfg), "run_id": out.run_id,
-                                                             "world_size": accelerator.num_processes})
-        last = train_epochs(run)
-        if run.val_dl is None:
-            logger.info("done: %d steps on every case (--fold -1): %s is the final model", run.state.global_step,
-                        run.output_dir / "best")
-        else:
-            logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step,
-                        run.state.best_dice, run.state.best_step, run.output_dir / "best")
-        if cfg.final_eval:
-            if accelerator.is_main_process:
-                final = final_evaluation(run)
-                last = {**last, **{f"final_{k}": v for k, v in final.items()}}
-                best = next((r for r in run.history if r["step"] == run.state.best_step), None)
-                if best is not None and (out.path / "best").is_dir():  # the card gets the competition score
-                    atomic_write_text(out.path / "best" / "README.md", model_card(run, "best", best, final))
-            accelerator.wait_for_everyone()
-        if cfg.push_to_hub and accelerator.is_main_process:
-            from giseg.training.model_card import push_folder
-
-            push_folder(out.path / "best", cfg.hub_model_id, cfg.hub_private)
-        accelerator.end_training()
-    finally:
-        if out.lock is not None:
-            out.lock.release()
-    return last
+    if run.ema is not None:  # the average (never sharded: --ema_decay refuses FSDP and DeepSpeed)
+        sd = run.ema.model.state_dict()
+    else:
+        sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
+    if run.accelerator.is_main_process:
+        sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
+        wrapper = run.ema.model if run.ema is not None else run.accelerator.unwrap_model(run.model)
+        with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
+            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd,
+                       card=model_card(run, tag, record))
 
 
-def train_epochs(run: Run) -> dict:
-    """The epochs from where the state stands: each one trained to its end (or until the run must stop) and then
-    evaluated, unless the state says that evaluation already happened. Returns the last evaluation's record."""
-    last = run.history[-1] if run.history else {}
-    meter = LossMeter(run.accelerator.device, run.state)
-    run.model.train()
-    with StopSignal() as stop_signal:
-        for epoch in range(run.state.epoch, run.cfg.epochs):
-            if run.state.batches_in_epoch < len(run.train_dl) and not run.stop:
-                train_one_epoch(run, epoch, stop_signal, meter)
-            if run.state.evaluated_step < run.state.global_step:
-                last = end_epoch(run, epoch, meter)
-                meter.restart_clock()
-            if run.stop:
-                break
-    return last
+def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> str:
+    """The README.md of best/ or last/ (training/model_card.py) for the evaluation ``record``."""
+    from giseg.training.model_card import card_text  # huggingface_hub: only when a model is saved
+
+    cfg, d = run.cfg, run.data
+    sizes = {"slices": len(d.index), "cases": int(d.index["case"].nunique()), "train": len(d.train_rows),
+             "val": len(d.val_rows)}
+    return card_text(config=dataclasses.asdict(cfg), spec=run.spec, record=record, family=run.family,
+                     split_sizes=sizes, scores=scores, repo=cfg.hub_model_id or str(run.output_dir / tag), what=tag)
+
+
+def final_evaluation(run: "Run") -> dict:
+    """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
+    cfg, out, d = run.cfg, run.output_dir, run.data
+    segmenter = Segmenter.load(out / "best", run.accelerator.device)
+    index = d.index
+    if not run.adapter.has_labels(index):  # load_data dropped the codes once the cache held the masks: read again
+        index = run.adapter.build_index(cfg.data_dir)
+        if not index["id"].equals(d.index["id"]):
+            raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
+                            "trained on); score best/ with giseg score")
+    sub = predict_rows(Ensemble([segmenter]), index, d.val_rows, [(d.cache, d.neighbours)], run.adapter.volume_columns,
+                       cfg.eval_batch_size, cfg.mixed_precision)
+    write_submission(sub, out / "val_submission.csv")
+    classes = segmenter.spec.classes
+    overall, per_case = score_predictions(run.adapter, index, submission_to_wide(sub, classes=classes),
+                                          cfg.empty_dice)
+    atomic_write_json(out / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
+                                                "empty_dice": cfg.empty_dice})
+    for line in format_table(overall, per_case, classes).splitlines():
+        logger.info("final eval | %s", line)
+    logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
+                overall["dice_mean"], overall["hausdorff"], overall["score"], out / "val_scores.json")
+    return overall
 
 
 @command

@@ -1,26 +1,4 @@
-"""Cross-validation: train every fold of one model, score each at original size, and write the CV table.
-
-    giseg cv --output_dir runs/cv-segformer --folds all -- --base_model <id or folder> --data_dir <folder> ...
-    giseg cv --output_dir runs/cv-segformer --parallel 2 --gpus 0,1,2,3 -- ...   # two folds at a time, 2 GPUs each
-    giseg cv --output_dir runs/cv-segformer --final_model -- ...                   # then one model on every case
-
-Everything after ``--`` goes to trainer.py (its --n_folds and --split_seed define the folds). Fold k trains in
-<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python trainer.py``, or ``accelerate launch``
-with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
-present) is kept; an interrupted one resumes from its checkpoint. Then:
-  cv_scores.json / cv_table.md  per class Dice, mean Dice, 3D Hausdorff and competition score per fold, their
-                                mean and sample standard deviation over the folds, and the out-of-fold row: every
-                                fold's validation predictions (val_submission.csv) scored together
-  oof_submission.csv            those predictions, one row per slice and class of the whole data set
---final_model then trains <output_dir>/final on every case (trainer.py --fold -1: no validation set, best/ is the
-last epoch's model), as the 1st-place solution trained its submitted models.
-
-    giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
-
-scores an ensemble of finished CVs out of fold, with no training: fold k's models of every CV (same folds) average
-their probabilities on fold k's cases (inference.Ensemble; each with its own size, normalisation and 2.5D setting),
-and the predictions of all folds are scored as one submission (ensemble_scores.json, ensemble_submission.csv).
-"""
+"""Cross-validation: `giseg cv` (the folds, the CV table and the out-of-fold figures: giseg/training/cv.py)."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +7,9 @@ import sys
 from pathlib import Path
 
 from giseg.commands.options import RunOptions, parse_weights
+from giseg.data.hf import dataset_options
+from giseg.data.registry import get_adapter
+from giseg.training import cv
 from giseg.training.cv import (
     cv_table,
     fold_command,
@@ -44,7 +25,7 @@ from giseg.utils import UserError, add_options, atomic_write_json, atomic_write_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg cv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="giseg cv", description=cv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", required=True, help="the CV's folder: fold_<k>/, cv_table.md, cv_scores.json")
     ap.add_argument("--folds", default="all", help="'all' or comma-separated folds (default all)")
     ap.add_argument("--parallel", type=int, default=1, help="folds trained at the same time (default 1: one by one)")
@@ -82,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                        parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers,
                        args.batch_size, args.mixed_precision)
         return 0
-    from giseg.training.config import parse_config, validate_config
+    from giseg.training.config import parse_config, validate_config  # torch: not for --help
 
     forbidden = [a for a in trainer_args if a.split("=")[0] in ("--fold", "--output_dir")]
     if forbidden:
@@ -110,9 +91,6 @@ def main(argv: list[str] | None = None) -> int:
         run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
 
     run_in_slots(todo, groups, train_fold)
-
-    from giseg.data.hf import dataset_options
-    from giseg.data.registry import get_adapter
 
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     rows = fold_figures(cv_dir, folds)

@@ -20,6 +20,7 @@ import torch
 from giseg.commands.options import RunOptions, check_run_options, check_split, parse_thresholds, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
+from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.submission import predict_rows, write_submission
 from giseg.utils import UserError, add_options, command, logger, quiet_third_party, setup_logging
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     model = Ensemble.load(args.model, device, weights)  # a wrong --model fails before any data work
     spec = model.spec
     if args.tuned:
-        from giseg.evaluation.tuning import read_tuned
         model = model.with_decisions(**read_tuned(args.tuned))
         spec = model.spec
     thresholds = parse_thresholds(args.thresholds, spec.classes)

@@ -1,15 +1,4 @@
-"""Score a submission (id,class,predicted run-length codes) against the ground truth of a data folder.
-
-    giseg score --pred submission.csv --data_dir <folder with train.csv> [--json scores.json]
-
-Figures, overall and per case: per-slice Dice per class and mean (the --empty_dice rule for empty/empty pairs),
-global (pooled) Dice, IoU, 3D Hausdorff per volume (GI: a case-day; metrics.hausdorff_3d: per class, then the
-mean over the volume-class pairs where either mask is non-empty; `hausdorff_merged` uses the union of the
-classes), the competition score 0.4 * dice_mean + 0.6 * (1 - hausdorff), and "time saved": per class, the share
-of slices showing the class whose Dice clears --time_saved_threshold. Only the volumes present in the submission
-are scored, and each of them must be complete. The ground truth, the classes and the volumes come from the
---dataset adapter.
-"""
+"""Score a submission: `giseg score` (the figures: giseg/evaluation/score.py)."""
 from __future__ import annotations
 
 import argparse
@@ -17,12 +6,13 @@ import argparse
 from giseg.commands.options import ScoringOptions
 from giseg.data.hf import HFOptions, dataset_options
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
+from giseg.evaluation import score
 from giseg.evaluation.score import format_table, read_submission, score_predictions
 from giseg.utils import add_options, atomic_write_json, command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="giseg score", description=score.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
     ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
     ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")

@@ -1,22 +1,4 @@
-"""Tune per-class thresholds, empty-slice gates and 3D post-processing on validation data; save them with the model.
-
-    giseg tune --model runs/<name>/best --data_dir <folder>          # the model's own validation fold
-    giseg tune --cv runs/<cv> --data_dir <folder>                    # out of fold: each fold's best/ on its cases
-    giseg tune --cv runs/<cv1> runs/<cv2> --out ens.json ...         # their fold-by-fold ensemble, out of fold
-    giseg tune --model runs/a/best runs/b/best --out ens.json ...    # an ensemble (members share a split)
-
-For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
-giseg score figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
-from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
-then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
-voxels. It starts from the untuned decisions
-(threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
-rule for post-processing), so the result never scores below the start on the data it was tuned on.
-
-The choices go into the inference spec of every tuned model folder (giseg predict, the app and evaluation/figures.py use them;
-giseg predict --thresholds still overrides), or into --out for an ensemble (giseg predict --tuned). tuning.json and
-tuning.md (before/after, per class) are written beside them.
-"""
+"""Tune thresholds, gates and post-processing: `giseg tune` (the search: giseg/evaluation/tuning.py)."""
 from __future__ import annotations
 
 import argparse
@@ -30,6 +12,7 @@ import torch
 from giseg.commands.options import RunOptions, ScoringOptions, check_run_options, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
+from giseg.evaluation import tuning
 from giseg.evaluation.tuning import (
     SEARCH,
     Tuner,
@@ -54,7 +37,7 @@ from giseg.utils import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="giseg tune", description=tuning.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", nargs="+", help="a model folder (runs/<name>/best), or several: an ensemble")
     who.add_argument("--cv", nargs="+", help="a giseg cv run folder: every fold's best/ on its own validation cases (out "

@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from giseg.data.cache import build_cache
+from giseg.data.volumes import neighbour_table
 from giseg.inference.postprocess import class_probabilities, gate, masks_from_probabilities, postprocess_volume
 from giseg.inference.segmenter import Segmenter
 from giseg.utils import UserError
@@ -70,9 +72,6 @@ class Ensemble:
 
     def inputs(self, adapter, index: pd.DataFrame, cache_dir: str | Path, num_threads: int = 1) -> list[tuple]:
         """Each member's (decode-once cache at its image size, neighbour table of its 2.5D setting)."""
-        from giseg.data.cache import build_cache
-        from giseg.data.volumes import neighbour_table
-
         caches: dict[int, object] = {}
         out = []
         for m in self.members:

@@ -54,6 +54,7 @@ class Segmenter:
     @classmethod
     def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "Segmenter":
         """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``."""
+        # transformers (1.8 s): only the commands that load a model pay it
         from giseg.models.families import auto_class
         from giseg.models.wrapper import SegmentationModel
 

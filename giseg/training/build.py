@@ -108,6 +108,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), the inference
     spec saved with it, and its family. Under DDP (``processes`` > 1) gradients are put in their parameters'
     layout."""
+    # transformers (1.8 s): not imported for --help or a rejected argument
     from giseg.models.load import load_model
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 
@@ -141,7 +142,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
 
 
 def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
-    from giseg.data.augment import train_transform
+    from giseg.data.augment import train_transform  # albumentations (1 s): only where training needs it
 
     rows, pool, draws = data.train_rows, None, 0
     if cfg.empty_slice_fraction >= 0:

@@ -37,7 +37,8 @@ import pandas as pd
 
 from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the project checkout (pip install -e .): trainer.py is there
+TRAINER = ROOT / "trainer.py"
 
 
 FIGURES = ("dice_mean", "hausdorff", "score")
@@ -89,7 +90,10 @@ def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: lis
         prefix = [sys.executable]
     extra = ["--fold", "-1"] if fold is None else ["--fold", str(fold), "--final_eval"]
     resume = ["--resume_from_checkpoint", "latest"] if (out / "run_config.json").is_file() else []
-    return [*prefix, str(ROOT / "trainer.py"), *trainer_args, *extra, "--output_dir", str(out), *resume]
+    if not TRAINER.is_file():
+        raise UserError(f"giseg cv trains each fold with {TRAINER}, which this installation lacks: install the "
+                        "project from its checkout (pip install -e <checkout>)")
+    return [*prefix, str(TRAINER), *trainer_args, *extra, "--output_dir", str(out), *resume]
 
 
 def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
@@ -137,6 +141,8 @@ def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None) -> tu
 
 def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, empty: str) -> dict:
     """Every fold's validation predictions in one submission, scored against the whole ground truth."""
+    # (the imports of scoring and inference wait until the folds are trained: the CV driver itself only starts
+    # processes until then, and torch's import costs 2 s)
     from giseg.evaluation.score import score_predictions, submission_to_wide
 
     sub = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_submission.csv", dtype=str, keep_default_na=False)

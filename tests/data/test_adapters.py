@@ -155,3 +155,14 @@ def test_predict_visualise_and_app_give_the_masks_of_the_trainers_evaluation(sha
 def test_an_unknown_dataset_is_named_with_the_registered_ones():
     with pytest.raises(UserError, match="unknown dataset 'nope'; registered: gi, lgg"):
         get_adapter("nope")
+
+
+def test_an_adapter_without_options_cannot_have_them_changed_through_a_shared_default():
+    """The base class's options are a read-only empty mapping: no adapter can change another's by mutating it."""
+    import pytest
+
+    from giseg.data.registry import DATASETS
+
+    with pytest.raises(TypeError):
+        DATASETS["gi"].options["image_column"] = "x"
+    assert dict(DATASETS["lgg"].options) == {} and not DATASETS["gi"].options

@@ -130,7 +130,8 @@ def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new
     resume = dataclasses.replace(cfg, resume_from_checkpoint="latest", epochs=2)
     with pytest.raises(UserError) as e:
         train(dataclasses.replace(resume, fold=1, image_size=96, train_batch_size=4))
-    assert "--image_size was 64, now 96; --fold was 0, now 1; --train_batch_size was 8, now 4" in str(e.value)
+    # every difference named with its old and new value, in the order of trainer.py --help
+    assert "--fold was 0, now 1; --train_batch_size was 8, now 4; --image_size was 64, now 96." in str(e.value)
     with pytest.raises(UserError, match=r"--base_model was '.*tiny-segformer', now '.*tiny-upernet'"):
         train(dataclasses.replace(resume, base_model=str(tiny_models["upernet"])))  # used to end in a traceback
     assert (out / "run_config.json").read_text() == saved  # a refused resume changes nothing
