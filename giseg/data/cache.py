@@ -34,14 +34,8 @@ from giseg.data.preprocess import prepare_scan, resize_mask
 from giseg.utils import FolderLock, UserError, atomic_dir, logger, recover_replaced
 
 CACHE_VERSION = 2  # bump when the preprocessing below changes
-
-
 MANIFEST = "manifest.json"
-
-
 BLOCKS = 64  # checksummed blocks per file
-
-
 SAMPLED_BLOCKS = 4  # of them checked at every open (first, last and two more)
 
 

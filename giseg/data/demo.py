@@ -40,24 +40,14 @@ ORGANS = ("large_bowel", "small_bowel", "stomach")
 # (case, days, (W, H)) of the demo cases: three scan sizes, one non-square as in the real data.
 DEMO_CASES = ((2, (1, 7), (266, 266)), (7, (3,), (360, 310)), (15, (1, 2), (234, 234)),
               (23, (5,), (360, 310)), (36, (1, 4), (266, 266)), (41, (2,), (360, 310)))
-
-
 SLICES_PER_DAY = 40  # the demo's case-days (real ones have 144 or 80; the demo must train in 2 minutes)
-
-
 PIXEL_SPACING = {(266, 266): 1.50, (234, 234): 1.63, (360, 310): 1.50, (276, 276): 1.63}
 
 
 # the competition's training set by scan size: (W, H), case-days, slices per case-day
 COMPETITION_SIZES = (((266, 266), 180, 144), ((360, 310), 78, 144), ((276, 276), 15, 80), ((234, 234), 1, 144))
-
-
 COMPETITION_CASES = 85
-
-
 SIZES = {"demo": 0, "10x": 2160, "full": 38496}
-
-
 ANATOMIES = ("real", "large")  # --size -> slices of the competition layout (0: DEMO_CASES)
 
 
@@ -115,11 +105,7 @@ REAL_MEDIAN_AREA = {"large_bowel": 0.017, "small_bowel": 0.024, "stomach": 0.015
 
 # where along the volume (relative depth z in [0, 1]) each organ part appears: (start, end); outside, nothing
 LB_PARTS = ((0.22, 0.60), (0.28, 0.74), (0.40, 0.78))  # three cross-sections of the colon
-
-
 SB_PARTS = ((0.34, 0.62), (0.40, 0.72), (0.46, 0.78), (0.36, 0.56))  # small-bowel loops, coming and going
-
-
 ST_PART = (0.18, 0.52)
 
 

@@ -25,14 +25,8 @@ GI_CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")
 
 # Overlap rule of --task multiclass: where organs overlap, the first class of this list wins.
 GI_PRIORITY: tuple[str, ...] = ("stomach", "large_bowel", "small_bowel")
-
-
 SCAN_RE = re.compile(r"^slice_(\d+)_(\d+)_(\d+)_(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)\.png$")
-
-
 CASE_DAY_RE = re.compile(r"^case(\d+)_day(\d+)$")
-
-
 CSV_COLUMNS = ("id", "class", "segmentation")
 
 

@@ -39,17 +39,9 @@ from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, unpack_masks
 from giseg.utils import UserError, atomic_dir, logger, options_of
 
 IMAGE_COLUMNS = ("image", "pixel_values")
-
-
 LABEL_COLUMNS = ("label", "annotation")
-
-
 MASK_PREFIX = "mask_"
-
-
 ID2LABEL = "id2label.json"
-
-
 IGNORE = 255
 
 

@@ -23,11 +23,7 @@ from giseg.data.base import DatasetAdapter, hash_files
 from giseg.utils import UserError
 
 LGG_CLASSES: tuple[str, ...] = ("tumor",)
-
-
 FLAIR = 1  # channel index of FLAIR in the RGB tif (cv2 reads BGR; G stays at index 1)
-
-
 SLICE_RE = re.compile(r"^(?P<patient>.+)_(?P<k>\d+)\.tif$")
 
 

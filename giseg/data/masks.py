@@ -11,8 +11,6 @@ import numpy as np
 import torch
 
 MAX_CLASSES = 7
-
-
 IGNORE_BIT = 7
 
 

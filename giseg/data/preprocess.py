@@ -7,8 +7,6 @@ import numpy as np
 
 # ImageNet statistics: what SegFormer / UperNet-ConvNeXt checkpoints were trained with (DPT and BEiT use 0.5).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 

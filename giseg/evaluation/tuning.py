@@ -35,20 +35,10 @@ from giseg.inference.spec import InferenceSpec
 from giseg.utils import UserError, logger
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
-
-
 MIN_PROB = (0.0, 0.5, 0.6, 0.7, 0.8)
-
-
 MIN_AREA = (0.0, 0.0005, 0.001, 0.002, 0.005)
-
-
 MIN_VOXELS = (100, 500, 2000)  # "min:<N>": drop 3D components smaller than this, at original size
-
-
 DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess")
-
-
 SEARCH = ("thresholds", "gates", "postprocess")  # the steps of the search, in order
 
 

@@ -29,8 +29,6 @@ from giseg.models.unext import build_unext  # also registers UNeXt with the Auto
 # --base_model name -> encoder of GIUNetConfig, or the UNeXt architecture
 BASELINES = {"unet": "plain", "unet-resnet34": "resnet34", "unet-resnext50": "resnext50_32x4d",
              "dense-unet": "dense", "unext": "unext"}
-
-
 BASELINE_FAMILIES = ("gi_unet", "gi_unext")  # their model_type in config.json
 
 

@@ -29,11 +29,7 @@ class TrainState:
 
 
 STATE_FILE = "trainer_state.json"
-
-
 EMA_FILE = "ema.safetensors"  # --ema_decay: the average, in every resumable state
-
-
 RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
 
 

@@ -18,7 +18,7 @@ last epoch's model), as the 1st-place solution trained its submitted models.
     giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
 
 scores an ensemble of finished CVs out of fold, with no training: fold k's models of every CV (same folds) average
-their probabilities on fold k's cases (inference.Ensemble; each with its own size, normalisation and 2.5D setting),
+their probabilities on fold k's cases (giseg.inference.ensemble.Ensemble; each with its own size, normalisation and 2.5D setting),
 and the predictions of all folds are scored as one submission (ensemble_scores.json, ensemble_submission.csv).
 """
 from __future__ import annotations
@@ -39,8 +39,6 @@ from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
 
 ROOT = Path(__file__).resolve().parents[2]  # the project checkout (pip install -e .): trainer.py is there
 TRAINER = ROOT / "trainer.py"
-
-
 FIGURES = ("dice_mean", "hausdorff", "score")
 
 

@@ -19,8 +19,6 @@ from giseg.utils import logger
 
 # the card's hyper-parameter table: the TrainConfig fields declared with "card": True
 HYPER_PARAMETERS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("card"))
-
-
 EMPTY_RULE = {"1": "scores 1 (the 1st-place solution's rule; the default)",
               "0": "scores 0 (the competition text's rule)",
               "skip": "is left out of the mean (as a public grader does)"}

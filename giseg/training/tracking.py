@@ -15,8 +15,6 @@ from giseg.utils import UserError
 # --report_to name -> (the module that must import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
             "mlflow": ("mlflow", "mlflow"), "trackio": ("trackio", "trackio")}
-
-
 LOG_FOLDER = "trackers"  # under --output_dir
 
 
