@@ -26,6 +26,13 @@
 #                then trains OUTPUT_DIR/final on every case (--fold -1)
 #   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
 #   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return)
+#   RESUME       a run's output folder (runs/<name>): continue it from its latest checkpoint with its saved settings
+#                (trainer.py --resume_run), appending to its log; EPOCHS etc. change what may change on a resume
+#
+# Before a run starts, trainer.py --check_only checks the arguments, the data folder and the model in the foreground
+# (a few seconds): a mistake is one error line and a non-zero status, with no run folder or log left behind.
+# Stop a background run with `kill <pid>` (the pid it prints; also in logs/<name>.pid): the trainer finishes its step,
+# saves a resumable state and the log ends with `run end`; then RESUME=runs/<name> bash run_train.sh continues it.
 #   PYTHON       interpreter [.venv/bin/python if present, else python3]
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -43,14 +50,26 @@ if [ "$NNODES" -gt 1 ] && { [ -z "${OUTPUT_DIR:-}" ] || [ -z "${MASTER_ADDR:-}" 
 fi
 
 DEMO=0
-if [ -z "${DATA_DIR:-}" ] && [ -z "${BASE_MODEL:-}" ]; then
+if [ -n "${RESUME:-}" ]; then
+  if [ ! -f "${RESUME%/}/run_config.json" ]; then
+    echo "error: RESUME=$RESUME: no run_config.json there; pass the output folder of a run (runs/<name>)" >&2
+    exit 2
+  fi
+  if [ -n "${BASE_MODEL:-}${DATA_DIR:-}" ] || { [ -n "${OUTPUT_DIR:-}" ] && [ "${OUTPUT_DIR%/}" != "${RESUME%/}" ]; }; then
+    echo "error: RESUME=$RESUME continues that run with its own model, data and folder; unset BASE_MODEL, DATA_DIR and OUTPUT_DIR" >&2
+    exit 2
+  fi
+  OUTPUT_DIR=${RESUME%/}
+elif [ -z "${DATA_DIR:-}" ] && [ -z "${BASE_MODEL:-}" ]; then
   DEMO=1
 fi
-if [ -z "${DATA_DIR:-}" ]; then
+if [ -n "${RESUME:-}" ]; then
+  :
+elif [ -z "${DATA_DIR:-}" ]; then
   DATA_DIR=demo/data
   [ -f "$DATA_DIR/train.csv" ] || { echo "creating demo data in $DATA_DIR"; "$PYTHON" -m giseg demo-data --out "$DATA_DIR" >/dev/null; }
 fi
-if [ -z "${BASE_MODEL:-}" ]; then
+if [ -z "${BASE_MODEL:-}" ] && [ -z "${RESUME:-}" ]; then
   BASE_MODEL=demo/models/tiny-segformer
   [ -f "$BASE_MODEL/config.json" ] || { echo "creating demo model in $BASE_MODEL"; \
     "$PYTHON" -m giseg make-tiny --family segformer --width 2 --out "$BASE_MODEL" >/dev/null; }
@@ -59,23 +78,21 @@ PRESET=()
 if [ "$DEMO" = 1 ]; then  # the demo preset's values are trainer.py's (python trainer.py --help: --preset)
   PRESET=(--preset demo)
   SETTINGS="demo preset (neither BASE_MODEL nor DATA_DIR set): trainer.py --preset demo for what is not set"
+elif [ -n "${RESUME:-}" ]; then
+  SETTINGS="resuming $OUTPUT_DIR with its saved settings (trainer.py --resume_run) for what is not set"
 else
   SETTINGS="trainer.py's defaults for what is not set"
 fi
-NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)-$$"  # the pid: two launches in one second differ
+if [ -n "${RESUME:-}" ]; then
+  NAME="$(basename "$OUTPUT_DIR")"  # the run's own name: its log is logs/<name>.log, appended to
+else
+  NAME="$(basename "${BASE_MODEL%/}")-$(date +%Y%m%d-%H%M%S)-$$"  # the pid: two launches in one second differ
+fi
 if [ "$NNODES" -gt 1 ]; then
   NAME="$(basename "${OUTPUT_DIR%/}")-node$NODE_RANK"
 fi
 OUTPUT_DIR=${OUTPUT_DIR:-runs/$NAME}
 LOG_FILE=${LOG_FILE:-logs/$NAME.log}
-mkdir -p "$(dirname "$LOG_FILE")"
-# the run holds a lock on its log file (fd 9, inherited by the background run): a second launch onto a live log
-# is refused instead of interleaving two runs in one file
-exec 9>>"$LOG_FILE"
-if command -v flock >/dev/null && ! flock -n 9; then
-  echo "error: LOG_FILE $LOG_FILE is being written by a live run; wait for it, or pick another LOG_FILE" >&2
-  exit 2
-fi
 
 if [ -n "${GPUS:-}" ]; then  # the GPUs must exist: CUDA_VISIBLE_DEVICES with a missing id silently means CPU
   if ! [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
@@ -98,7 +115,11 @@ if [ -n "${GPUS:-}" ]; then  # the GPUs must exist: CUDA_VISIBLE_DEVICES with a 
   done
 fi
 
-ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" "${PRESET[@]}")
+if [ -n "${RESUME:-}" ]; then
+  ARGS=(trainer.py --resume_run "$OUTPUT_DIR")
+else
+  ARGS=(trainer.py --base_model "$BASE_MODEL" --data_dir "$DATA_DIR" --output_dir "$OUTPUT_DIR" "${PRESET[@]}")
+fi
 SET=()
 for pair in EPOCHS:--epochs BATCH_SIZE:--train_batch_size LR:--lr IMAGE_SIZE:--image_size WARMUP:--warmup_steps \
             MIXED_PRECISION:--mixed_precision DATASET:--dataset REPORT_TO:--report_to HUB_MODEL_ID:--hub_model_id; do
@@ -114,6 +135,10 @@ if [ -n "${ACCELERATE_CONFIG:-}" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
 fi
 [ -n "${GPUS:-}" ] && export CUDA_VISIBLE_DEVICES="$GPUS"
 if [ -n "${FOLDS:-}" ]; then
+  if [ -n "${RESUME:-}" ]; then
+    echo "error: FOLDS=$FOLDS and RESUME: to resume a CV, run the same FOLDS command again (finished folds are kept)" >&2
+    exit 2
+  fi
   if [ "$NNODES" -gt 1 ] || [ -n "${ACCELERATE_CONFIG:-}" ]; then
     echo "error: FOLDS=$FOLDS runs on one machine without ACCELERATE_CONFIG (giseg cv starts each fold itself)" >&2
     exit 2
@@ -147,11 +172,35 @@ else
   CMD=("$PYTHON" "${ARGS[@]}")
 fi
 
+# everything that can be checked in a few seconds, in the foreground: a mistake is one line here, not in a log
+CHECK=("${ARGS[@]}")
+[ -n "${FOLDS:-}" ] && CHECK+=(--output_dir "$OUTPUT_DIR/fold_0")  # (giseg cv passes each fold's folder)
+"$PYTHON" "${CHECK[@]}" --check_only || exit $?
+
+mkdir -p "$(dirname "$LOG_FILE")"
+# the run holds a lock on its log file (fd 9, inherited by the background run): a second launch onto a live log
+# is refused instead of interleaving two runs in one file
+exec 9>>"$LOG_FILE"
+if command -v flock >/dev/null && ! flock -n 9; then
+  echo "error: LOG_FILE $LOG_FILE is being written by a live run; wait for it, or pick another LOG_FILE" >&2
+  exit 2
+fi
+
 run() {
   echo "$(date '+%Y-%m-%d %H:%M:%S') run settings: ${SET[*]:-none set}; $SETTINGS"
   echo "$(date '+%Y-%m-%d %H:%M:%S') run start: ${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${CMD[*]}"
-  local status=0
-  "${CMD[@]}" || status=$?
+  local status=0 child
+  "${CMD[@]}" &
+  child=$!
+  # `kill <this pid>` reaches the trainer: it finishes its step, saves a resumable state and exits
+  trap 'kill -TERM "$child" 2>/dev/null' TERM
+  trap 'kill -INT "$child" 2>/dev/null' INT
+  while true; do
+    status=0
+    wait "$child" || status=$?
+    kill -0 "$child" 2>/dev/null || break  # (a signal interrupts wait; the trainer may still be saving)
+  done
+  trap - TERM INT
   echo "$(date '+%Y-%m-%d %H:%M:%S') run end: exit status $status"
   return "$status"
 }
@@ -159,10 +208,13 @@ run() {
 if [ "${FOREGROUND:-0}" = 1 ]; then
   echo "log: $LOG_FILE   output: $OUTPUT_DIR"
   set +e
-  run 2>&1 | tee "$LOG_FILE"
+  run 2>&1 | tee -a "$LOG_FILE"
   exit "${PIPESTATUS[0]}"
 fi
-nohup bash -c "$(declare -p CMD SET SETTINGS); $(declare -f run); run" >"$LOG_FILE" 2>&1 </dev/null &
-echo "started (pid $!): output in $OUTPUT_DIR"
-echo "log:    $LOG_FILE"
+nohup bash -c "$(declare -p CMD SET SETTINGS); $(declare -f run); run" >>"$LOG_FILE" 2>&1 </dev/null &
+PID=$!
+echo "$PID" > "${LOG_FILE%.log}.pid"
+echo "started (pid $PID): output in $OUTPUT_DIR"
+echo "log:    $LOG_FILE${RESUME:+ (appended to)}"
 echo "follow: tail -f $LOG_FILE"
+echo "stop:   kill $PID   (saves a resumable state; then: RESUME=$OUTPUT_DIR bash run_train.sh)"

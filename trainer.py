@@ -29,7 +29,7 @@ from giseg.evaluation.validation import evaluate
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.segmenter import Segmenter, upsample_like
 from giseg.inference.submission import predict_rows, write_submission
-from giseg.training.build import Run, build_run, launched_without_accelerator
+from giseg.training.build import Run, build_run, check_run, launched_without_accelerator
 from giseg.training.checkpoints import save_checkpoint
 from giseg.training.config import TrainConfig, parse_config, validate_config
 from giseg.training.meter import LossMeter
@@ -58,6 +58,9 @@ def train(cfg: TrainConfig) -> dict:
     """Run the whole fine-tuning; returns the last evaluation's figures (with final_* ones after --final_eval)."""
     validate_config(cfg)
     quiet_third_party()
+    if cfg.check_only:  # run_train.sh's check before it starts a run in the background: nothing is written
+        print(check_run(cfg), flush=True)
+        return {}
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 

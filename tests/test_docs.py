@@ -52,3 +52,13 @@ def test_no_page_names_a_command_that_is_gone(page):
     gone = re.findall(r"python (?:tools/)?(?:predict|score|tune|cv|compare|app|export_hf|visualise|demo_data|lgg|"
                       r"fault_injection|make_notebook)\.py", page.read_text())
     assert gone == [], f"{page.relative_to(ROOT)} names {gone}: these are `giseg <command>` now"
+
+
+def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
+    """A user who follows the docs leaves no untracked clutter: data, models, runs, logs, caches, submissions,
+    exports and the notebook's HTML are ignored."""
+    written = ["demo/data/train.csv", "runs/x/best/config.json", "logs/x.log", "logs/x.pid", "cache/96px-x/images.npy",
+               "figures/a.png", "submission.csv", "exports/gi-demo/data.arrow", "visualisation.html",
+               "giseg.egg-info/PKG-INFO"]
+    res = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(res.stdout.split()) == sorted(written)

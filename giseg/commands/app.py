@@ -115,7 +115,8 @@ def build_demo(analyser: Analyser):
     ids = analyser.slice_ids()
     adapter = analyser.adapter
     legend = ", ".join(f"{c.replace('_', ' ')} **{adapter.colours[c]}**" for c in adapter.classes)
-    with gr.Blocks(title=f"{adapter.name} segmentation") as demo:
+    # analytics off: a medical-imaging page sends nothing anywhere (gradio would report usage by default)
+    with gr.Blocks(title=f"{adapter.name} segmentation", analytics_enabled=False) as demo:
         gr.Markdown(f"## {adapter.description}\n{legend}. Upload a scan or pick a slice of the data folder.")
         with gr.Row():
             with gr.Column():

@@ -61,6 +61,38 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     return loaded
 
 
+def load_config(base_model: str, trust_remote_code: bool = False):
+    """The config of ``base_model`` (hub id or folder), refused with one line unless it is a segmentation model
+    (any AutoModelForSemanticSegmentation family, a CNN baseline's or a mask-classification one)."""
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
+    family = config.model_type
+    if family not in (*MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, *BASELINE_FAMILIES, *QUERY_FAMILIES):
+        raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
+                        f"tested families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
+    return config
+
+
+def check_base_model(base_model: str, trust_remote_code: bool = False) -> str:
+    """What --base_model is, checked without downloading anything: a CNN baseline, a local folder whose config is a
+    segmentation model's, or a hub id (its files are fetched when the run starts). A UserError line otherwise."""
+    if base_model in BASELINES:
+        return f"{base_model} (a CNN baseline, random weights)"
+    if Path(base_model).exists():
+        if not (Path(base_model) / "config.json").is_file():
+            raise UserError(f"--base_model {base_model}: a local path with no config.json; pass a model folder "
+                            "(save_pretrained, or `hf download <id> --local-dir <folder>`), a hub id or a baseline "
+                            f"({', '.join(sorted(BASELINES))})")
+        return f"{base_model} ({load_config(base_model, trust_remote_code).model_type})"
+    parts = base_model.split("/")
+    if len(parts) > 2 or not all(parts) or base_model.startswith((".", "~")):
+        raise UserError(f"--base_model {base_model!r}: no such folder, and not a hub id (<owner>/<name>)")
+    return f"{base_model} (a hub id: downloaded when the run starts)"
+
+
 def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
                 trust_remote_code: bool = False) -> LoadedModel:
     id2label = task_labels(task, classes)
@@ -69,16 +101,8 @@ def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight
         return LoadedModel(model, model.config.model_type,
                            ["all weights (a CNN baseline starts from random weights: no pretrained encoder offline)"],
                            IMAGENET_MEAN, IMAGENET_STD, "ImageNet (a CNN baseline's choice)")
-    try:
-        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --base_model {base_model!r}: {first}.{_hub_hint(base_model)}") from None
+    config = load_config(base_model, trust_remote_code)
     family = config.model_type
-    if family not in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES and family not in (*BASELINE_FAMILIES,
-                                                                                       *QUERY_FAMILIES):  # any AutoModelForSemanticSegmentation family loads
-        raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
-                        f"tested families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters

@@ -91,8 +91,9 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
         return Data(index, train_rows, val_rows, cache, neighbours)
     val_cases = sorted(index["case"].iloc[val_rows].unique())
     logger.info("data: %d slices, %d cases from %s (%s); fold %d/%d: train %d slices (%d cases), val %d slices "
-                "(cases %s)", len(index), index["case"].nunique(), cfg.data_dir, adapter.name, cfg.fold, cfg.n_folds,
-                len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows), ",".join(map(str, val_cases)))
+                "(%s %s)", len(index), index["case"].nunique(), cfg.data_dir, adapter.name, cfg.fold, cfg.n_folds,
+                len(train_rows), index["case"].iloc[train_rows].nunique(), len(val_rows),
+                "case" if len(val_cases) == 1 else "cases", ",".join(map(str, val_cases)))
     if len(val_rows) == 0 or len(train_rows) == 0:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
     # the truth as the evaluation sees it (the cache, at --image_size): the floor is in the log's own terms
@@ -203,8 +204,13 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
                             "weights); use DDP, or leave it at 0")
         run.ema_source = accelerator.unwrap_model(model)
         run.ema = WeightEMA(run.ema_source, cfg.ema_decay)
-        logger.info("EMA of the weights: decay %g after every optimizer step; evaluation, best/ and last/ use it",
-                    cfg.ema_decay)
+        logger.info("EMA of the weights: decay %g after every optimizer step (warmed up: min(decay, (1 + t) / "
+                    "(10 + t)) at step t); evaluation, best/ and last/ use it", cfg.ema_decay)
+        horizon = 1 / (1 - cfg.ema_decay)
+        if horizon > total_steps / 2:
+            logger.warning("--ema_decay %g averages over about %d steps, but this run has %d: its average still holds "
+                           "weights of the run's first half at the end; for %d steps take about %.3g, or 0 (off)",
+                           cfg.ema_decay, round(horizon), total_steps, total_steps, 1 - 10 / max(total_steps, 20))
     if out.resume is not None:
         accelerator.load_state(str(out.resume))
         if run.ema is not None:
@@ -219,8 +225,8 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
                            if r["step"] <= run.state.evaluated_step]
         logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", out.resume,
                     run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
-    logger.info("training: %d epochs x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
-                cfg.epochs, steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
+    logger.info("training: %d epoch%s x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
+                cfg.epochs, "" if cfg.epochs == 1 else "s", steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
                 cfg.gradient_accumulation_steps, cfg.lr, cfg.scheduler_name)
     run.stop = run.state.global_step >= total_steps
     return run
@@ -232,3 +238,17 @@ def launched_without_accelerator() -> bool:
     accel = getattr(torch, "accelerator", None)
     available = accel.is_available() if accel is not None else torch.cuda.is_available()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not available
+
+
+def check_run(cfg: TrainConfig) -> str:
+    """--check_only: the arguments (validated before), the data folder (its index, every label checked) and the split,
+    and the model, in a few seconds and with nothing written. Returns one line saying what was found."""
+    from giseg.models.load import check_base_model  # transformers (1.8 s)
+
+    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
+    index = adapter.build_index(cfg.data_dir)
+    if cfg.fold != -1:
+        split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
+    model = check_base_model(cfg.base_model, cfg.trust_remote_code)
+    return (f"checked: data {cfg.data_dir} ({adapter.name}: {len(index)} slices, {index['case'].nunique()} cases), "
+            f"model {model}, arguments")

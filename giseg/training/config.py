@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from giseg.data.folds import check_fold
 from giseg.data.hf import HFOptions
@@ -208,6 +210,14 @@ class TrainerFlags:
                 + ", ".join(f"--{k} {v}" for k, v in PRESETS["demo"].items())
                 + " (bash run_train.sh's demo: a tiny random model on the demo data, on a CPU)",
         "identity": False, "group": "running", "choices": ("", *PRESETS), "metavar": "{demo}"})
+    resume_run: str = field(default="", metadata={
+        "help": "continue the run in this folder from its latest checkpoint, with the settings saved in its "
+                "run_config.json (flags given as well change what may change on a resume, e.g. --epochs)",
+        "identity": False, "group": "running"})
+    check_only: bool = field(default=False, metadata={
+        "help": "check the arguments, the data folder and the model, then exit without writing anything (what "
+                "run_train.sh does before it starts a run in the background)",
+        "identity": False, "group": "running"})
     trace_rows: str = field(default="", metadata={
         "help": "diagnostics: append the cache rows of every batch to <folder>/rows_rank<R>.txt (a host sync per "
                 "batch; the tests use it to check what each process trains on)",
@@ -246,11 +256,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """The configuration of ``argv``: the flags given, then --preset's values, then the fields' defaults."""
+    """The configuration of ``argv``: the flags given, then --resume_run's saved settings or --preset's values, then
+    the fields' defaults."""
     ap = build_parser()
-    preset = ap.parse_known_args(argv)[0].preset
-    ap.set_defaults(**PRESETS.get(preset, {}))
+    known = ap.parse_known_args(argv)[0]
+    defaults = dict(PRESETS.get(known.preset, {}))
+    if known.resume_run:
+        defaults = saved_settings(known.resume_run)
+        if known.output_dir not in (TrainConfig.output_dir, known.resume_run):
+            raise UserError(f"--resume_run {known.resume_run} continues that folder's run; leave out --output_dir "
+                            f"{known.output_dir}")
+    ap.set_defaults(**defaults)
     return TrainConfig(**vars(ap.parse_args(argv)))
+
+
+def saved_settings(run_dir: str) -> dict:
+    """The settings of the run in ``run_dir`` (its run_config.json), as defaults that resume it from its latest
+    checkpoint."""
+    path = Path(run_dir) / "run_config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume_run {run_dir}: no readable run_config.json ({e.__class__.__name__}); pass the "
+                        "output folder of a run started before (runs/<name>)") from None
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume_run", "check_only", "overwrite_output_dir"}
+    return {**{k: v for k, v in saved.items() if k in names}, "output_dir": run_dir,
+            "resume_from_checkpoint": "latest"}
 
 
 def defaults_source(cfg: TrainConfig) -> dict[str, str]:

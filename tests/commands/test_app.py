@@ -173,3 +173,11 @@ def test_our_message_reaches_the_page_instead_of_gradios_generic_error():
 
     with pytest.raises(gr.Error, match="slice 'x' is not in the data folder"):
         shown_on_page(handler)("x")
+
+
+def test_the_page_sends_no_usage_analytics(model_dir, demo_dir):
+    """A medical-imaging page must not phone home: gradio's usage analytics are off for the page we build."""
+    from giseg.commands.app import build_demo
+
+    demo = build_demo(Analyser(model_dir, demo_dir, device="cpu"))
+    assert demo.analytics_enabled is False

@@ -60,3 +60,20 @@ def test_the_parser_has_one_option_per_field_in_its_section():
     assert options == {f.name for f in dataclasses.fields(TrainConfig)}
     titles = {g.title for g in parser._action_groups}
     assert {"model and data", "optimisation", "loss and metric", "running", "--dataset hf"} <= titles
+
+
+def test_resume_run_takes_the_saved_settings_and_flags_given_win(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {**dataclasses.asdict(TrainConfig(image_size=64, lr=1e-3, epochs=5, output_dir=str(run))),
+             "run_id": "x", "world_size": 1, "resolved": {}}
+    (run / "run_config.json").write_text(json.dumps(saved))
+    cfg = parse_config(["--resume_run", str(run), "--epochs", "9"])
+    assert (cfg.image_size, cfg.lr, cfg.epochs) == (64, 1e-3, 9)
+    assert cfg.output_dir == str(run) and cfg.resume_from_checkpoint == "latest"
+    with pytest.raises(UserError, match="no readable run_config.json"):
+        parse_config(["--resume_run", str(tmp_path / "nothing")])
+    with pytest.raises(UserError, match="leave out --output_dir"):
+        parse_config(["--resume_run", str(run), "--output_dir", str(tmp_path / "other")])

@@ -21,8 +21,13 @@ def test_ema_after_k_steps_equals_the_closed_form_on_a_toy_model():
             model[1].running_mean.add_(1.0)
         weights.append(model[0].weight.detach().clone())
         ema.update(model)
-    closed = decay ** k * weights[0] + sum((1 - decay) * decay ** (k - i) * weights[i] for i in range(1, k + 1))
-    assert torch.allclose(ema.model[0].weight, closed, atol=1e-6)
+    # the decay warms up: the t-th update (t = 0, 1 ...) uses min(decay, (1 + t) / (10 + t))
+    expected = weights[0]
+    for t in range(k):
+        d = min(decay, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * weights[t + 1]
+    assert [round(min(decay, (1 + t) / (10 + t)), 4) for t in range(k)] == [0.1, 0.1818, 0.25, 0.3077, 0.3571]
+    assert torch.allclose(ema.model[0].weight, expected, atol=1e-6)
     assert not torch.allclose(ema.model[0].weight, model[0].weight)
     assert torch.equal(ema.model[1].running_mean, model[1].running_mean)  # buffers follow the model
     assert ema.steps == k and not any(p.requires_grad for p in ema.model.parameters())
@@ -69,3 +74,16 @@ def test_a_run_with_ema_saves_and_evaluates_the_average_and_resumes_it_exactly(d
     first = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
     at = {r["step"]: r["dice_mean"] for r in rows}  # (plus the evaluation where the first part stopped)
     assert [at[r["step"]] for r in first] == pytest.approx([r["dice_mean"] for r in first], abs=1e-9)
+
+
+def test_a_short_run_with_a_long_decay_is_not_worse_than_predicting_nothing_and_says_so(demo_dir, tiny_models,
+                                                                                         tmp_path):
+    """38 steps at --ema_decay 0.999: without the decay's warm-up the average kept 0.999**38 = 96 % of the random
+    initial weights and scored far below the floor; now it follows the trained weights, and the log warns."""
+    out = tmp_path / "short"
+    last = train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, ema_decay=0.999, max_train_steps=38,
+                      epochs=10, scheduler_name="cosine"))
+    log = (out / "train.log").read_text()
+    floor = float(log.split("predicting nothing scores mean Dice ")[1].split()[0])
+    assert last["step"] == 38 and last["dice_mean"] >= floor - 5e-5, (last["dice_mean"], floor)  # (log: 4 digits)
+    assert "--ema_decay 0.999 averages over about 1000 steps, but this run has 38" in log
