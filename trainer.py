@@ -198,8 +198,9 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     if signum:
         path = save_state(run, meter)
         name = signal.Signals(signum).name
-        logger.error("stopped by %s after step %d: saved resumable state %s; continue with "
-                     "--resume_from_checkpoint latest", name, step, path)
+        logger.error("stopped by %s after step %d: saved resumable state %s; continue with: python trainer.py "
+                     "--resume_run %s (or RESUME=%s bash run_train.sh)", name, step, path, run.output_dir,
+                     run.output_dir)
         raise Interrupted(signum, f"stopped by {name} at step {step}")
     run.stop = step >= run.total_steps
 
@@ -240,6 +241,9 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     if figures:
         logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
                     describe(figures, run.spec.classes))
+        if figures.get("global_dice_mean") == 0:  # the pooled Dice: 0 when no organ pixel is predicted right
+            logger.info("eval epoch %d: no organ pixel predicted yet, so the mean Dice is the floor of predicting "
+                        "nothing (usual in the first epochs of a model trained from random weights)", epoch + 1)
     else:
         logger.info("epoch %d step %d | train_loss %.4f | no validation set (--fold -1): best/ is this model",
                     epoch + 1, state.global_step, train_loss)

@@ -12,13 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from giseg.evaluation.compare import NotComparable, markdown, summarise_run
+from giseg.evaluation.compare import NotComparable, markdown, run_folders, summarise_run
 from giseg.utils import UserError, command
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py)")
+    ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py); a giseg cv folder stands for its "
+                                            "fold runs (and its final model)")
     return ap
 
 
@@ -26,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rows = []
-    for folder in args.runs:
+    for folder in (run for given in args.runs for run in run_folders(Path(given))):
         try:
-            rows.append(summarise_run(Path(folder)))
+            rows.append(summarise_run(folder))
         except NotComparable as e:
             print(f"left out {folder}: {e}", file=sys.stderr)
     if not rows:

@@ -38,6 +38,15 @@ def count_parameters(model_dir: Path) -> int | None:
     return total
 
 
+def run_folders(folder: Path) -> list[Path]:
+    """The run folders of ``folder``: itself, or for a CV (giseg cv) its fold_<k> runs and its final model."""
+    if (folder / "run_config.json").is_file() or not (folder / "cv_config.json").is_file():
+        return [folder]
+    folds = sorted((p for p in folder.glob("fold_*") if p.name.split("_")[1].isdigit()),
+                   key=lambda p: int(p.name.split("_")[1]))
+    return folds + ([folder / "final"] if (folder / "final" / "run_config.json").is_file() else [])
+
+
 class NotComparable(Exception):
     """A folder with no figures to compare; the message says why."""
 
@@ -57,7 +66,8 @@ def summarise_run(run: Path) -> dict:
         classes = InferenceSpec.load(run / "best").classes
     except UserError as e:
         raise NotComparable(f"no usable best/ model ({e})") from None
-    out = {"run": run.name, "model": cfg["base_model"], "task": cfg.get("task", "multilabel"),
+    name = f"{run.parent.name}/{run.name}" if (run.parent / "cv_config.json").is_file() else run.name
+    out = {"run": name, "model": cfg["base_model"], "task": cfg.get("task", "multilabel"),
            "params": count_parameters(run / "best"), "epochs": records[-1]["epoch"], "best_epoch": best["epoch"],
            "classes": classes, **{f"dice_{c}": best.get(f"dice_{c}") for c in classes}, "dice_mean": best["dice_mean"],
            "score": None, "images_per_s": None}

@@ -150,7 +150,7 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
     logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
     for note in notes:
         logger.info("output_dir: %s", note)
-    logger.info("config: %s", json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    logger.info("config: every argument in %s", output_dir / "run_config.json")
     source = defaults_source(cfg)
     given = [f"--{k} {getattr(cfg, k)}" for k, where in source.items() if where == "given"]
     preset = [f"--{k} {getattr(cfg, k)}" for k, where in source.items() if where == "preset"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from giseg.utils import UserError
+from giseg.utils import UserError, logger
 
 # --report_to name -> (the module that must import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -49,6 +49,8 @@ def hparams(config: dict) -> dict:
 def start(accelerator, trackers: list[str], run_name: str, config: dict) -> None:
     if trackers:
         accelerator.init_trackers(run_name, config=hparams(config))
+        logger.info("trackers: %s, files under %s (tensorboard --logdir %s)", ", ".join(trackers),
+                    accelerator.logging_dir, accelerator.logging_dir)
 
 
 def log_record(accelerator, trackers: list[str], record: dict) -> None:

@@ -153,3 +153,18 @@ def test_a_5_channel_model_at_initialisation_gives_the_3_channel_logits_on_repea
     loaded = Segmenter.load(tmp_path / "five")
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(normalised(five))[0], got, rtol=1e-4, atol=1e-5)
+
+
+def test_an_unreachable_hub_is_one_line_at_once_not_after_the_downloads_retries(tmp_path):
+    """A hub id that is not cached, with the hub unreachable and offline mode not set: one quick connection attempt
+    names the hub and says how to pass a folder, instead of the download's retries (about 25 s) first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}, "HF_ENDPOINT": "http://127.0.0.1:9",
+           "HF_HOME": str(tmp_path / "hf")}  # port 9 (discard) on loopback: refused at once; an empty cache
+    code = "from giseg.models.load import load_config; load_config('someone/some-model')"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "the Hugging Face hub (127.0.0.1) is unreachable from here (ConnectionRefusedError)" in res.stderr
+    assert "hf download someone/some-model --local-dir <folder>" in res.stderr

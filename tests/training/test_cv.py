@@ -141,3 +141,14 @@ def test_parallel_folds_run_in_slots_with_their_own_gpus_at_the_same_time():
     seen.clear()
     run_in_slots([1, 2], [[]], train_fold)
     assert seen == [(1, ()), (2, ())]  # one slot: in order
+
+
+def test_compare_reads_a_cv_folder_as_its_fold_runs(cv_run, capsys):
+    """`giseg compare runs/*` with a CV among them: a row per fold (named cv/fold_<k>), not a skipped folder."""
+    from giseg.commands.compare import main as compare_main
+
+    cv, _ = cv_run
+    assert compare_main([str(cv)]) == 0
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line.startswith("| cv/fold_")]
+    assert [r.split("|")[1].strip() for r in rows] == ["cv/fold_0", "cv/fold_1"] and "left out" not in out.err

@@ -1,0 +1,122 @@
+"""The demo's figures in the docs, produced by running the demo: no figure of it is typed by hand.
+
+    python benchmarks/demo_figures.py            run the demo on fresh data and rewrite the block in docs/training.md
+    python benchmarks/demo_figures.py --check    run it and compare with the block (exit 1 when a figure drifted
+                                                 by more than --tolerance; tests/test_docs.py runs this)
+
+It does what `bash run_train.sh` does with no settings (the demo data and the tiny SegFormer, `trainer.py --preset
+demo`), but in a fresh temporary folder, so stale demo data or an older demo model in the checkout cannot change
+the figures; then `giseg predict` on the validation fold and `giseg score` at original sizes. The block records
+the command, the machine, its load and the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "training.md"
+START, END = "<!-- demo-figures: start (python benchmarks/demo_figures.py) -->", "<!-- demo-figures: end -->"
+# the figures the block states, compared by --check
+KEYS = ("floor", "epoch3_dice_mean", "final_dice_mean", "final_global_dice_mean", "best_dice_mean",
+        "final_dice_small_bowel", "score_dice_mean", "score_hausdorff", "score_score")
+
+
+def run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+
+def measure(work: Path) -> dict:
+    py = sys.executable
+    data, model, out = work / "data", work / "model", work / "run"
+    run([py, "-m", "giseg", "demo-data", "--out", str(data)], ROOT)
+    run([py, "-m", "giseg", "make-tiny", "--family", "segformer", "--width", "2", "--out", str(model)], ROOT)
+    load_before = os.getloadavg()[0]
+    t = time.perf_counter()
+    run([py, "trainer.py", "--preset", "demo", "--base_model", str(model), "--data_dir", str(data), "--output_dir",
+         str(out), "--cache_dir", str(work / "cache")], ROOT)
+    train_s = time.perf_counter() - t
+    load_after = os.getloadavg()[0]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    log = (out / "train.log").read_text()
+    floor = float(re.search(r"predicting nothing scores mean Dice ([0-9.]+)", log).group(1))
+    run([py, "-m", "giseg", "predict", "--model", str(out / "best"), "--data_dir", str(data), "--fold", "0", "--out",
+         str(work / "val.csv"), "--cache_dir", str(work / "cache"), "--num_workers", "0"], ROOT)
+    run([py, "-m", "giseg", "score", "--pred", str(work / "val.csv"), "--data_dir", str(data), "--json",
+         str(work / "scores.json")], ROOT)
+    scores = json.loads((work / "scores.json").read_text())
+    best = max(rows, key=lambda r: r["dice_mean"])
+    return {"floor": floor, "epoch3_dice_mean": rows[2]["dice_mean"], "final_dice_mean": rows[-1]["dice_mean"],
+            "final_global_dice_mean": rows[-1]["global_dice_mean"], "best_dice_mean": best["dice_mean"],
+            "best_step": best["step"], "final_dice_small_bowel": rows[-1]["dice_small_bowel"],
+            "score_dice_mean": scores["dice_mean"], "score_hausdorff": scores["hausdorff"],
+            "score_score": scores["score"], "train_s": train_s, "load": (load_before, load_after),
+            "epochs": rows[-1]["epoch"], "steps": rows[-1]["step"]}
+
+
+def block(f: dict, commit: str) -> str:
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}"
+    return f"""{START}
+The demo, as `bash run_train.sh` runs it with no settings (`trainer.py --preset demo`: {f['epochs']} epochs, {f['steps']}
+steps), on fresh demo data (measured by `python benchmarks/demo_figures.py` at commit {commit}, {machine}, load
+average {f['load'][0]:.1f} before and {f['load'][1]:.1f} after; training took {f['train_s']:.0f} s):
+
+| figure | value |
+| --- | --- |
+| floor: mean Dice of predicting nothing on the validation case | {f['floor']:.4f} |
+| mean Dice after epoch 3 | {f['epoch3_dice_mean']:.4f} |
+| mean Dice after the last epoch (global Dice) | {f['final_dice_mean']:.4f} ({f['final_global_dice_mean']:.4f}) |
+| small bowel, the hardest organ, after the last epoch | {f['final_dice_small_bowel']:.4f} |
+| best mean Dice (`best/`, step {f['best_step']}) | {f['best_dice_mean']:.4f} |
+| `best/` scored by `giseg score` at original sizes: mean Dice, 3D Hausdorff, competition score | {f['score_dice_mean']:.4f}, {f['score_hausdorff']:.4f}, {f['score_score']:.4f} |
+
+The log's figures are at the training size (96 px), `giseg score`'s at each scan's own; both count an empty
+prediction on an empty slice as Dice 1. A run on another machine may differ in the last digits.
+{END}"""
+
+
+def stated(doc: str) -> dict:
+    """The figures the block in the doc states, by KEYS."""
+    text = doc[doc.index(START):doc.index(END)]
+    values = [float(v) for v in re.findall(r"\| ([0-9.]+)(?: \(([0-9.]+)\))? \|", text) for v in v if v]
+    triple = re.search(r"\| ([0-9.]+), ([0-9.]+), ([0-9.]+) \|", text).groups()
+    floor, epoch3, final, final_global, small, best = values[:6]
+    return dict(zip(KEYS, (floor, epoch3, final, final_global, best, small, *map(float, triple))))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare with the block in docs/training.md; write nothing")
+    ap.add_argument("--tolerance", type=float, default=0.005, help="largest difference --check accepts (default 0.005)")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = measure(Path(tmp))
+    doc = DOC.read_text()
+    if args.check:
+        want = stated(doc)
+        drifted = {k: (want[k], round(figures[k], 4)) for k in KEYS if abs(want[k] - figures[k]) > args.tolerance}
+        print(f"checked {len(KEYS)} figures of {DOC.relative_to(ROOT)} against a fresh demo run: "
+              f"{'drifted (stated, now): ' + json.dumps(drifted) if drifted else 'all within ' + str(args.tolerance)}")
+        return 1 if drifted else 0
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    new = doc[:doc.index(START)] + block(figures, commit) + doc[doc.index(END) + len(END):]
+    DOC.write_text(new)
+    print(block(figures, commit))
+    print(f"\ncommand: python benchmarks/demo_figures.py (wrote {DOC.relative_to(ROOT)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
