@@ -87,12 +87,12 @@ prediction on an empty slice as Dice 1. A run on another machine may differ in t
 
 
 def stated(doc: str) -> dict:
-    """The figures the block in the doc states, by KEYS."""
+    """The figures the block in the doc states, by KEYS (in the order of the block's table rows)."""
     text = doc[doc.index(START):doc.index(END)]
-    values = [float(v) for v in re.findall(r"\| ([0-9.]+)(?: \(([0-9.]+)\))? \|", text) for v in v if v]
-    triple = re.search(r"\| ([0-9.]+), ([0-9.]+), ([0-9.]+) \|", text).groups()
-    floor, epoch3, final, final_global, small, best = values[:6]
-    return dict(zip(KEYS, (floor, epoch3, final, final_global, best, small, *map(float, triple))))
+    numbers = [float(x) for row in re.findall(r"^\| .*? \| ([0-9., ()]+) \|$", text, flags=re.M)
+               for x in re.findall(r"[0-9]+\.[0-9]+", row)]
+    floor, epoch3, final, final_global, small, best, score_dice, hausdorff, score = numbers
+    return dict(zip(KEYS, (floor, epoch3, final, final_global, best, small, score_dice, hausdorff, score)))
 
 
 def main() -> int:

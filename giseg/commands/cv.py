@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 from giseg.commands.options import RunOptions, parse_weights
-from giseg.data.hf import dataset_options
-from giseg.data.registry import get_adapter
 from giseg.training import cv
 from giseg.training.cv import (
     cv_table,
@@ -91,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
 
     run_in_slots(todo, groups, train_fold)
+
+    from giseg.data.hf import dataset_options  # (the data layer imports torch: not for --help)
+    from giseg.data.registry import get_adapter
 
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     rows = fold_figures(cv_dir, folds)

@@ -3,8 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.utils import UserError
+
+
+def _empty_rules() -> tuple[str, ...]:
+    """--empty_dice's choices, read when a parser that has the option is built: evaluation.metrics imports torch
+    (2 s), which `giseg cv --help` (RunOptions only) does not need."""
+    from giseg.evaluation.metrics import EMPTY_RULES
+
+    return EMPTY_RULES
 
 
 @dataclass
@@ -24,7 +31,7 @@ class ScoringOptions:
     """How figures are scored: giseg score and tune."""
     empty_dice: str = field(default="1", metadata={
         "help": "Dice of an empty prediction on an empty truth: 1 (the 1st-place solution's rule), 0 (the "
-                "competition text), or skip (left out of the mean)", "choices": EMPTY_RULES})
+                "competition text), or skip (left out of the mean)", "choices": _empty_rules})
     workers: int = field(default=0, metadata={"help": "threads scoring volumes (0: one per core)"})
 
 

@@ -37,3 +37,10 @@ def test_the_console_script_and_python_m_are_the_same_entry():
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("giseg") == "giseg.cli:main"  # pip install -e . put it on PATH
+
+
+def test_the_overview_and_cvs_help_import_no_torch():
+    """`giseg --help` and `giseg cv --help` (a driver of trainer.py processes) answer without torch's 2 s import."""
+    code = "import sys, giseg.cli, giseg.commands.cv; print('torch' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.stdout.strip() == "False", res.stderr
