@@ -93,7 +93,9 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
     tmp = root / f".{final.name}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
+        # the main process creates the folder that every rank's save_state then finds (accelerate makes it on each
+        # rank: otherwise whichever rank comes first creates it, and under several machines that may be another's)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     with storage_guard(tmp, "a resumable state"):
         accelerator.save_state(str(tmp), safe_serialization=True)
