@@ -95,3 +95,22 @@ def two_process_run(demo_dir, tiny_models, tmp_path_factory):
            "--cache_dir", str(root / "cache"), "--trace_rows", str(trace), *DDP_ARGS]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=distributed_env())
     return SimpleNamespace(result=res, out=out, trace=trace)
+
+
+@pytest.fixture(scope="session")
+def saved_model(tiny_models, tmp_path_factory):
+    """A folder as the trainer writes it (weights, image processor, spec), with no training."""
+    from giseg.data.gi import GI_CLASSES
+    from giseg.inference.spec import InferenceSpec
+    from giseg.models.load import load_model, save_model
+
+    loaded = load_model(str(tiny_models["segformer"]), "multilabel", GI_CLASSES)
+    spec = InferenceSpec(dataset="gi", task="multilabel", classes=GI_CLASSES, image_size=64, context_slices=1,
+                         context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
+    out = tmp_path_factory.mktemp("safe") / "model"
+    old = os.umask(0o022)
+    try:
+        save_model(loaded.model, out, spec)
+    finally:
+        os.umask(old)
+    return out

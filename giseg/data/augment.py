@@ -7,6 +7,8 @@ import os
 
 import cv2
 
+from giseg.data.masks import IGNORE_BIT
+
 
 def import_albumentations():
     """albumentations, imported without its update check: that check asks the network at import (a call home, and
@@ -23,16 +25,19 @@ def import_albumentations():
     return albumentations
 
 
-def train_transform(image_size: int, strong: bool = False, seed: int | None = None):
+def train_transform(image_size: int, strong: bool = False, seed: int | None = None, unlabelled: bool = False):
     """Flips, affine scale/shift/rotate, brightness/contrast and coarse dropout; ``strong`` adds elastic, grid
     and optical distortion, blur and gamma. ``seed`` fixes the pipeline's own random state (albumentations
-    ignores the global seeds); data/dataset.py's SliceDataset re-seeds it per sample from (seed, epoch, row)."""
+    ignores the global seeds); data/dataset.py's SliceDataset re-seeds it per sample from (seed, epoch, row).
+    The affine's padding is background (0) or, for data whose labels may be ``unlabelled`` (a label map with 255),
+    unlabelled too (the ignore bit): pixels nobody labelled are not made into labelled background."""
     A = import_albumentations()
+    fill_mask = 1 << IGNORE_BIT if unlabelled else 0
     ops = [
         A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
         A.HorizontalFlip(p=0.5),
         A.Affine(scale=(0.9, 1.1), translate_percent=(-0.0625, 0.0625), rotate=(-15, 15),
-                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5),
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=fill_mask, p=0.5),
         A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
     ]
     if strong:

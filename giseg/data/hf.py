@@ -35,7 +35,7 @@ import pandas as pd
 
 from giseg.data.base import DatasetAdapter
 from giseg.data.gi import GIAdapter
-from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, unpack_masks
+from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, class_name_problems, unpack_masks
 from giseg.utils import UserError, atomic_dir, logger, options_of
 
 IMAGE_COLUMNS = ("image", "pixel_values")
@@ -43,6 +43,7 @@ LABEL_COLUMNS = ("label", "annotation")
 MASK_PREFIX = "mask_"
 ID2LABEL = "id2label.json"
 IGNORE = 255
+TABLE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
 
 
 @dataclass
@@ -89,6 +90,13 @@ def load_split(source: str | Path, split: str):
     datasets = import_datasets()
 
     path = Path(source)
+    if path.is_dir() and not any((path / m).is_file() for m in ("state.json", "dataset_dict.json")):
+        tables = [f for f in path.rglob("*") if f.suffix in TABLE_SUFFIXES and f.is_file()]
+        if not tables:
+            raise UserError(f"--data_dir {source}: not a Hugging Face dataset folder (no save_to_disk files, no "
+                            f"{'/'.join(TABLE_SUFFIXES)} files); a folder of images or of another layout (GI's "
+                            "Kaggle folder, LGG) is read by its own --dataset, and a model trained on --dataset hf "
+                            "predicts on data in that form (giseg export-hf writes it)")
     try:
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
             ds = datasets.load_from_disk(str(path))
@@ -119,9 +127,17 @@ def read_id2label(source: str | Path) -> dict[int, str] | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        return {int(k): str(v) for k, v in raw.items()}
+        id2label = {int(k): v for k, v in raw.items()}
     except (ValueError, AttributeError) as e:
         raise UserError(f"{path}: expected a JSON object {{\"0\": \"name\", ...}} ({e})") from None
+    names = list(id2label.values())
+    if not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path}: class names must be strings, got {names}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{path}: the name {dup[0]!r} is given to ids {[i for i, n in id2label.items() if n == dup[0]]}; "
+                        "each id needs its own name (two ids of one name would be merged into one class)")
+    return id2label
 
 
 @dataclass
@@ -168,6 +184,9 @@ def make_layout(columns: list[str], source, options: dict, classes: tuple[str, .
             lut[0] = 0
         layout = Layout(image, tuple(names), label=label, lut=lut, reduce_labels=bool(options.get("reduce_labels")))
     elif mask_cols:
+        if options.get("reduce_labels"):
+            raise UserError(f"--reduce_labels: {source} has no label map but {MASK_PREFIX}<class> columns "
+                            f"{mask_cols}; --reduce_labels applies to a label map only, leave it out")
         names = [c[len(MASK_PREFIX):] for c in mask_cols]
         if id2label is not None:
             ordered = [n for _, n in sorted(id2label.items())]
@@ -183,20 +202,31 @@ def make_layout(columns: list[str], source, options: dict, classes: tuple[str, .
     if not layout.classes or len(layout.classes) > MAX_CLASSES:
         raise UserError(f"{source}: {len(layout.classes)} classes {list(layout.classes)}; this toolkit takes 1 to "
                         f"{MAX_CLASSES} (one bit each in its packed masks)")
+    bad = class_name_problems(layout.classes)
+    if bad:
+        raise UserError(f"{source}: {bad[0]}")
     if classes is not None and tuple(classes) != layout.classes:
         raise UserError(f"{source}: its classes {list(layout.classes)} are not the model's {list(classes)}")
     return layout
 
 
-def to_array(value, what: str) -> np.ndarray:
-    """A decoded image cell (PIL image, array or nested lists) as a 2D array; colour images as luminance."""
+def to_array(value, what: str, gray: bool = False) -> np.ndarray:
+    """A decoded image cell (PIL image, array or nested lists) as a 2D array; with ``gray``, colour images as
+    luminance (scans; a mask or label map in colour is an error)."""
+    if value is None:
+        raise UserError(f"{what}: empty cell (null); every row needs its image")
     if hasattr(value, "mode"):  # PIL
-        if value.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "HSV") and what == "image":
+        if value.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr", "HSV") and gray:
             value = value.convert("L")
         arr = np.array(value)
     else:
-        arr = np.asarray(value)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and what == "image":
+        try:
+            arr = np.asarray(value)
+        except ValueError as e:  # ragged nested lists
+            raise UserError(f"{what}: not an image ({e})") from None
+    if arr.dtype.kind not in "iufb":
+        raise UserError(f"{what}: expected an image or a numeric array, got {arr.dtype} values")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and gray:
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     if arr.ndim != 2:
         raise UserError(f"{what}: expected a 2D image, got shape {arr.shape}")
@@ -211,8 +241,32 @@ def image_size(value) -> tuple[int, int]:
         src = io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
         with Image.open(src) as im:
             return im.size
-    arr = to_array(value, "image")
+    arr = to_array(value, "image", gray=True)
     return arr.shape[1], arr.shape[0]
+
+
+def check_paths_inside(ds, columns: list[str], source) -> None:
+    """Image cells that are file paths (no bytes) must lie inside the dataset's folder: a row naming
+    /etc/... or ../other is refused (the GI reader refuses such symlinks too)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    root = Path(source).resolve() if Path(source).is_dir() else None
+    for col in columns:
+        if not isinstance(ds.features.get(col), datasets.Image):
+            continue
+        cells = ds.select_columns([col]).cast_column(col, datasets.Image(decode=False)).with_format("arrow")
+        for start in range(0, len(ds), 4096):
+            batch = cells[start:start + 4096][col]
+            paths = pc.struct_field(batch, "path").to_pylist()
+            has_bytes = pc.is_valid(pc.struct_field(batch, "bytes")).to_pylist()
+            for i, (path, inline) in enumerate(zip(paths, has_bytes)):
+                if inline or not path:
+                    continue
+                where = Path(path) if Path(path).is_absolute() or root is None else root / path
+                if root is None or not where.resolve().is_relative_to(root):
+                    raise UserError(f"{source}: row {start + i} column {col}: its image is the file {path}, outside "
+                                    "the dataset's folder; keep the images inside it (or embed them: save_to_disk)")
 
 
 def build_hf_index(ds, layout: Layout, source, options: dict) -> pd.DataFrame:
@@ -220,11 +274,29 @@ def build_hf_index(ds, layout: Layout, source, options: dict) -> pd.DataFrame:
     import datasets
 
     columns = ds.column_names
+    if len(ds) == 0:
+        raise UserError(f"--data_dir {source}: split {options.get('hf_split', 'train')} has no rows")
     meta = [c for c in ("id", "day", "slice", "width", "height", "spacing_x", "spacing_y") if c in columns]
     case_col = options.get("case_column") or "case"
     if case_col in columns:
         meta.append(case_col)
+    elif case_col != DEFAULT_OPTIONS["case_column"]:
+        raise UserError(f"--case_column {case_col}: {source} has no such column; its columns are {columns} (without "
+                        "a case column each image would be its own case, and a case's images could land in "
+                        "several folds)")
+    else:
+        logger.warning("%s has no %r column: each image is its own case for the folds (pass --case_column if "
+                       "images of one patient or volume are in several rows)", source, case_col)
+    check_paths_inside(ds, [layout.image, *([layout.label] if layout.label else []), *layout.masks], source)
     table = ds.select_columns(meta).to_pandas() if meta else pd.DataFrame(index=range(len(ds)))
+    for c in meta:
+        numeric = pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+        if c not in ("id", case_col) and (not numeric or table[c].isna().any()):
+            raise UserError(f"{source}: column {c!r} must hold numbers in every row, got {table[c].dtype} values "
+                            f"such as {table[c].iloc[0]!r}")
+        if c == case_col and table[c].isna().any():
+            raise UserError(f"--case_column {c}: {source} has rows without a case (row "
+                            f"{int(np.flatnonzero(table[c].isna().to_numpy())[0])})")
     df = pd.DataFrame({"row": np.arange(len(ds))})
     df["id"] = table["id"].astype(str) if "id" in table else df["row"].map(lambda r: f"{r:06d}")
     if df["id"].duplicated().any():
@@ -267,14 +339,27 @@ class Reader:
         return memo[1]
 
     def image(self, row) -> np.ndarray:
-        return to_array(self.record(row.row)[self.layout.image], "image")
+        img = to_array(self.record(row.row)[self.layout.image], f"row {row.row} column {self.layout.image}", True)
+        if img.shape != (int(row.height), int(row.width)):
+            raise UserError(f"row {row.row} (id {row.id}) column {self.layout.image}: the image is {img.shape[1]} "
+                            f"wide x {img.shape[0]} high but the row's width/height say {int(row.width)} x "
+                            f"{int(row.height)}; fix the columns (or drop them: the size is then read from the image)")
+        return img
 
     def packed(self, row) -> np.ndarray:
         """(H, W) uint8: bit c for class c, bit 7 where unlabelled."""
         rec, lay = self.record(row.row), self.layout
         shape = (int(row.height), int(row.width))
         if lay.label is not None:
-            lab = to_array(rec[lay.label], f"row {row.row} column {lay.label}").astype(np.int64)
+            raw = to_array(rec[lay.label], f"row {row.row} column {lay.label}")
+            if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
+                raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: a label map holds class indices, "
+                                f"got fractional values such as {raw[raw != np.round(raw)].flat[0]!r} ({raw.dtype}); "
+                                "store integers (uint8 PNG or an int array)")
+            if raw.dtype.kind not in "iufb":
+                raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: a label map holds class indices, "
+                                f"got {raw.dtype} values")
+            lab = raw.astype(np.int64)
             if lay.reduce_labels:
                 lab = np.where(lab == 0, IGNORE, lab - 1)
                 lab[lab == IGNORE - 1] = IGNORE

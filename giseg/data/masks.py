@@ -14,6 +14,26 @@ MAX_CLASSES = 7
 IGNORE_BIT = 7
 
 
+def class_name_problems(names) -> list[str]:
+    """Why ``names`` cannot be a model's classes (empty list: they can): 1 to MAX_CLASSES distinct names, each a
+    non-empty string without path separators or control characters, not '.' or '..' (names become column, file
+    and metric names), not 'background' (multiclass models add it themselves)."""
+    names = list(names)
+    if not 1 <= len(names) <= MAX_CLASSES:
+        return [f"1 to {MAX_CLASSES} class names, got {len(names)}: {names}"]
+    for n in names:
+        if not isinstance(n, str) or not n.strip() or n != n.strip() or n in (".", "..") or len(n) > 64 \
+                or any(ch in n for ch in "/\\") or any(ord(ch) < 32 for ch in n):
+            return [f"class name {n!r} cannot be used: names are 1 to 64 characters without '/', '\\', control "
+                    "characters or outer spaces, and not '.' or '..' (they become file and column names)"]
+        if n.lower() == "background":
+            return ["class name 'background' is reserved (a multiclass model's channel 0); leave it out of the classes"]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        return [f"class names must be distinct; {dup[0]!r} appears {names.count(dup[0])} times in {names}"]
+    return []
+
+
 def pack_masks(masks: np.ndarray) -> np.ndarray:
     """(C, H, W) 0/1 masks -> (H, W) uint8 with bit c set where class c is present."""
     bits = (1 << np.arange(masks.shape[0], dtype=np.uint8))[:, None, None]

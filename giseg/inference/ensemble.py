@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
@@ -44,8 +45,12 @@ class Ensemble:
             if (m.spec.task, m.spec.classes, m.spec.dataset) != (first.task, first.classes, first.dataset):
                 raise UserError(f"--model {name}: {m.spec.task} {list(m.spec.classes)} on {m.spec.dataset} cannot be "
                                 f"averaged with {names[0]}'s {first.task} {list(first.classes)} on {first.dataset}")
+            if (m.spec.dataset_options or {}) != (first.dataset_options or {}):
+                raise UserError(f"--model {name}: trained on data read with other options ({m.spec.dataset_options}) "
+                                f"than {names[0]} ({first.dataset_options}): their labels may mean different "
+                                "things (e.g. --reduce_labels); the models read its data with other options")
         weights = [1.0] * len(members) if weights is None else list(weights)
-        if len(weights) != len(members) or not all(w > 0 for w in weights):
+        if len(weights) != len(members) or not all(math.isfinite(w) and w > 0 for w in weights):
             raise UserError(f"--weights needs {len(members)} positive values (one per --model), got {weights}")
         self.members, self.names = members, names
         self.weights = [w / sum(weights) for w in weights]
@@ -54,8 +59,8 @@ class Ensemble:
 
     @classmethod
     def load(cls, folders: list[str | Path], device: torch.device | str = "cpu",
-             weights: list[float] | None = None) -> "Ensemble":
-        return cls([Segmenter.load(f, device) for f in folders], weights, [str(f) for f in folders])
+             weights: list[float] | None = None, allow_bin: bool = False) -> "Ensemble":
+        return cls([Segmenter.load(f, device, allow_bin) for f in folders], weights, [str(f) for f in folders])
 
     def with_decisions(self, thresholds=None, min_area=None, min_prob=None, postprocess=None) -> "Ensemble":
         """The same members with other thresholds, gates or post-processing (None: keep the current)."""

@@ -17,6 +17,7 @@ spec's per-class probability thresholds on the sigmoid, or argmax over backgroun
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 
 from giseg.data.dataset import SliceDataset
 from giseg.data.preprocess import prepare_scan, to_pixel_values
-from giseg.inference.spec import InferenceSpec
+from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.utils import UserError
 
 
@@ -52,25 +53,34 @@ class Segmenter:
         self.thresholds = torch.tensor(spec.thresholds, dtype=torch.float32, device=self.device)
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device | str = "cpu") -> "Segmenter":
-        """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``."""
+    def load(cls, folder: str | Path, device: torch.device | str = "cpu", allow_bin: bool = False) -> "Segmenter":
+        """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``: loaded without running
+        its code or unpickling (models/safe.py), its spec checked against the model's own config and files."""
         # transformers (1.8 s): only the commands that load a model pay it
         from giseg.models.families import auto_class
+        from giseg.models.safe import check_model_folder, loading_kwargs
         from giseg.models.wrapper import SegmentationModel
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"--model {folder}: no config.json; pass a folder written by the trainer (e.g. "
                             "runs/<name>/best)")
+        config = check_model_folder(folder, "--model", allow_bin)
         spec = InferenceSpec.load(folder)
+        check_spec_matches_model(spec, config, folder)
         try:
-            model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
-            hf = auto_class(model_type).from_pretrained(folder)
+            hf = auto_class(config.get("model_type", "")).from_pretrained(folder, **loading_kwargs(allow_bin))
+        except pickle.UnpicklingError as e:
+            raise UserError(f"--model {folder}: its pickled weights were refused by torch.load(weights_only=True) "
+                            f"({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
         except (OSError, ValueError) as e:
             raise UserError(f"--model {folder}: not a segmentation model folder ({str(e).splitlines()[0]})") from None
-        if hf.config.num_labels != len(spec.labels()):
-            raise UserError(f"--model {folder}: the model has {hf.config.num_labels} outputs but its spec names "
-                            f"{len(spec.labels())} ({', '.join(spec.labels().values())})")
+        from giseg.models.widen import input_channels
+
+        channels = input_channels(hf)
+        if channels is not None and channels != len(spec.mean):
+            raise UserError(f"--model {folder}: the model takes {channels} input channels but its spec prepares "
+                            f"{len(spec.mean)} (context_slices {spec.context_slices}); the spec is not this model's")
         device = torch.device(device)
         return cls(SegmentationModel(hf).to(device).eval(), spec, device)
 
@@ -128,6 +138,37 @@ class Segmenter:
             logits = upsample_like(logits.float(), (int(heights[r]), int(widths[r])))
             probs = torch.sigmoid(logits) if self.spec.task == "multilabel" else torch.softmax(logits, 1)
             yield r, probs[0].cpu().numpy()
+
+
+def check_spec_matches_model(spec: InferenceSpec, config: dict, folder: Path) -> None:
+    """The spec must describe this model: its labels (names and order) are the config's id2label, and its image
+    size and normalisation are those of the folder's image processor (both written together by the trainer). A
+    spec edited or copied from another model (classes permuted: labels swapped; another size) is refused."""
+    where = f"{folder / SPEC_FILE}"
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict):
+        try:
+            labels = [id2label[k] for k in sorted(id2label, key=int)]
+        except (ValueError, TypeError):
+            raise UserError(f"{folder}/config.json: id2label keys must be integers, got {sorted(id2label)}") from None
+        if labels != list(spec.labels().values()):
+            raise UserError(f"{where}: labels {list(spec.labels().values())} ({spec.task}) are not the model's own "
+                            f"{labels} (config.json id2label, in output order); the spec is not this model's")
+    proc_file = folder / "preprocessor_config.json"
+    if proc_file.is_file():
+        try:
+            proc = json.loads(proc_file.read_text())
+        except ValueError as e:
+            raise UserError(f"{proc_file}: not valid JSON ({e})") from None
+        size = (proc.get("size") or {}).get("height") if isinstance(proc.get("size"), dict) else proc.get("size")
+        if isinstance(size, int) and size != spec.image_size:
+            raise UserError(f"{where}: image_size {spec.image_size}, but the model was saved for {size} "
+                            f"({proc_file.name}); the spec is not this model's")
+        for key, mine in (("image_mean", spec.mean), ("image_std", spec.std)):
+            theirs = proc.get(key)
+            if isinstance(theirs, list) and len(theirs) == len(mine) and not np.allclose(theirs, mine, rtol=1e-4):
+                raise UserError(f"{where}: {key.split('_')[1]} {list(mine)}, but the model was saved with {theirs} "
+                                f"({proc_file.name}); the spec is not this model's")
 
 
 def upsample_like(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from giseg.data.masks import MAX_CLASSES
+from giseg.data.masks import class_name_problems
 from giseg.inference.postprocess import POSTPROCESS, valid_rule
 from giseg.models.labels import TASKS, task_labels
 from giseg.utils import UserError, atomic_write_json
 
 SPEC_FILE = "inference_spec.json"
 SPLIT_KEYS = ("n_folds", "fold", "split_seed")
+# sane normalisation: inputs are scans scaled to [0, 1]; a std below MIN_STD (or NaN, inf) would blow them up
+MIN_STD, MAX_STAT = 1e-3, 1e3
 
 
+def is_number(v) -> bool:
+    """A finite int or float (not a bool, a string or NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def flag(default, help: str, check, what: str, **meta) -> dict:
@@ -77,26 +83,28 @@ class InferenceSpec:
             out.append(f"dataset: a registered dataset name, got {self.dataset!r}")
         out += [f"{f.name}: {f.metadata['what']}, got {getattr(self, f.name)!r}" for f in dataclasses.fields(self)
                 if "check" in f.metadata and not f.metadata["check"](getattr(self, f.name))]
-        if not self.classes or not all(isinstance(c, str) and c for c in self.classes) or \
-                len(self.classes) > MAX_CLASSES:
-            out.append(f"classes: 1 to {MAX_CLASSES} names, got {list(self.classes)}")
+        bad_names = class_name_problems(self.classes) if isinstance(self.classes, tuple) else ["not a list"]
+        if bad_names:
+            out.append(f"classes: {bad_names[0]}")
         channels = max(3, self.context_slices if isinstance(self.context_slices, int) else 3)
-        if len(self.mean) != channels or len(self.std) != channels or not all(s > 0 for s in self.std):
-            out.append(f"mean, std: {channels} values each (one per input channel), std > 0, got {list(self.mean)}, "
-                       f"{list(self.std)}")
+        for name, low, high in (("mean", -MAX_STAT, MAX_STAT), ("std", MIN_STD, MAX_STAT)):
+            values = getattr(self, name)
+            if len(values) != channels or not all(is_number(v) and low <= v <= high for v in values):
+                out.append(f"{name}: {channels} numbers (one per input channel) in [{low:g}, {high:g}], got "
+                           f"{list(values)}")
         if self.split is not None and (not isinstance(self.split, dict) or set(self.split) != set(SPLIT_KEYS)
                                        or not all(isinstance(v, int) for v in self.split.values())):
             out.append(f"split: null or integers {list(SPLIT_KEYS)}, got {self.split!r}")
         if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
             out.append(f"dataset_options: null or an object, got {self.dataset_options!r}")
-        fraction = lambda v: isinstance(v, (int, float)) and 0 <= v < 1  # noqa: E731
+        fraction = lambda v: is_number(v) and 0 <= v < 1  # noqa: E731
         for name, ok, what in (("min_area", fraction, "fractions in [0, 1)"), ("min_prob", fraction, "values in [0, 1)"),
                                ("postprocess", valid_rule, f"one of {POSTPROCESS}")):
             value = getattr(self, name)
             if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
                 out.append(f"{name}: null or one per class, {what}, got {list(value)}")
         want = len(self.classes) if self.task == "multilabel" else 0
-        if len(self.thresholds) != want or not all(0 < t < 1 for t in self.thresholds):
+        if len(self.thresholds) != want or not all(is_number(t) and 0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
         return out
 
@@ -123,6 +131,9 @@ class InferenceSpec:
         if not isinstance(raw, dict) or not fields - OPTIONAL_KEYS <= got <= fields:
             raise UserError(f"{path}: keys must be {sorted(fields)} ({sorted(OPTIONAL_KEYS)} optional); missing "
                             f"{sorted(fields - OPTIONAL_KEYS - got)}, unknown {sorted(got - fields)}")
+        for key in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
+            if raw.get(key) is not None and not isinstance(raw[key], (list, tuple)):
+                raise UserError(f"{path}: {key}: a list, got {raw[key]!r}")
         spec = cls(**raw)
         bad = spec.problems()
         if bad:

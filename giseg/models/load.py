@@ -6,10 +6,17 @@
 ignore_mismatched_sizes=True)``: everything loads except the classifier layers of the decode head and the
 auxiliary head, which are re-initialised for our labels (and reported). ``SegmentationModel`` returns the
 auxiliary head's logits too, so they can join the loss (every parameter gets a gradient under DDP).
+
+Every model this toolkit loads goes through ``SAFE_LOADING`` and ``check_model_folder``: no code from a model folder
+or the Hub ever runs (``trust_remote_code=False``, explicitly: a config whose ``auto_map`` names code of its own is
+refused with one line, never prompted for), and weights come from safetensors only; a folder whose weights are a
+pickle (``pytorch_model.bin``) is refused unless the user opts in with ``--allow_bin`` (then torch.load with
+``weights_only=True``, transformers' restricted unpickler).
 """
 from __future__ import annotations
 
 import json
+import pickle
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -27,9 +34,10 @@ from giseg.models.baselines import (  # also registers them with the Auto classe
 )
 from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
 from giseg.models.labels import task_labels
+from giseg.models.safe import check_model_folder, loading_kwargs
 from giseg.models.tiny import TINY_CONFIGS
 from giseg.models.widen import input_channels, widen_channels, widen_input
-from giseg.utils import UserError, atomic_dir
+from giseg.utils import UserError, atomic_dir, use_umask
 
 
 @dataclass
@@ -68,10 +76,10 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
 
 
 def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-               trust_remote_code: bool = False, in_channels: int = 3) -> LoadedModel:
+               allow_bin: bool = False, in_channels: int = 3) -> LoadedModel:
     """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``; with
     ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too."""
-    loaded = _load_model(base_model, task, classes, aux_weight, trust_remote_code)
+    loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
     if in_channels > 3 and input_channels(loaded.model) != in_channels:
         layer = widen_input(loaded.model, in_channels)
         loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
@@ -80,13 +88,16 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     return loaded
 
 
-def load_config(base_model: str, trust_remote_code: bool = False):
+def load_config(base_model: str, allow_bin: bool = False):
     """The config of ``base_model`` (hub id or folder), refused with one line unless it is a segmentation model
-    (any AutoModelForSemanticSegmentation family, a CNN baseline's or a mask-classification one)."""
-    if not Path(base_model).exists():
+    (any AutoModelForSemanticSegmentation family, a CNN baseline's or a mask-classification one) that loads without
+    running its own code (and, for a folder, without unpickling: check_model_folder)."""
+    if Path(base_model).exists():
+        check_model_folder(base_model, "--base_model", allow_bin)
+    else:
         check_hub_reachable(base_model)
     try:
-        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
@@ -97,7 +108,7 @@ def load_config(base_model: str, trust_remote_code: bool = False):
     return config
 
 
-def check_base_model(base_model: str, trust_remote_code: bool = False) -> str:
+def check_base_model(base_model: str, allow_bin: bool = False) -> str:
     """What --base_model is, checked without downloading anything: a CNN baseline, a local folder whose config is a
     segmentation model's, or a hub id (its files are fetched when the run starts). A UserError line otherwise."""
     if base_model in BASELINES:
@@ -107,7 +118,7 @@ def check_base_model(base_model: str, trust_remote_code: bool = False) -> str:
             raise UserError(f"--base_model {base_model}: a local path with no config.json; pass a model folder "
                             "(save_pretrained, or `hf download <id> --local-dir <folder>`), a hub id or a baseline "
                             f"({', '.join(sorted(BASELINES))})")
-        return f"{base_model} ({load_config(base_model, trust_remote_code).model_type})"
+        return f"{base_model} ({load_config(base_model, allow_bin).model_type})"
     parts = base_model.split("/")
     if len(parts) > 2 or not all(parts) or base_model.startswith((".", "~")):
         raise UserError(f"--base_model {base_model!r}: no such folder, and not a hub id (<owner>/<name>)")
@@ -115,21 +126,30 @@ def check_base_model(base_model: str, trust_remote_code: bool = False) -> str:
 
 
 def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-                trust_remote_code: bool = False) -> LoadedModel:
+                allow_bin: bool = False) -> LoadedModel:
     id2label = task_labels(task, classes)
     if base_model in BASELINES:
         model = build_baseline(base_model, id2label)
         return LoadedModel(model, model.config.model_type,
                            ["all weights (a CNN baseline starts from random weights: no pretrained encoder offline)"],
                            IMAGENET_MEAN, IMAGENET_STD, "ImageNet (a CNN baseline's choice)")
-    config = load_config(base_model, trust_remote_code)
+    config = load_config(base_model, allow_bin)
     family = config.model_type
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters
-    model, info = auto_class(family).from_pretrained(
-        base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
-        output_loading_info=True, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        model, info = auto_class(family).from_pretrained(
+            base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
+            output_loading_info=True, **loading_kwargs(allow_bin), **kwargs)
+    except pickle.UnpicklingError as e:  # --allow_bin with a pickle that is not plain weights
+        raise UserError(f"--base_model {base_model}: its pickled weights were refused by torch.load(weights_only="
+                        f"True) ({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
+    except OSError as e:  # no weights in a folder, or a hub repo without safetensors (or unreachable)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if Path(base_model).exists() or allow_bin else (
+            " A hub repo whose weights are only a pickle needs --allow_bin (torch.load with weights_only=True).")
+        raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.{hint}") from None
     reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
     reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
     mean, std = FAMILY_STATS.get(family, (IMAGENET_MEAN, IMAGENET_STD))
@@ -149,6 +169,8 @@ def save_model(hf_model: nn.Module, out_dir: str | Path, spec, state_dict: dict 
     under DeepSpeed / FSDP)."""
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp, state_dict=state_dict)
+        for f in tmp.glob("*.safetensors"):  # safetensors creates its files 0600; give them the umask's mode
+            use_umask(f, folder=False)
         make_image_processor(spec.image_size, spec.mean, spec.std).save_pretrained(tmp)
         spec.save(tmp)
         if card is not None:

@@ -113,7 +113,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     from giseg.models.load import load_model
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 
-    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.trust_remote_code,
+    loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.allow_bin,
                         in_channels=max(3, cfg.context_slices))
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
@@ -142,7 +142,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     return model, spec, loaded.family
 
 
-def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int):
+def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int,
+                 unlabelled: bool = False):
     from giseg.data.augment import train_transform  # albumentations (1 s): only where training needs it
 
     rows, pool, draws = data.train_rows, None, 0
@@ -156,7 +157,8 @@ def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torc
                     len(pool), f, 100 * len(pool) / max(1, len(data.train_rows)))
         if len(rows) + draws == 0:
             raise UserError("--empty_slice_fraction: no training slice shows a class; use -1")
-    train_ds = SliceDataset(data.cache, rows, data.neighbours, train_transform(cfg.image_size, cfg.strong_aug, cfg.seed),
+    transform = train_transform(cfg.image_size, cfg.strong_aug, cfg.seed, unlabelled)
+    train_ds = SliceDataset(data.cache, rows, data.neighbours, transform,
                             spec.mean, spec.std, cfg.seed, draw_from=pool, draws=draws)
     val_ds = SliceDataset(data.cache, data.val_rows, data.neighbours, None, spec.mean, spec.std) \
         if len(data.val_rows) else None
@@ -181,7 +183,8 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     data = load_data(cfg, adapter, accelerator)
     model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
-    train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes)
+    train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes,
+                                    adapter.may_have_unlabelled)
     optimizer = make_optimizer(cfg, model, accelerator.device)
     if val_dl is not None:
         model, optimizer, train_dl, val_dl = accelerator.prepare(model, optimizer, train_dl, val_dl)
@@ -249,6 +252,6 @@ def check_run(cfg: TrainConfig) -> str:
     index = adapter.build_index(cfg.data_dir)
     if cfg.fold != -1:
         split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
-    model = check_base_model(cfg.base_model, cfg.trust_remote_code)
+    model = check_base_model(cfg.base_model, cfg.allow_bin)
     return (f"checked: data {cfg.data_dir} ({adapter.name}: {len(index)} slices, {index['case'].nunique()} cases), "
             f"model {model}, arguments")

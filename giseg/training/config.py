@@ -25,6 +25,7 @@ from giseg.data.hf import HFOptions
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
+from giseg.models.safe import ALLOW_BIN_HELP
 from giseg.training.losses import LOSSES
 from giseg.training.tracking import parse_report_to
 from giseg.utils import UserError, add_options
@@ -189,8 +190,8 @@ class TrainerFlags:
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "allow starting over in a used output_dir",
         "identity": False, "group": "running"})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "allow model code from the checkpoint (off)",
+    allow_bin: bool = field(default=False, metadata={
+        "help": ALLOW_BIN_HELP + " (model code from a folder or the Hub never runs)",
         "identity": False, "group": "running"})
     torch_compile: bool = field(default=False, metadata={
         "help": "torch.compile the model",

@@ -26,12 +26,24 @@ def test_spec_round_trips_through_its_file(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (dict(image_size=100), "image_size: a positive multiple of 32 (the models downsample by 32), got 100"),
     (dict(context_slices=2), "context_slices: an odd number >= 1 (1, 3, 5 ...), got 2"),
-    (dict(context_slices=5), "mean, std: 5 values each (one per input channel)"),
+    (dict(context_slices=5), "mean: 5 numbers (one per input channel) in [-1000, 1000]"),
     (dict(thresholds=(0.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
     (dict(thresholds=(0.5, 1.5, 0.5)), "thresholds: 3 value(s) in (0, 1)"),
     (dict(task="multiclass"), "thresholds: 0 value(s) in (0, 1) for task multiclass"),
     (dict(task="panoptic"), "task: one of"),
-    (dict(std=(1, 0, 1)), "mean, std: 3 values each (one per input channel), std > 0"),
+    (dict(std=(1, 0, 1)), "std: 3 numbers (one per input channel) in [0.001, 1000]"),
+    (dict(std=(1, 1e-30, 1)), "std: 3 numbers (one per input channel) in [0.001, 1000]"),
+    (dict(std=(1, float("inf"), 1)), "std: 3 numbers"),
+    (dict(mean=(0.5, float("nan"), 0.5)), "mean: 3 numbers"),
+    (dict(mean=(0.5, "0.5", 0.5)), "mean: 3 numbers"),
+    (dict(thresholds=(0.5, "0.4", 0.5)), "thresholds: 3 value(s) in (0, 1)"),
+    (dict(thresholds=(0.5, float("nan"), 0.5)), "thresholds: 3 value(s) in (0, 1)"),
+    (dict(image_size="64"), "image_size: a positive multiple of 32"),
+    (dict(min_area=(0.1, "x", 0.1)), "min_area: null or one per class"),
+    (dict(classes=("large_bowel", "../../x", "stomach")), "classes: class name '../../x' cannot be used"),
+    (dict(classes=("large_bowel", "", "stomach")), "classes: class name '' cannot be used"),
+    (dict(classes=("stomach", "small_bowel", "stomach")), "classes: class names must be distinct"),
+    (dict(mean="0.5"), "mean: a list, got '0.5'"),
     (dict(min_area=(0.1, 0.1)), "min_area: null or one per class, fractions in [0, 1)"),
     (dict(min_prob=(0.5, 1.0, 0.5)), "min_prob: null or one per class, values in [0, 1)"),
     (dict(postprocess=("largest", "none", "smallest")), "postprocess: null or one per class, one of"),
@@ -172,3 +184,42 @@ def test_an_ensemble_refuses_models_of_other_classes_and_wrong_weights(two_model
         Ensemble([a, other])
     with pytest.raises(UserError, match="--weights needs 2 positive values"):
         Ensemble([a, a], weights=[1.0, -1.0])
+    with pytest.raises(UserError, match="--weights needs 2 positive values"):
+        Ensemble([a, a], weights=[float("inf"), 1.0])
+    with pytest.raises(UserError, match="--weights needs 2 positive values"):
+        Ensemble([a, a], weights=[float("nan"), 1.0])
+    reduced = Segmenter(a.model, dataclasses.replace(a.spec, dataset_options={"reduce_labels": True}))
+    with pytest.raises(UserError, match="read its data with other options"):
+        Ensemble([a, reduced])
+
+
+def _edit_spec(folder, tmp_path, **change):
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    raw = json.loads((out / SPEC_FILE).read_text())
+    (out / SPEC_FILE).write_text(json.dumps({**raw, **change}))
+    return out
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(classes=["small_bowel", "large_bowel", "stomach"]),
+     r"labels \['small_bowel', 'large_bowel', 'stomach'\] \(multilabel\) are not the model's own \['large_bowel', "
+     r"'small_bowel', 'stomach'\]"),
+    (dict(task="multiclass", thresholds=[]), r"labels \['background', .*\(multiclass\) are not the model's own"),
+    (dict(image_size=96), r"image_size 96, but the model was saved for 64"),
+    (dict(mean=[0.4, 0.4, 0.4]), r"mean \[0.4, 0.4, 0.4\], but the model was saved with"),
+    (dict(context_slices=5, mean=[0.5] * 5, std=[0.5] * 5), r"the model takes 3 input channels but its spec prepares 5"),
+])
+def test_a_spec_that_does_not_describe_its_model_is_refused(saved_model, tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        Segmenter.load(_edit_spec(saved_model, tmp_path, **change))
+
+
+def test_the_untouched_spec_loads_and_a_folder_without_an_image_processor_is_checked_by_its_weights(saved_model,
+                                                                                                   tmp_path):
+    assert Segmenter.load(saved_model).spec.image_size == 64
+    folder = _edit_spec(saved_model, tmp_path, image_size=96)
+    (folder / "preprocessor_config.json").unlink()
+    assert Segmenter.load(folder).spec.image_size == 96  # (nothing says 64 any more: a size the model takes)
