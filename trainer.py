@@ -222,7 +222,8 @@ def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
 def save_state(run: Run, meter: LossMeter) -> Path:
     """A resumable state of this moment, with the epoch's running loss sum."""
     run.state.epoch_loss_sum = meter.epoch_sum(run.accelerator)
-    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit, run.ema)
+    return save_checkpoint(run.accelerator, run.output_dir, run.state, run.cfg.save_total_limit, run.ema,
+                           run.scheduler)
 
 
 def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:

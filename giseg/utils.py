@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -40,13 +41,52 @@ def storage_error_message(e: OSError) -> str | None:
     return f"cannot write{where}: {STORAGE_ERRORS[e.errno]}; free space, fix the permissions or choose another folder"
 
 
+class Stopped(Exception):
+    """SIGTERM or SIGINT arrived inside stop_on_signals(); ``note`` says what was kept or cleaned."""
+
+    def __init__(self, signum: int, note: str = ""):
+        super().__init__(note)
+        self.signum, self.note = signum, note
+
+
+@contextlib.contextmanager
+def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Within the block, the first SIGTERM or SIGINT calls ``on_stop(signum)`` (e.g. to pass it on to child
+    processes) and raises Stopped, so that every ``finally`` and atomic_dir's cleanup runs (the default SIGTERM
+    would end the process with its temporary folders left behind); later ones are logged and ignored while that
+    cleanup runs. The previous handlers come back at the end. (Main thread only, as Python's signals.)"""
+    seen: list[int] = []
+
+    def handle(signum, frame) -> None:
+        if seen:
+            logger.warning("received %s again: still stopping (cleaning up)", signal.Signals(signum).name)
+            return
+        seen.append(signum)
+        logger.warning("received %s: stopping", signal.Signals(signum).name)
+        if on_stop is not None:
+            on_stop(signum)
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Decorator of every command's ``main(argv)``: it returns the exit status, and a UserError becomes one
-    ``error: ...`` line on stderr and exit status 2 (no traceback)."""
+    ``error: ...`` line on stderr and exit status 2 (no traceback); a Stopped (a signal) one ``stopped by ...``
+    line and 128 + the signal's number."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         try:
             return main(argv) or 0
+        except Stopped as e:
+            print(f"stopped by {signal.Signals(e.signum).name}{': ' + e.note if e.note else ''}; temporary files "
+                  "were removed", file=sys.stderr, flush=True)
+            return 128 + e.signum
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
@@ -122,6 +162,84 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------- outputs that never clobber
+OUTPUT_MARK = ".giseg-output"  # in every output folder a command creates: {"kind": <command>}
+
+
+def check_no_overlap(out: Path, inputs: dict[str, str | Path | None], flag: str) -> None:
+    """Refuse an output that is, holds or lies inside one of the command's inputs ({flag: path})."""
+    out = out.resolve()
+    for name, path in inputs.items():
+        if not path or not Path(path).exists():
+            continue
+        src = Path(path).resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            how = "is" if out == src else "holds" if src.is_relative_to(out) else "lies inside"
+            raise UserError(f"{flag} {out} {how} {name} {src}: an output never goes where the command reads; "
+                            f"choose another {flag}")
+
+
+def claim_output_dir(path: str | Path, flag: str, kind: str, inputs: dict | None = None,
+                     ours: Callable[[Path], bool] | None = None, create: bool = True) -> Path:
+    """The output folder ``path`` of command ``kind``, checked before anything is written: refused (one line) when
+    it is a file, overlaps one of ``inputs`` ({flag: path}), or already holds something this kind of command did
+    not write (not empty, no OUTPUT_MARK of ``kind``, and ``ours(path)`` false: how a folder of an earlier version
+    is recognised). ``create``: make it and write the mark (otherwise the caller writes the folder whole, with
+    write_output_mark, and renames it into place)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; pass a folder")
+    check_no_overlap(out, inputs or {}, flag)
+    if out.is_dir() and any(out.iterdir()):
+        mark = out / OUTPUT_MARK
+        try:
+            mine = json.loads(mark.read_text()).get("kind") == kind if mark.is_file() else bool(ours and ours(out))
+        except (OSError, ValueError, AttributeError):
+            mine = False
+        if not mine:
+            raise UserError(f"{flag} {out} already holds files that giseg {kind} did not write (e.g. "
+                            f"{sorted(p.name for p in out.iterdir())[0]}); nothing was changed: choose a new or empty "
+                            "folder")
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
+        write_output_mark(out, kind)
+    return out
+
+
+def write_output_mark(folder: str | Path, kind: str) -> None:
+    if not (Path(folder) / OUTPUT_MARK).is_file():
+        atomic_write_json(Path(folder) / OUTPUT_MARK, {"kind": kind})
+
+
+def claim_output_file(path: str | Path, flag: str, inputs: dict | None = None,
+                      ours: Callable[[Path], bool] | None = None) -> Path:
+    """The output file ``path``, checked before anything is written: refused when it is a folder, overlaps one of
+    ``inputs``, or exists and ``ours(path)`` says this command did not write it (a rerun replaces its own)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {out} is a folder; pass a file name")
+    check_no_overlap(out, inputs or {}, flag)
+    if out.exists() and ours is not None and not ours(out):
+        raise UserError(f"{flag} {out} exists and was not written by this command; nothing was changed: choose "
+                        "another file name, or move that file away")
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: its folder {out.parent} is not writable; choose another place")
+    return out
+
+
+def starts_with(prefix: str) -> Callable[[Path], bool]:
+    """ours() for claim_output_file: the file begins with ``prefix`` (the header this command writes)."""
+    def check(path: Path) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return f.read(len(prefix.encode())) == prefix.encode()
+        except OSError:
+            return False
+    return check
 
 
 def read_csv_strings(path: str | Path, name: str, needs: str):

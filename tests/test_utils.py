@@ -1,6 +1,7 @@
 """Atomic replaces and their recovery, file modes, storage errors as one line, the folder lock."""
 import errno
 import os
+import time
 
 import pytest
 
@@ -109,3 +110,65 @@ def test_folder_lock_refuses_a_second_holder_until_released(tmp_path):
     assert first.holder() == str(os.getpid())
     first.release()
     FolderLock(tmp_path / ".lock", wait=False).acquire().release()
+
+
+def test_an_output_folder_holding_foreign_files_or_the_input_is_refused_and_left_as_it_was(tmp_path):
+    from giseg.utils import OUTPUT_MARK, UserError, claim_output_dir
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train.csv").write_text("id,class,segmentation\n")
+    for out, message in ((data, "is --data_dir"), (data / "train", "lies inside --data_dir"),
+                         (tmp_path, "holds --data_dir")):
+        with pytest.raises(UserError, match=message):
+            claim_output_dir(out, "--out", "export-hf", {"--data_dir": data})
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("x")
+    with pytest.raises(UserError, match=r"already holds files that giseg export-hf did not write \(e.g. chapter1.tex\)"):
+        claim_output_dir(mine, "--out", "export-hf")
+    assert [p.name for p in mine.iterdir()] == ["chapter1.tex"]
+    new = claim_output_dir(tmp_path / "new", "--out", "export-hf")  # created with its mark ...
+    assert (new / OUTPUT_MARK).is_file()
+    (new / "rows.arrow").write_text("x")
+    assert claim_output_dir(new, "--out", "export-hf") == new  # ... so a rerun may replace what it wrote
+    with pytest.raises(UserError, match="giseg cv did not write"):
+        claim_output_dir(new, "--out", "cv")  # but another command may not
+    (tmp_path / "empty").mkdir()
+    claim_output_dir(tmp_path / "empty", "--out", "cv")
+
+
+def test_an_output_file_not_written_by_the_command_is_refused(tmp_path):
+    from giseg.utils import UserError, claim_output_file, starts_with
+
+    ours = starts_with("id,class,predicted")
+    (tmp_path / "notes.csv").write_text("name,grade\n")
+    with pytest.raises(UserError, match="exists and was not written by this command"):
+        claim_output_file(tmp_path / "notes.csv", "--out", ours=ours)
+    (tmp_path / "sub.csv").write_text("id,class,predicted\n")
+    claim_output_file(tmp_path / "sub.csv", "--out", ours=ours)
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UserError, match="lies inside --data_dir"):
+        claim_output_file(tmp_path / "d" / "train.csv", "--out", {"--data_dir": tmp_path / "d"}, ours=ours)
+    with pytest.raises(UserError, match="is a folder"):
+        claim_output_file(tmp_path, "--out", ours=ours)
+
+
+def test_a_signal_inside_stop_on_signals_runs_the_cleanup_and_ends_in_one_line(tmp_path, capsys):
+    import signal
+
+    from giseg.utils import atomic_dir, command, stop_on_signals
+
+    @command
+    def main(argv=None):
+        with stop_on_signals():
+            with atomic_dir(tmp_path / "out") as tmp:
+                (tmp / "half").write_text("x")
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        return 0
+
+    assert main([]) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []  # the temporary folder is gone, and nothing half-written took its place
+    assert capsys.readouterr().err.startswith("stopped by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

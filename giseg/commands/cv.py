@@ -9,6 +9,8 @@ from pathlib import Path
 from giseg.commands.options import RunOptions, parse_weights
 from giseg.training import cv
 from giseg.training.cv import (
+    check_cv_reuse,
+    cv_identity,
     cv_table,
     fold_command,
     fold_figures,
@@ -18,8 +20,19 @@ from giseg.training.cv import (
     run_in_slots,
     score_ensemble,
     score_out_of_fold,
+    stop_folds,
 )
-from giseg.utils import UserError, add_options, atomic_write_json, atomic_write_text, command, logger, setup_logging
+from giseg.utils import (
+    UserError,
+    add_options,
+    atomic_write_json,
+    atomic_write_text,
+    claim_output_dir,
+    command,
+    logger,
+    setup_logging,
+    stop_on_signals,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
 
         setup_logging(True)
+        claim_output_dir(args.output_dir, "--output_dir", "cv", {"--data_dir": args.data_dir,
+                                                                  **{f"--ensemble {d}": d for d in args.ensemble}},
+                         ours=lambda p: (p / "ensemble_scores.json").is_file())
         score_ensemble([Path(d) for d in args.ensemble], args.data_dir, Path(args.output_dir),
                        parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers,
-                       args.batch_size, args.mixed_precision)
+                       args.batch_size, args.mixed_precision, args.allow_bin)
         return 0
     from giseg.training.config import parse_config, validate_config  # torch: not for --help
 
@@ -72,28 +88,36 @@ def main(argv: list[str] | None = None) -> int:
     folds = parse_folds(args.folds, cfg.n_folds)
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
-    cv_dir = Path(args.output_dir)
-    cv_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    groups = gpu_groups(args.gpus, args.parallel, torch.cuda.device_count())
+    cv_dir = claim_output_dir(args.output_dir, "--output_dir", "cv",
+                              {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model},
+                              ours=lambda p: (p / "cv_config.json").is_file())
+    from giseg.data.folds import data_record
+    from giseg.data.hf import dataset_options  # (the data layer imports torch: not for --help)
+    from giseg.data.registry import get_adapter
+
+    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
+    identity, data = cv_identity(cfg), data_record(adapter.build_index(cfg.data_dir))
+    check_cv_reuse(cv_dir, identity, data, cfg)  # another CV's folds are never reported as this one's
     setup_logging(True, cv_dir / "cv.log")
     logger.info("cross-validation of %s on %s: folds %s of %d (split seed %d) in %s", cfg.base_model, cfg.data_dir,
                 ",".join(map(str, folds)), cfg.n_folds, cfg.split_seed, cv_dir)
     atomic_write_json(cv_dir / "cv_config.json", {"folds": folds, "n_folds": cfg.n_folds, "trainer_args": trainer_args,
-                                                  "parallel": args.parallel, "final_model": args.final_model})
+                                                  "parallel": args.parallel, "final_model": args.final_model,
+                                                  "identity": identity, "data": data})
     todo = [k for k in folds if not (cv_dir / f"fold_{k}" / "val_scores.json").is_file()]
     for k in sorted(set(folds) - set(todo)):
-        logger.info("fold %d: finished before (val_scores.json), kept", k)
-    groups = gpu_groups(args.gpus, args.parallel)
+        logger.info("fold %d: finished before (val_scores.json, same settings and data), kept", k)
 
     def train_fold(k: int, gpus: list[str]) -> None:
         out = cv_dir / f"fold_{k}"
         run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
 
-    run_in_slots(todo, groups, train_fold)
+    with stop_on_signals(stop_folds):  # SIGTERM / SIGINT: passed on to the trainers, which save and end
+        run_in_slots(todo, groups, train_fold)
 
-    from giseg.data.hf import dataset_options  # (the data layer imports torch: not for --help)
-    from giseg.data.registry import get_adapter
-
-    adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     rows = fold_figures(cv_dir, folds)
     oof = score_out_of_fold(cv_dir, folds, cfg.data_dir, adapter, cfg.empty_dice) if folds == list(
         range(cfg.n_folds)) else None
@@ -107,5 +131,6 @@ def main(argv: list[str] | None = None) -> int:
                 cv_dir / "cv_table.md")
     if args.final_model:
         out = cv_dir / "final"  # (a finished one is resumed at its last step: nothing to do)
-        run_fold(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
+        with stop_on_signals(stop_folds):
+            run_fold(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
     return 0

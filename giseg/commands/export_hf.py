@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
-from giseg.utils import command, logger, setup_logging
+from giseg.utils import claim_output_dir, command, logger, setup_logging, stop_on_signals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"the layout of --data_dir: {datasets_help()} (default: gi)")
     ap.add_argument("--data_dir", default="demo/data", help="the data folder (default: demo/data)")
     ap.add_argument("--split", default=None, help="a sub-folder where the layout has several (GI: train, the default)")
-    ap.add_argument("--out", required=True, help="the datasets folder to write (replaced atomically)")
+    ap.add_argument("--out", required=True, help="the datasets folder to write: new, empty, or an earlier export (replaced atomically); a folder "
+                         "holding anything else is refused")
     ap.add_argument("--push_to_hub", default="", metavar="REPO_ID", help="also upload it as this Hub dataset repo")
     ap.add_argument("--private", action="store_true", help="create the --push_to_hub repo private")
     return ap
@@ -56,9 +57,12 @@ def push_dataset(folder: Path, repo_id: str, private: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    claim_output_dir(args.out, "--out", "export-hf", {"--data_dir": args.data_dir}, create=False,
+                     ours=lambda p: (p / "id2label.json").is_file() and (p / "state.json").is_file())
     from giseg.data import hf as hf_data  # `datasets` (slow): only when exporting
 
-    hf_data.export_dataset(get_adapter(args.dataset), args.data_dir, args.out, args.split)
+    with stop_on_signals():  # SIGTERM / SIGINT: temporary folders removed, one line, exit 128 + signal
+        hf_data.export_dataset(get_adapter(args.dataset), args.data_dir, args.out, args.split)
     if args.push_to_hub:
         push_dataset(Path(args.out), args.push_to_hub, args.private)
     return 0

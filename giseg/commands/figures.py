@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from giseg.evaluation.figures import save_all
-from giseg.utils import command, quiet_third_party
+from giseg.utils import claim_output_dir, command, quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    claim_output_dir(args.out, "--out", "figures", {"--data_dir": args.data_dir},
+                     ours=lambda p: all(f.suffix == ".png" for f in p.iterdir()))
     quiet_third_party()
     for path in save_all(args.run_dir, args.out, args.data_dir, args.max_slices):
         print(path)

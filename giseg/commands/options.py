@@ -1,8 +1,10 @@
 """Options and their parsing shared by several commands (predict, tune, cv, score): declared once here."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from giseg.models.safe import ALLOW_BIN_HELP
 from giseg.utils import UserError
 
 
@@ -24,6 +26,7 @@ class RunOptions:
     mixed_precision: str = field(default="bf16", metadata={
         "help": "autocast on GPU (ignored on CPU)", "choices": ("no", "fp16", "bf16")})
     num_workers: int = field(default=2, metadata={"help": "data-loader workers"})
+    allow_bin: bool = field(default=False, metadata={"help": ALLOW_BIN_HELP})
 
 
 @dataclass
@@ -65,8 +68,8 @@ def parse_weights(text: str | None, n: int) -> list[float] | None:
         values = [float(t) for t in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != n or not all(v > 0 for v in values):
-        raise UserError(f"--weights needs {n} positive comma-separated values (one per --model), got {text!r}")
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
+        raise UserError(f"--weights needs {n} positive (finite) comma-separated values (one per --model), got {text!r}")
     return values
 
 

@@ -22,8 +22,17 @@ from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
 from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
-from giseg.inference.submission import predict_rows, write_submission
-from giseg.utils import UserError, add_options, command, logger, quiet_third_party, setup_logging
+from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
+from giseg.utils import (
+    UserError,
+    add_options,
+    claim_output_file,
+    command,
+    logger,
+    quiet_third_party,
+    setup_logging,
+    starts_with,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(True)
     quiet_third_party()
     check_run_options(args)
+    claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model}},
+                      ours=starts_with(SUBMISSION_HEADER))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     weights = parse_weights(args.weights, len(args.model))
-    model = Ensemble.load(args.model, device, weights)  # a wrong --model fails before any data work
+    model = Ensemble.load(args.model, device, weights, args.allow_bin)  # a wrong --model fails before any data work
     spec = model.spec
     if args.tuned:
         model = model.with_decisions(**read_tuned(args.tuned))

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,16 +24,20 @@ from giseg.evaluation.tuning import (
     start_decisions,
 )
 from giseg.inference.ensemble import Ensemble
-from giseg.inference.spec import InferenceSpec
+from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.utils import (
     UserError,
     add_options,
     atomic_write_json,
     atomic_write_text,
+    claim_output_file,
     command,
+    json_safe,
     logger,
     quiet_third_party,
     setup_logging,
+    starts_with,
+    use_umask,
 )
 
 
@@ -54,8 +59,48 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def save_tuned_specs(folders: list[Path], values: dict) -> None:
+    """The tuned values into every model's spec, all or none: each new spec is written to a temporary file beside
+    its folder's first (where a full disk or a permission fails, with nothing replaced yet), then all are renamed
+    into place (renames need no space). A failure removes the temporary files and leaves every spec as it was."""
+    staged = []
+    try:
+        for folder in folders:
+            tuned = dataclasses.replace(InferenceSpec.load(folder), **values)
+            fd, tmp = tempfile.mkstemp(prefix=f".{SPEC_FILE}.", suffix=".tmp", dir=folder)
+            staged.append((Path(tmp), Path(folder) / SPEC_FILE))
+            use_umask(tmp, folder=False)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(json_safe(dataclasses.asdict(tuned)), indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+
+
+def is_tune_report(path: Path) -> bool:
+    try:
+        return "decisions" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_tune_outputs(args) -> None:
+    """--out (and its .md) may replace an earlier tune's report, never another file or an input."""
+    if args.out:
+        inputs = {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model or args.cv}}
+        for path in (Path(args.out), Path(args.out).with_suffix(".md")):
+            claim_output_file(path, "--out", inputs, ours=is_tune_report if path.suffix == ".json"
+                              else starts_with("# Tuning on "))
+
+
 def tune(args) -> dict:
     check_run_options(args)
+    check_tune_outputs(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.cv:
         per_cv = [cv_folds(Path(c)) for c in args.cv]
@@ -77,7 +122,7 @@ def tune(args) -> dict:
         weights = parse_weights(args.weights, len(groups[0]))
     volumes, spec, adapter, index = [], None, None, None
     for group in groups:
-        model = Ensemble.load(group, device, weights)
+        model = Ensemble.load(group, device, weights, args.allow_bin)
         if spec is None:
             spec = model.spec
             adapter = get_adapter(spec.dataset, f"--model {group[0]}").bind(args.data_dir, spec.dataset_options or {},
@@ -109,9 +154,7 @@ def tune(args) -> dict:
         atomic_write_json(out, report)
         atomic_write_text(out.with_suffix(".md"), report_markdown(spec.classes, chosen, before, after, spec.task, source))
     else:
-        for folder in folders:
-            tuned = dataclasses.replace(InferenceSpec.load(folder), **values)
-            tuned.save(folder)
+        save_tuned_specs(folders, values)
         where = Path(args.cv[0]) if args.cv else folders[0].parent
         atomic_write_json(where / "tuning.json", report)
         atomic_write_text(where / "tuning.md", report_markdown(spec.classes, chosen, before, after, spec.task, source))

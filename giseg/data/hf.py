@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ import pandas as pd
 from giseg.data.base import DatasetAdapter
 from giseg.data.gi import GIAdapter
 from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, class_name_problems, unpack_masks
-from giseg.utils import UserError, atomic_dir, logger, options_of
+from giseg.utils import UserError, atomic_dir, logger, options_of, recover_replaced, write_output_mark
 
 IMAGE_COLUMNS = ("image", "pixel_values")
 LABEL_COLUMNS = ("label", "annotation")
@@ -106,6 +107,8 @@ def load_split(source: str | Path, split: str):
             raise UserError(f"--data_dir {source}: not a folder and not a hub id")
     except (FileNotFoundError, ValueError, OSError) as e:
         raise UserError(f"--data_dir {source}: not a dataset that `datasets` can read ({e})") from None
+    except IndexError:  # (load_from_disk of a dataset saved with no rows)
+        raise UserError(f"--data_dir {source}: split {split} has no rows (the dataset was saved empty)") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise UserError(f"--hf_split {split}: {source} has the splits {', '.join(ds)}")
@@ -354,7 +357,7 @@ class Reader:
             raw = to_array(rec[lay.label], f"row {row.row} column {lay.label}")
             if raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
                 raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: a label map holds class indices, "
-                                f"got fractional values such as {raw[raw != np.round(raw)].flat[0]!r} ({raw.dtype}); "
+                                f"got fractional values such as {float(raw[raw != np.round(raw)].flat[0])!r} ({raw.dtype}); "
                                 "store integers (uint8 PNG or an int array)")
             if raw.dtype.kind not in "iufb":
                 raise UserError(f"row {row.row} (id {row.id}) column {lay.label}: a label map holds class indices, "
@@ -415,12 +418,18 @@ def export_dataset(adapter, data_dir: str | Path, out_dir: str | Path, split: st
                    **{MASK_PREFIX + c: Image.fromarray(masks[k].astype(np.uint8) * 255)
                       for k, c in enumerate(adapter.classes)}}
 
-    work = Path(out_dir).with_name(f".{Path(out_dir).name}.work")  # datasets' own cache while the rows are built
-    shutil.rmtree(work, ignore_errors=True)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for done in recover_replaced(out.parent, out.name):  # what a killed export left (temporary folders)
+        logger.info("export: %s", done)
+    # datasets' own cache while the rows are built: a temporary folder of ours, removed at the end (and by the
+    # next export's recover_replaced if a SIGKILL left it)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work.tmp", dir=out.parent))
     try:
         ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(work))
         n = len(ds)
         with atomic_dir(out_dir) as tmp:
+            write_output_mark(tmp, "export-hf")
             ds.save_to_disk(str(tmp))
             (tmp / ID2LABEL).write_text(json.dumps({str(i): c for i, c in enumerate(adapter.classes)}, indent=1) + "\n")
         del ds

@@ -25,5 +25,8 @@ def predict_rows(model: Ensemble, index: pd.DataFrame, rows: np.ndarray, inputs:
     return pd.DataFrame(out, columns=["id", "class", "predicted"])
 
 
+SUBMISSION_HEADER = "id,class,predicted"
+
+
 def write_submission(df: pd.DataFrame, path: str | Path) -> None:
     atomic_write_text(path, df.to_csv(index=False))

@@ -14,20 +14,20 @@ import torch
 from giseg.data.base import DatasetAdapter
 from giseg.data.cache import SliceCache, build_cache
 from giseg.data.dataset import SliceDataset
-from giseg.data.folds import split_by_case
+from giseg.data.folds import data_changes, data_record, split_by_case
 from giseg.data.hf import dataset_options
 from giseg.data.masks import classes_present
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
 from giseg.inference.spec import InferenceSpec, spec_flags
-from giseg.training.checkpoints import EMA_FILE, TrainState, read_state
+from giseg.training.checkpoints import EMA_FILE, SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA
 from giseg.training.losses import SegmentationLoss
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir
-from giseg.utils import UserError, logger, release_memory
+from giseg.utils import UserError, atomic_write_json, logger, release_memory
 
 
 # ---------------------------------------------------------------- building a run
@@ -103,6 +103,22 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
                 "evaluations against it", summarise(nothing, cfg.empty_dice, adapter.classes)["dice_mean"],
                 cfg.empty_dice)
     return Data(index, train_rows, val_rows, cache, neighbours)
+
+
+def check_data_unchanged(out: OutputDir, record: dict, is_main: bool) -> None:
+    """A resume trains on the data and split the run started with (data_record, saved in run_config.json): a case
+    removed or added since (which would move a training case into validation) is refused with one line naming
+    the change. A fresh run records it."""
+    path = out.path / "run_config.json"
+    saved = json.loads(path.read_text())
+    if out.resume is not None and "data" in saved:
+        change = data_changes(saved["data"], record)
+        if change:
+            raise UserError(f"cannot resume {out.path}: the data changed since the run started ({change}); resuming "
+                            "would go on with another split. Restore the data, or start a new run "
+                            "(--overwrite_output_dir, or another --output_dir)")
+    elif is_main and saved.get("data") != record:
+        atomic_write_json(path, {**saved, "data": record})
 
 
 def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tuple[torch.nn.Module, InferenceSpec, str]:
@@ -182,6 +198,7 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     """Data, model, loaders, optimizer, schedule and loss, prepared by Accelerate; restored from ``out.resume``."""
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     data = load_data(cfg, adapter, accelerator)
+    check_data_unchanged(out, data_record(data.index, data.train_rows, data.val_rows), accelerator.is_main_process)
     model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
     train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes,
                                     adapter.may_have_unlabelled)
@@ -193,7 +210,6 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
-    accelerator.register_for_checkpointing(scheduler)
     loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
                                loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
                                tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
@@ -215,7 +231,8 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
                            "weights of the run's first half at the end; for %d steps take about %.3g, or 0 (off)",
                            cfg.ema_decay, round(horizon), total_steps, total_steps, 1 - 10 / max(total_steps, 20))
     if out.resume is not None:
-        accelerator.load_state(str(out.resume))
+        accelerator.load_state(str(out.resume))  # (its files were checked against the manifest: checkpoints.py)
+        scheduler.load_state_dict(json.loads((out.resume / SCHEDULER_FILE).read_text()))
         if run.ema is not None:
             if not (out.resume / EMA_FILE).is_file():
                 raise UserError(f"{out.resume}: no {EMA_FILE} (the run had no --ema_decay?); resume with its settings")

@@ -1,9 +1,15 @@
-"""Resumable states: checkpoints/step_<N> (accelerator state + trainer_state.json with every file's size).
+"""Resumable states: checkpoints/step_<N> (accelerator state + trainer_state.json, the manifest: every file's size
+and SHA-256).
 
-A state is written to a temporary folder and renamed; an incomplete or foreign one is never resumed."""
+A state is written to a temporary folder and renamed; an incomplete, changed or foreign one is never resumed. The
+schedule is saved as JSON (scheduler.json) and the average as safetensors; the optimizer moments and the RNG states
+are Accelerate's pickles (loaded with torch.load(weights_only=True)), and they are opened only when the manifest
+matches, byte for byte: a damaged, zeroed or swapped file is refused (a zeroed RNG state would otherwise be skipped
+silently, and the resume would not be exact)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -30,6 +36,7 @@ class TrainState:
 
 STATE_FILE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"  # --ema_decay: the average, in every resumable state
+SCHEDULER_FILE = "scheduler.json"  # the learning-rate schedule's state
 RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
 
 
@@ -38,23 +45,40 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def checkpoint_problem(path: Path, run_id: str) -> str | None:
-    """None when ``path`` is a complete checkpoint of run ``run_id``, else what is wrong with it."""
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_problem(path: Path, run_id: str, verify: bool = False) -> str | None:
+    """None when ``path`` is a complete checkpoint of run ``run_id``, else what is wrong with it. ``verify`` also
+    compares every file with its checksum (done before a state is loaded)."""
     try:
         raw = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
         return f"no readable {STATE_FILE}"
-    files = raw.get("files")
-    if not isinstance(files, dict):
-        if run_id:  # checkpoints of older versions carry neither a file list nor a run id
-            return f"{STATE_FILE} has no file list"
-        files = {}
-    for name, size in files.items():
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{STATE_FILE} has no file list"
+    if not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
+        return (f"{STATE_FILE} has no checksums (written by an earlier version, which also pickled the schedule); "
+                "resume it with that version, or start over")
+    present = {str(f.relative_to(path)) for f in path.rglob("*") if f.is_file()} - {STATE_FILE}
+    if present - set(files):
+        return f"{sorted(present - set(files))[0]} is not in its manifest (added after the save)"
+    for name, meta in files.items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != size:
-            return f"{name} is {'missing' if not f.is_file() else 'truncated'}"
+        if not f.is_file() or f.stat().st_size != meta["size"]:
+            return f"{name} is {'missing' if not f.is_file() else 'truncated' if f.stat().st_size < meta['size'] else 'larger than saved'}"
     if run_id and raw.get("run_id") != run_id:
         return f"it belongs to run {raw.get('run_id') or '(unknown)'}, not to run {run_id} of this output_dir"
+    if verify:
+        for name, meta in files.items():
+            if sha256_of(path / name) != meta["sha256"]:
+                return f"{name} does not match its checksum (changed or damaged since it was saved)"
     return None
 
 
@@ -70,13 +94,13 @@ def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) 
     none; incomplete ones are skipped with a note); otherwise the given folder, which must be one."""
     if spec == "latest":
         for path in reversed(_step_dirs(output_dir / "checkpoints")):
-            problem = checkpoint_problem(path, run_id)
+            problem = checkpoint_problem(path, run_id, verify=True)
             if problem is None:
                 return path
             notes.append(f"skipped checkpoint {path}: {problem}")
         return None
     path = Path(spec)
-    problem = checkpoint_problem(path, run_id) if path.is_dir() else "not a folder"
+    problem = checkpoint_problem(path, run_id, verify=True) if path.is_dir() else "not a folder"
     if problem is not None:
         raise UserError(f"--resume_from_checkpoint {spec}: {problem}; use 'latest' or a complete folder under "
                         f"{output_dir / 'checkpoints'}")
@@ -84,8 +108,9 @@ def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) 
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
-                    ema: WeightEMA | None = None) -> Path:
-    """Accelerator state + trainer_state.json (with the size of every file, so an incomplete copy is never used)
+                    ema: WeightEMA | None = None, scheduler=None) -> Path:
+    """Accelerator state, the schedule (JSON), the average and trainer_state.json (the manifest: size and SHA-256 of
+    every file, so an incomplete or changed copy is never used)
     to checkpoints/step_<N>, via a temporary folder and utils.replace_dir; older ones beyond ``keep`` are removed
     only after this one is complete."""
     root = output_dir / "checkpoints"
@@ -103,7 +128,10 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(tmp / EMA_FILE)
-        files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+        if scheduler is not None:
+            atomic_write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_of(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
         atomic_write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
         replace_dir(tmp, final)
         if not (output_dir / RESUMABLE_MARK).exists():

@@ -23,11 +23,15 @@ and the predictions of all folds are scored as one submission (ensemble_scores.j
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,11 +58,20 @@ def parse_folds(text: str, n_folds: int) -> list[int]:
     return folds
 
 
-def gpu_groups(gpus: str, parallel: int) -> list[list[str]]:
-    """``parallel`` groups of GPU ids from "0,1,2,3" (contiguous, equal sizes); [[]] * parallel without GPUs."""
+def gpu_groups(gpus: str, parallel: int, available: int | None = None) -> list[list[str]]:
+    """``parallel`` groups of GPU ids from "0,1,2,3" (contiguous, equal sizes); [[]] * parallel without GPUs.
+    ``available``: how many CUDA GPUs this machine has (None: not checked)."""
     ids = [g for g in gpus.split(",") if g] if gpus else []
     if not ids:
         return [[] for _ in range(parallel)]
+    if not all(g.isdigit() for g in ids):
+        raise UserError(f"--gpus {gpus}: expected comma-separated GPU numbers")
+    if available == 0:
+        raise UserError(f"--gpus {gpus}: this machine has no CUDA GPU; leave --gpus empty (and unset "
+                        "CUDA_VISIBLE_DEVICES) to train on the CPU")
+    if available is not None and max(map(int, ids)) >= available:
+        raise UserError(f"--gpus {gpus}: there is no GPU {max(map(int, ids))}; this machine has {available} "
+                        f"(0-{available - 1})")
     if len(ids) % parallel:
         raise UserError(f"--gpus {gpus}: {len(ids)} GPU(s) cannot be split into --parallel {parallel} equal groups")
     k = len(ids) // parallel
@@ -94,17 +107,116 @@ def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: lis
     return [*prefix, str(TRAINER), *trainer_args, *extra, "--output_dir", str(out), *resume]
 
 
+# the trainers running now, and whether a signal asked the CV to stop (then no further fold starts)
+_LIVE: set[subprocess.Popen] = set()
+_STOPPING = threading.Event()
+
+
+def stop_folds(signum: int) -> None:
+    """Pass SIGTERM / SIGINT on to every running trainer (each finishes its step, saves a resumable state and
+    ends) and start no other fold. (The trainers run in sessions of their own: a Ctrl-C reaches them only
+    through this, once.)"""
+    _STOPPING.set()
+    for proc in list(_LIVE):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+
+def _end_with_parent() -> None:  # (in the child, before exec) Linux: SIGTERM when the CV process dies, even by SIGKILL
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def last_error_line(log: Path) -> str:
+    """The trainer's own one-line error ('error: ...') at the end of its output, or ''."""
+    with contextlib.suppress(OSError):
+        lines = log.read_bytes()[-20000:].decode(errors="replace").splitlines()
+        return next((ln for ln in reversed(lines) if ln.startswith("error: ")), "")
+    return ""
+
+
 def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
+    """Train one fold in a child process (its output in out/stdout.log); a failure is one line that says whether
+    a rerun can help."""
+    if _STOPPING.is_set():
+        return
     env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     out.mkdir(parents=True, exist_ok=True)
     logger.info("%s: starting%s: %s", name, f" on GPUs {','.join(gpus)}" if gpus else "", shlex.join(cmd))
     t = time.perf_counter()
     with open(out / "stdout.log", "ab") as log:
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if code != 0:
-        raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; run the same "
-                        "giseg cv command again to resume it")
-    logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                                preexec_fn=_end_with_parent)
+        _LIVE.add(proc)
+        try:
+            code = proc.wait()
+        except BaseException:  # a signal (stop_folds passed it on): the trainer saves its state; wait for it
+            proc.wait()
+            raise
+        finally:
+            _LIVE.discard(proc)
+    if code == 0:
+        logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
+        return
+    if _STOPPING.is_set() or code > 128:
+        raise UserError(f"{name} was stopped (exit {code}) after saving a resumable state; run the same giseg cv "
+                        "command again to resume it")
+    error = last_error_line(out / "stdout.log")
+    if code == 2 and error:  # the trainer refused its arguments or data: the same command would fail again
+        raise UserError(f"{name} refused its settings: {error[len('error: '):]} (a rerun fails the same way: fix "
+                        f"the arguments after --; {out / 'stdout.log'})")
+    raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; once the cause "
+                    "is fixed, run the same giseg cv command again to resume it")
+
+
+def cv_identity(cfg) -> dict:
+    """What every fold of a CV shares: the run identity (training/run_dir.py) of its trainer arguments, without
+    the fold and the number of processes."""
+    from giseg.training.run_dir import run_identity
+
+    return {k: v for k, v in run_identity(cfg, 1).items() if k not in ("fold", "world_size", "output_dir")}
+
+
+def _differences(saved: dict, now: dict) -> list[str]:
+    return [f"--{k} was {saved[k]!r}, now {now[k]!r}" for k in now if k in saved and saved[k] != now[k]]
+
+
+def check_cv_reuse(cv_dir: Path, identity: dict, data: dict, cfg) -> None:
+    """A CV folder is continued only with the settings and the data it started with: its cv_config.json (or the
+    trainer arguments an earlier version saved there) and each fold's run_config.json must agree, or the rerun is
+    refused with one line naming what differs (its finished folds would otherwise be reported as the new CV)."""
+    from giseg.data.folds import data_changes
+    from giseg.training.config import parse_config
+    from giseg.training.run_dir import resolved
+
+    saved_file = cv_dir / "cv_config.json"
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        before = saved.get("identity") or cv_identity(parse_config(saved.get("trainer_args", [])))
+        differ = _differences(before, identity)
+        if differ:
+            raise UserError(f"--output_dir {cv_dir} holds a CV with other settings: {'; '.join(differ)}. Its folds "
+                            "were not trained so: rerun with its settings, or choose another --output_dir")
+        change = data_changes(saved["data"], data) if "data" in saved else None
+        if change:
+            raise UserError(f"--output_dir {cv_dir}: the data changed since this CV started ({change}); its folds "
+                            "were trained on the old data: choose another --output_dir")
+    for fold_dir in sorted(cv_dir.glob("fold_*")):
+        run_file = fold_dir / "run_config.json"
+        if not run_file.is_file():
+            continue
+        run = resolved(json.loads(run_file.read_text()))
+        differ = _differences({k: run[k] for k in identity if k in run}, identity)
+        number = fold_dir.name.removeprefix("fold_")
+        if number.isdigit() and run.get("fold") != int(number):
+            differ.append(f"--fold was {run.get('fold')!r}")
+        trained_on = run.get("data") if isinstance(run.get("data"), dict) else None
+        if trained_on and (trained_on.get("slices"), trained_on.get("case_ids")) != (data["slices"], data["case_ids"]):
+            differ.append(f"its data had {trained_on.get('slices')} slices in {trained_on.get('cases')} cases, now "
+                          f"{data['slices']} in {data['cases']}")
+        if differ:
+            raise UserError(f"--output_dir {cv_dir}: {fold_dir.name} was trained otherwise ({'; '.join(differ)}); it "
+                            "is not a fold of this CV: rerun with its settings, or choose another --output_dir")
 
 
 def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
@@ -152,7 +264,8 @@ def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, em
 
 
 def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: list[float] | None,
-                   cache_dir: str, num_workers: int, batch_size: int = 16, mixed_precision: str = "no") -> dict:
+                   cache_dir: str, num_workers: int, batch_size: int = 16, mixed_precision: str = "no",
+                   allow_bin: bool = False) -> dict:
     """Out-of-fold figures of the ensemble of several CVs (see the module's doc)."""
     import torch
 
@@ -171,7 +284,7 @@ def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: l
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     subs, adapter, index = [], None, None
     for k in folds:
-        model = Ensemble.load([d / f"fold_{k}" / "best" for d in cv_dirs], device, weights)
+        model = Ensemble.load([d / f"fold_{k}" / "best" for d in cv_dirs], device, weights, allow_bin)
         splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
         if len(splits) != 1:
             raise UserError(f"fold {k}: the CVs were split differently ({', '.join(sorted(splits))}); an out-of-fold "

@@ -18,7 +18,15 @@ import torch
 from giseg.training.checkpoints import RESUMABLE_MARK, find_checkpoint
 from giseg.training.config import TrainConfig, defaults_source
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
-from giseg.utils import FolderLock, UserError, atomic_write_json, logger, recover_replaced, setup_logging
+from giseg.utils import (
+    FolderLock,
+    UserError,
+    atomic_write_json,
+    check_no_overlap,
+    logger,
+    recover_replaced,
+    setup_logging,
+)
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
 # in which order, or how it is scored (the fields declared with "identity": True, and the number of processes). The
@@ -30,7 +38,7 @@ RUN_ARTEFACTS = ("run_config.json", RESUMABLE_MARK, "metrics.jsonl", "train.log"
                  TRACKER_FOLDER, "val_submission.csv", "val_scores.json")
 
 
-def _resolved(values: dict) -> dict:
+def resolved(values: dict) -> dict:
     """Local paths resolved (the same folder named two ways is one; a saved run has them under "resolved", as
     they were at its start); hub ids stay as they are."""
     now = {k: os.path.realpath(values[k]) for k in ("base_model", "data_dir")
@@ -40,13 +48,13 @@ def _resolved(values: dict) -> dict:
 
 def run_identity(cfg: TrainConfig, world_size: int) -> dict:
     """The RUN_IDENTITY values of ``cfg``."""
-    values = _resolved({**dataclasses.asdict(cfg), "world_size": world_size})
+    values = resolved({**dataclasses.asdict(cfg), "world_size": world_size})
     return {k: values[k] for k in RUN_IDENTITY}
 
 
 def check_resume_matches(saved: dict, now: dict, where: Path) -> None:
     """Refuse a resume whose identity differs from the saved run's, naming every argument (old and new value)."""
-    saved = _resolved(saved)
+    saved = resolved(saved)
     differ = [f"--{k} was {saved[k]!r}, now {now[k]!r}" for k in RUN_IDENTITY if k in saved and saved[k] != now[k]]
     if differ:
         name = {"world_size": "number of processes"}
@@ -128,6 +136,7 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file; pass a folder")
+    check_no_overlap(output_dir, {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model}, "--output_dir")
     notes: list[str] = []
     resume, run_id, lock, saved = None, "", None, None
     if accelerator.is_main_process:
@@ -165,6 +174,8 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
         record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes, "run_id": run_id,
                   "resolved": {k: identity[k] for k in ("base_model", "data_dir")}}
         if saved is not None:  # a resume: the identity stays, the rest is what this start runs with
+            if "data" in saved:  # what it was trained on (build.check_data_unchanged compares it)
+                record["data"] = saved["data"]
             record["resumes"] = [*saved.get("resumes", []), {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                               "from": str(resume)}]
         atomic_write_json(output_dir / "run_config.json", record)

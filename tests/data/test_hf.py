@@ -222,3 +222,118 @@ def test_a_label_map_dataset_with_unlabelled_pixels_trains_multiclass_end_to_end
     cache = build_cache(adapter, adapter.build_index(folder), 64, tmp_path / "cache")
     assert ((cache.masks >> IGNORE_BIT) & 1)[:, :, :4].all()  # the unlabelled border, at the training size
     assert adapter.may_have_unlabelled and not get_adapter("gi").may_have_unlabelled
+
+
+def _dataset(folder, columns: dict, features: dict, id2label=None):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+    folder.mkdir(parents=True)
+    ds.to_parquet(str(folder / "train.parquet"))
+    if id2label is not None:
+        (folder / "id2label.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}))
+    return folder
+
+
+@pytest.mark.parametrize("problem, options, message", [
+    ("duplicate names", {}, r"the name 'car' is given to ids \[1, 2\]"),
+    ("a path as a class name", {}, r"class name '../../x' cannot be used"),
+    ("a mistyped case column", {"case_column": "patiant"}, r"--case_column patiant: .* has no such column"),
+])
+def test_labels_and_cases_that_would_be_silently_wrong_are_refused(tmp_path, problem, options, message):
+    names = {"duplicate names": {0: "road", 1: "car", 2: "car"}, "a path as a class name": {0: "road", 1: "../../x"},
+             "a mistyped case column": {0: "road", 1: "car"}}[problem]
+    folder = _label_map_dataset(tmp_path / "bad", [np.zeros((8, 8), np.uint8)], names, extra={"patient": ["p1"]})
+    with pytest.raises(UserError, match=message):
+        get_adapter("hf").bind(folder, options).build_index(folder)
+
+
+def test_reduce_labels_on_mask_columns_is_refused_not_ignored(exported):
+    with pytest.raises(UserError, match="--reduce_labels applies to a label map only"):
+        get_adapter("hf").bind(exported, {"reduce_labels": True})
+
+
+def test_a_float_label_map_with_fractions_is_refused_not_truncated(tmp_path):
+    import datasets
+
+    lab = np.full((8, 8), 1.0, np.float32)
+    lab[0, 0] = 1.5
+    folder = _dataset(tmp_path / "f", {"image": [np.zeros((8, 8), np.uint8)], "label": [lab]},
+                      {"image": datasets.Array2D((8, 8), "uint8"), "label": datasets.Array2D((8, 8), "float32")},
+                      {0: "background", 1: "lesion"})
+    adapter = get_adapter("hf").bind(folder)
+    with pytest.raises(UserError, match=r"row 0 .*fractional values such as 1.5"):
+        adapter.read_packed(next(adapter.build_index(folder).itertuples()))
+
+
+def test_width_and_height_columns_that_disagree_with_the_image_are_named(tmp_path):
+    from PIL import Image
+
+    import datasets
+
+    folder = _dataset(tmp_path / "wh", {"image": [Image.fromarray(np.zeros((8, 12), np.uint8))],
+                                        "label": [Image.fromarray(np.zeros((8, 12), np.uint8))],
+                                        "width": [8], "height": [12]},
+                      {"image": datasets.Image(), "label": datasets.Image(), "width": datasets.Value("int64"),
+                       "height": datasets.Value("int64")}, {0: "background", 1: "lesion"})
+    adapter = get_adapter("hf").bind(folder)
+    with pytest.raises(UserError, match=r"the image is 12 wide x 8 high but the row's width/height say 8 x 12"):
+        adapter.read_image(next(adapter.build_index(folder).itertuples()))
+
+
+def test_an_image_path_outside_the_dataset_folder_is_refused(tmp_path):
+    from PIL import Image
+
+    import datasets
+
+    outside = tmp_path / "secret.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
+    folder = _dataset(tmp_path / "p", {"image": [{"path": str(outside), "bytes": None}],
+                                       "label": [Image.fromarray(np.zeros((8, 8), np.uint8))]},
+                      {"image": datasets.Image(), "label": datasets.Image()}, {0: "background", 1: "lesion"})
+    with pytest.raises(UserError, match=r"row 0 column image: its image is the file .*secret.png, outside"):
+        get_adapter("hf").bind(folder).build_index(folder)
+
+
+def test_an_empty_dataset_and_a_folder_of_images_are_one_line(tmp_path, demo_dir):
+    import shutil
+
+    import datasets
+
+    folder = tmp_path / "empty"
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.Image()})).save_to_disk(str(folder))
+    (folder / "id2label.json").write_text('{"0": "background", "1": "lesion"}')
+    with pytest.raises(UserError, match="split train has no rows"):
+        get_adapter("hf").bind(folder).build_index(folder)
+    shutil.copytree(demo_dir / "train", tmp_path / "gi-test" / "test")  # GI's test layout: PNGs only
+    with pytest.raises(UserError, match="not a Hugging Face dataset folder"):
+        get_adapter("hf").bind(tmp_path / "gi-test", classes=("large_bowel", "small_bowel", "stomach"))
+
+
+def test_augmentation_pads_data_that_may_be_unlabelled_with_the_ignore_label():
+    from giseg.data.augment import train_transform
+
+    image, mask = np.ones((64, 64), np.float32), np.zeros((64, 64), np.uint8)
+    padded = {flag: [train_transform(64, seed=s, unlabelled=flag)(image=image, mask=mask)["mask"] for s in range(12)]
+              for flag in (False, True)}
+    assert all(m.max() == 0 for m in padded[False])  # GI: the padding is background
+    assert any((m == 1 << IGNORE_BIT).any() for m in padded[True])  # a label map with 255: unlabelled, not background
+
+
+def test_export_never_writes_into_its_data_or_a_folder_it_did_not_create(demo_dir, tmp_path, capsys):
+    import shutil
+
+    from giseg.commands.export_hf import main
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    assert main(["--data_dir", str(data), "--out", str(data)]) == 2
+    assert "--out " + str(data.resolve()) + " is --data_dir" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["--data_dir", str(data), "--out", str(mine)]) == 2
+    assert "already holds files that giseg export-hf did not write" in capsys.readouterr().err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before and (mine / "notes.txt").is_file()

@@ -66,7 +66,7 @@ def test_a_second_start_keeps_the_finished_folds(cv_run):
     before = {k: (cv / f"fold_{k}" / "val_scores.json").stat().st_mtime_ns for k in (0, 1)}
     assert cv_main(args) == 0
     assert {k: (cv / f"fold_{k}" / "val_scores.json").stat().st_mtime_ns for k in (0, 1)} == before
-    assert "fold 0: finished before (val_scores.json), kept" in (cv / "cv.log").read_text()
+    assert "fold 0: finished before (val_scores.json, same settings and data), kept" in (cv / "cv.log").read_text()
 
 
 def test_an_out_of_fold_ensemble_of_a_cv_with_itself_scores_as_the_cv(cv_run, demo_dir, tmp_path, capsys):
@@ -78,7 +78,9 @@ def test_an_out_of_fold_ensemble_of_a_cv_with_itself_scores_as_the_cv(cv_run, de
     oof = json.loads((cv / "cv_scores.json").read_text())["out_of_fold"]
     for key in ("dice_mean", "hausdorff", "score"):
         assert ens[key] == pytest.approx(oof[key], abs=1e-6)
-    assert cv_main(["--ensemble", str(tmp_path), "--data_dir", str(demo_dir), "--output_dir", str(tmp_path / "x")]) == 2
+    (tmp_path / "not-a-cv").mkdir()
+    assert cv_main(["--ensemble", str(tmp_path / "not-a-cv"), "--data_dir", str(demo_dir), "--output_dir",
+                    str(tmp_path / "x")]) == 2
     assert "no cv_config.json" in capsys.readouterr().err
 
 
@@ -116,6 +118,75 @@ def test_fold_lists_and_gpu_groups_are_checked():
     assert gpu_groups("0,1,2,3", 2) == [["0", "1"], ["2", "3"]] and gpu_groups("", 2) == [[], []]
     with pytest.raises(UserError, match="cannot be split"):
         gpu_groups("0,1,2", 2)
+    with pytest.raises(UserError, match="--gpus 0,1: this machine has no CUDA GPU"):
+        gpu_groups("0,1", 1, available=0)  # (run_train.sh refuses the same)
+    with pytest.raises(UserError, match="there is no GPU 2; this machine has 2"):
+        gpu_groups("1,2", 1, available=2)
+    with pytest.raises(UserError, match="expected comma-separated GPU numbers"):
+        gpu_groups("a,b", 1, available=2)
+
+
+def _rerun(cv_run, tmp_path, capsys, *change, output_dir=None):
+    cv, args = cv_run
+    args = [a if a != str(cv) else str(output_dir or cv) for a in args]
+    trainer = args[args.index("--") + 1:]
+    for flag, value in zip(change[::2], change[1::2]):
+        trainer[trainer.index(flag) + 1] = value
+    before = (cv / "cv_config.json").read_text()
+    code = cv_main([*args[:args.index("--") + 1], *trainer])
+    assert (cv / "cv_config.json").read_text() == before
+    return code, capsys.readouterr().err
+
+
+def test_a_cv_rerun_with_other_settings_is_refused_not_reported_with_the_old_folds(cv_run, tmp_path, capsys):
+    code, err = _rerun(cv_run, tmp_path, capsys, "--image_size", "96")
+    assert code == 2 and "holds a CV with other settings: --image_size was 64, now 96" in err
+    code, err = _rerun(cv_run, tmp_path, capsys, "--n_folds", "3")  # 2-fold folders are no 3-fold CV
+    assert code == 2 and "--n_folds was 2, now 3" in err
+
+
+def test_a_fold_folder_of_another_cv_is_not_taken_as_this_ones(cv_run, tmp_path, capsys):
+    import shutil
+
+    cv, _ = cv_run
+    other = tmp_path / "other"
+    shutil.copytree(cv, other)
+    (other / "fold_0").rename(other / "swap")  # the two folds' runs, each placed where the other goes
+    (other / "fold_1").rename(other / "fold_0")
+    (other / "swap").rename(other / "fold_1")
+    code, err = _rerun(cv_run, tmp_path, capsys, output_dir=other)
+    assert code == 2 and "fold_0 was trained otherwise (--fold was 1)" in err
+
+
+def test_sigterm_to_a_cv_is_passed_to_its_trainer_which_ends_and_nothing_runs_on(demo_dir, tiny_models, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "fake_trainer.py"  # stands in for the launcher: records the signal it gets, as trainer.py saves
+    fake.write_text("import signal, sys, time, pathlib\n"
+                    "out = pathlib.Path(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+                    "def stop(n, f):\n    (out / 'got_signal').write_text(str(n)); sys.exit(128 + n)\n"
+                    "signal.signal(signal.SIGTERM, stop)\n(out / 'started').write_text('1')\n"
+                    "time.sleep(120)\n")
+    cmd = [sys.executable, "-m", "giseg", "cv", "--output_dir", str(tmp_path / "cv"), "--launcher",
+           f"{sys.executable} {fake}", "--", "--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir),
+           "--n_folds", "2", "--cache_dir", str(tmp_path / "cache")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    started = tmp_path / "cv" / "fold_0" / "started"
+    deadline = time.time() + 120
+    while not started.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert started.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert (tmp_path / "cv" / "fold_0" / "got_signal").read_text() == str(int(signal.SIGTERM))
+    assert not (tmp_path / "cv" / "fold_1").exists()  # no further fold started
+    assert "stopped by SIGTERM" in err.splitlines()[-1]
 
 
 def test_parallel_folds_run_in_slots_with_their_own_gpus_at_the_same_time():

@@ -218,3 +218,52 @@ def test_final_eval_refuses_mixed_scan_sizes_in_a_volume_before_training(demo_di
     with pytest.raises(UserError, match=r"volume\(s\) mix scan sizes"):  # used to fail only after all epochs
         train(_cfg(data, tiny_models["segformer"], out, tmp_path, final_eval=True))
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_changed_or_zeroed_checkpoint_file_is_refused_by_its_checksum_and_latest_falls_back(demo_dir, tiny_models,
+                                                                                               tmp_path):
+    import dataclasses
+
+    from trainer import train
+    from giseg.utils import UserError
+
+    out = tmp_path / "run"
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, save_total_limit=2)
+    train(cfg)
+    newest = out / "checkpoints" / "step_00000012"
+    # our own state is JSON / safetensors: no pickle of the schedule; the manifest has a checksum per file
+    assert (newest / "scheduler.json").is_file() and not list(newest.glob("custom_checkpoint_*"))
+    manifest = json.loads((newest / "trainer_state.json").read_text())["files"]
+    assert all(len(m["sha256"]) == 64 for m in manifest.values())
+    rng = newest / "random_states_0.pkl"
+    rng.write_bytes(bytes(rng.stat().st_size))  # zeroed, same size: Accelerate would skip it silently
+    with pytest.raises(UserError, match=r"random_states_0.pkl does not match its checksum"):
+        train(dataclasses.replace(cfg, resume_from_checkpoint=str(newest)))
+    train(dataclasses.replace(cfg, resume_from_checkpoint="latest"))
+    log = (out / "train.log").read_text()
+    assert "random_states_0.pkl does not match its checksum" in log
+    assert "resumed from " + str(out / "checkpoints" / "step_00000006") in log
+
+
+def test_a_resume_after_the_data_changed_is_refused_naming_the_change(demo_dir, tiny_models, tmp_path):
+    import dataclasses
+    import shutil
+
+    import pandas as pd
+
+    from trainer import train
+    from giseg.utils import UserError
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir, data)
+    out = tmp_path / "run"
+    cfg = _cfg(data, tiny_models["segformer"], out, tmp_path)
+    train(cfg)
+    saved = json.loads((out / "run_config.json").read_text())["data"]
+    gone = saved["case_ids"][-1]
+    csv = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    csv[~csv["id"].str.startswith(f"case{gone}_")].to_csv(data / "train.csv", index=False)
+    shutil.rmtree(data / "train" / f"case{gone}")
+    with pytest.raises(UserError, match=rf"the data changed since the run started \(.*case\(s\) \[{gone}\] gone"):
+        train(dataclasses.replace(cfg, resume_from_checkpoint="latest", epochs=2))
+    assert json.loads((out / "run_config.json").read_text())["data"] == saved
