@@ -126,6 +126,15 @@ def storage_guard(target: str | Path, what: str) -> Iterator[None]:
                         "--resume_from_checkpoint latest") from None
 
 
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (kB, MB, GB, TB): a size a message can show, never '0.00 GB'."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it (Linux: /proc/self/status); elsewhere os.umask is the only
     way to read it, which sets it for a moment."""

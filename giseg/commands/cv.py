@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from giseg.commands.options import RunOptions, parse_weights
+from giseg.commands.options import RunOptions, check_run_options, parse_weights
 from giseg.training import cv
 from giseg.training.cv import (
     check_cv_reuse,
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
 
         setup_logging(True)
+        check_run_options(args)
         claim_output_dir(args.output_dir, "--output_dir", "cv", {"--data_dir": args.data_dir,
                                                                   **{f"--ensemble {d}": d for d in args.ensemble}},
                          ours=lambda p: (p / "ensemble_scores.json").is_file())

@@ -20,6 +20,7 @@ import torch
 from giseg.commands.options import RunOptions, check_run_options, check_split, parse_thresholds, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
+from giseg.data.volumes import check_volume_sizes
 from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     adapter = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(args.data_dir, options, spec.classes)
     split = args.split or adapter.inference_split(args.data_dir)
     index = adapter.build_index(args.data_dir, split, require_labels=False)
+    if any(r != "none" for r in spec.postprocess or ()):  # 3D components: a volume's slices must stack
+        check_volume_sizes(index, adapter.volume_columns, f"{args.data_dir} (post-processing works on whole volumes)")
     rows = np.arange(len(index))
     if args.fold is not None:
         splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}

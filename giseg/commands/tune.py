@@ -13,6 +13,7 @@ import torch
 from giseg.commands.options import RunOptions, ScoringOptions, check_run_options, parse_weights
 from giseg.data.folds import split_by_case
 from giseg.data.registry import get_adapter
+from giseg.data.volumes import check_volume_sizes
 from giseg.evaluation import tuning
 from giseg.evaluation.tuning import (
     SEARCH,
@@ -128,6 +129,10 @@ def tune(args) -> dict:
             adapter = get_adapter(spec.dataset, f"--model {group[0]}").bind(args.data_dir, spec.dataset_options or {},
                                                                             spec.classes)
             index = adapter.build_index(args.data_dir)
+            if "postprocess" in args.search.split(","):  # 3D components: a volume's slices must stack
+                check_volume_sizes(index, adapter.volume_columns,
+                                   f"{args.data_dir} (post-processing is tuned on whole volumes; --search "
+                                   "thresholds,gates leaves it out)")
         splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
         if len(splits) > 1 or model.spec.split is None:
             raise UserError(f"--model {group[0]}: the members must share a known training split to be tuned on its "

@@ -31,7 +31,7 @@ import pandas as pd
 
 from giseg.data.base import DatasetAdapter
 from giseg.data.preprocess import prepare_scan, resize_mask
-from giseg.utils import FolderLock, UserError, atomic_dir, logger, recover_replaced
+from giseg.utils import FolderLock, UserError, atomic_dir, human_bytes, logger, recover_replaced
 
 CACHE_VERSION = 2  # bump when the preprocessing below changes
 MANIFEST = "manifest.json"
@@ -133,11 +133,15 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
     free = shutil.disk_usage(folder.parent).free
     if free < need:
         raise UserError(f"--cache_dir {folder.parent}: the cache of {len(index)} slices at {image_size}px needs "
-                        f"{need / 1e9:.2f} GB but only {free / 1e9:.2f} GB are free; free space or pass a --cache_dir "
+                        f"{human_bytes(need)} but only {human_bytes(free)} are free; free space or pass a --cache_dir "
                         "on a larger disk")
 
     def load_one(row) -> tuple[np.ndarray, np.ndarray]:
-        image = prepare_scan(adapter.read_image(row), image_size)
+        raw = adapter.read_image(row)
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # (it would surface as a NaN loss, much later)
+            raise UserError(f"{getattr(row, 'path', row.id)} (id {row.id}): the image holds NaN or infinite values; "
+                            "fix or drop that image")
+        image = prepare_scan(raw, image_size)
         if not labelled:
             return image, np.zeros((image_size, image_size), np.uint8)
         return image, resize_mask(adapter.read_packed(row), image_size)
