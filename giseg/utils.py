@@ -224,12 +224,15 @@ def write_output_mark(folder: str | Path, kind: str) -> None:
 
 def claim_output_file(path: str | Path, flag: str, inputs: dict | None = None,
                       ours: Callable[[Path], bool] | None = None) -> Path:
-    """The output file ``path``, checked before anything is written: refused when it is a folder, overlaps one of
+    """The output file ``path``, checked before anything is written: refused when it is a folder, is one of
     ``inputs``, or exists and ``ours(path)`` says this command did not write it (a rerun replaces its own)."""
     out = Path(path)
     if out.is_dir():
         raise UserError(f"{flag} {out} is a folder; pass a file name")
-    check_no_overlap(out, inputs or {}, flag)
+    for name, src in (inputs or {}).items():  # (a new file beside the data is harmless; an input file is not)
+        if src and Path(src).exists() and out.resolve() == Path(src).resolve():
+            raise UserError(f"{flag} {out} is {name}: an output never replaces what the command reads; choose "
+                            f"another {flag}")
     if out.exists() and ours is not None and not ours(out):
         raise UserError(f"{flag} {out} exists and was not written by this command; nothing was changed: choose "
                         "another file name, or move that file away")

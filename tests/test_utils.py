@@ -148,8 +148,12 @@ def test_an_output_file_not_written_by_the_command_is_refused(tmp_path):
     (tmp_path / "sub.csv").write_text("id,class,predicted\n")
     claim_output_file(tmp_path / "sub.csv", "--out", ours=ours)
     (tmp_path / "d").mkdir()
-    with pytest.raises(UserError, match="lies inside --data_dir"):
+    (tmp_path / "d" / "train.csv").write_text("id,class,segmentation\n")
+    with pytest.raises(UserError, match="exists and was not written by this command"):
         claim_output_file(tmp_path / "d" / "train.csv", "--out", {"--data_dir": tmp_path / "d"}, ours=ours)
+    with pytest.raises(UserError, match="is --data_dir"):
+        claim_output_file(tmp_path / "d" / "train.csv", "--out", {"--data_dir": tmp_path / "d" / "train.csv"})
+    claim_output_file(tmp_path / "d" / "submission.csv", "--out", {"--data_dir": tmp_path / "d"}, ours=ours)
     with pytest.raises(UserError, match="is a folder"):
         claim_output_file(tmp_path, "--out", ours=ours)
 
