@@ -24,8 +24,10 @@
 #   FOLDS        cross-validation (giseg cv): "all" or e.g. "0,2": every fold in OUTPUT_DIR/fold_<k> with --final_eval,
 #                then OUTPUT_DIR/cv_table.md; PARALLEL=N folds at a time (GPUS shared out among them), FINAL_MODEL=1
 #                then trains OUTPUT_DIR/final on every case (--fold -1)
-#   EXTRA_ARGS   passed to trainer.py as they are, e.g. "--task multiclass --context_slices 3 --fold 1"
-#   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return)
+#   EXTRA_ARGS   passed to trainer.py, split at spaces (never glob-expanded), e.g. "--task multiclass --fold 1";
+#                --output_dir, --base_model and --data_dir are refused there: set OUTPUT_DIR, BASE_MODEL, DATA_DIR
+#   FOREGROUND=1 wait for the run and exit with its status (default: start it with nohup and return); switches
+#                (FOREGROUND, FINAL_MODEL) take 1/0, yes/no, true/false, on/off; anything else is refused
 #   RESUME       a run's output folder (runs/<name>): continue it from its latest checkpoint with its saved settings
 #                (trainer.py --resume_run), appending to its log; EPOCHS etc. change what may change on a resume
 #
@@ -44,6 +46,28 @@ if ! [[ "$NNODES" =~ ^[1-9][0-9]*$ && "$NODE_RANK" =~ ^[0-9]+$ ]] || [ "$NODE_RA
   echo "error: NNODES=$NNODES NODE_RANK=$NODE_RANK: expected NNODES >= 1 and 0 <= NODE_RANK < NNODES" >&2
   exit 2
 fi
+switch() {  # FOREGROUND=1/yes/true/on -> 1; 0/no/false/off/unset -> 0; anything else is refused, not ignored
+  local value=${!1:-0}
+  case "${value,,}" in
+    1|yes|true|on) printf -v "$1" 1 ;;
+    0|no|false|off|"") printf -v "$1" 0 ;;
+    *) echo "error: $1=$value: expected 1 or 0 (yes/no, true/false, on/off)" >&2; exit 2 ;;
+  esac
+}
+switch FOREGROUND
+switch FINAL_MODEL
+set -f  # EXTRA_ARGS is split at spaces and never glob-expanded: a '*' stays a '*'
+# shellcheck disable=SC2206
+EXTRA=(${EXTRA_ARGS:-})
+set +f
+for arg in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  case "$arg" in
+    --output_dir|--output_dir=*|--base_model|--base_model=*|--data_dir|--data_dir=*)
+      var=${arg%%=*}; var=${var#--}; var=${var^^}
+      echo "error: EXTRA_ARGS: set $var=<value> instead of passing ${arg%%=*} there (this script names the run, its log and its messages after $var)" >&2
+      exit 2 ;;
+  esac
+done
 if [ "$NNODES" -gt 1 ] && { [ -z "${OUTPUT_DIR:-}" ] || [ -z "${MASTER_ADDR:-}" ]; }; then
   echo "error: NNODES=$NNODES: set OUTPUT_DIR (the same shared folder on every node) and MASTER_ADDR (the address of node 0)" >&2
   exit 2
@@ -127,8 +151,7 @@ for pair in EPOCHS:--epochs BATCH_SIZE:--train_batch_size LR:--lr IMAGE_SIZE:--i
   if [ -n "${!var:-}" ]; then ARGS+=("$flag" "${!var}"); SET+=("$var=${!var}"); fi
 done
 [ -n "${HUB_MODEL_ID:-}" ] && ARGS+=(--push_to_hub)
-# shellcheck disable=SC2206
-ARGS+=(${EXTRA_ARGS:-})
+ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 if [ -n "${ACCELERATE_CONFIG:-}" ] && [ ! -f "$ACCELERATE_CONFIG" ]; then
   echo "error: ACCELERATE_CONFIG=$ACCELERATE_CONFIG: no such file (write one with: accelerate config --config_file $ACCELERATE_CONFIG)" >&2
   exit 2
@@ -144,7 +167,7 @@ if [ -n "${FOLDS:-}" ]; then
     exit 2
   fi
   CMD=("$PYTHON" -m giseg cv --output_dir "$OUTPUT_DIR" --folds "$FOLDS" --parallel "${PARALLEL:-1}" --gpus "${GPUS:-}")
-  [ "${FINAL_MODEL:-0}" = 1 ] && CMD+=(--final_model)
+  [ "$FINAL_MODEL" = 1 ] && CMD+=(--final_model)
   CMD+=(-- "${ARGS[@]:1:4}" "${ARGS[@]:7}")  # trainer.py's arguments without its --output_dir
   SET+=("FOLDS=$FOLDS")
 elif [ -n "${ACCELERATE_CONFIG:-}" ]; then
@@ -205,7 +228,7 @@ run() {
   return "$status"
 }
 
-if [ "${FOREGROUND:-0}" = 1 ]; then
+if [ "$FOREGROUND" = 1 ]; then
   echo "log: $LOG_FILE   output: $OUTPUT_DIR"
   set +e
   run 2>&1 | tee -a "$LOG_FILE"

@@ -103,27 +103,42 @@ _STORAGE_PHRASES = ("No space left on device", "Disk quota exceeded", "Read-only
                     "file write failed")
 
 
+def storage_cause(e: BaseException) -> BaseException | None:
+    """``e`` or the error that caused it (libraries wrap them: datasets' DatasetGenerationError) when the storage
+    is to blame (an OSError of STORAGE_ERRORS, or a saver's own type whose message has the OS's words)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and storage_error_message(e) is not None:
+            return e
+        if not isinstance(e, OSError) and any(p in str(e) for p in _STORAGE_PHRASES):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 @contextlib.contextmanager
-def storage_guard(target: str | Path, what: str) -> Iterator[None]:
+def storage_guard(target: str | Path, what: str,
+                  then: str = "rerun with --resume_from_checkpoint latest") -> Iterator[None]:
     """Turn a failed save caused by the storage into one UserError line naming ``target``. Savers that are not
-    Python's own (safetensors, torch.save) raise their own types with the OS message inside, so the message is
-    read; any other error passes through."""
+    Python's own (safetensors, torch.save) raise their own types with the OS message inside, and libraries wrap
+    the OS's error in theirs, so the message and the causes are read; any other error passes through."""
     try:
         yield
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 (re-raised unless it is the storage's)
-        if isinstance(e, OSError) and storage_error_message(e) is None:
+        cause = storage_cause(e)
+        if cause is None:
             raise
-        if not isinstance(e, OSError) and not any(p in str(e) for p in _STORAGE_PHRASES):
-            raise
+        e = cause
         try:
             free = f"{shutil.disk_usage(Path(target).parent if not Path(target).exists() else target).free / 1e6:.0f} MB free"
         except OSError:
             free = "free space unknown"
-        raise UserError(f"cannot save {what} to {target}: {str(e).strip().splitlines()[-1][:200]} ({free}); what was "
-                        "saved before is intact: free space or fix permissions, then rerun with "
-                        "--resume_from_checkpoint latest") from None
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot save {what} to {target}: {reason} ({free}); what was saved before is intact: free "
+                        f"space or fix permissions, then {then}") from None
 
 
 def human_bytes(n: float) -> str:
@@ -201,7 +216,11 @@ def claim_output_dir(path: str | Path, flag: str, kind: str, inputs: dict | None
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; pass a folder")
     check_no_overlap(out, inputs or {}, flag)
-    if out.is_dir() and any(out.iterdir()):
+    if not create and Path.cwd().resolve().is_relative_to(out.resolve()):  # (written whole, then renamed into place)
+        raise UserError(f"{flag} {out} is the current folder (or holds it), which this command would replace whole; "
+                        f"pass a new folder, e.g. {flag} {out / 'out'}")
+    # (a temporary file of ours, '.<name>.<random>.tmp', is what a kill during the first write leaves: not content)
+    if out.is_dir() and any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in out.iterdir()):
         mark = out / OUTPUT_MARK
         try:
             mine = json.loads(mark.read_text()).get("kind") == kind if mark.is_file() else bool(ours and ours(out))

@@ -17,8 +17,8 @@ def _env(tmp_path, **kw):
 
 
 def test_foreground_run_logs_start_command_dice_and_exit_status(demo_dir, tiny_models, tmp_path):
-    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["beit"]),
-               REPORT_TO="tensorboard")
+    env = _env(tmp_path, FOREGROUND="yes", DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["beit"]),
+               REPORT_TO="tensorboard")  # (yes, true, on and 1 all mean it; FOREGROUND=yes used to be ignored)
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     log = (tmp_path / "logs" / "run.log").read_text()
@@ -45,6 +45,21 @@ def test_a_mistake_fails_in_the_foreground_with_one_line_and_leaves_no_run_or_lo
                              timeout=120)
         assert res.returncode == 2 and message in res.stderr, (settings, res.stderr)
         assert "Traceback" not in res.stderr and "started" not in res.stdout
+        assert not (tmp_path / "out").exists() and not (tmp_path / "logs" / "run.log").exists()
+
+
+def test_switches_and_extra_args_are_taken_as_written_or_refused_in_one_line(demo_dir, tiny_models, tmp_path):
+    for settings, message in (({"FOREGROUND": "maybe"}, "error: FOREGROUND=maybe: expected 1 or 0"),
+                              ({"FINAL_MODEL": "2"}, "error: FINAL_MODEL=2: expected 1 or 0"),
+                              ({"EXTRA_ARGS": "--output_dir elsewhere"}, "error: EXTRA_ARGS: set OUTPUT_DIR=<value> "
+                                                                          "instead of passing --output_dir there"),
+                              ({"EXTRA_ARGS": "--data_dir=x"}, "error: EXTRA_ARGS: set DATA_DIR=<value>"),
+                              ({"EXTRA_ARGS": "--lr *"}, "argument --lr: invalid float value: '*'")):  # not globbed
+        env = _env(tmp_path, DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]))
+        env.update(settings)
+        res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (settings, res.stderr)
         assert not (tmp_path / "out").exists() and not (tmp_path / "logs" / "run.log").exists()
 
 

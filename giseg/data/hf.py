@@ -37,7 +37,15 @@ import pandas as pd
 from giseg.data.base import DatasetAdapter
 from giseg.data.gi import GIAdapter
 from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, class_name_problems, unpack_masks
-from giseg.utils import UserError, atomic_dir, logger, options_of, recover_replaced, write_output_mark
+from giseg.utils import (
+    UserError,
+    atomic_dir,
+    logger,
+    options_of,
+    recover_replaced,
+    storage_guard,
+    write_output_mark,
+)
 
 IMAGE_COLUMNS = ("image", "pixel_values")
 LABEL_COLUMNS = ("label", "annotation")
@@ -426,13 +434,16 @@ def export_dataset(adapter, data_dir: str | Path, out_dir: str | Path, split: st
     # next export's recover_replaced if a SIGKILL left it)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work.tmp", dir=out.parent))
     try:
-        ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(work))
-        n = len(ds)
-        with atomic_dir(out_dir) as tmp:
-            write_output_mark(tmp, "export-hf")
-            ds.save_to_disk(str(tmp))
-            (tmp / ID2LABEL).write_text(json.dumps({str(i): c for i, c in enumerate(adapter.classes)}, indent=1) + "\n")
-        del ds
+        # a full disk is one line, whichever library meets it (datasets wraps the OS's error in its own)
+        with storage_guard(out, "the export", then="run the export again"):
+            ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(work))
+            n = len(ds)
+            with atomic_dir(out_dir) as tmp:
+                write_output_mark(tmp, "export-hf")
+                ds.save_to_disk(str(tmp))
+                (tmp / ID2LABEL).write_text(json.dumps({str(i): c for i, c in enumerate(adapter.classes)}, indent=1)
+                                            + "\n")
+            del ds
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("exported %d slices of %s (%s) to %s", n, data_dir, adapter.name, out_dir)

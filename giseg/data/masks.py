@@ -54,6 +54,15 @@ def classes_present(packed: np.ndarray, rows: np.ndarray, n_classes: int, chunk:
     return ((bits[:, None] >> np.arange(n_classes, dtype=np.uint8)) & 1).astype(bool)
 
 
+def any_labelled(packed: np.ndarray, rows: np.ndarray, chunk: int = 512) -> bool:
+    """Does any pixel of packed masks ``rows`` carry a label (its ignore bit clear)? Read ``chunk`` slices at a
+    time, stopping at the first that does."""
+    for i in range(0, len(rows), chunk):
+        if ((packed[rows[i:i + chunk]] >> IGNORE_BIT) == 0).any():
+            return True
+    return False
+
+
 def unpack_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
     """(B, H, W) packed uint8 -> (B, C, H, W) float 0/1 multi-label targets, on packed's device."""
     bits = torch.arange(n_classes, device=packed.device, dtype=torch.uint8).view(1, -1, 1, 1)

@@ -16,7 +16,7 @@ from giseg.data.cache import SliceCache, build_cache
 from giseg.data.dataset import SliceDataset
 from giseg.data.folds import data_changes, data_record, split_by_case
 from giseg.data.hf import dataset_options
-from giseg.data.masks import classes_present
+from giseg.data.masks import any_labelled, classes_present
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
@@ -80,6 +80,12 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
             check_volume_sizes(index, adapter.volume_columns, f"{cfg.data_dir} (--final_eval scores whole volumes)")
         cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1,
                             verify=cfg.verify_cache)
+    if adapter.may_have_unlabelled:  # (a label map: 255 is unlabelled; an all-255 part would "score" Dice 1.0)
+        for part, rows in (("training", train_rows), ("validation", val_rows)):
+            if len(rows) and not any_labelled(cache.masks, rows):
+                raise UserError(f"{cfg.data_dir}: every pixel of the {len(rows)} {part} slices (fold {cfg.fold}) is "
+                                "unlabelled (255): there is nothing to learn or to score (an empty truth would score "
+                                "Dice 1.0). Check the label column and --reduce_labels")
     # the cache holds the masks now: drop the codes, and give back what reading them took (the training process and
     # each data-loader worker forked from it would otherwise grow with the dataset)
     index = adapter.without_labels(index)

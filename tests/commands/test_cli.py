@@ -24,6 +24,12 @@ def test_an_unknown_command_is_one_line_and_exit_2(capsys):
     (["score", "--pred", "missing.csv", "--data_dir", "no/such/folder"], "error: "),
     (["tune", "--model", "m", "--data_dir", ".", "--batch_size", "0"], "error: --batch_size must be >= 1"),
     (["demo-data", "--size", "huge"], "invalid choice: 'huge'"),
+    (["predict", "--model", "m", "--data_dir", ".", "--num_workers", "-1"], "error: --num_workers must be >= 0"),
+    (["predict", "--model", "m", "--data_dir", ".", "--out", "/dev/null/sub.csv"], "error: --out /dev/null/sub.csv: its folder"),
+    (["predict", "--model", "a", "b", "--data_dir", ".", "--weights", "inf,1"], "error: --weights needs 2 positive"),
+    (["cv", "--output_dir", "cv", "--gpus", "0,1", "--", "--data_dir", "."], "this machine has no CUDA GPU"),
+    (["export-hf", "--data_dir", ".", "--out", "."], "error: --out"),
+    (["make-tiny", "--family", "segformer", "--out", "."], "is the current folder"),
 ])
 def test_bad_input_to_a_command_is_one_line_and_exit_2(argv, message, tmp_path):
     res = subprocess.run([sys.executable, "-m", "giseg", *argv], capture_output=True, text=True, cwd=tmp_path,

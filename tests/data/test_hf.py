@@ -337,3 +337,57 @@ def test_export_never_writes_into_its_data_or_a_folder_it_did_not_create(demo_di
     assert main(["--data_dir", str(data), "--out", str(mine)]) == 2
     assert "already holds files that giseg export-hf did not write" in capsys.readouterr().err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before and (mine / "notes.txt").is_file()
+
+
+def test_data_whose_labels_are_all_unlabelled_is_refused_not_scored_as_dice_1(tiny_models, tmp_path):
+    from giseg.training.config import TrainConfig
+    from trainer import train
+
+    labs = [np.full((32, 32), 255, np.uint8)] * 4
+    folder = _label_map_dataset(tmp_path / "none", labs, {0: "background", 1: "liver"},
+                                extra={"case": ["p0", "p1", "p2", "p3"]})
+    with pytest.raises(UserError, match=r"every pixel of the 2 training slices \(fold 0\) is unlabelled"):
+        train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(folder), dataset="hf",
+                          output_dir=str(tmp_path / "run"), image_size=32, epochs=1, num_workers=0, n_folds=2,
+                          cache_dir=str(tmp_path / "cache")))
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_temporary_folder(demo_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
+
+    from giseg.commands.export_hf import main
+
+    def full_disk(*args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:  # datasets wraps what the generator meets in its own error
+            raise DatasetGenerationError("An error occurred while generating the dataset") from e
+
+    monkeypatch.setattr(datasets.Dataset, "from_generator", full_disk)
+    assert main(["--data_dir", str(demo_dir), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot save the export to") and "No space left on device" in err
+    assert "run the export again" in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_nan_image_and_a_string_volume_column_are_one_line_not_a_nan_loss_or_a_traceback(tmp_path):
+    import datasets
+
+    from giseg.data.cache import build_cache
+
+    image = np.ones((8, 8), np.float32)
+    image[2, 3] = np.nan
+    folder = _dataset(tmp_path / "nan", {"image": [image], "label": [np.zeros((8, 8), np.uint8)]},
+                      {"image": datasets.Array2D((8, 8), "float32"), "label": datasets.Array2D((8, 8), "uint8")},
+                      {0: "background", 1: "lesion"})
+    adapter = get_adapter("hf").bind(folder)
+    with pytest.raises(UserError, match=r"the image holds NaN or infinite values"):
+        build_cache(adapter, adapter.build_index(folder), 32, tmp_path / "cache")
+    folder = _label_map_dataset(tmp_path / "day", [np.zeros((8, 8), np.uint8)], {0: "background", 1: "lesion"},
+                                extra={"day": ["monday"]})
+    with pytest.raises(UserError, match=r"column 'day' must hold numbers in every row"):
+        get_adapter("hf").bind(folder).build_index(folder)

@@ -1,7 +1,11 @@
-"""Kill the trainer at its rename and delete points, resume, and check the run ends as an uninterrupted one.
+"""Kill the trainer (or giseg export-hf, or giseg cv) at its rename and delete points, rerun it, and check it ends
+as an uninterrupted one.
 
     python tests/training/fault_injection.py                 every kill point (about 80; ~25 min on 2 CPU cores)
     python tests/training/fault_injection.py --sample 4      4 points spread over the run (what CI runs)
+    python tests/training/fault_injection.py --target export every point of `giseg export-hf` of the demo data
+    python tests/training/fault_injection.py --target cv     every point of a 2-fold `giseg cv` (its own saves; its
+                                                             running trainer gets SIGTERM as the CV process dies)
 
 A reference run (2 epochs, a resumable state every 2 steps and at each epoch end, --save_total_limit 1, so
 the epoch-end save replaces the step save of the same number) is traced with strace to list its commit points:
@@ -10,7 +14,10 @@ clean-up). For each point N, a fresh run is started under `strace -e inject=<sys
 so it dies just before its N-th call of that syscall; it is then rerun as a scheduler would
 (`--resume_from_checkpoint latest`) without faults. A point passes when the rerun exits 0, metrics.jsonl has
 every epoch exactly once with the reference's step, train loss and Dice (within 1e-5), and best/ and last/
-load. Needs strace (apt-get install strace).
+load. For export: the rerun exits 0, the folder loads with the reference's rows and classes, the data folder is
+untouched and no temporary folder is left. For cv: the rerun exits 0 with the reference's CV figures (every fold,
+the mean and the out-of-fold row, within 1e-5) and no trainer of the killed CV is left running. Needs strace
+(apt-get install strace).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSCALLS = ("rename", "unlinkat")
@@ -74,18 +82,19 @@ def environment() -> dict:
             "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def list_points(work: Path, data: Path, model: Path) -> tuple[list[Point], list[dict]]:
-    """Run the reference under strace; return its commit points and its metrics.jsonl records."""
-    trace = work / "reference.trace"
-    out = work / "reference"
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={','.join(SYSCALLS)}",
-           *trainer_args(data, model, out, work / "reference-cache")]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=environment())
+def list_points(work: Path, data: Path, model: Path, target: str = "train") -> tuple[list[Point], Path]:
+    """Run the reference under strace; return its commit points and its output folder."""
+    trace = work / f"reference-{target}.trace"
+    argv, out = TARGETS[target].command(data, model, work / f"reference-{target}")
+    shutil.rmtree(out.parent, ignore_errors=True)
+    out.parent.mkdir(parents=True)
+    DATA_FILES.setdefault(str(data), _files(data))
+    cmd = ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace=execve,{','.join(SYSCALLS)}", *argv]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=environment(), cwd=ROOT)
     if res.returncode != 0:
         raise SystemExit(f"reference run failed ({res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
     lines = trace.read_text().splitlines()
-    main_pid = lines[0].split()[0]  # the trainer's main thread; every rename and unlinkat of the run is there
+    main_pid = lines[0].split()[0]  # the command's own execve: its main thread, where its renames and unlinkats are
     counts = {s: 0 for s in SYSCALLS}
     points = []
     for line in lines:
@@ -97,7 +106,7 @@ def list_points(work: Path, data: Path, model: Path) -> tuple[list[Point], list[
         if pid == main_pid and name in counts:
             counts[name] += 1
             points.append(Point(name, counts[name], re.sub(r"\s+=.*$", "", call)))
-    return points, records(out)
+    return points, out
 
 
 def records(out: Path) -> list[dict]:
@@ -125,24 +134,106 @@ def loadable(folder: Path) -> str:
     return ""
 
 
-def try_point(point: Point, work: Path, data: Path, model: Path, want: list[dict]) -> Outcome:
-    trial = Path(tempfile.mkdtemp(prefix=f"{point.syscall}-{point.n}-", dir=work))
-    out, cache = trial / "run", trial / "cache"
-    args = trainer_args(data, model, out, cache)
+def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path, target: str = "train") -> Outcome:
+    trial = Path(tempfile.mkdtemp(prefix=f"{target}-{point.syscall}-{point.n}-", dir=work))
+    spec = TARGETS[target]
+    args, out = spec.command(data, model, trial)
     inject = f"inject={point.syscall}:signal=SIGKILL:when={point.n}"
-    faulty = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={point.syscall}", "-e", inject,
-                             *args], capture_output=True, text=True, env=environment())
+    # only the command's own process is traced (and killed): the trainers a CV starts are not
+    faulty = subprocess.run(["strace", *(["-f"] if spec.follow else []), "-qq", "-o", "/dev/null", "-e",
+                             f"trace={point.syscall}", "-e", inject, *args], capture_output=True, text=True,
+                            env=environment(), cwd=ROOT)
     killed = faulty.returncode in (-9, 137)
-    rerun = subprocess.run(args, capture_output=True, text=True, env=environment())
+    spec.settle(trial)
+    rerun = subprocess.run(args, capture_output=True, text=True, env=environment(), cwd=ROOT)
     detail = ""
     if rerun.returncode != 0:
         tail = (rerun.stderr.strip() or rerun.stdout.strip()).splitlines()[-1:]
         detail = f"rerun exited {rerun.returncode}: {tail}"
     else:
-        detail = differences(records(out), want) or loadable(out / "best") or loadable(out / "last")
+        detail = spec.compare(out, reference, data)
     if not detail:
         shutil.rmtree(trial, ignore_errors=True)
     return Outcome(point, killed, not detail, detail or "identical")
+
+
+# ---------------------------------------------------------------- what each target runs and how its result is compared
+def _train_command(data: Path, model: Path, trial: Path) -> tuple[list[str], Path]:
+    return trainer_args(data, model, trial / "run", trial / "cache"), trial / "run"
+
+
+def _train_compare(out: Path, reference: Path, data: Path) -> str:
+    return differences(records(out), records(reference)) or loadable(out / "best") or loadable(out / "last")
+
+
+def _export_command(data: Path, model: Path, trial: Path) -> tuple[list[str], Path]:
+    out = trial / "exports" / "gi"
+    return [sys.executable, "-m", "giseg", "export-hf", "--data_dir", str(data), "--out", str(out)], out
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _export_compare(out: Path, reference: Path, data: Path) -> str:
+    import datasets
+
+    left = [p.name for p in out.parent.iterdir() if p.name != out.name]
+    if left:
+        return f"left beside the export: {left}"
+    got, want = datasets.load_from_disk(str(out)), datasets.load_from_disk(str(reference))
+    if got["id"] != want["id"] or got.column_names != want.column_names:
+        return f"{len(got)} rows, columns {got.column_names}; want {len(want)} rows, {want.column_names}"
+    if (out / "id2label.json").read_text() != (reference / "id2label.json").read_text():
+        return "id2label.json differs"
+    return "" if _files(data) == DATA_FILES.get(str(data), _files(data)) else "the data folder changed"
+
+
+def _cv_command(data: Path, model: Path, trial: Path) -> tuple[list[str], Path]:
+    out = trial / "cv"
+    return [sys.executable, "-m", "giseg", "cv", "--output_dir", str(out), "--", "--base_model", str(model),
+            "--data_dir", str(data), "--cache_dir", str(trial / "cache"), "--image_size", "64", "--train_batch_size",
+            "8", "--lr", "2e-3", "--n_folds", "2", "--epochs", "1", "--num_workers", "0", "--log_every", "1"], out
+
+
+def _no_trainer_left(trial: Path) -> None:
+    """Wait until no trainer of ``trial`` runs (a killed CV's trainer gets SIGTERM, saves and ends)."""
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        if str(trial) not in ps:
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"a trainer of {trial} still runs 120 s after its CV was killed")
+
+
+def _cv_compare(out: Path, reference: Path, data: Path) -> str:
+    got, want = (json.loads((d / "cv_scores.json").read_text()) for d in (out, reference))
+    for part in ("mean", "out_of_fold"):
+        for key, value in want[part].items():
+            if isinstance(value, (int, float)) and abs(float(got[part][key]) - float(value)) > TOLERANCE:
+                return f"{part} {key} {got[part][key]} != {value}"
+    for k in (0, 1):
+        detail = differences(records(out / f"fold_{k}"), records(reference / f"fold_{k}"))
+        if detail:
+            return f"fold {k}: {detail}"
+    return ""
+
+
+@dataclass
+class Target:
+    command: Callable[[Path, Path, Path], tuple[list[str], Path]]  # (data, model, trial folder) -> (argv, output)
+    compare: Callable[[Path, Path, Path], str]  # (output, reference output, data) -> '' or what differs
+    follow: bool = True  # strace -f in the faulty run (the trainer's threads); False: the command's process only
+    settle: Callable[[Path], None] = lambda trial: None  # after the kill, before the rerun
+
+
+TARGETS = {"train": Target(_train_command, _train_compare),
+           "export": Target(_export_command, _export_compare, follow=False),
+           "cv": Target(_cv_command, _cv_compare, follow=False, settle=_no_trainer_left)}
+DATA_FILES: dict[str, dict[str, int]] = {}  # the data folder's files before any export, by its path
 
 
 def choose(points: list[Point], sample: int | None) -> list[Point]:
@@ -156,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sample", type=int, default=None, help="try this many points spread over the run (default: all)")
     ap.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
+    ap.add_argument("--target", default="train", choices=tuple(TARGETS),
+                    help="what is killed: trainer.py (default), giseg export-hf, or giseg cv")
     args = ap.parse_args(argv)
     if shutil.which("strace") is None:
         print("error: strace not found; install it (apt-get install strace)", file=sys.stderr)
@@ -163,19 +256,20 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-injection-"))
     work.mkdir(parents=True, exist_ok=True)
     data, model = prepare(work)
-    points, want = list_points(work, data, model)
+    points, reference = list_points(work, data, model, args.target)
     chosen = choose(points, args.sample)
     print(f"{len(points)} kill points in the reference run ({', '.join(f'{sum(p.syscall == s for p in points)} {s}' for s in SYSCALLS)}); trying {len(chosen)}", flush=True)
     outcomes = []
     for point in chosen:
-        o = try_point(point, work, data, model, want)
+        o = try_point(point, work, data, model, reference, args.target)
         outcomes.append(o)
         print(f"{point.syscall} #{point.n:<3} {'killed' if o.killed else 'not reached'} | "
               f"{'ok' if o.ok else 'FAILED'}: {o.detail} | {point.what[:110]}", flush=True)
     killed = sum(o.killed for o in outcomes)
     ok = sum(o.ok for o in outcomes)
     print(f"kill points tried {len(outcomes)}, killed there {killed}, completed identically {ok}; "
-          f"command: python tests/training/fault_injection.py{f' --sample {args.sample}' if args.sample else ''}")
+          f"command: python tests/training/fault_injection.py --target {args.target}"
+          f"{f' --sample {args.sample}' if args.sample else ''}")
     return 0 if ok == len(outcomes) and killed == len(outcomes) else 1
 
 

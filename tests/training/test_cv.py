@@ -158,9 +158,9 @@ def test_a_fold_folder_of_another_cv_is_not_taken_as_this_ones(cv_run, tmp_path,
     assert code == 2 and "fold_0 was trained otherwise (--fold was 1)" in err
 
 
-def test_sigterm_to_a_cv_is_passed_to_its_trainer_which_ends_and_nothing_runs_on(demo_dir, tiny_models, tmp_path):
+def _start_cv_with_a_stand_in_trainer(demo_dir, tiny_models, tmp_path):
+    """giseg cv whose launcher is a stand-in that records the signal it gets; returns (process, fold 0's folder)."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -176,15 +176,35 @@ def test_sigterm_to_a_cv_is_passed_to_its_trainer_which_ends_and_nothing_runs_on
            "--n_folds", "2", "--cache_dir", str(tmp_path / "cache")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    started = tmp_path / "cv" / "fold_0" / "started"
+    fold = tmp_path / "cv" / "fold_0"
     deadline = time.time() + 120
-    while not started.exists() and time.time() < deadline and proc.poll() is None:
+    while not (fold / "started").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert started.exists(), proc.communicate()
+    assert (fold / "started").exists(), proc.communicate()
+    return proc, fold
+
+
+def test_a_cv_killed_with_sigkill_still_ends_its_trainer(demo_dir, tiny_models, tmp_path):
+    import signal
+    import time
+
+    proc, fold = _start_cv_with_a_stand_in_trainer(demo_dir, tiny_models, tmp_path)
+    proc.kill()  # no handler runs: the trainer learns it through PR_SET_PDEATHSIG
+    proc.communicate(timeout=30)
+    deadline = time.time() + 30
+    while not (fold / "got_signal").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (fold / "got_signal").read_text() == str(int(signal.SIGTERM))  # (it used to run on, detached)
+
+
+def test_sigterm_to_a_cv_is_passed_to_its_trainer_which_ends_and_nothing_runs_on(demo_dir, tiny_models, tmp_path):
+    import signal
+
+    proc, fold = _start_cv_with_a_stand_in_trainer(demo_dir, tiny_models, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert (tmp_path / "cv" / "fold_0" / "got_signal").read_text() == str(int(signal.SIGTERM))
+    assert (fold / "got_signal").read_text() == str(int(signal.SIGTERM))
     assert not (tmp_path / "cv" / "fold_1").exists()  # no further fold started
     assert "stopped by SIGTERM" in err.splitlines()[-1]
 

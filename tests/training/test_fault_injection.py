@@ -1,5 +1,5 @@
 """SIGKILL at the trainer's commit points, then a plain `--resume_from_checkpoint latest`: the run must end as an
-uninterrupted one. Three chosen points run here (a half-deleted checkpoint is tested without strace in
+uninterrupted one; the same for `giseg export-hf` and `giseg cv` (then a plain rerun of the same command). Three chosen points run here (a half-deleted checkpoint is tested without strace in
 test_reliability.py::test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once); every point (about 80, ~25 min) with
 FAULT_INJECTION=all python -m pytest tests/training/test_fault_injection.py   (or python tests/training/fault_injection.py)."""
 import os
@@ -26,8 +26,8 @@ def reference(tmp_path_factory):
         pytest.fail("strace is needed (apt-get install strace; .ci/run installs it)")
     work = tmp_path_factory.mktemp("faults")
     data, model = fi.prepare(work)
-    points, want = fi.list_points(work, data, model)
-    return work, data, model, points, want
+    points, reference = fi.list_points(work, data, model)
+    return work, data, model, points, reference
 
 
 def _pick(points, pattern, occurrence):
@@ -38,15 +38,42 @@ def _pick(points, pattern, occurrence):
 
 @pytest.mark.parametrize("what", list(CHOSEN))
 def test_a_kill_at_a_commit_point_resumes_to_the_uninterrupted_result(reference, what):
-    work, data, model, points, want = reference
+    work, data, model, points, ref = reference
     point = _pick(points, *CHOSEN[what])
-    outcome = fi.try_point(point, work, data, model, want)
+    outcome = fi.try_point(point, work, data, model, ref)
     assert outcome.killed, f"{point} was not reached"
     assert outcome.ok, f"{what}: {outcome.detail}"
 
 
-@pytest.mark.skipif(os.environ.get("FAULT_INJECTION") != "all", reason="every point: FAULT_INJECTION=all (~25 min)")
-def test_every_commit_point(reference):
-    work, data, model, points, want = reference
-    failed = [o for o in (fi.try_point(p, work, data, model, want) for p in points) if not (o.ok and o.killed)]
+@pytest.mark.skipif(os.environ.get("FAULT_INJECTION") != "all", reason="every point: FAULT_INJECTION=all (~30 min)")
+def test_every_commit_point(reference, command_references):
+    work, data, model, points, ref = reference
+    failed = [o for o in (fi.try_point(p, work, data, model, ref) for p in points) if not (o.ok and o.killed)]
+    failed += [o for target, (points, ref) in command_references.items()
+               for o in (fi.try_point(p, work, data, model, ref, target) for p in points) if not (o.ok and o.killed)]
     assert not failed, failed
+
+
+# the other commands' points (FAULT_INJECTION=all runs every one): (target, what) -> (call, occurrence)
+COMMAND_POINTS = {
+    ("export", "the finished export renamed into place"): (r'rename\(".*/exports/\.gi\.[^/]*\.tmp", ".*/exports/gi"\)', 1),
+    ("export", "datasets' work folder being removed"): (r'unlinkat\(\d+, "generator", AT_REMOVEDIR\)', 1),
+    ("cv", "cv_config.json written, no fold trained yet"): (r'rename\(".*/cv/\.cv_config\.json\.[^/]*\.tmp", ', 1),
+}
+
+
+@pytest.fixture(scope="module")
+def command_references(reference):
+    work, data, model, _, _ = reference
+    return {target: fi.list_points(work, data, model, target) for target in ("export", "cv")}
+
+
+@pytest.mark.parametrize("target, what", list(COMMAND_POINTS))
+def test_a_kill_of_export_or_cv_at_a_commit_point_then_a_rerun_ends_as_an_uninterrupted_one(
+        reference, command_references, target, what):
+    work, data, model, _, _ = reference
+    points, ref = command_references[target]
+    point = _pick(points, *COMMAND_POINTS[(target, what)])
+    outcome = fi.try_point(point, work, data, model, ref, target)
+    assert outcome.killed, f"{point} was not reached"
+    assert outcome.ok, f"{target}, {what}: {outcome.detail}"
