@@ -161,7 +161,9 @@ def test_an_output_file_not_written_by_the_command_is_refused(tmp_path):
 def test_a_signal_inside_stop_on_signals_runs_the_cleanup_and_ends_in_one_line(tmp_path, capsys):
     import signal
 
-    from giseg.utils import atomic_dir, command, stop_on_signals
+    from giseg.utils import atomic_dir, command, setup_logging, stop_on_signals
+
+    setup_logging()  # (on this test's stdout: an earlier test's captured stream may be closed)
 
     @command
     def main(argv=None):

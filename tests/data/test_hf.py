@@ -391,3 +391,22 @@ def test_a_nan_image_and_a_string_volume_column_are_one_line_not_a_nan_loss_or_a
                                 extra={"day": ["monday"]})
     with pytest.raises(UserError, match=r"column 'day' must hold numbers in every row"):
         get_adapter("hf").bind(folder).build_index(folder)
+
+
+def test_sigterm_during_export_removes_its_temporary_folders_and_is_one_line(demo_dir, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "exports" / "gi"
+    proc = subprocess.Popen([sys.executable, "-m", "giseg", "export-hf", "--data_dir", str(demo_dir), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not list(out.parent.glob(".gi.*.work.tmp")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and err.strip().splitlines()[-1].startswith("stopped by SIGTERM")
+    assert "Traceback" not in err and list(out.parent.iterdir()) == []  # (it used to leave its work folder behind)
