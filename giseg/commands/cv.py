@@ -16,6 +16,7 @@ from giseg.training.cv import (
     fold_figures,
     gpu_groups,
     parse_folds,
+    physical_gpus,
     run_fold,
     run_in_slots,
     score_ensemble,
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     folds = parse_folds(args.folds, cfg.n_folds)
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
-    import torch
-
-    groups = gpu_groups(args.gpus, args.parallel, torch.cuda.device_count())
+    groups = gpu_groups(args.gpus, args.parallel, physical_gpus() if args.gpus else None)
     cv_dir = claim_output_dir(args.output_dir, "--output_dir", "cv",
                               {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model},
                               ours=lambda p: (p / "cv_config.json").is_file())

@@ -28,6 +28,7 @@ import ctypes
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,9 +59,21 @@ def parse_folds(text: str, n_folds: int) -> list[int]:
     return folds
 
 
+def physical_gpus() -> int:
+    """How many CUDA GPUs the machine has, whatever CUDA_VISIBLE_DEVICES says: --gpus names the machine's own
+    numbers (each fold's trainer gets its group as CUDA_VISIBLE_DEVICES), as run_train.sh's GPUS does."""
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        return sum(line.startswith("GPU") for line in listed.splitlines())
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                             capture_output=True, text=True, env=env).stdout.strip()
+    return int(counted) if counted.isdigit() else 0
+
+
 def gpu_groups(gpus: str, parallel: int, available: int | None = None) -> list[list[str]]:
     """``parallel`` groups of GPU ids from "0,1,2,3" (contiguous, equal sizes); [[]] * parallel without GPUs.
-    ``available``: how many CUDA GPUs this machine has (None: not checked)."""
+    ``available``: how many CUDA GPUs this machine has (physical_gpus; None: not checked)."""
     ids = [g for g in gpus.split(",") if g] if gpus else []
     if not ids:
         return [[] for _ in range(parallel)]
