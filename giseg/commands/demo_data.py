@@ -7,7 +7,7 @@ import os
 from giseg.data import demo
 from giseg.data.demo import ANATOMIES, SIZES, SLICES_PER_DAY, make_demo_data
 from giseg.data.lgg import make_lgg_demo
-from giseg.utils import command
+from giseg.utils import claim_output_dir, command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    out = args.out or ("demo/lgg" if args.dataset == "lgg" else "demo/data")
+    # a folder of other files is refused (the demo's scans would land among them); an earlier demo is kept as it is
+    claim_output_dir(out, "--out", "demo-data",
+                     ours=lambda p: (p / "train.csv").is_file() or any(p.glob("*/*_mask.tif")))
     if args.dataset == "lgg":
-        print(make_lgg_demo(args.out or "demo/lgg"))
+        print(make_lgg_demo(out))
         return
-    print(make_demo_data(args.out or "demo/data", args.seed, args.slices_per_day, size=args.size,
+    print(make_demo_data(out, args.seed, args.slices_per_day, size=args.size,
                          workers=args.workers or os.cpu_count() or 1, anatomy=args.anatomy))

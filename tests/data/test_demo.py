@@ -79,3 +79,15 @@ def test_the_demos_organs_have_the_real_datas_sizes_and_organ_free_volume_ends(t
     assert any((m[0] & m[1]).any() for m in masks)  # the overlap survives
     # organs come and go: some slice shows the small bowel without the stomach and the other way round
     assert (present[:, 1] & ~present[:, 2]).any() and (present[:, 2] & ~present[:, 1]).any()
+
+
+def test_demo_data_is_never_written_among_other_files_and_an_earlier_demo_is_kept(tmp_path, capsys):
+    from giseg.commands.demo_data import main
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep")
+    assert main(["--out", str(tmp_path / "mine")]) == 2
+    assert "already holds files that giseg demo-data did not write (e.g. thesis.tex)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+    assert main(["--dataset", "lgg", "--out", str(tmp_path / "lgg")]) == 0
+    assert main(["--dataset", "lgg", "--out", str(tmp_path / "lgg")]) == 0  # its own folder: kept, not refused
