@@ -49,12 +49,15 @@ def test_a_mistake_fails_in_the_foreground_with_one_line_and_leaves_no_run_or_lo
 
 
 def test_switches_and_extra_args_are_taken_as_written_or_refused_in_one_line(demo_dir, tiny_models, tmp_path):
+    (tmp_path / "data").mkdir()
     for settings, message in (({"FOREGROUND": "maybe"}, "error: FOREGROUND=maybe: expected 1 or 0"),
                               ({"FINAL_MODEL": "2"}, "error: FINAL_MODEL=2: expected 1 or 0"),
                               ({"EXTRA_ARGS": "--output_dir elsewhere"}, "error: EXTRA_ARGS: set OUTPUT_DIR=<value> "
                                                                           "instead of passing --output_dir there"),
                               ({"EXTRA_ARGS": "--data_dir=x"}, "error: EXTRA_ARGS: set DATA_DIR=<value>"),
-                              ({"EXTRA_ARGS": "--lr *"}, "argument --lr: invalid float value: '*'")):  # not globbed
+                              ({"EXTRA_ARGS": "--lr *"}, "argument --lr: invalid float value: '*'"),  # not globbed
+                              ({"OUTPUT_DIR": str(tmp_path / "data"), "DATA_DIR": str(tmp_path / "data")},
+                               "error: --output_dir " + str(tmp_path / "data") + " is --data_dir")):
         env = _env(tmp_path, DATA_DIR=str(demo_dir), BASE_MODEL=str(tiny_models["segformer"]))
         env.update(settings)
         res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True,

@@ -27,7 +27,7 @@ from giseg.training.ema import WeightEMA
 from giseg.training.losses import SegmentationLoss
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir
-from giseg.utils import UserError, atomic_write_json, logger, release_memory
+from giseg.utils import UserError, atomic_write_json, check_no_overlap, logger, release_memory
 
 
 # ---------------------------------------------------------------- building a run
@@ -271,6 +271,7 @@ def check_run(cfg: TrainConfig) -> str:
     and the model, in a few seconds and with nothing written. Returns one line saying what was found."""
     from giseg.models.load import check_base_model  # transformers (1.8 s)
 
+    check_no_overlap(Path(cfg.output_dir), {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model}, "--output_dir")
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     index = adapter.build_index(cfg.data_dir)
     if cfg.fold != -1:
