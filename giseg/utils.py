@@ -227,9 +227,10 @@ def claim_output_dir(path: str | Path, flag: str, kind: str, inputs: dict | None
         except (OSError, ValueError, AttributeError):
             mine = False
         if not mine:
-            raise UserError(f"{flag} {out} already holds files that giseg {kind} did not write (e.g. "
-                            f"{sorted(p.name for p in out.iterdir())[0]}); nothing was changed: choose a new or empty "
-                            "folder")
+            names = sorted(p.name for p in out.iterdir())
+            example = next((n for n in names if not n.startswith(".")), names[0])
+            raise UserError(f"{flag} {out} already holds files that giseg {kind} did not write (e.g. {example}); "
+                            "nothing was changed: choose a new or empty folder")
     if create:
         out.mkdir(parents=True, exist_ok=True)
         write_output_mark(out, kind)
