@@ -100,3 +100,27 @@ def test_gpu_sections_flow_and_tables_on_the_cpu(demo_dir):
         highest = (rate + 0.05) / (base - 0.05) if base > 0.05 else float("inf")
         assert lowest - 0.005 <= ratio <= highest + 0.005, (rate, base, ratio)
     # (section 6, trainer.py against the bare loop, runs in the quick run above, in fp32)
+
+
+def test_learning_efficiency_counts_runs_off_the_floor_and_their_first_step():
+    import learning_efficiency as le
+
+    floors = {"a": 0.5, "b": 0.8}
+    runs = [{"floors": floors, "curve": [{"step": 10, "dice_a": 0.5, "dice_b": 0.8, "dice_mean": 0.65},
+                                         {"step": 20, "dice_a": 0.7, "dice_b": 0.805, "dice_mean": 0.75}]},
+            {"floors": floors, "curve": [{"step": 10, "dice_a": 0.6, "dice_b": 0.9, "dice_mean": 0.75},
+                                         {"step": 20, "dice_a": 0.505, "dice_b": 0.95, "dice_mean": 0.7275}]}]
+    s = le.summarise(runs, ("a", "b"), margin=0.01)
+    assert s["a"]["off_floor"] == 1 and s["a"]["first_step"] == 20  # run 2 left the floor, then fell back
+    assert s["b"]["off_floor"] == 1 and s["b"]["first_step"] == 10  # run 1 ends within the margin: not off
+    assert s["a"]["mean"] == pytest.approx(0.6025) and s["mean"]["mean"] == pytest.approx(0.73875)
+
+
+def test_learning_efficiency_smoke_run_prints_the_table_and_its_command(tmp_path, capsys):
+    import learning_efficiency as le
+
+    assert le.main(["--smoke", "--work", str(tmp_path), "--variants", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "| default | " in out and "/1 off the floor" in out and "--epochs 1" in out
+    assert "command: python benchmarks/learning_efficiency.py --smoke --work" in out and "machine:" in out
+    assert le.main(["--variants", "nope", "--work", str(tmp_path)]) == 2

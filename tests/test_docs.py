@@ -59,7 +59,7 @@ def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
     exports and the notebook's HTML are ignored."""
     written = ["demo/data/train.csv", "runs/x/best/config.json", "logs/x.log", "logs/x.pid", "cache/96px-x/images.npy",
                "figures/a.png", "submission.csv", "exports/gi-demo/data.arrow", "visualisation.html",
-               "giseg.egg-info/PKG-INFO"]
+               "giseg.egg-info/PKG-INFO", "bench-work/learning/runs/x/metrics.jsonl"]
     res = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
     assert sorted(res.stdout.split()) == sorted(written)
 
@@ -72,3 +72,13 @@ def test_the_demos_figures_in_the_docs_are_what_a_fresh_demo_run_gives():
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "all within 0.005" in res.stdout
+
+
+def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_output():
+    """docs/performance.md quotes rows of benchmarks/learning_efficiency_cpu.txt (the command's own output, each
+    with its command line); a row typed or edited by hand, or left behind by a new recording, fails here."""
+    page = (ROOT / "docs" / "performance.md").read_text()
+    block = page.split("<!-- learning-efficiency -->")[1]
+    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| recipe")]
+    recorded = (ROOT / "benchmarks" / "learning_efficiency_cpu.txt").read_text().splitlines()
+    assert rows and all(row in recorded for row in rows), [r for r in rows if r not in recorded]

@@ -26,7 +26,7 @@ from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
 from giseg.models.safe import ALLOW_BIN_HELP
-from giseg.training.losses import LOSSES
+from giseg.training.losses import DICE_ABSENT, LOSSES
 from giseg.training.tracking import parse_report_to
 from giseg.utils import UserError, add_options
 
@@ -157,6 +157,10 @@ class TrainerFlags:
     dice_weight: float = field(default=1.0, metadata={
         "help": "weight of the overlap term: soft Dice, or Tversky",
         "identity": True, "group": "loss and metric", "card": True})
+    dice_absent: str = field(default="count", metadata={
+        "help": "a class with no pixel in the whole batch: count (it scores best when nothing of it is predicted) "
+                "or skip (left out of the overlap term, as segmentation_models_pytorch's DiceLoss does)",
+        "identity": True, "group": "loss and metric", "choices": DICE_ABSENT})
     aux_weight: float = field(default=0.4, metadata={
         "help": "weight of the auxiliary head's loss (UperNet, DPT, BEiT); 0 removes the auxiliary head",
         "identity": True, "group": "loss and metric", "card": True})

@@ -17,16 +17,24 @@ import torch.nn.functional as F
 from giseg.data.masks import multiclass_targets, unpack_targets, valid_pixels
 
 LOSSES = ("bce_dice", "bce", "dice", "focal", "tversky")
+DICE_ABSENT = ("count", "skip")  # --dice_absent: a class absent from the whole batch counts in the overlap term, or not
 
 
 def tversky_loss(probs: torch.Tensor, targets: torch.Tensor, alpha: float = 0.3, beta: float = 0.7,
-                 smooth: float = 1.0) -> torch.Tensor:
-    """1 - mean over classes of TP / (TP + alpha FP + beta FN), soft, pooled over the batch."""
+                 smooth: float = 1.0, absent: str = "count") -> torch.Tensor:
+    """1 - mean over classes of TP / (TP + alpha FP + beta FN), soft, pooled over the batch. ``absent`` "count":
+    a class with no pixel in the batch scores (smooth) / (alpha FP + smooth), so any prediction of it costs and
+    predicting nothing scores best; "skip": such classes are left out of the mean (segmentation_models_pytorch's
+    DiceLoss does so), and a batch with no class at all adds nothing."""
     dims = (0, 2, 3)
     tp = (probs * targets).sum(dims)
     fp = (probs * (1 - targets)).sum(dims)
     fn = ((1 - probs) * targets).sum(dims)
-    return 1.0 - ((tp + smooth) / (tp + alpha * fp + beta * fn + smooth)).mean()
+    score = (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+    if absent == "skip":
+        present = targets.sum(dims) > 0
+        return ((1.0 - score) * present).sum() / present.sum().clamp_min(1)
+    return 1.0 - score.mean()
 
 
 def _masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -59,10 +67,12 @@ class SegmentationLoss:
     def __init__(self, task: str, classes: tuple[str, ...], priority: tuple[str, ...] | None = None,
                  pixel_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1.0, loss: str = "bce_dice",
                  focal_gamma: float = 2.0, tversky_alpha: float = 0.3, tversky_beta: float = 0.7,
-                 unlabelled: bool = False):
+                 unlabelled: bool = False, dice_absent: str = "count"):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        self.task, self.smooth, self.loss = task, smooth, loss
+        if dice_absent not in DICE_ABSENT:
+            raise ValueError(f"dice_absent must be one of {DICE_ABSENT}, got {dice_absent!r}")
+        self.task, self.smooth, self.loss, self.dice_absent = task, smooth, loss, dice_absent
         self.unlabelled = unlabelled  # masks may carry the ignore bit (the adapter's may_have_unlabelled)
         self.focal_gamma, self.alpha, self.beta = focal_gamma, tversky_alpha, tversky_beta
         self.classes, self.priority = tuple(classes), tuple(priority or classes)
@@ -98,5 +108,5 @@ class SegmentationLoss:
             total = total + self.pixel_weight * pixel
         if self.dice_weight:
             alpha, beta = (self.alpha, self.beta) if self.loss == "tversky" else (0.5, 0.5)
-            total = total + self.dice_weight * tversky_loss(probs, targets, alpha, beta, self.smooth)
+            total = total + self.dice_weight * tversky_loss(probs, targets, alpha, beta, self.smooth, self.dice_absent)
         return total

@@ -103,3 +103,18 @@ def test_unlabelled_pixels_count_in_no_loss_term_and_labelled_data_gets_the_plai
     assert float(SegmentationLoss("multilabel", GI)(logits, packed)) == float(plain)
     masked = SegmentationLoss("multilabel", GI, unlabelled=True)(logits, packed)
     assert masked == pytest.approx(float(plain), abs=1e-6)
+
+
+def test_dice_absent_skip_leaves_classes_absent_from_the_batch_out_of_the_overlap_term():
+    """--dice_absent count (default): a class with no pixel in the batch scores best with nothing predicted, so a
+    prediction of it costs; skip: it adds nothing, and the present class's term is the same as alone."""
+    from giseg.training.losses import tversky_loss
+
+    targets = torch.zeros(2, 2, 4, 4)
+    targets[:, 0, :2, :2] = 1  # class 0 present, class 1 absent from the whole batch
+    probs = torch.full_like(targets, 0.3)
+    counted = tversky_loss(probs, targets, 0.5, 0.5, absent="count")
+    skipped = tversky_loss(probs, targets, 0.5, 0.5, absent="skip")
+    alone = tversky_loss(probs[:, :1], targets[:, :1], 0.5, 0.5)
+    assert skipped == pytest.approx(alone.item()) and counted > skipped
+    assert tversky_loss(probs, torch.zeros_like(targets), 0.5, 0.5, absent="skip") == 0  # no class in the batch
