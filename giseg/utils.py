@@ -170,8 +170,9 @@ def use_umask(path: str | Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def write_beside(path: str | Path, text: str) -> Path:
+    """``text`` in a new temporary file beside ``path`` (``.<name>.<random>.tmp``, the umask's mode, synced to
+    disk), for a rename onto ``path``; nothing is left behind when the write fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -181,10 +182,20 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    tmp = write_beside(path, text)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -298,8 +309,13 @@ def json_safe(obj: object) -> object:
     return obj
 
 
+def json_text(obj: object) -> str:
+    """``obj`` as the strict, sorted, indented JSON every file of this toolkit holds."""
+    return json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: str | Path, obj: object) -> None:
-    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json_text(obj))
 
 
 @contextlib.contextmanager
@@ -321,7 +337,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 def replace_dir(new: Path, path: Path) -> None:
     """Move the complete folder ``new`` to ``path``, replacing what is there, in renames that recover_replaced
-    can always undo or finish."""
+    can always undo or finish. Everything in ``new`` gets the mode a plain open()/mkdir() would give it first
+    (writers such as safetensors create their files 0600, which other users of a shared server could not read)."""
+    for f in new.rglob("*"):
+        use_umask(f, folder=f.is_dir())
     old = path.with_name(f".{path.name}.old")
     if old.exists() and path.exists():  # left by an earlier replace that died after its second rename
         shutil.rmtree(old)

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     from giseg.data.registry import get_adapter
 
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
-    identity, data = cv_identity(cfg), data_record(adapter.build_index(cfg.data_dir))
+    index = adapter.build_index(cfg.data_dir)  # (also what the out-of-fold row is scored against)
+    identity, data = cv_identity(cfg), data_record(index)
     check_cv_reuse(cv_dir, identity, data, cfg)  # another CV's folds are never reported as this one's
     setup_logging(True, cv_dir / "cv.log")
     logger.info("cross-validation of %s on %s: folds %s of %d (split seed %d) in %s", cfg.base_model, cfg.data_dir,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         run_in_slots(todo, groups, train_fold)
 
     rows = fold_figures(cv_dir, folds)
-    oof = score_out_of_fold(cv_dir, folds, cfg.data_dir, adapter, cfg.empty_dice) if folds == list(
+    oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if folds == list(
         range(cfg.n_folds)) else None
     summary, table = cv_table(rows, adapter.classes, oof)
     atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})

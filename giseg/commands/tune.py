@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -33,12 +32,12 @@ from giseg.utils import (
     atomic_write_text,
     claim_output_file,
     command,
-    json_safe,
+    json_text,
     logger,
     quiet_third_party,
     setup_logging,
     starts_with,
-    use_umask,
+    write_beside,
 )
 
 
@@ -68,13 +67,8 @@ def save_tuned_specs(folders: list[Path], values: dict) -> None:
     try:
         for folder in folders:
             tuned = dataclasses.replace(InferenceSpec.load(folder), **values)
-            fd, tmp = tempfile.mkstemp(prefix=f".{SPEC_FILE}.", suffix=".tmp", dir=folder)
-            staged.append((Path(tmp), Path(folder) / SPEC_FILE))
-            use_umask(tmp, folder=False)
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(json_safe(dataclasses.asdict(tuned)), indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            final = Path(folder) / SPEC_FILE
+            staged.append((write_beside(final, json_text(dataclasses.asdict(tuned))), final))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

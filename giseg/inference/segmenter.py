@@ -78,7 +78,7 @@ class Segmenter:
         from giseg.models.widen import input_channels
 
         channels = input_channels(hf)
-        if channels is not None and channels != len(spec.mean):
+        if channels != len(spec.mean):
             raise UserError(f"--model {folder}: the model takes {channels} input channels but its spec prepares "
                             f"{len(spec.mean)} (context_slices {spec.context_slices}); the spec is not this model's")
         device = torch.device(device)

@@ -7,7 +7,7 @@ ignore_mismatched_sizes=True)``: everything loads except the classifier layers o
 auxiliary head, which are re-initialised for our labels (and reported). ``SegmentationModel`` returns the
 auxiliary head's logits too, so they can join the loss (every parameter gets a gradient under DDP).
 
-Every model this toolkit loads goes through ``SAFE_LOADING`` and ``check_model_folder``: no code from a model folder
+Every model this toolkit loads goes through ``loading_kwargs`` and ``check_model_folder`` (models/safe.py): no code from a model folder
 or the Hub ever runs (``trust_remote_code=False``, explicitly: a config whose ``auto_map`` names code of its own is
 refused with one line, never prompted for), and weights come from safetensors only; a folder whose weights are a
 pickle (``pytorch_model.bin``) is refused unless the user opts in with ``--allow_bin`` (then torch.load with
@@ -37,7 +37,7 @@ from giseg.models.labels import task_labels
 from giseg.models.safe import check_model_folder, loading_kwargs
 from giseg.models.tiny import TINY_CONFIGS
 from giseg.models.widen import input_channels, widen_channels, widen_input
-from giseg.utils import UserError, atomic_dir, use_umask
+from giseg.utils import UserError, atomic_dir
 
 
 @dataclass
@@ -169,8 +169,6 @@ def save_model(hf_model: nn.Module, out_dir: str | Path, spec, state_dict: dict 
     under DeepSpeed / FSDP)."""
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp, state_dict=state_dict)
-        for f in tmp.glob("*.safetensors"):  # safetensors creates its files 0600; give them the umask's mode
-            use_umask(f, folder=False)
         make_image_processor(spec.image_size, spec.mean, spec.std).save_pretrained(tmp)
         spec.save(tmp)
         if card is not None:

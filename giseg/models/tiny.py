@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from giseg.models.families import FAMILY_STATS, auto_class, make_image_processor
-from giseg.utils import UserError, atomic_dir, claim_output_dir, use_umask, write_output_mark
+from giseg.utils import UserError, atomic_dir, claim_output_dir, write_output_mark
 
 ADE_LIKE_LABELS = {i: f"ade_class_{i}" for i in range(150)}
 
@@ -78,8 +78,6 @@ def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -
     with atomic_dir(out) as tmp:
         write_output_mark(tmp, "make-tiny")
         model.save_pretrained(tmp)
-        for f in tmp.glob("*.safetensors"):
-            use_umask(f, folder=False)
         mean, std = FAMILY_STATS[family]
         make_image_processor(512, mean, std).save_pretrained(tmp)
     return out

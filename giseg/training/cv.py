@@ -262,7 +262,7 @@ def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None) -> tu
     return summary, "\n".join(lines)
 
 
-def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, empty: str) -> dict:
+def score_out_of_fold(cv_dir: Path, folds: list[int], index: pd.DataFrame, adapter, empty: str) -> dict:
     """Every fold's validation predictions in one submission, scored against the whole ground truth."""
     # (the imports of scoring and inference wait until the folds are trained: the CV driver itself only starts
     # processes until then, and torch's import costs 2 s)
@@ -271,7 +271,6 @@ def score_out_of_fold(cv_dir: Path, folds: list[int], data_dir: str, adapter, em
     sub = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_submission.csv", dtype=str, keep_default_na=False)
                      for k in folds], ignore_index=True)
     atomic_write_text(cv_dir / "oof_submission.csv", sub.to_csv(index=False))
-    index = adapter.build_index(data_dir)
     overall, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes), empty)
     return overall
 

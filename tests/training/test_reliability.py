@@ -233,6 +233,9 @@ def test_a_changed_or_zeroed_checkpoint_file_is_refused_by_its_checksum_and_late
     newest = out / "checkpoints" / "step_00000012"
     # our own state is JSON / safetensors: no pickle of the schedule; the manifest has a checksum per file
     assert (newest / "scheduler.json").is_file() and not list(newest.glob("custom_checkpoint_*"))
+    from giseg.utils import current_umask
+
+    assert (newest / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # (safetensors: 0600)
     manifest = json.loads((newest / "trainer_state.json").read_text())["files"]
     assert all(len(m["sha256"]) == 64 for m in manifest.values())
     rng = newest / "random_states_0.pkl"
