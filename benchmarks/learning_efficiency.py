@@ -32,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 VARIANTS = {
     "default": [],
+    "no-prior": ["--head_prior", "0"],  # the default before the head's prior init (a zero bias: every class at 0.5)
+    "prior-0.001": ["--head_prior", "0.001"],
+    "prior-0.1": ["--head_prior", "0.1"],
     "multiclass": ["--task", "multiclass"],
     "wd1e-4": ["--weight_decay", "1e-4"],
     "step": ["--scheduler_name", "MultiStepLR", "--lr_milestones", "2"],

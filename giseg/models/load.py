@@ -16,12 +16,14 @@ pickle (``pytorch_model.bin``) is refused unless the user opts in with ``--allow
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import socket
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
@@ -76,16 +78,56 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
 
 
 def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-               allow_bin: bool = False, in_channels: int = 3) -> LoadedModel:
+               allow_bin: bool = False, in_channels: int = 3, head_prior: float = 0.0) -> LoadedModel:
     """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``; with
-    ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too."""
+    ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too;
+    with ``head_prior`` > 0 the new head's output biases set so that every class starts at that probability
+    (set_prior_bias)."""
     loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
+    if head_prior > 0:
+        for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
+            loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} everywhere "
+                                        "(--head_prior)")
     if in_channels > 3 and input_channels(loaded.model) != in_channels:
         layer = widen_input(loaded.model, in_channels)
         loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
                                     "out; same output for the same image in every channel)")
         loaded.mean, loaded.std = widen_channels(loaded.mean, in_channels), widen_channels(loaded.std, in_channels)
     return loaded
+
+
+def prior_bias(task: str, n_classes: int, prior: float) -> torch.Tensor:
+    """The output bias under which every class has probability ``prior`` at every pixel when the features are 0:
+    multilabel, log(p / (1 - p)) per sigmoid channel; multiclass, background 0 and each class log(p / (1 - K p)),
+    so that the softmax gives each of the K classes p and the background the rest."""
+    if task == "multilabel":
+        return torch.full((n_classes,), math.log(prior / (1 - prior)))
+    if n_classes * prior >= 1:
+        raise UserError(f"--head_prior {prior:g} x {n_classes} classes leaves no probability for the background: "
+                        f"use a value below {1 / n_classes:.3g} (e.g. 0.01), or 0 to keep the library's zero bias")
+    return torch.cat([torch.zeros(1), torch.full((n_classes,), math.log(prior / (1 - n_classes * prior)))])
+
+
+def set_prior_bias(model: nn.Module, reinitialised: list[str], task: str, n_classes: int, prior: float) -> list[str]:
+    """RetinaNet's prior-probability initialisation of the output layers re-initialised for our labels (the decode
+    head's and the auxiliary head's classifier; a CNN baseline's ``head``): a zero bias starts every class at 0.5
+    (sigmoid), and on 1-2 % foreground the per-pixel loss then first drives every feature towards "background",
+    holding the run at the predict-nothing floor for dozens of steps (benchmarks/learning_efficiency.py measures
+    it). A head that already fits our labels (not re-initialised) keeps its bias; a mask-classification model
+    (Mask2Former: a class per query plus "no object") is left as it is. Returns the biases set."""
+    if model.config.model_type in QUERY_FAMILIES:
+        return []
+    bias = prior_bias(task, n_classes, prior)
+    fresh = {line.split(":")[0] for line in reinitialised}
+    everything = any(line.startswith("all weights") for line in reinitialised)  # a CNN baseline
+    done = []
+    for name, param in model.named_parameters():
+        if name.endswith(".bias") and param.shape == bias.shape and (
+                name in fresh or (everything and name == "head.bias")):
+            with torch.no_grad():
+                param.copy_(bias)
+            done.append(name)
+    return sorted(done)
 
 
 def load_config(base_model: str, allow_bin: bool = False):

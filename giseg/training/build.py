@@ -136,7 +136,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.allow_bin,
-                        in_channels=max(3, cfg.context_slices))
+                        in_channels=max(3, cfg.context_slices), head_prior=cfg.head_prior)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))

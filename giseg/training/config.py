@@ -62,6 +62,13 @@ class TrainerFlags:
     output_dir: str = field(default="runs/demo", metadata={
         "help": "where models, metrics and checkpoints go",
         "identity": False, "group": "model and data"})
+    head_prior: float = field(default=0.01, metadata={
+        "help": "each class's probability at every pixel when training starts, set through the bias of the head "
+                "layers re-initialised for our labels (RetinaNet's prior init; multiclass: the background gets the "
+                "rest). A zero bias starts every class at 0.5, and on 1-2 %% foreground the pixel loss first drives "
+                "every feature towards background: a random-init model then sits at the predict-nothing floor for "
+                "dozens of steps (docs/training.md). 0: the library's zero bias",
+        "identity": True, "group": "model and data", "card": True})
     empty_slice_fraction: float = field(default=-1.0, metadata={
         "help": "share of organ-free slices among each epoch's training slices, drawn anew every epoch, e.g. 0.1; "
                 "0: train only on slices that show a class (as the 1st-place solution, which gated empty slices); "
@@ -275,6 +282,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**vars(ap.parse_args(argv)))
 
 
+# flags added after runs were first saved, with the value a run_config.json without them ran with (resumes, CV
+# folds and cards compare and record that value, not today's default)
+SAVED_WITHOUT = {"head_prior": 0.0}
+
+
 def saved_settings(run_dir: str) -> dict:
     """The settings of the run in ``run_dir`` (its run_config.json), as defaults that resume it from its latest
     checkpoint."""
@@ -285,7 +297,7 @@ def saved_settings(run_dir: str) -> dict:
         raise UserError(f"--resume_run {run_dir}: no readable run_config.json ({e.__class__.__name__}); pass the "
                         "output folder of a run started before (runs/<name>)") from None
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume_run", "check_only", "overwrite_output_dir"}
-    return {**{k: v for k, v in saved.items() if k in names}, "output_dir": run_dir,
+    return {**SAVED_WITHOUT, **{k: v for k, v in saved.items() if k in names}, "output_dir": run_dir,
             "resume_from_checkpoint": "latest"}
 
 
@@ -312,6 +324,7 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
         (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
         (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),
+        (0 <= cfg.head_prior < 1, f"--head_prior must be in [0, 1) (0: the library's zero bias), got {cfg.head_prior}"),
         (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,
          f"--empty_slice_fraction must be in [0, 1), or -1 for all slices, got {cfg.empty_slice_fraction}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}"),

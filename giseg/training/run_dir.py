@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from giseg.training.checkpoints import RESUMABLE_MARK, find_checkpoint
-from giseg.training.config import TrainConfig, defaults_source
+from giseg.training.config import SAVED_WITHOUT, TrainConfig, defaults_source
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
 from giseg.utils import (
     FolderLock,
@@ -43,7 +43,7 @@ def resolved(values: dict) -> dict:
     they were at its start); hub ids stay as they are."""
     now = {k: os.path.realpath(values[k]) for k in ("base_model", "data_dir")
            if isinstance(values.get(k), str) and os.path.exists(values[k])}
-    return {**values, **now, **values.get("resolved", {})}
+    return {**SAVED_WITHOUT, **values, **now, **values.get("resolved", {})}
 
 
 def run_identity(cfg: TrainConfig, world_size: int) -> dict:

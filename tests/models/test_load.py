@@ -168,3 +168,44 @@ def test_an_unreachable_hub_is_one_line_at_once_not_after_the_downloads_retries(
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "the Hugging Face hub (127.0.0.1) is unreachable from here (ConnectionRefusedError)" in res.stderr
     assert "hf download someone/some-model --local-dir <folder>" in res.stderr
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "unet", "unext"])
+@pytest.mark.parametrize("task", ["multilabel", "multiclass"])
+def test_head_prior_starts_every_class_at_that_probability_in_the_new_head_only(tiny_models, family, task):
+    """--head_prior sets the bias of each layer re-initialised for our labels (decode and auxiliary classifier; a
+    baseline's head) so that every class gets that probability where the features are 0; nothing else changes."""
+    base = str(tiny_models[family]) if family in tiny_models else family
+    torch.manual_seed(0)
+    plain = load_model(base, task, GI)
+    torch.manual_seed(0)
+    primed = load_model(base, task, GI, head_prior=0.01)
+    set_biases = [r.split(":")[0] for r in primed.reinitialised if "--head_prior" in r]
+    expected = 2 if family in ("upernet", "dpt", "beit") else 1  # + the auxiliary head's classifier
+    assert len(set_biases) == expected, primed.reinitialised
+    state, before = primed.model.state_dict(), plain.model.state_dict()
+    for name in set_biases:
+        probs = torch.sigmoid(state[name]) if task == "multilabel" else torch.softmax(state[name], 0)[1:]
+        torch.testing.assert_close(probs, torch.full((3,), 0.01))
+        assert not torch.allclose(state[name], before[name])
+    for name in set(state) - set(set_biases):
+        torch.testing.assert_close(state[name], before[name], msg=name)
+
+
+def test_head_prior_keeps_the_bias_of_a_head_that_already_fits_and_of_mask2former(tiny_models, tmp_path):
+    from giseg.models.tiny import make_tiny
+
+    first = load_model(str(tiny_models["segformer"]), "multilabel", GI, head_prior=0.01)
+    with torch.no_grad():
+        first.model.decode_head.classifier.bias.fill_(0.7)  # "trained"
+    first.model.save_pretrained(tmp_path / "fitted")
+    again = load_model(str(tmp_path / "fitted"), "multilabel", GI, head_prior=0.01)
+    assert not again.reinitialised
+    assert torch.all(again.model.decode_head.classifier.bias == 0.7)
+    m2f = load_model(str(make_tiny("mask2former", tmp_path / "m2f")), "multilabel", GI, head_prior=0.01)
+    assert not any("--head_prior" in r for r in m2f.reinitialised)
+
+
+def test_head_prior_that_leaves_no_background_probability_is_refused(tiny_models):
+    with pytest.raises(UserError, match=r"--head_prior 0.4 x 3 classes leaves no probability for the background"):
+        load_model(str(tiny_models["segformer"]), "multiclass", GI, head_prior=0.4)

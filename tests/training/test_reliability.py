@@ -270,3 +270,19 @@ def test_a_resume_after_the_data_changed_is_refused_naming_the_change(demo_dir, 
     with pytest.raises(UserError, match=rf"the data changed since the run started \(.*case\(s\) \[{gone}\] gone"):
         train(dataclasses.replace(cfg, resume_from_checkpoint="latest", epochs=2))
     assert json.loads((out / "run_config.json").read_text())["data"] == saved
+
+
+def test_a_run_saved_before_head_prior_existed_is_taken_as_run_with_zero_bias(tmp_path):
+    """run_config.json files written before --head_prior lack it; their runs had the zero bias: --resume_run resumes
+    them with 0, and a resume with today's default is refused naming both values (not taken as the same recipe)."""
+    from giseg.training.config import TrainConfig, saved_settings
+    from giseg.training.run_dir import check_resume_matches, run_identity
+    from giseg.utils import UserError
+
+    old = run_identity(TrainConfig(output_dir=str(tmp_path)), 1)
+    del old["head_prior"]
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    assert saved_settings(str(tmp_path))["head_prior"] == 0.0
+    check_resume_matches(old, run_identity(TrainConfig(output_dir=str(tmp_path), head_prior=0.0), 1), tmp_path)
+    with pytest.raises(UserError, match=r"--head_prior was 0.0, now 0.01"):
+        check_resume_matches(old, run_identity(TrainConfig(output_dir=str(tmp_path)), 1), tmp_path)
