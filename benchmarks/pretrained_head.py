@@ -58,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image_size", type=int, default=256, help="training size of both stages (default 256)")
     ap.add_argument("--margin", type=float, default=0.01, help="Dice above the floor that counts as off it")
     ap.add_argument("--work", default="bench-work/pretrained", help="data, models, cache and runs")
-    ap.add_argument("--smoke", action="store_true", help="one seed, one epoch per stage: checks the script runs")
+    ap.add_argument("--smoke", action="store_true", help="one seed, 3 steps per stage at 64 px: checks the script runs")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     epochs, pretrain_epochs = args.epochs, args.pretrain_epochs
+    running = list(RUNNING)
     if args.smoke:
-        seeds, epochs, pretrain_epochs = seeds[:1], 1, 1
+        seeds, epochs, pretrain_epochs, args.image_size = seeds[:1], 1, 1, 64
+        running += ["--max_train_steps", "3"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -76,14 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     size = ["--image_size", str(args.image_size)]
     le.run_once(large, b0, work, ["--task", "multiclass", "--epochs", str(pretrain_epochs), "--lr", "2e-3"], 0, 0,
-                [*RUNNING, *size])
+                [*running, *size])
     setup_logging()
     pretrained = work / "runs" / f"task_multiclass_epochs_{pretrain_epochs}_lr_2e-3-seed0-fold0" / "best"
     results, floor = {}, le.floors(real, 0, 5)
     for name, flags in RECIPES.items():
         runs = []
         for seed in seeds:
-            curve = le.run_once(real, pretrained, work, [*flags, "--epochs", str(epochs)], seed, 0, [*RUNNING, *size])
+            curve = le.run_once(real, pretrained, work, [*flags, "--epochs", str(epochs)], seed, 0, [*running, *size])
             setup_logging()
             runs.append({"seed": seed, "fold": 0, "floors": floor, "curve": [
                 {k: v for k, v in e.items() if k == "step" or k.startswith("dice_")} for e in curve]})

@@ -122,5 +122,37 @@ def test_learning_efficiency_smoke_run_prints_the_table_and_its_command(tmp_path
     assert le.main(["--smoke", "--work", str(tmp_path), "--variants", "default"]) == 0
     out = capsys.readouterr().out
     assert "| default | " in out and "/1 off the floor" in out and "--epochs 1" in out
+    assert "Per-class Dice by step" in out and "| default | 21 | " in out  # the curve: 1 epoch of 21 steps
     assert "command: python benchmarks/learning_efficiency.py --smoke --work" in out and "machine:" in out
     assert le.main(["--variants", "nope", "--work", str(tmp_path)]) == 2
+
+
+def test_pretrained_head_smoke_run_fine_tunes_its_own_pretrained_b0_with_a_new_head(tmp_path, capsys):
+    import pretrained_head as ph
+
+    assert ph.main(["--smoke", "--work", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| head_prior 0.01 (default) | " in out and "| head_prior 0 | " in out and "(3 steps)" in out
+    assert "command: python benchmarks/pretrained_head.py --smoke --work" in out
+    config = json.loads((tmp_path / "mit-b0-random" / "config.json").read_text())
+    assert config["hidden_sizes"] == [32, 64, 160, 256] and config["depths"] == [2, 2, 2, 2]  # mit-b0's sizes
+    log = (tmp_path / "runs" / "head_prior_0.01_epochs_1-seed42-fold0" / "train.log").read_text()
+    assert "decode_head.classifier.bias: bias set for a class probability of 0.01" in log  # the 4-label head is new
+
+
+def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is fired on a lent GPU machine with minutes to spare: its --smoke runs every line of
+    it here (toy sizes, CPU), so a device call never discovers a typo."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert results["smoke"] and len(results["models"]) == 2 and len(results["trainer"]) == 3
+    assert results["fp16"]["finite"] and results["fp16"]["losses"] and results["predict"]["slices"] > 0
+    text = (tmp_path / "out" / "gpu_check.txt").read_text()
+    assert "4. giseg predict" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()

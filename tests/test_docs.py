@@ -59,7 +59,8 @@ def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
     exports and the notebook's HTML are ignored."""
     written = ["demo/data/train.csv", "runs/x/best/config.json", "logs/x.log", "logs/x.pid", "cache/96px-x/images.npy",
                "figures/a.png", "submission.csv", "exports/gi-demo/data.arrow", "visualisation.html",
-               "giseg.egg-info/PKG-INFO", "bench-work/learning/runs/x/metrics.jsonl"]
+               "giseg.egg-info/PKG-INFO", "bench-work/learning/runs/x/metrics.jsonl",
+               "gpu-check/gpu_check.json", ".whl/albumentations-2.0.8-py3-none-any.whl"]
     res = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
     assert sorted(res.stdout.split()) == sorted(written)
 
