@@ -3,6 +3,9 @@
     python benchmarks/demo_figures.py            run the demo on fresh data and rewrite the block in docs/training.md
     python benchmarks/demo_figures.py --check    run it and compare with the block (exit 1 when a figure drifted
                                                  by more than --tolerance; tests/test_docs.py runs this)
+    python benchmarks/demo_figures.py --seeds 42,1,2 --compare='--head_prior 0'
+                                                 the demo per seed, defaults and a second recipe (a table; writes
+                                                 nothing)
 
 It does what `bash run_train.sh` does with no settings (the demo data and the tiny SegFormer, `trainer.py --preset
 demo`), but in a fresh temporary folder, so stale demo data or an older demo model in the checkout cannot change
@@ -37,7 +40,7 @@ def run(cmd: list[str], cwd: Path) -> None:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
 
 
-def measure(work: Path) -> dict:
+def measure(work: Path, trainer_args: list[str] = ()) -> dict:
     py = sys.executable
     data, model, out = work / "data", work / "model", work / "run"
     run([py, "-m", "giseg", "demo-data", "--out", str(data)], ROOT)
@@ -45,7 +48,7 @@ def measure(work: Path) -> dict:
     load_before = os.getloadavg()[0]
     t = time.perf_counter()
     run([py, "trainer.py", "--preset", "demo", "--base_model", str(model), "--data_dir", str(data), "--output_dir",
-         str(out), "--cache_dir", str(work / "cache")], ROOT)
+         str(out), "--cache_dir", str(work / "cache"), *trainer_args], ROOT)
     train_s = time.perf_counter() - t
     load_after = os.getloadavg()[0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -57,7 +60,7 @@ def measure(work: Path) -> dict:
          str(work / "scores.json")], ROOT)
     scores = json.loads((work / "scores.json").read_text())
     best = max(rows, key=lambda r: r["dice_mean"])
-    return {"floor": floor, "epoch3_dice_mean": rows[2]["dice_mean"], "final_dice_mean": rows[-1]["dice_mean"],
+    return {"floor": floor, "epoch1_dice_mean": rows[0]["dice_mean"], "epoch3_dice_mean": rows[2]["dice_mean"], "final_dice_mean": rows[-1]["dice_mean"],
             "final_global_dice_mean": rows[-1]["global_dice_mean"], "best_dice_mean": best["dice_mean"],
             "best_step": best["step"], "final_dice_small_bowel": rows[-1]["dice_small_bowel"],
             "score_dice_mean": scores["dice_mean"], "score_hausdorff": scores["hausdorff"],
@@ -95,11 +98,38 @@ def stated(doc: str) -> dict:
     return dict(zip(KEYS, (floor, epoch3, final, final_global, best, small, score_dice, hausdorff, score)))
 
 
+def compare(seeds: list[int], recipes: dict[str, list[str]]) -> str:
+    """The demo once per seed and recipe (trainer flags added to --preset demo): a Markdown table of its figures."""
+    lines = ["| recipe | seed | mean Dice after epoch 1 / 3 | after the last epoch | `giseg score` mean Dice, 3D Hausdorff, "
+             "competition score |", "| --- | --- | --- | --- | --- |"]
+    for name, flags in recipes.items():
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                f = measure(Path(tmp), ["--seed", str(seed), *flags])
+            lines.append(f"| {name} | {seed} | {f['epoch1_dice_mean']:.4f} / {f['epoch3_dice_mean']:.4f} | "
+                         f"{f['final_dice_mean']:.4f} | {f['score_dice_mean']:.4f}, {f['score_hausdorff']:.4f}, "
+                         f"{f['score_score']:.4f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="compare with the block in docs/training.md; write nothing")
     ap.add_argument("--tolerance", type=float, default=0.005, help="largest difference --check accepts (default 0.005)")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds: print a table of the demo per seed, with the "
+                    "trainer's defaults and with --compare's flags; writes nothing")
+    ap.add_argument("--compare", default="", help="with --seeds: trainer flags of a second recipe, e.g. "
+                    "'--head_prior 0'")
     args = ap.parse_args()
+    if args.seeds:
+        recipes = {"defaults": [], **({args.compare: args.compare.split()} if args.compare else {})}
+        t = time.perf_counter()
+        out = compare([int(s) for s in args.seeds.split(",")], recipes)
+        print(f"\n{out}\n\ncommand: python benchmarks/demo_figures.py --seeds {args.seeds}"
+              + (f" --compare='{args.compare}'" if args.compare else "")
+              + f"\nmachine: {os.cpu_count()} CPU cores ({platform.machine()}); wall {time.perf_counter() - t:.0f} s")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         figures = measure(Path(tmp))
     doc = DOC.read_text()

@@ -76,10 +76,15 @@ def test_the_demos_figures_in_the_docs_are_what_a_fresh_demo_run_gives():
 
 
 def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_output():
-    """docs/performance.md quotes rows of benchmarks/learning_efficiency_cpu.txt (the command's own output, each
-    with its command line); a row typed or edited by hand, or left behind by a new recording, fails here."""
+    """docs/performance.md quotes rows of benchmarks/learning_efficiency_cpu.txt and demo_seeds_cpu.txt (the
+    commands' own output, each with its command line); a row typed or edited by hand, or left behind by a new
+    recording, fails here."""
     page = (ROOT / "docs" / "performance.md").read_text()
-    block = page.split("<!-- learning-efficiency -->")[1]
-    rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| recipe")]
+    blocks = page.split("<!-- learning-efficiency -->")[1::2]  # every block between a pair of markers
+    rows = [line for block in blocks for line in block.splitlines()
+            if line.startswith("| ") and not line.startswith(("| recipe", "| ---"))]
     recorded = (ROOT / "benchmarks" / "learning_efficiency_cpu.txt").read_text().splitlines()
-    assert rows and all(row in recorded for row in rows), [r for r in rows if r not in recorded]
+    assert len(blocks) >= 4 and rows and all(row in recorded for row in rows), [r for r in rows if r not in recorded]
+    demo = [line for line in page.split("<!-- demo-seeds -->")[1].splitlines() if line.startswith("| ")]
+    recorded = (ROOT / "benchmarks" / "demo_seeds_cpu.txt").read_text().splitlines()
+    assert len(demo) > 2 and all(row in recorded for row in demo), [r for r in demo if r not in recorded]
