@@ -111,7 +111,7 @@ def prior_bias(task: str, n_classes: int, prior: float) -> torch.Tensor:
 def set_prior_bias(model: nn.Module, reinitialised: list[str], task: str, n_classes: int, prior: float) -> list[str]:
     """RetinaNet's prior-probability initialisation of the output layers re-initialised for our labels (the decode
     head's and the auxiliary head's classifier; a CNN baseline's ``head``): a zero bias starts every class at 0.5
-    (sigmoid), and on 1-2 % foreground the per-pixel loss then first drives every feature towards "background",
+    (sigmoid), and on mostly-background slices the per-pixel loss first drives every feature to "background",
     holding the run at the predict-nothing floor for dozens of steps (benchmarks/learning_efficiency.py measures
     it). A head that already fits our labels (not re-initialised) keeps its bias; a mask-classification model
     (Mask2Former: a class per query plus "no object") is left as it is. Returns the biases set."""

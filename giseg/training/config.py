@@ -65,9 +65,9 @@ class TrainerFlags:
     head_prior: float = field(default=0.01, metadata={
         "help": "each class's probability at every pixel when training starts, set through the bias of the head "
                 "layers re-initialised for our labels (RetinaNet's prior init; multiclass: the background gets the "
-                "rest). A zero bias starts every class at 0.5, and on 1-2 %% foreground the pixel loss first drives "
-                "every feature towards background: a random-init model then sits at the predict-nothing floor for "
-                "dozens of steps (docs/training.md). 0: the library's zero bias",
+                "rest). A zero bias starts every class at 0.5, and on mostly-background slices the pixel loss first "
+                "drives every feature towards background: a random-init model then sits at the predict-nothing floor "
+                "for dozens of steps (docs/training.md). 0: the library's zero bias",
         "identity": True, "group": "model and data", "card": True})
     empty_slice_fraction: float = field(default=-1.0, metadata={
         "help": "share of organ-free slices among each epoch's training slices, drawn anew every epoch, e.g. 0.1; "
