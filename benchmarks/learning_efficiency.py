@@ -81,13 +81,18 @@ def floors(data: Path, fold: int, n_folds: int) -> dict[str, float]:
     return {c: float(1 - shown[c].mean()) for c in adapter.classes}
 
 
+def run_dir(work: Path, flags: list[str], seed: int, fold: int) -> Path:
+    """The output folder of one run: named by its recipe's flags, seed and fold."""
+    return work / "runs" / f"{'_'.join(flags) or 'default'}-seed{seed}-fold{fold}".replace("--", "")
+
+
 def run_once(data: Path, model: Path, work: Path, flags: list[str], seed: int, fold: int,
              setting: list[str] = SETTING) -> list[dict]:
     """One training run; its evaluations (metrics.jsonl rows)."""
     from giseg.training.config import parse_config
     from trainer import train
 
-    out = work / "runs" / f"{'_'.join(flags) or 'default'}-seed{seed}-fold{fold}".replace("--", "")
+    out = run_dir(work, flags, seed, fold)
     cfg = parse_config(["--base_model", str(model), "--data_dir", str(data), "--output_dir", str(out),
                         "--cache_dir", str(work / "cache"), "--seed", str(seed), "--fold", str(fold),
                         "--overwrite_output_dir", *setting, *flags])

@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     size = ["--image_size", str(args.image_size)]
-    le.run_once(large, b0, work, ["--task", "multiclass", "--epochs", str(pretrain_epochs), "--lr", "2e-3"], 0, 0,
-                [*running, *size])
+    pretrain = ["--task", "multiclass", "--epochs", str(pretrain_epochs), "--lr", "2e-3"]
+    le.run_once(large, b0, work, pretrain, 0, 0, [*running, *size])
     setup_logging()
-    pretrained = work / "runs" / f"task_multiclass_epochs_{pretrain_epochs}_lr_2e-3-seed0-fold0" / "best"
+    pretrained = le.run_dir(work, pretrain, 0, 0) / "best"
     results, floor = {}, le.floors(real, 0, 5)
     for name, flags in RECIPES.items():
         runs = []
