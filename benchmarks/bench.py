@@ -347,8 +347,8 @@ def run_worker(model: str, size: int, batch: int, steps: int, processes: int, de
             "--device", device, "--precision", precision, "--window", str(window)]
     if channels_last:
         args.append("--channels_last")
-    env = {**os.environ}
-    if processes == 1:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if processes == 1:  # the worker imports giseg from this checkout, installed or not (a bare GPU machine)
         cmd = [sys.executable, __file__, *args]
     else:
         env.update(ACCELERATE_USE_CPU="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // processes)))

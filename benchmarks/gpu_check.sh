@@ -25,6 +25,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # the device README's way: carried wheel
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu-check-site .whl/*.whl \
     && export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # giseg from this checkout in every child (bench.py's workers too)
 export NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 "$PY" -c 'import albumentations, accelerate, transformers' 2>&1 | tee -a "$DIR/env.txt" || true
 "$PY" benchmarks/gpu_check.py $SMOKE --out "$DIR" 2>&1 | tee "$DIR/gpu_check.txt"

@@ -155,4 +155,4 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert results["smoke"] and len(results["models"]) == 2 and len(results["trainer"]) == 3
     assert results["fp16"]["finite"] and results["fp16"]["losses"] and results["predict"]["slices"] > 0
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
-    assert "4. giseg predict" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
+    assert "3. giseg predict" in text and "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()

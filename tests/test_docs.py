@@ -88,3 +88,20 @@ def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_ou
     demo = [line for line in page.split("<!-- demo-seeds -->")[1].splitlines() if line.startswith("| ")]
     recorded = (ROOT / "benchmarks" / "demo_seeds_cpu.txt").read_text().splitlines()
     assert len(demo) > 2 and all(row in recorded for row in demo), [r for r in demo if r not in recorded]
+
+
+def test_the_gpu_figures_in_the_docs_are_the_recorded_output():
+    """docs/performance.md's GPU tables: the bare-loop rows are lines of benchmarks/gpu_check_h200.txt (the device's
+    own output), the trainer rows are what `gpu_check.py --summarise` computes from the train.logs recorded there."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_check import summarise_recording
+
+    page = (ROOT / "docs" / "performance.md").read_text()
+    blocks = [[line for line in block.splitlines() if line.startswith("| ")]
+              for block in page.split("<!-- gpu-check -->")[1::2]]
+    recorded = (ROOT / "benchmarks" / "gpu_check_h200.txt").read_text()
+    assert len(blocks) == 2 and len(blocks[0]) == 12  # the header and 11 rows
+    assert all(row in recorded.splitlines() for row in blocks[0]), [r for r in blocks[0] if r not in recorded]
+    assert blocks[1][2:] == summarise_recording(recorded)
