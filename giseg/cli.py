@@ -18,6 +18,7 @@ COMMANDS = {
     "figures": ("figures", "save a run's figures (curves, overlays, per-case table) as PNGs"),
     "app": ("app", "a local web page (Gradio, 127.0.0.1) to try a model on one scan"),
     "demo-data": ("demo_data", "write the synthetic demo data (Kaggle GI layout, or LGG)"),
+    "export-onnx": ("export_onnx", "export a trained model to ONNX (parity-checked) for --backend onnxruntime"),
     "export-hf": ("export_hf", "export a dataset as a Hugging Face `datasets` folder (optionally push it)"),
     "make-tiny": ("make_tiny", "save a small random model of a real architecture (offline tries, tests)"),
     "flags": ("flags", "print the flag reference of every command (docs/flags.md)"),

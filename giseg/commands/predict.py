@@ -23,6 +23,7 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes
 from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
+from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
 from giseg.utils import (
     UserError,
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tuned", default=None,
                     help="thresholds, gates and post-processing from a giseg tune --out file (an ensemble's); default: "
                          "the first model's spec (tuned by giseg tune, or the training threshold)")
+    ap.add_argument("--backend", default="eager", choices=BACKENDS,
+                    help="how the forward pass runs: eager PyTorch (default); compile: torch.compile (inductor), "
+                         "compiled on the first batches; onnxruntime: each model folder's model.onnx (giseg "
+                         "export-onnx) in ONNX Runtime on the CPU. The rest of the path is the same for all three")
     add_options(ap, RunOptions)
     return ap
 
@@ -69,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     check_run_options(args)
     claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model}},
                       ours=starts_with(SUBMISSION_HEADER))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
     weights = parse_weights(args.weights, len(args.model))
-    model = Ensemble.load(args.model, device, weights, args.allow_bin)  # a wrong --model fails before any data work
+    model = Ensemble.load(args.model, device, weights, args.allow_bin, args.backend)  # a wrong --model fails first
     spec = model.spec
     if args.tuned:
         model = model.with_decisions(**read_tuned(args.tuned))
@@ -100,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("model %s: %s, %dpx, context %d, weight %.3f", name, m.spec.task, m.spec.image_size,
                     m.spec.context_slices, w)
     logger.info("predicting %d slices of %s (%s) with %d model(s) (thresholds %s, gates %s / %s, post-processing %s, "
-                "tta %s) on %s", len(rows), args.data_dir, split or adapter.name, len(model.members),
+                "tta %s) on %s (%s)", len(rows), args.data_dir, split or adapter.name, len(model.members),
                 list(model.thresholds) or "argmax", list(spec.min_area or []) or "off", list(spec.min_prob or []) or
-                "off", list(spec.postprocess or []) or "off", args.tta, device)
+                "off", list(spec.postprocess or []) or "off", args.tta, device, args.backend)
     sub = predict_rows(model, index, rows, inputs, adapter.volume_columns, args.batch_size, args.mixed_precision,
                        args.tta, args.num_workers)
     write_submission(sub, args.out)

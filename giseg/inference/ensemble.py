@@ -59,8 +59,8 @@ class Ensemble:
 
     @classmethod
     def load(cls, folders: list[str | Path], device: torch.device | str = "cpu",
-             weights: list[float] | None = None, allow_bin: bool = False) -> "Ensemble":
-        return cls([Segmenter.load(f, device, allow_bin) for f in folders], weights, [str(f) for f in folders])
+             weights: list[float] | None = None, allow_bin: bool = False, backend: str = "eager") -> "Ensemble":
+        return cls([Segmenter.load(f, device, allow_bin, backend) for f in folders], weights, [str(f) for f in folders])
 
     def with_decisions(self, thresholds=None, min_area=None, min_prob=None, postprocess=None) -> "Ensemble":
         """The same members with other thresholds, gates or post-processing (None: keep the current)."""

@@ -44,6 +44,9 @@ def masks_from_logits(logits: torch.Tensor, size: tuple[int, int], task: str,
     return labels == torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, 1, 1)
 
 
+BACKENDS = ("eager", "compile", "onnxruntime")  # how the forward pass runs (predict --backend)
+
+
 class Segmenter:
     """A model that returns ``(logits, aux)`` (model.SegmentationModel, or the same under DDP) with its spec."""
 
@@ -53,15 +56,22 @@ class Segmenter:
         self.thresholds = torch.tensor(spec.thresholds, dtype=torch.float32, device=self.device)
 
     @classmethod
-    def load(cls, folder: str | Path, device: torch.device | str = "cpu", allow_bin: bool = False) -> "Segmenter":
+    def load(cls, folder: str | Path, device: torch.device | str = "cpu", allow_bin: bool = False,
+             backend: str = "eager") -> "Segmenter":
         """A trained model folder (``save_pretrained`` + spec), in eval mode on ``device``: loaded without running
-        its code or unpickling (models/safe.py), its spec checked against the model's own config and files."""
+        its code or unpickling (models/safe.py), its spec checked against the model's own config and files.
+        ``backend``: eager PyTorch; ``compile`` (torch.compile, inductor, on the first batches); ``onnxruntime``
+        (the folder's model.onnx from giseg export-onnx, on the CPU whatever ``device``)."""
+        if backend not in BACKENDS:
+            raise UserError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        folder = Path(folder)
+        if backend == "onnxruntime":
+            return cls._load_onnx(folder)
         # transformers (1.8 s): only the commands that load a model pay it
         from giseg.models.families import auto_class
         from giseg.models.safe import check_model_folder, loading_kwargs
         from giseg.models.wrapper import SegmentationModel
 
-        folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise UserError(f"--model {folder}: no config.json; pass a folder written by the trainer (e.g. "
                             "runs/<name>/best)")
@@ -82,7 +92,22 @@ class Segmenter:
             raise UserError(f"--model {folder}: the model takes {channels} input channels but its spec prepares "
                             f"{len(spec.mean)} (context_slices {spec.context_slices}); the spec is not this model's")
         device = torch.device(device)
-        return cls(SegmentationModel(hf).to(device).eval(), spec, device)
+        model = SegmentationModel(hf).to(device).eval()
+        if backend == "compile":
+            model.compile()  # in place: compiled on the first batch (and once more for a last, smaller batch)
+        return cls(model, spec, device)
+
+    @classmethod
+    def _load_onnx(cls, folder: Path) -> "Segmenter":
+        from giseg.inference.onnx_model import load_onnx_model
+
+        spec = InferenceSpec.load(folder)
+        if (folder / "config.json").is_file():
+            try:
+                check_spec_matches_model(spec, json.loads((folder / "config.json").read_text()), folder)
+            except ValueError as e:
+                raise UserError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+        return cls(load_onnx_model(folder), spec, torch.device("cpu"))
 
     def logits(self, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Logits at the model's output size; with ``tta`` averaged with those of the horizontally flipped input."""

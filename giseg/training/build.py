@@ -159,8 +159,11 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
         model = model.to(memory_format=torch.channels_last)
     if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
         match_gradient_layout(model)
-    if cfg.torch_compile:
-        model = torch.compile(model)
+    if cfg.torch_compile:  # in place (nn.Module.compile): the state's keys stay the plain model's, no "_orig_mod."
+        model.compile(backend=cfg.torch_compile_backend,
+                      mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
+        logger.info("torch.compile: backend %s, mode %s (the first steps compile)", cfg.torch_compile_backend,
+                    cfg.torch_compile_mode)
     return model, spec, loaded.family
 
 

@@ -32,6 +32,7 @@ from giseg.utils import UserError, add_options
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # named sets of defaults (--preset); flags given on the command line win over them
 PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20}}  # a tiny random model, on a CPU
 
@@ -205,8 +206,16 @@ class TrainerFlags:
         "help": ALLOW_BIN_HELP + " (model code from a folder or the Hub never runs)",
         "identity": False, "group": "running"})
     torch_compile: bool = field(default=False, metadata={
-        "help": "torch.compile the model",
+        "help": "torch.compile the model (saved models stay plain; a run resumes with or without it)",
         "identity": False, "group": "running"})
+    torch_compile_mode: str = field(default="default", metadata={
+        "help": "torch.compile's mode with --torch_compile: reduce-overhead uses CUDA graphs (for GPUs that wait on "
+                "the host's kernel launches); the max-autotune modes search kernels for a longer compile",
+        "identity": False, "group": "running", "choices": COMPILE_MODES})
+    torch_compile_backend: str = field(default="inductor", metadata={
+        "help": "torch.compile's backend with --torch_compile: inductor generates kernels; aot_eager and eager trace "
+                "without generating any (a quick check that the model traces)",
+        "identity": False, "group": "running", "choices": ("inductor", "aot_eager", "eager")})
     channels_last: bool = field(default=False, metadata={
         "help": "channels-last memory format for model and inputs (often faster for ConvNeXt/UperNet on GPU)",
         "identity": False, "group": "running"})
@@ -328,6 +337,9 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,
          f"--empty_slice_fraction must be in [0, 1), or -1 for all slices, got {cfg.empty_slice_fraction}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}"),
+        (cfg.torch_compile_mode == "default" or cfg.torch_compile_backend == "inductor",
+         f"--torch_compile_mode {cfg.torch_compile_mode} is inductor's; --torch_compile_backend "
+         f"{cfg.torch_compile_backend} takes only the default mode"),
         (cfg.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0, got {cfg.early_stopping_patience}"),
         (cfg.focal_gamma >= 0 and cfg.tversky_alpha >= 0 and cfg.tversky_beta >= 0,
          "--focal_gamma, --tversky_alpha and --tversky_beta must be >= 0"),

@@ -90,3 +90,29 @@ def test_predict_refuses_a_fold_or_split_other_than_the_models_own(demo_dir, tra
     assert predict_main([*base, "--fold", "0"]) == 0  # its own fold: the split comes from the model
     _, val_rows = split_by_case(build_index(demo_dir), 0, 3)
     assert len(pd.read_csv(tmp_path / "s.csv")) == 3 * len(val_rows)
+
+
+def test_predict_with_onnxruntime_writes_the_masks_of_pytorch(demo_dir, trained, tmp_path):
+    """--backend onnxruntime runs the same path (preparation, TTA, an ensemble's averaging, thresholds) with the
+    forward pass in ONNX Runtime: at most 1e-4 of the pixels may differ (a probability on a threshold's edge)."""
+    from giseg.commands.export_onnx import main as export_main
+
+    run, _ = trained
+    deploy = tmp_path / "deploy"
+    assert export_main(["--model", str(run / "best"), "--out", str(deploy)]) == 0
+    index = build_index(demo_dir)
+    sizes = dict(zip(index["id"], zip(index["height"], index["width"])))
+    subs = {}
+    for backend, models in (("eager", [run / "best"] * 2), ("onnxruntime", [deploy] * 2)):
+        out = tmp_path / f"{backend}.csv"
+        assert predict_main(["--model", *map(str, models), "--data_dir", str(demo_dir), "--out", str(out), "--tta",
+                             "--thresholds", "0.3,0.5,0.5", "--cache_dir", str(tmp_path / "c"), "--num_workers", "0",
+                             "--backend", backend]) == 0
+        subs[backend] = pd.read_csv(out, dtype=str, keep_default_na=False)
+    a, b = subs["eager"], subs["onnxruntime"]
+    assert (a[["id", "class"]].values == b[["id", "class"]].values).all() and (a["predicted"] != "").any()
+    differ = total = 0
+    for x, y, i in zip(a["predicted"], b["predicted"], a["id"]):
+        differ += int((decode_rle(x, sizes[i]) != decode_rle(y, sizes[i])).sum())
+        total += sizes[i][0] * sizes[i][1]
+    assert differ <= 1e-4 * total, (differ, total)

@@ -223,3 +223,19 @@ def test_the_untouched_spec_loads_and_a_folder_without_an_image_processor_is_che
     folder = _edit_spec(saved_model, tmp_path, image_size=96)
     (folder / "preprocessor_config.json").unlink()
     assert Segmenter.load(folder).spec.image_size == 96  # (nothing says 64 any more: a size the model takes)
+
+
+def test_the_compile_backend_compiles_the_tiny_model_once_and_gives_eager_logits(saved_model):
+    """--backend compile (torch.compile, inductor: kernels generated here, ~40 s on 2 cores, once) against eager;
+    the model's state keeps its plain keys (compiled in place)."""
+    import torch
+
+    from giseg.inference.segmenter import Segmenter
+
+    eager, compiled = Segmenter.load(saved_model), Segmenter.load(saved_model, backend="compile")
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = eager.logits(x), compiled.logits(x)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4), float((got - ref).abs().max())
+    assert compiled.model._compiled_call_impl is not None  # really compiled, not eager under another name
+    assert not [k for k in compiled.model.state_dict() if "_orig_mod" in k]

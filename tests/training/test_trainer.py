@@ -113,6 +113,7 @@ def test_output_dir_of_a_finished_run_is_not_overwritten_and_overwrite_really_st
     (dict(ema_decay=1.5), "--ema_decay must be in [0, 1)"), (dict(context_slices=4), "--context_slices must be an odd number"),
     (dict(empty_slice_fraction=1.0), "--empty_slice_fraction must be in [0, 1)"),
     (dict(fold=-1, final_eval=True), "--fold -1 trains on every case"),
+    (dict(torch_compile_mode="reduce-overhead", torch_compile_backend="eager"), "takes only the default mode"),
 ])
 def test_out_of_range_arguments_are_rejected_by_name(change, message):
     with pytest.raises(UserError, match=re.escape(message)):
@@ -317,3 +318,30 @@ def test_the_training_process_keeps_no_run_length_codes_once_the_cache_holds_the
     assert data.index.equals(full.drop(columns=[f"rle_{c}" for c in CLASSES]))  # the rest unchanged, same order
     for r in data.val_rows[:5]:  # the masks come from the cache, built from the codes before they were dropped
         assert (np.asarray(data.cache.masks[r]) > 0).any() == (full.iloc[r][[f"rle_{c}" for c in CLASSES]] != "").any()
+
+
+def test_a_compiled_run_saves_plain_models_and_resumes_with_or_without_compile(demo_dir, tiny_models, tmp_path):
+    """--torch_compile wraps the model (torch.compile: "_orig_mod." in its keys); what the run saves stays plain,
+    and its resumable state loads into the plain model and back. The eager backend traces the model with dynamo
+    without generating kernels (the inductor's logits are pinned in tests/models/test_compile.py)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSemanticSegmentation
+
+    compiled = dict(torch_compile=True, torch_compile_backend="eager")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(_cfg(demo_dir, tiny_models["segformer"], whole, tmp_path, epochs=2, scheduler_name="constant"))
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, scheduler_name="constant",
+               max_train_steps=3, save_every_steps=3, **compiled))
+    for tag in ("best", "last"):
+        assert not [k for k in load_file(split / tag / "model.safetensors") if "_orig_mod" in k]
+        AutoModelForSemanticSegmentation.from_pretrained(split / tag)
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, scheduler_name="constant",
+               resume_from_checkpoint="latest"))  # compiled, then resumed without
+    a = AutoModelForSemanticSegmentation.from_pretrained(whole / "last").state_dict()
+    b = AutoModelForSemanticSegmentation.from_pretrained(split / "last").state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the uncut run's weights
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=3, scheduler_name="constant",
+               resume_from_checkpoint="latest", **compiled))  # plain state, resumed compiled
+    log = (split / "train.log").read_text()
+    assert "resumed from" in log and log.count("torch.compile: backend eager, mode default") == 2
+    assert json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3

@@ -1,0 +1,90 @@
+"""ONNX export (inference/onnx_model.py, giseg export-onnx) and the ONNX Runtime backend of the Segmenter."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from giseg.data.gi import GI_CLASSES
+from giseg.inference.export import PARITY_TOLERANCE, _static_adaptive_avg_pool2d, export_onnx
+from giseg.inference.onnx_model import ONNX_FILE
+from giseg.inference.segmenter import Segmenter
+from giseg.utils import UserError
+
+pytest.importorskip("onnxruntime", reason="giseg[onnx] is part of the dev install (requirements.txt)")
+
+
+def _model_folder(base: str, out, task: str = "multilabel"):
+    """A folder as the trainer writes it (weights, image processor, spec) for a tiny family or a CNN baseline."""
+    from giseg.inference.spec import InferenceSpec
+    from giseg.models.load import load_model, save_model
+
+    loaded = load_model(base, task, GI_CLASSES)
+    spec = InferenceSpec(dataset="gi", task=task, classes=GI_CLASSES, image_size=64, context_slices=1,
+                         context_stride=2, mean=loaded.mean, std=loaded.std,
+                         thresholds=(0.5,) * 3 if task == "multilabel" else ())
+    save_model(loaded.model, out, spec)
+    return out
+
+
+@pytest.mark.parametrize("output", [1, 2, 3, 6, (4, 5)])
+def test_the_exportable_adaptive_pooling_is_pytorchs(output):
+    x = torch.randn(2, 5, 9, 9)
+    assert torch.allclose(_static_adaptive_avg_pool2d(x, output), torch.nn.functional.adaptive_avg_pool2d(x, output),
+                          atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["segformer", "upernet", "dpt", "beit", "mask2former", "unet", "unet-resnet34",
+                                  "unet-resnext50", "dense-unet", "unext"])
+def test_every_family_exports_and_onnx_runtime_gives_pytorchs_logits(base, tiny_models, tmp_path):
+    from giseg.models.tiny import make_tiny
+
+    source = tiny_models.get(base) or (make_tiny(base, tmp_path / "tiny") if base == "mask2former" else base)
+    folder = _model_folder(str(source), tmp_path / "model", "multiclass" if base == "dpt" else "multilabel")
+    report = export_onnx(folder)
+    assert report["max_relative_difference"] <= PARITY_TOLERANCE and (folder / ONNX_FILE).is_file()
+    assert report["dynamic"] == (["batch", "height", "width"] if base == "segformer" else ["batch"])
+    eager, onnx = Segmenter.load(folder), Segmenter.load(folder, backend="onnxruntime")
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # a batch size never traced
+    with torch.no_grad():
+        ref, got = eager.logits(x, tta=True).float(), onnx.logits(x, tta=True)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= PARITY_TOLERANCE * max(1.0, float(ref.abs().max()))
+
+
+def test_an_export_elsewhere_carries_the_spec_and_predicts_without_the_weights(saved_model, tmp_path):
+    out = tmp_path / "deploy"
+    export_onnx(saved_model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "inference_spec.json", ONNX_FILE,
+                                                     "preprocessor_config.json"]
+    seg = Segmenter.load(out, backend="onnxruntime")
+    assert seg.spec == Segmenter.load(saved_model).spec and seg.device.type == "cpu"
+
+
+def test_a_missing_or_stale_export_is_refused_with_the_command_that_makes_it(saved_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    with pytest.raises(UserError, match=f"no {ONNX_FILE} .*giseg export-onnx --model {folder}"):
+        Segmenter.load(folder, backend="onnxruntime")
+    export_onnx(folder)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    key = next(iter(weights))
+    weights[key] = weights[key] + 1
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="exported from other weights .*export it again"):
+        Segmenter.load(folder, backend="onnxruntime")
+
+
+def test_export_onnx_command_writes_the_model_and_reports_the_parity(saved_model, tmp_path, capsys):
+    from giseg.commands.export_onnx import main
+
+    assert main(["--model", str(saved_model), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'o' / ONNX_FILE}" in out and "ONNX Runtime vs PyTorch logits" in out
+    meta = json.loads((tmp_path / "o" / "inference_spec.json").read_text())
+    assert meta["image_size"] == 64
+    assert np.isfinite(float(out.split("max difference ")[1].split()[0]))
