@@ -105,3 +105,10 @@ def test_the_gpu_figures_in_the_docs_are_the_recorded_output():
     assert len(blocks) == 2 and len(blocks[0]) == 12  # the header and 11 rows
     assert all(row in recorded.splitlines() for row in blocks[0]), [r for r in blocks[0] if r not in recorded]
     assert blocks[1][2:] == summarise_recording(recorded)
+
+
+def test_the_backend_table_in_the_docs_is_the_benchmarks_recorded_output():
+    page = (ROOT / "docs" / "performance.md").read_text()
+    rows = [line for line in page.split("<!-- backends -->")[1].splitlines() if line.startswith("| ")]
+    recorded = (ROOT / "benchmarks" / "backends_cpu.txt").read_text().splitlines()
+    assert len(rows) == 5 and all(row in recorded for row in rows), [r for r in rows if r not in recorded]

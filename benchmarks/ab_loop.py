@@ -1,0 +1,102 @@
+"""The training loop of this checkout against an older commit's, interleaved: A B A B ... on the same data and model.
+
+    python benchmarks/ab_loop.py                        # against a4c2448 (the speed issue's reference), 2 pairs
+    python benchmarks/ab_loop.py --base <commit> --pairs 3 --epochs 2
+    python benchmarks/ab_loop.py --smoke                # toy sizes (tests/test_bench.py): checks the script runs
+
+Both trainers run in this venv, each from its own tree (the base commit unpacked with `git archive`), with the same
+flags: the tiny SegFormer (`giseg make-tiny`), the base commit's demo data (its own demo_data.py), 288 px, batch 8,
+lr 2e-3, 2 epochs, every other flag at each version's default. One untimed run of each first builds its
+decode-once cache (the caches are warm for every timed run); then the pairs run back to back, A before B in odd
+pairs and B before A in even ones, so a drift in the machine's load hits both. Each run's figure is the median of
+its logged images/s (training only: the trainer's clock leaves evaluation and saving out), and its wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unpack(commit: str, into: Path) -> Path:
+    """The tree of ``commit`` in ``into`` (git archive: no worktree bookkeeping left behind)."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def run(tree: Path, args: list[str], out: Path) -> dict:
+    """One trainer.py run from ``tree``: median logged images/s, wall seconds."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    res = subprocess.run([sys.executable, "trainer.py", *args, "--output_dir", str(out), "--overwrite_output_dir"],
+                         cwd=tree, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    log = (out / "train.log").read_text() if (out / "train.log").exists() else res.stdout
+    if res.returncode:
+        raise RuntimeError(f"trainer.py in {tree} failed:\n{log[-1500:]}\n{res.stderr[-1500:]}")
+    rates = [float(x) for x in re.findall(r"\| ([\d.]+) img/s", log)]
+    return {"img_s": statistics.median(rates), "rates": rates, "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="a4c2448", help="the commit to compare against (default a4c2448)")
+    ap.add_argument("--pairs", type=int, default=2, help="timed A/B pairs (default 2)")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per run (default 2)")
+    ap.add_argument("--smoke", action="store_true", help="64 px, 1 epoch, 1 pair: checks the script runs")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.pairs, args.epochs = 1, 1
+    sys.path.insert(0, str(ROOT))
+    from giseg.models.tiny import make_tiny
+
+    work = Path(tempfile.mkdtemp(prefix="ab-loop-"))
+    base = unpack(args.base, work / "base")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "demo_data.py", "--out", str(work / "data")], cwd=base, check=True,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(base)})
+    model = make_tiny("segformer", work / "tiny-segformer")
+    size = 64 if args.smoke else 288
+    common = ["--base_model", str(model), "--data_dir", str(work / "data"), "--image_size", str(size),
+              "--train_batch_size", "8", "--lr", "2e-3", "--epochs", str(args.epochs), "--log_every", "10"]
+    trees = {"A": (base, args.base), "B": (ROOT, f"{head}{' + uncommitted changes' if dirty else ''}")}
+    for key, (tree, _) in trees.items():  # warm each version's cache; untimed
+        run(tree, [*common, "--cache_dir", str(work / f"cache-{key}")], work / f"warm-{key}")
+    results: dict[str, list[dict]] = {"A": [], "B": []}
+    for pair in range(args.pairs):
+        for key in ("AB" if pair % 2 == 0 else "BA"):
+            tree = trees[key][0]
+            results[key].append(run(tree, [*common, "--cache_dir", str(work / f"cache-{key}")],
+                                    work / f"run-{key}-{pair}"))
+    load = os.getloadavg()[0]
+    print(f"# python benchmarks/ab_loop.py --base {args.base} --pairs {args.pairs} --epochs {args.epochs}"
+          f"{' --smoke' if args.smoke else ''}  ({os.cpu_count()} cores, load average {load:.2f} at the end)")
+    print(f"# tiny SegFormer, {size} px, batch 8, lr 2e-3, {args.epochs} epochs, the base commit's demo data; "
+          "each cell: median logged images/s (wall s)\n")
+    print("| version | " + " | ".join(f"run {k + 1}" for k in range(args.pairs)) + " | median images/s |")
+    print("| --- | " + " | ".join("---" for _ in range(args.pairs)) + " | --- |")
+    medians = {}
+    for key, (_, label) in trees.items():
+        cells = [f"{r['img_s']:.1f} ({r['wall']:.1f})" for r in results[key]]
+        medians[key] = statistics.median(r["img_s"] for r in results[key])
+        print(f"| {key}: {label} | " + " | ".join(cells) + f" | {medians[key]:.1f} |")
+    print(f"\nB / A: {medians['B'] / medians['A']:.2f}x images/s, "
+          f"{statistics.median(r['wall'] for r in results['A']) / statistics.median(r['wall'] for r in results['B']):.2f}x"
+          " wall (median)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
