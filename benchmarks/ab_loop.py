@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import resource
 import statistics
 import subprocess
@@ -65,9 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.pairs, args.epochs = 1, 1
     sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="ab-loop-"))
+    try:
+        return compare(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args, work: Path) -> int:
     from giseg.models.tiny import make_tiny
 
-    work = Path(tempfile.mkdtemp(prefix="ab-loop-"))
     base = unpack(args.base, work / "base")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="instead: where eager PyTorch and ONNX Runtime spend a "
                     "forward pass (the share of each operator's time)")
     args = ap.parse_args(argv)
+    from giseg.utils import quiet_third_party
+
+    quiet_third_party()
+    work = Path(tempfile.mkdtemp(prefix="backends-"))
+    try:
+        return run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path) -> int:
     import numpy as np
     import torch
 
@@ -64,11 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from giseg.inference.export import export_onnx
     from giseg.inference.segmenter import BACKENDS, Segmenter
     from giseg.inference.submission import predict_rows
-    from giseg.utils import quiet_third_party
 
-    quiet_third_party()
     name, size, batch = ("tiny-segformer", 64, 8) if args.smoke else ("segformer-b0", 288, 8)
-    work = Path(tempfile.mkdtemp(prefix="backends-"))
     data = make_demo_data(work / "data", **({"slices_per_day": 4} if args.smoke else {}))
     folder = make_model(work / "model", name, size)
     report = export_onnx(folder)

@@ -156,3 +156,16 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     assert results["fp16"]["finite"] and results["fp16"]["losses"] and results["predict"]["slices"] > 0
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "3. giseg predict" in text and "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
+
+
+def test_backends_benchmark_smoke_runs_the_three_backends_and_compares_their_masks(tmp_path):
+    """benchmarks/backends_cpu.py --smoke: the tiny SegFormer through eager, compile (not compiled here:
+    TORCH_COMPILE_DISABLE=1, tests/inference/test_segmenter.py compiles) and ONNX Runtime, with the table."""
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "TMPDIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backends_cpu.py"), "--smoke", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith(("| eager", "| compile", "| onnxruntime"))]
+    assert len(rows) == 3 and "# python benchmarks/backends_cpu.py --smoke" in res.stdout
+    differ = [re.search(r"\| (\d+) of (\d+) \(", row).groups() for row in rows]
+    assert differ[0][0] == "0" and all(int(n) <= 1e-4 * int(total) for n, total in differ), differ

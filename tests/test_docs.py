@@ -112,3 +112,10 @@ def test_the_backend_table_in_the_docs_is_the_benchmarks_recorded_output():
     rows = [line for line in page.split("<!-- backends -->")[1].splitlines() if line.startswith("| ")]
     recorded = (ROOT / "benchmarks" / "backends_cpu.txt").read_text().splitlines()
     assert len(rows) == 5 and all(row in recorded for row in rows), [r for r in rows if r not in recorded]
+
+
+def test_the_loop_ab_tables_in_the_docs_are_the_benchmarks_recorded_output():
+    page = (ROOT / "docs" / "performance.md").read_text()
+    rows = [line for line in page.split("<!-- ab-loop -->")[1].splitlines() if line.startswith("| ")]
+    recorded = (ROOT / "benchmarks" / "ab_loop_cpu.txt").read_text().splitlines()
+    assert len(rows) == 16 and all(row in recorded for row in rows), [r for r in rows if r not in recorded]

@@ -178,3 +178,19 @@ def test_a_signal_inside_stop_on_signals_runs_the_cleanup_and_ends_in_one_line(t
     assert list(tmp_path.iterdir()) == []  # the temporary folder is gone, and nothing half-written took its place
     assert capsys.readouterr().err.startswith("stopped by SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_keep_freed_memory_fixes_mallocs_thresholds_unless_the_user_set_them(monkeypatch):
+    """The trainer and every command keep glibc from mapping each step's large blocks afresh (docs/performance.md,
+    "The training loop against an older commit"); a user's own MALLOC_* settings win."""
+    import subprocess
+    import sys
+
+    from giseg.utils import keep_freed_memory
+
+    probe = "from giseg.utils import keep_freed_memory; print(keep_freed_memory())"  # (mallopt accepted both)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout.strip()
+    assert out == ("True" if sys.platform == "linux" else "False")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert keep_freed_memory() is False
