@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import resource
 import statistics
 import subprocess
@@ -66,11 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.pairs, args.epochs = 1, 1
     sys.path.insert(0, str(ROOT))
-    work = Path(tempfile.mkdtemp(prefix="ab-loop-"))
-    try:
-        return compare(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="ab-loop-") as work:
+        return compare(args, Path(work))
 
 
 def compare(args, work: Path) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -58,11 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from giseg.utils import quiet_third_party
 
     quiet_third_party()
-    work = Path(tempfile.mkdtemp(prefix="backends-"))
-    try:
-        return run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="backends-") as work:
+        return run(args, Path(work))
 
 
 def run(args, work: Path) -> int:
