@@ -7,7 +7,8 @@ test-time flips, upsampling, thresholds, ensembles and post-processing stay the 
 Every family exports with the TorchScript-based exporter (``dynamo=False``: a second per model, against 10-15 s
 and failures on BEiT and DPT for the dynamo exporter here); the batch dimension is dynamic. SegFormer takes any
 image size (checked); the other families are exported at the spec's size, which is the only size the Segmenter
-feeds them (their adaptive pooling is traced as fixed slices). The export is refused when ONNX Runtime's logits
+feeds them (at other sizes DPT's position-embedding grid and Mask2Former's Swin windows failed, and UperNet's and
+BEiT's pyramid pooling is exported as fixed slices). The export is refused when ONNX Runtime's logits
 differ from PyTorch's by more than ``PARITY_TOLERANCE`` x max(1, the largest |logit|) on a random batch of another
 size than the one traced. ``model.onnx`` records the sha256 of the weights it was exported from; a folder whose
 weights have changed since is refused with the command that exports it again.
