@@ -285,10 +285,10 @@ def save_models(run: Run, tag: str, record: dict) -> None:
     else:
         sd = run.accelerator.get_state_dict(run.model)  # all ranks (needed under DeepSpeed ZeRO-3 / FSDP)
     if run.accelerator.is_main_process:
-        sd = {k.removeprefix("_orig_mod.").removeprefix("hf."): v for k, v in sd.items()}
+        sd = {k.removeprefix("hf."): v for k, v in sd.items()}  # (--torch_compile compiles in place: plain keys)
         wrapper = run.ema.model if run.ema is not None else run.accelerator.unwrap_model(run.model)
         with storage_guard(run.output_dir / tag, f"the {tag}/ model"):
-            save_model(getattr(wrapper, "_orig_mod", wrapper).hf, run.output_dir / tag, run.spec, state_dict=sd,
+            save_model(wrapper.hf, run.output_dir / tag, run.spec, state_dict=sd,
                        card=model_card(run, tag, record))
 
 

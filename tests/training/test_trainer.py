@@ -321,8 +321,8 @@ def test_the_training_process_keeps_no_run_length_codes_once_the_cache_holds_the
 
 
 def test_a_compiled_run_saves_plain_models_and_resumes_with_or_without_compile(demo_dir, tiny_models, tmp_path):
-    """--torch_compile wraps the model (torch.compile: "_orig_mod." in its keys); what the run saves stays plain,
-    and its resumable state loads into the plain model and back. The eager backend traces the model with dynamo
+    """--torch_compile compiles the model in place (torch.compile's wrapper would put "_orig_mod." in its keys):
+    what the run saves stays plain, and its resumable state loads into the plain model and back. The eager backend traces the model with dynamo
     without generating kernels (the inductor's logits are pinned in tests/models/test_compile.py)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSemanticSegmentation
