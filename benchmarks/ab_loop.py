@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import resource
 import statistics
 import subprocess
@@ -25,6 +24,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench  # noqa: E402
 
 
 def unpack(commit: str, into: Path) -> Path:
@@ -48,7 +50,7 @@ def run(tree: Path, args: list[str], out: Path) -> dict:
     log = (out / "train.log").read_text() if (out / "train.log").exists() else res.stdout
     if res.returncode:
         raise RuntimeError(f"trainer.py in {tree} failed:\n{log[-1500:]}\n{res.stderr[-1500:]}")
-    rates = [float(x) for x in re.findall(r"\| ([\d.]+) img/s", log)]
+    rates = bench.logged_rates(log)
     return {"img_s": statistics.median(rates), "rates": rates, "wall": wall,
             "faults": usage.ru_minflt - before.ru_minflt, "sys_s": usage.ru_stime - before.ru_stime,
             "rss_gb": usage.ru_maxrss / 2**20}

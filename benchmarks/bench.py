@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -388,12 +389,15 @@ def bench_gpu_training(models: list[str], size: int, batch: int, steps: int, win
     return rows
 
 
+def logged_rates(log: str) -> list[float]:
+    """The images/s of each of a train.log's progress lines ("... | 24.6 img/s"), in order."""
+    return [float(m) for m in re.findall(r"\| ([\d.]+) img/s", log)]
+
+
 def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, steps: int, workers: int,
                            repeats: int, device: str = "cpu", precision: str = "fp32") -> list[list]:
     """trainer.py vs the bare loop on the same model, size and batch: median images/s of the trainer's logged
     intervals (the first of each run left out: start-up), median over ``repeats`` runs of each."""
-    import re
-
     from transformers import AutoModelForSemanticSegmentation
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
@@ -410,8 +414,7 @@ def bench_trainer_overhead(data_dir: Path, model: str, size: int, batch: int, st
                    "--mixed_precision", "bf16" if precision == "bf16" else "no"]
             env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})}
             subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-            rates = [float(m) for m in re.findall(r"\| ([\d.]+) img/s", (out / "train.log").read_text())]
-            trainer_rates.append(statistics.median(rates[1:]))
+            trainer_rates.append(statistics.median(logged_rates((out / "train.log").read_text())[1:]))
         window = 1 if device == "cpu" else 5
         bare = statistics.median(run_worker(model, size, batch, 20, 1, device, precision, window)["img_s"]
                                  for _ in range(repeats))

@@ -64,7 +64,7 @@ def train(data: Path, model: Path, out: Path, size: int, batch: int, steps: int,
 def parse_train_log(log: str) -> dict:
     """A train.log's images/s (median of the logged intervals, the first, which holds the warm-up, left out) and
     its logged losses."""
-    rates = [float(m) for m in re.findall(r"\| ([\d.]+) img/s", log)]
+    rates = bench.logged_rates(log)
     losses = [float(m) for m in re.findall(r"\| train_loss (\S+)", log)]
     return {"img_s": statistics.median(rates[1:] or rates), "losses": losses}
 
