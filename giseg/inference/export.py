@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, weights_digest
 from giseg.inference.segmenter import Segmenter
-from giseg.utils import UserError
+from giseg.utils import UserError, atomic_write_text
 
 PARITY_TOLERANCE = 1e-4  # relative to max(1, the largest |logit|)
 DYNAMIC_SIZE_FAMILIES = ("segformer",)  # exported with dynamic height and width (checked at export)
@@ -128,9 +127,9 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
     finally:
         tmp.unlink(missing_ok=True)
     if out.resolve() != folder.resolve():
-        for name in COPIED:
+        for name in COPIED:  # written atomically, as every output is (small JSON files)
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, out / name)
+                atomic_write_text(out / name, (folder / name).read_text())
     return {"path": str(out / ONNX_FILE), "family": family, "image_size": size, "opset": opset,
             "dynamic": list(dynamic.values()), "export_s": seconds, "max_relative_difference": worst,
             "checked_shapes": shapes, "megabytes": (out / ONNX_FILE).stat().st_size / 1e6}
