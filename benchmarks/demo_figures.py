@@ -2,7 +2,9 @@
 
     python benchmarks/demo_figures.py            run the demo on fresh data and rewrite the block in docs/training.md
     python benchmarks/demo_figures.py --check    run it and compare with the block (exit 1 when a figure drifted
-                                                 by more than --tolerance; tests/test_docs.py runs this)
+                                                 by more than --tolerance; tests/test_run_train.py runs it with --from_run)
+    python benchmarks/demo_figures.py --check --from_run runs/<name> --data_dir demo/data
+                                                 the same for a finished `bash run_train.sh` demo run (fresh data)
     python benchmarks/demo_figures.py --seeds 42,1,2 --compare='--head_prior 0'
                                                  the demo per seed, defaults and a second recipe (a table; writes
                                                  nothing)
@@ -50,7 +52,13 @@ def measure(work: Path, trainer_args: list[str] = ()) -> dict:
     run([py, "trainer.py", "--preset", "demo", "--base_model", str(model), "--data_dir", str(data), "--output_dir",
          str(out), "--cache_dir", str(work / "cache"), *trainer_args], ROOT)
     train_s = time.perf_counter() - t
-    load_after = os.getloadavg()[0]
+    return figures_of(out, data, work, train_s, (load_before, os.getloadavg()[0]))
+
+
+def figures_of(out: Path, data: Path, work: Path, train_s: float, load: tuple[float, float]) -> dict:
+    """The figures of the finished demo run in ``out`` on ``data``: its log and metrics, then ``best/`` predicted
+    and scored (files in ``work``)."""
+    py = sys.executable
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     log = (out / "train.log").read_text()
     floor = float(re.search(r"predicting nothing scores mean Dice ([0-9.]+)", log).group(1))
@@ -64,7 +72,7 @@ def measure(work: Path, trainer_args: list[str] = ()) -> dict:
             "final_global_dice_mean": rows[-1]["global_dice_mean"], "best_dice_mean": best["dice_mean"],
             "best_step": best["step"], "final_dice_small_bowel": rows[-1]["dice_small_bowel"],
             "score_dice_mean": scores["dice_mean"], "score_hausdorff": scores["hausdorff"],
-            "score_score": scores["score"], "train_s": train_s, "load": (load_before, load_after),
+            "score_score": scores["score"], "train_s": train_s, "load": load,
             "epochs": rows[-1]["epoch"], "steps": rows[-1]["step"]}
 
 
@@ -121,7 +129,13 @@ def main() -> int:
                     "trainer's defaults and with --compare's flags; writes nothing")
     ap.add_argument("--compare", default="", help="with --seeds: trainer flags of a second recipe, e.g. "
                     "'--head_prior 0'")
+    ap.add_argument("--from_run", default="", help="with --check: the figures of this finished demo run (the "
+                    "output folder of `bash run_train.sh` with no settings, in a fresh checkout: tests/test_run_train.py) "
+                    "instead of a new one")
+    ap.add_argument("--data_dir", default="", help="with --from_run: the run's demo data")
     args = ap.parse_args()
+    if args.from_run and not (args.check and args.data_dir):
+        ap.error("--from_run needs --check and --data_dir")
     if args.seeds:
         recipes = {"defaults": [], **({args.compare: args.compare.split()} if args.compare else {})}
         t = time.perf_counter()
@@ -131,12 +145,14 @@ def main() -> int:
               + f"\nmachine: {os.cpu_count()} CPU cores ({platform.machine()}); wall {time.perf_counter() - t:.0f} s")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        figures = measure(Path(tmp))
+        figures = (figures_of(Path(args.from_run), Path(args.data_dir), Path(tmp), 0.0, (0.0, 0.0)) if args.from_run
+                   else measure(Path(tmp)))
     doc = DOC.read_text()
     if args.check:
         want = stated(doc)
         drifted = {k: (want[k], round(figures[k], 4)) for k in KEYS if abs(want[k] - figures[k]) > args.tolerance}
-        print(f"checked {len(KEYS)} figures of {DOC.relative_to(ROOT)} against a fresh demo run: "
+        print(f"checked {len(KEYS)} figures of {DOC.relative_to(ROOT)} against "
+              f"{'the demo run ' + args.from_run if args.from_run else 'a fresh demo run'}: "
               f"{'drifted (stated, now): ' + json.dumps(drifted) if drifted else 'all within ' + str(args.tolerance)}")
         return 1 if drifted else 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
