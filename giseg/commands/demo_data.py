@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from giseg.data import demo
 from giseg.data.demo import ANATOMIES, SIZES, SLICES_PER_DAY, make_demo_data
@@ -12,9 +13,12 @@ from giseg.utils import claim_output_dir, command
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="giseg demo-data", description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="gi", choices=("gi", "lgg"),
-                    help="gi: the Kaggle GI-tract layout (default); lgg: the LGG kaggle_3m layout (5 patients)")
-    ap.add_argument("--out", default=None, help="folder to write (default: demo/data; demo/lgg for --dataset lgg)")
+    ap.add_argument("--dataset", default="gi", choices=("gi", "lgg", "nnunet"),
+                    help="gi: the Kaggle GI-tract layout (default); lgg: the LGG kaggle_3m layout (5 patients); "
+                         "nnunet: the GI demo as an nnU-Net raw dataset (NIfTI volumes and dataset.json; the Kaggle "
+                         "layout it is written from stays beside it, in <out>-kaggle)")
+    ap.add_argument("--out", default=None, help="folder to write (default: demo/data; demo/lgg for --dataset lgg, "
+                    "demo/nnunet for --dataset nnunet)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     ap.add_argument("--size", default="demo", choices=tuple(SIZES),
                     help="demo (360 slices, default), 10x (2,256 slices of the competition's mix) or full (the "
@@ -31,12 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out = args.out or ("demo/lgg" if args.dataset == "lgg" else "demo/data")
+    out = args.out or {"lgg": "demo/lgg", "nnunet": "demo/nnunet"}.get(args.dataset, "demo/data")
     # a folder of other files is refused (the demo's scans would land among them); an earlier demo is kept as it is
-    claim_output_dir(out, "--out", "demo-data",
-                     ours=lambda p: (p / "train.csv").is_file() or any(p.glob("*/*_mask.tif")))
+    claim_output_dir(out, "--out", "demo-data", ours=lambda p: (p / "train.csv").is_file() or any(
+        p.glob("*/*_mask.tif")) or (p / "dataset.json").is_file())
     if args.dataset == "lgg":
         print(make_lgg_demo(out))
+        return
+    if args.dataset == "nnunet":
+        from giseg.data.gi import GIAdapter
+        from giseg.data.nnunet import DATASET_JSON, export_nnunet
+
+        kaggle = f"{str(out).rstrip('/')}-kaggle"
+        claim_output_dir(kaggle, "--out", "demo-data", ours=lambda p: (p / "train.csv").is_file())
+        make_demo_data(kaggle, args.seed, args.slices_per_day, size=args.size,
+                       workers=args.workers or os.cpu_count() or 1, anatomy=args.anatomy)
+        if not (Path(out) / DATASET_JSON).is_file():
+            export_nnunet(GIAdapter(), kaggle, out)
+        print(out)
         return
     print(make_demo_data(out, args.seed, args.slices_per_day, size=args.size,
                          workers=args.workers or os.cpu_count() or 1, anatomy=args.anatomy))
