@@ -171,7 +171,7 @@ def use_umask(path: str | Path, folder: bool) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
 
 
-def write_beside(path: str | Path, text: str) -> Path:
+def write_beside(path: str | Path, text: str | bytes) -> Path:
     """``text`` in a new temporary file beside ``path`` (``.<name>.<random>.tmp``, the umask's mode, synced to
     disk), for a rename onto ``path``; nothing is left behind when the write fails."""
     path = Path(path)
@@ -179,7 +179,7 @@ def write_beside(path: str | Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         use_umask(tmp, folder=False)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -190,8 +190,8 @@ def write_beside(path: str | Path, text: str) -> Path:
     return Path(tmp)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+def atomic_write_text(path: str | Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` through a temporary file in the same folder and a rename."""
     tmp = write_beside(path, text)
     try:
         os.replace(tmp, path)

@@ -1,6 +1,7 @@
-"""Predict masks for every slice of a data folder and write a competition submission.
+"""Predict masks for every slice of a data folder and write a competition submission; or of scans as volumes.
 
     giseg predict --model runs/<name>/best --data_dir <kaggle folder> --out submission.csv
+    giseg predict --model runs/<name>/best --input <scan.nii.gz | folder of them | DICOM series folder> --out preds/
 
 Writes `id,class,predicted` (a row per slice and class, run-length codes at each scan's ORIGINAL size). The
 model folder's inference spec says which dataset layout to read, and how the model sees its inputs (size,
@@ -8,11 +9,18 @@ normalisation, 2.5D) and turns outputs into masks (task, thresholds). GI folders
 optional) and the test layout (no train.csv): --split picks the scans folder, by default `test/` when the folder
 has one, else `train/`. --fold restricts to the model's validation fold (the split saved with the model; another
 fold or split is refused, since its slices were trained on).
+
+--input reads volumes instead (giseg/data/medical.py): each NIfTI file, or the one DICOM series of a folder (slices
+sorted by position), is cut into slices across its through-plane axis and predicted as a dataset's slices are
+(ensembles, TTA, tuned thresholds, gates, post-processing); then written on the input's grid
+(giseg/inference/medical.py): <out>/<name>.nii.gz, and for DICOM input <out>/<name>_rtstruct.dcm, an RT-Struct that a
+planning system opens over the series.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,11 +31,13 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes
 from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
+from giseg.inference.medical import VOLUME_LABELS
 from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
 from giseg.utils import (
     UserError,
     add_options,
+    claim_output_dir,
     claim_output_file,
     command,
     logger,
@@ -43,8 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="saved model folder (runs/<name>/best); several: an ensemble that averages their probabilities "
                          "(folds of a run, or different families; each sees its own image size, normalisation and "
                          "2.5D setting), turned into masks by the first one's thresholds, gates and post-processing")
-    ap.add_argument("--data_dir", required=True, help="folder in the model's dataset layout (Kaggle folder, kaggle_3m)")
-    ap.add_argument("--out", default="submission.csv", help="submission CSV to write (default submission.csv)")
+    ap.add_argument("--data_dir", default=None, help="folder in the model's dataset layout (Kaggle folder, kaggle_3m, "
+                                                     "nnU-Net dataset); or --input")
+    ap.add_argument("--input", default=None, help="instead of --data_dir: a NIfTI file (.nii, .nii.gz), a folder of "
+                                                  "them, or a folder holding one DICOM series")
+    ap.add_argument("--out", default=None, help="submission CSV to write (default submission.csv); with --input, the "
+                                                "folder of the predicted volumes (default predictions)")
+    ap.add_argument("--volume_labels", default="map", choices=VOLUME_LABELS,
+                    help="with --input: map (default): one NIfTI label map per input, class k as value k + 1, "
+                         "overlaps to the dataset's priority; per_class: <name>/<class>.nii.gz, one 0/1 volume per "
+                         "class (overlaps kept)")
     ap.add_argument("--split", default=None, help="scans folder inside data_dir (GI default: test/ if present, "
                                                   "else train/)")
     ap.add_argument("--fold", type=int, default=None,
@@ -72,8 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(True)
     quiet_third_party()
     check_run_options(args)
-    claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model}},
-                      ours=starts_with(SUBMISSION_HEADER))
+    if (args.data_dir is None) == (args.input is None):
+        raise UserError("pass --data_dir (a dataset folder: a submission CSV) or --input (NIfTI / DICOM volumes: NIfTI "
+                        "and RT-Struct files), one of them")
+    if args.input is not None:
+        for flag, value in (("--fold", args.fold), ("--split", args.split)):
+            if value is not None:
+                raise UserError(f"{flag} applies to --data_dir; --input predicts every slice of its volumes")
+        args.out = args.out or "predictions"
+        claim_output_dir(args.out, "--out", "predict", {"--input": args.input, **{f"--model {m}": m for m in args.model}})
+    else:
+        args.out = args.out or "submission.csv"
+        claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model}},
+                          ours=starts_with(SUBMISSION_HEADER))
     device = torch.device("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
     weights = parse_weights(args.weights, len(args.model))
     model = Ensemble.load(args.model, device, weights, args.allow_bin, args.backend)  # a wrong --model fails first
@@ -86,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.task != "multilabel":
             raise UserError("--thresholds applies to multilabel models; this one is multiclass (argmax)")
         model = model.with_decisions(thresholds=thresholds)
+    if args.input is not None:
+        return predict_volumes(model, args, device)
     options = {**(spec.dataset_options or {}), **({"hf_split": args.split} if args.split else {})}
     adapter = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(args.data_dir, options, spec.classes)
     split = args.split or adapter.inference_split(args.data_dir)
@@ -113,4 +144,35 @@ def main(argv: list[str] | None = None) -> int:
     write_submission(sub, args.out)
     logger.info("wrote %s: %d rows, %d slices with a predicted class", args.out, len(sub),
                 sub.groupby("id")["predicted"].apply(lambda s: (s != "").any()).sum())
+    return 0
+
+
+def predict_volumes(model: Ensemble, args, device) -> int:
+    """--input: every volume predicted slice by slice, then written as NIfTI (and RT-Struct for DICOM)."""
+    from giseg.data.medical import VolumeAdapter, find_inputs, read_volume
+    from giseg.inference.medical import write_nifti, write_rtstruct
+
+    spec = model.spec
+    data = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(None, spec.dataset_options or {}, spec.classes)
+    out = Path(args.out)
+    paths = find_inputs(args.input)
+    for path in paths:
+        volume = read_volume(path)
+        adapter = VolumeAdapter(volume, spec.classes)
+        index = adapter.build_index()
+        inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
+        logger.info("predicting %s: %d slices of %s across axis %d (spacing %s mm) with %d model(s) on %s (%s)",
+                    path, len(index), "x".join(map(str, volume.array.shape)), volume.axis,
+                    "x".join(f"{s:g}" for s in volume.spacing), len(model.members), device, args.backend)
+        masks = np.zeros((len(spec.classes), *volume.array.shape), bool)
+        where = [slice(None)] * 4
+        for r, m in model.iter_masks(index, np.arange(len(index)), inputs, adapter.volume_columns, args.batch_size,
+                                     args.mixed_precision, args.tta, args.num_workers):
+            where[1 + volume.axis] = r
+            masks[tuple(where)] = m.transpose(0, 2, 1)  # (C, H, W) -> the volume's (C, in-plane axes)
+        written = write_nifti(volume, masks, spec.classes, data.priority or spec.classes, out, args.volume_labels)
+        if volume.dicom is not None:
+            written.append(write_rtstruct(volume, masks, spec.classes, data.colours, out / f"{volume.name}_rtstruct.dcm"))
+        logger.info("wrote %s: %s voxels per class", ", ".join(str(p) for p in written),
+                    ", ".join(f"{c} {int(masks[k].sum())}" for k, c in enumerate(spec.classes)))
     return 0

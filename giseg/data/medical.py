@@ -1,0 +1,235 @@
+"""Scans that come as volumes, for giseg predict --input: NIfTI files and DICOM series, each one ``Volume``.
+
+    giseg predict --model runs/<name>/best --input scan.nii.gz --out predictions/
+    giseg predict --model runs/<name>/best --input <folder of .nii.gz files> --out predictions/
+    giseg predict --model runs/<name>/best --input <one DICOM series folder> --out predictions/
+
+A volume is its voxel array (I, J, K) with NIfTI's convention (i along a row of the image, j down its columns, k the
+slice), the affine from voxel to RAS millimetres, and, for DICOM, each slice's identity (the UIDs an RT-Struct
+refers to). ``VolumeAdapter`` serves one volume to the prediction path as an index of its slices across the
+through-plane axis (data/nnunet.py's rule; a DICOM series' own slices), so ensembles, TTA, tuned thresholds, gates
+and post-processing apply as on a dataset folder. nibabel and pydicom are imported only here, when used.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from giseg.data.base import DatasetAdapter, hash_files
+from giseg.data.nnunet import cut, import_nibabel, in_plane, through_plane_axis
+from giseg.utils import UserError
+
+NIFTI_ENDINGS = (".nii.gz", ".nii")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def import_pydicom():
+    try:
+        import pydicom
+    except ImportError:
+        raise UserError("DICOM input needs pydicom: pip install -e \".[medical]\" (or pip install pydicom)") from None
+    return pydicom
+
+
+@dataclass
+class DicomSlice:
+    """What an RT-Struct needs of one image of the series."""
+    sop_class_uid: str
+    sop_instance_uid: str
+    position: np.ndarray  # ImagePositionPatient (LPS mm): the centre of its first pixel
+
+
+@dataclass
+class DicomSeries:
+    """The series' identity and geometry, for an RT-Struct that refers to it."""
+    slices: list[DicomSlice]  # in volume order (k)
+    row_dir: np.ndarray  # LPS direction of increasing column index (i)
+    col_dir: np.ndarray  # LPS direction of increasing row index (j)
+    spacing: tuple[float, float]  # (between columns, between rows) in mm
+    study_uid: str
+    series_uid: str
+    frame_of_reference_uid: str
+    patient: dict = field(default_factory=dict)  # PatientName, PatientID, ... copied into the RT-Struct
+
+
+@dataclass
+class Volume:
+    name: str  # the output's file stem
+    array: np.ndarray  # (I, J, K) voxels
+    affine: np.ndarray  # 4 x 4, voxel -> RAS mm
+    spacing: tuple[float, float, float]  # mm along i, j, k
+    axis: int  # the axis slices are cut across
+    sources: list[Path]  # the files it was read from
+    header: object | None = None  # the NIfTI header (the output keeps its geometry), None for DICOM
+    dicom: DicomSeries | None = None
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_ENDINGS)
+
+
+def nifti_stem(path: Path) -> str:
+    """The case name of a NIfTI file: without its ending and without nnU-Net's channel suffix (_0000), so the
+    prediction of imagesTs/la_003_0000.nii.gz is la_003.nii.gz, as nnU-Net names it."""
+    name = path.name
+    stem = name[:-len(next(e for e in NIFTI_ENDINGS if name.endswith(e)))]
+    return re.sub(r"_\d{4}$", "", stem)
+
+
+def read_nifti(path: Path) -> Volume:
+    nib = import_nibabel()
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 -- nibabel raises many kinds; each is the file's fault
+        raise UserError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e})") from None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise UserError(f"{path}: a {arr.ndim}D image {arr.shape}; expected one 3D scan")
+    spacing = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])
+    return Volume(nifti_stem(path), arr, img.affine, spacing, through_plane_axis(spacing), [path], img.header)
+
+
+def is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom_series(folder: Path) -> Volume:
+    """The one image series in ``folder`` (files in any order and with any names), slices sorted by their position
+    along the slice normal; spacing, orientation and size checked to be one volume."""
+    pydicom = import_pydicom()
+    files = sorted(f for f in folder.iterdir() if f.is_file() and is_dicom(f))
+    if not files:
+        raise UserError(f"--input {folder}: no DICOM files (with the DICM preamble) in this folder")
+    headers = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{f}: not a readable DICOM file ({type(e).__name__}: {e})") from None
+        if getattr(ds, "Modality", "") in ("RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "SEG", "REG"):
+            continue  # not an image of the series (an RT-Struct written beside it, ...)
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+                               "SeriesInstanceUID", "SOPInstanceUID") if k not in ds]
+        if missing:
+            raise UserError(f"{f}: an image without {', '.join(missing)}; cannot place it in a volume")
+        headers.append((f, ds))
+    if not headers:
+        raise UserError(f"--input {folder}: its DICOM files hold no images (only {ds.Modality} objects)")
+    series = sorted({ds.SeriesInstanceUID for _, ds in headers})
+    if len(series) > 1:
+        counts = {s: sum(ds.SeriesInstanceUID == s for _, ds in headers) for s in series}
+        raise UserError(f"--input {folder}: {len(series)} series ({', '.join(f'{s}: {n} files' for s, n in counts.items())}); "
+                        "put each series in its own folder and pass one")
+    first = headers[0][1]
+    iop = np.asarray(first.ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    for f, ds in headers:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
+            raise UserError(f"{f}: its orientation differs from {headers[0][0].name}'s; a volume has one orientation")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise UserError(f"{f}: {ds.Columns}x{ds.Rows} pixels, {headers[0][0].name} {first.Columns}x{first.Rows}")
+    headers.sort(key=lambda h: float(np.dot(np.asarray(h[1].ImagePositionPatient, float), normal)))
+    positions = np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in headers])
+    steps = np.diff(positions @ normal)
+    if len(headers) > 1 and (steps.min() <= 1e-3):
+        dup = headers[int(np.argmin(steps)) + 1][0]
+        raise UserError(f"{dup}: at the same position as another slice of the series; one image per position")
+    if len(headers) > 1 and steps.max() - steps.min() > 0.01 * steps.mean() + 1e-3:
+        raise UserError(f"--input {folder}: slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm (a "
+                        "missing slice?); a volume needs evenly spaced slices")
+    thickness = float(steps.mean()) if len(headers) > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    dy, dx = (float(v) for v in first.PixelSpacing)  # (between rows, between columns)
+    planes = []
+    for f, _ in headers:
+        ds = pydicom.dcmread(f)
+        try:
+            pixels = ds.pixel_array
+        except Exception as e:  # noqa: BLE001 -- a compressed transfer syntax without its decoder, ...
+            raise UserError(f"{f}: cannot decode its pixels ({type(e).__name__}: {e})") from None
+        slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
+        planes.append(pixels if (slope, intercept) == (1.0, 0.0) else pixels * slope + intercept)
+    array = np.stack([p.T for p in planes], axis=-1)  # (columns, rows, slices): i along a row, j down a column
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1] = row_dir * dx, col_dir * dy
+    lps[:3, 2] = (positions[-1] - positions[0]) / (len(headers) - 1) if len(headers) > 1 else normal * thickness
+    lps[:3, 3] = positions[0]
+    series_info = DicomSeries(
+        [DicomSlice(str(ds.SOPClassUID), str(ds.SOPInstanceUID), np.asarray(ds.ImagePositionPatient, float))
+         for _, ds in headers], row_dir, col_dir, (dx, dy), str(getattr(first, "StudyInstanceUID", "")),
+        str(first.SeriesInstanceUID), str(getattr(first, "FrameOfReferenceUID", "")),
+        {k: first.get(k) for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                                   "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
+         if first.get(k) is not None})
+    return Volume(folder.name, array, LPS_TO_RAS @ lps, (dx, dy, thickness), 2, [f for f, _ in headers],
+                  dicom=series_info)
+
+
+def find_inputs(path: str | Path) -> list[Path]:
+    """What --input names: a NIfTI file, a folder of NIfTI files (each a volume) or a DICOM series folder."""
+    p = Path(path)
+    if p.is_file():
+        if not is_nifti(p):
+            raise UserError(f"--input {p}: not a NIfTI file (.nii or .nii.gz); for DICOM pass the series' folder")
+        return [p]
+    if not p.is_dir():
+        raise UserError(f"--input {p} does not exist")
+    niftis = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f))
+    if niftis:
+        stems = [nifti_stem(f) for f in niftis]
+        dup = next((s for s in stems if stems.count(s) > 1), None)
+        if dup is not None:
+            raise UserError(f"--input {p}: two files would both be predicted as {dup}.nii.gz "
+                            f"({', '.join(f.name for f, s in zip(niftis, stems) if s == dup)}); keep one")
+        return niftis
+    if any(is_dicom(f) for f in p.iterdir() if f.is_file()):
+        return [p]
+    raise UserError(f"--input {p}: neither NIfTI files (.nii, .nii.gz) nor DICOM files in this folder")
+
+
+def read_volume(path: Path) -> Volume:
+    return read_dicom_series(path) if path.is_dir() else read_nifti(path)
+
+
+class VolumeAdapter(DatasetAdapter):
+    """One volume as a dataset of its slices, for the prediction path (no labels)."""
+    name = "volume"
+    description = "one NIfTI volume or DICOM series (giseg predict --input)"
+    volume_columns = ("case", "day")
+
+    def __init__(self, volume: Volume, classes: tuple[str, ...]):
+        self.volume, self.classes, self.priority = volume, tuple(classes), tuple(classes)
+        self.colours = {}
+
+    def build_index(self, data_dir=None, split=None, require_labels=False):
+        v = self.volume
+        p, q = in_plane(v.axis)
+        n = v.array.shape[v.axis]
+        return pd.DataFrame({"id": [f"{v.name}_slice_{k + 1:04d}" for k in range(n)], "case": 0, "day": 0,
+                             "slice": np.arange(1, n + 1), "width": v.array.shape[p], "height": v.array.shape[q],
+                             "spacing_x": v.spacing[p], "spacing_y": v.spacing[q], "path": str(v.sources[0])})
+
+    def read_image(self, row):
+        return cut(self.volume.array, self.volume.axis, int(row.slice) - 1)
+
+    def has_labels(self, index):
+        return False
+
+    def fingerprint(self, index):
+        h = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).to_numpy().tobytes())
+        h.update(repr((self.volume.array.shape, str(self.volume.array.dtype), self.volume.axis)).encode())
+        return hash_files(h, self.volume.sources)
+
+    def pixel_spacing(self, row):
+        return float(row.spacing_x), float(row.spacing_y)
