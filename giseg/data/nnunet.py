@@ -231,7 +231,8 @@ def build_nnunet_index(root: Path, meta: dict, split: str, require_labels: bool)
     if not names:
         raise UserError(f"no <case>_0000{ending} files in {folder} (dataset.json's file_ending is {ending!r})")
     labels_dir = root / ("labelsTr" if folder.name == "imagesTr" else folder.name.replace("images", "labels"))
-    labelled = require_labels or any((labels_dir / f"{n}{ending}").is_file() for n in names)
+    # labels are read when training asks for them, or when every case has its own (scoring, tuning)
+    labelled = require_labels or all((labels_dir / f"{n}{ending}").is_file() for n in names)
     cases, days = case_numbers(names, meta.get("case_pattern"), str(root / DATASET_JSON))
     rows = []
     for name, case, day in zip(names, cases, days):

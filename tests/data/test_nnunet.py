@@ -1,0 +1,199 @@
+"""--dataset nnunet: nnU-Net raw datasets (dataset.json + NIfTI) through the same trainer, predict, score, tune and cv."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+nib = pytest.importorskip("nibabel")
+
+from giseg.data.folds import case_folds  # noqa: E402
+from giseg.data.gi import GIAdapter  # noqa: E402
+from giseg.data.nnunet import export_nnunet  # noqa: E402
+from giseg.data.registry import get_adapter  # noqa: E402
+from giseg.training.config import TrainConfig  # noqa: E402
+from giseg.utils import UserError  # noqa: E402
+from trainer import train  # noqa: E402
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]
+
+
+@pytest.fixture(scope="module")
+def nnunet_dir(demo_dir, tmp_path_factory):
+    """The tests' GI demo written as an nnU-Net dataset."""
+    out = tmp_path_factory.mktemp("nnunet") / "Dataset001_GI"
+    export_nnunet(GIAdapter(), demo_dir, out)
+    return out
+
+
+def adapter(folder):
+    return get_adapter("nnunet").bind(folder)
+
+
+def test_the_gi_demo_as_an_nnunet_dataset_reads_back_to_the_same_index_scans_and_overlapping_masks(
+        demo_dir, nnunet_dir):
+    gi, nn = GIAdapter(), adapter(nnunet_dir)
+    assert nn.classes == gi.classes
+    a, b = gi.build_index(demo_dir), nn.build_index(nnunet_dir)
+    pd.testing.assert_frame_equal(a[INDEX_COLUMNS], b[INDEX_COLUMNS], check_dtype=False)
+    assert case_folds(a, 3) == case_folds(b, 3)  # case_pattern: the days of a case stay one case of the folds
+    overlaps = 0
+    for ra, rb in zip(a.itertuples(), b.itertuples()):
+        assert np.array_equal(gi.read_image(ra), nn.read_image(rb))
+        ma, mb = gi.read_masks(ra), nn.read_masks(rb)
+        assert np.array_equal(ma, mb)
+        overlaps += int((mb.sum(0) > 1).any())
+    assert overlaps > 0  # organs that overlap survive the label map (as nnU-Net regions)
+    assert json.loads((nnunet_dir / "dataset.json").read_text())["labels"]["stomach"] == [4, 5, 6, 7]
+
+
+def test_training_on_the_nnunet_copy_gives_the_loss_of_training_on_the_kaggle_layout(demo_dir, nnunet_dir, tmp_path,
+                                                                                      tiny_models):
+    def run(dataset, data):
+        out = tmp_path / dataset
+        train(TrainConfig(base_model=str(tiny_models["segformer"]), dataset=dataset, data_dir=str(data),
+                          output_dir=str(out), image_size=32, epochs=1, train_batch_size=8, num_workers=0, n_folds=3,
+                          cache_dir=str(tmp_path / "cache"), seed=3))
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][0]
+
+    gi, nn = run("gi", demo_dir), run("nnunet", nnunet_dir)
+    for key in ("train_loss", "val_loss", "dice_mean", "val_slices"):
+        assert nn[key] == pytest.approx(gi[key], rel=1e-6, abs=1e-7), key
+
+
+def test_predict_score_tune_and_cv_run_on_an_nnunet_dataset(nnunet_dir, tmp_path, tiny_models):
+    from giseg.commands.predict import main as predict
+    from giseg.commands.score import main as score
+    from giseg.commands.tune import main as tune
+
+    run = tmp_path / "run"
+    train(TrainConfig(base_model=str(tiny_models["segformer"]), dataset="nnunet", data_dir=str(nnunet_dir),
+                      output_dir=str(run), image_size=32, epochs=1, train_batch_size=8, num_workers=0, n_folds=3,
+                      cache_dir=str(tmp_path / "cache")))
+    assert json.loads((run / "best" / "inference_spec.json").read_text())["dataset"] == "nnunet"
+    sub = tmp_path / "val.csv"
+    assert predict(["--model", str(run / "best"), "--data_dir", str(nnunet_dir), "--fold", "0", "--out", str(sub),
+                    "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert pd.read_csv(sub)["id"].str.contains("_slice_").all()
+    assert score(["--pred", str(sub), "--data_dir", str(nnunet_dir), "--dataset", "nnunet", "--json",
+                  str(tmp_path / "s.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "s.json").read_text())["score"] <= 1
+    assert tune(["--model", str(run / "best"), "--data_dir", str(nnunet_dir), "--cache_dir",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "tuned.json")]) == 0
+    res = subprocess.run([sys.executable, "-m", "giseg", "cv", "--output_dir", str(tmp_path / "cv"), "--folds", "0,1",
+                          "--", "--dataset", "nnunet", "--data_dir", str(nnunet_dir), "--base_model",
+                          str(tiny_models["segformer"]), "--cache_dir", str(tmp_path / "cache"), "--epochs", "1",
+                          "--image_size", "32", "--n_folds", "2", "--num_workers", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "out of fold" in (tmp_path / "cv" / "cv_table.md").read_text()
+
+
+# ---------------------------------------------------------------- small hand-made datasets
+def make_dataset(root, labels=None, cases=("a", "b"), shape=(12, 10, 5), spacing=(1.0, 1.0, 3.0), label_fn=None,
+                 meta=None):
+    """A tiny nnU-Net dataset: a bright square on each slice, label 1 inside it (``label_fn`` overrides)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    affine = np.diag([*spacing, 1.0])
+    for n, case in enumerate(cases):
+        img = np.full(shape, 100, np.int16)
+        lab = np.zeros(shape, np.uint8)
+        img[2:6, 3:7, :] = 900 + n
+        lab[2:6, 3:7, :] = 1
+        if label_fn is not None:
+            lab = label_fn(lab)
+        nib.save(nib.Nifti1Image(img, affine), root / "imagesTr" / f"{case}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), root / "labelsTr" / f"{case}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ".nii.gz",
+                                                   "labels": labels or {"background": 0, "organ": 1},
+                                                   **(meta or {})}))
+    return root
+
+
+def test_slices_are_cut_across_the_largest_spacing_as_h_by_w_and_the_axis_can_be_set(tmp_path):
+    root = make_dataset(tmp_path / "d", shape=(6, 10, 12), spacing=(4.0, 1.0, 1.5))
+    index = adapter(root).build_index(root)
+    assert (index["axis"] == 0).all() and len(index) == 2 * 6
+    assert (index["width"] == 10).all() and (index["height"] == 12).all() and (index["spacing_z"] == 4.0).all()
+    row = next(index.itertuples())
+    vol = nib.load(row.path).get_fdata()
+    assert np.array_equal(adapter(root).read_image(row), vol[0].T)  # (H, W) = (third axis, second axis)
+    meta = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**meta, "slice_axis": 2}))
+    index = adapter(root).build_index(root)
+    assert (index["axis"] == 2).all() and len(index) == 2 * 12 and (index["width"] == 6).all()
+
+
+def test_region_labels_are_overlapping_classes_and_the_later_region_wins_in_multiclass(tmp_path):
+    def two_values(lab):
+        lab[3:5, 4:6, :] = 2  # the core: value 2, inside the value-1 region
+        return lab
+
+    root = make_dataset(tmp_path / "d", labels={"background": 0, "whole": [1, 2], "core": 2}, label_fn=two_values)
+    nn = adapter(root)
+    assert nn.classes == ("whole", "core") and nn.priority == ("core", "whole")
+    row = next(nn.build_index(root).itertuples())
+    masks = nn.read_masks(row)
+    assert masks[0].sum() == 16 and masks[1].sum() == 4 and (masks[1] <= masks[0]).all()
+
+
+def test_case_pattern_makes_the_days_of_one_patient_one_case_of_the_folds(tmp_path):
+    root = make_dataset(tmp_path / "d", cases=("p1_day1", "p1_day2", "p2_day1"),
+                        meta={"case_pattern": r"^p(?P<case>\d+)_day(?P<day>\d+)$"})
+    index = adapter(root).build_index(root)
+    assert sorted(set(zip(index["case"], index["day"]))) == [(1, 1), (1, 2), (2, 1)]
+    plain = make_dataset(tmp_path / "e", cases=("x", "y"))
+    assert sorted(adapter(plain).build_index(plain)["case"].unique()) == [0, 1]  # one case per file by default
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no dataset.json", "dataset.json not found"),
+    ("two channels", "2 channels"),
+    ("bad case_pattern", "group (?P<case>"),
+    ("label of another shape", "label map of shape"),
+    ("label on another grid", "affine differs"),
+    ("label value not in dataset.json", "label value(s) [5]"),
+    ("fractional labels", "fractional label values"),
+    ("image without its label", "no label map"),
+])
+def test_bad_nnunet_input_gets_one_line_naming_the_file(tmp_path, damage, message):
+    root = make_dataset(tmp_path / "d")
+    lab = root / "labelsTr" / "b.nii.gz"
+    meta = json.loads((root / "dataset.json").read_text())
+    if damage == "no dataset.json":
+        (root / "dataset.json").unlink()
+    elif damage == "two channels":
+        (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1", "1": "T2"}}))
+    elif damage == "bad case_pattern":
+        (root / "dataset.json").write_text(json.dumps({**meta, "case_pattern": "^(.*)$"}))
+    elif damage == "label of another shape":
+        nib.save(nib.Nifti1Image(np.zeros((12, 10, 4), np.uint8), np.diag([1.0, 1, 3, 1])), lab)
+    elif damage == "label on another grid":
+        nib.save(nib.Nifti1Image(np.zeros((12, 10, 5), np.uint8), np.diag([1.0, 1, 2, 1])), lab)
+    elif damage == "label value not in dataset.json":
+        nib.save(nib.Nifti1Image(np.full((12, 10, 5), 5, np.uint8), np.diag([1.0, 1, 3, 1])), lab)
+    elif damage == "fractional labels":
+        nib.save(nib.Nifti1Image(np.full((12, 10, 5), 0.5, np.float32), np.diag([1.0, 1, 3, 1])), lab)
+    elif damage == "image without its label":
+        lab.unlink()
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        nn = adapter(root)
+        index = nn.build_index(root)
+        for row in index.itertuples():
+            nn.read_masks(row)
+    assert "\n" not in str(err.value)
+    if damage not in ("no dataset.json", "two channels", "bad case_pattern"):
+        assert str(root) in str(err.value)
+
+
+def test_an_image_without_its_label_is_fine_for_prediction(tmp_path):
+    root = make_dataset(tmp_path / "d")
+    (root / "labelsTr" / "b.nii.gz").unlink()
+    nn = adapter(root)
+    index = nn.build_index(root, require_labels=False)
+    assert len(index) == 10 and not nn.has_labels(index) and nn.read_image(next(index.itertuples())).shape == (10, 12)
