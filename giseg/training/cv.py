@@ -158,7 +158,8 @@ def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
     logger.info("%s: starting%s: %s", name, f" on GPUs {','.join(gpus)}" if gpus else "", shlex.join(cmd))
     t = time.perf_counter()
     with open(out / "stdout.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+        # in the user's folder, as trainer.py run by hand: relative --data_dir, --base_model and --cache_dir mean the same
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                 preexec_fn=_end_with_parent)
         _LIVE.add(proc)
         try:

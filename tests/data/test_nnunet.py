@@ -1,8 +1,6 @@
 """--dataset nnunet: nnU-Net raw datasets (dataset.json + NIfTI) through the same trainer, predict, score, tune and cv."""
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -18,7 +16,6 @@ from giseg.training.config import TrainConfig  # noqa: E402
 from giseg.utils import UserError  # noqa: E402
 from trainer import train  # noqa: E402
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]
 
 
@@ -65,32 +62,8 @@ def test_training_on_the_nnunet_copy_gives_the_loss_of_training_on_the_kaggle_la
         assert nn[key] == pytest.approx(gi[key], rel=1e-6, abs=1e-7), key
 
 
-def test_predict_score_tune_and_cv_run_on_an_nnunet_dataset(nnunet_dir, tmp_path, tiny_models):
-    from giseg.commands.predict import main as predict
-    from giseg.commands.score import main as score
-    from giseg.commands.tune import main as tune
-
-    run = tmp_path / "run"
-    train(TrainConfig(base_model=str(tiny_models["segformer"]), dataset="nnunet", data_dir=str(nnunet_dir),
-                      output_dir=str(run), image_size=32, epochs=1, train_batch_size=8, num_workers=0, n_folds=3,
-                      cache_dir=str(tmp_path / "cache")))
-    assert json.loads((run / "best" / "inference_spec.json").read_text())["dataset"] == "nnunet"
-    sub = tmp_path / "val.csv"
-    assert predict(["--model", str(run / "best"), "--data_dir", str(nnunet_dir), "--fold", "0", "--out", str(sub),
-                    "--cache_dir", str(tmp_path / "cache")]) == 0
-    assert pd.read_csv(sub)["id"].str.contains("_slice_").all()
-    assert score(["--pred", str(sub), "--data_dir", str(nnunet_dir), "--dataset", "nnunet", "--json",
-                  str(tmp_path / "s.json")]) == 0
-    assert 0 <= json.loads((tmp_path / "s.json").read_text())["score"] <= 1
-    assert tune(["--model", str(run / "best"), "--data_dir", str(nnunet_dir), "--cache_dir",
-                 str(tmp_path / "cache"), "--out", str(tmp_path / "tuned.json")]) == 0
-    res = subprocess.run([sys.executable, "-m", "giseg", "cv", "--output_dir", str(tmp_path / "cv"), "--folds", "0,1",
-                          "--", "--dataset", "nnunet", "--data_dir", str(nnunet_dir), "--base_model",
-                          str(tiny_models["segformer"]), "--cache_dir", str(tmp_path / "cache"), "--epochs", "1",
-                          "--image_size", "32", "--n_folds", "2", "--num_workers", "0"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "out of fold" in (tmp_path / "cv" / "cv_table.md").read_text()
+# predict, score, tune and cv on an nnU-Net dataset: tests/test_docs.py::test_the_own_data_commands_run runs the
+# commands of docs/own-data.md
 
 
 # ---------------------------------------------------------------- small hand-made datasets

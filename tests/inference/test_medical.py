@@ -197,3 +197,15 @@ def test_volume_inputs_that_cannot_be_read_get_one_line(tmp_path, series):
     by_depth[1].unlink()
     with pytest.raises(UserError, match="slice spacing varies"):
         read_dicom_series(gap)
+
+
+def test_predict_takes_data_dir_or_input(saved_model, tmp_path):
+    from giseg.commands.predict import main as predict
+
+    for argv, message in ((["--model", str(saved_model)], "pass --data_dir"),
+                          (["--model", str(saved_model), "--data_dir", str(tmp_path), "--input", str(tmp_path)],
+                           "one of them"),
+                          (["--model", str(saved_model), "--input", str(tmp_path), "--fold", "0"],
+                           "--fold applies to --data_dir")):
+        with pytest.raises(UserError, match=message):
+            predict.__wrapped__(argv)
