@@ -66,7 +66,7 @@ def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
     assert sorted(res.stdout.split()) == sorted(written)
 
 
-def test_the_own_data_commands_run(tmp_path, monkeypatch):
+def test_the_own_data_commands_run(tmp_path, monkeypatch, capsys):
     """docs/own-data.md's nnU-Net and volume blocks, run line by line in a fresh folder as a user types them (in this
     process, to spare a start-up per line; giseg cv starts its trainers), at toy size: the demo with 8 slices per
     case-day, one epoch at 32 px, two folds. Each command works and writes what the page says: --dataset nnunet
@@ -89,6 +89,7 @@ def test_the_own_data_commands_run(tmp_path, monkeypatch):
             assert status == 0, line
     assert (tmp_path / "demo" / "nnunet" / "dataset.json").is_file() and (tmp_path / "nnunet-val.csv").is_file()
     assert "out of fold" in (tmp_path / "runs" / "nnunet-cv" / "cv_table.md").read_text()
+    assert "3D Hausdorff in mm over the" in capsys.readouterr().out  # giseg score --hausdorff_mm
     assert len(list((tmp_path / "predictions").glob("*.nii.gz"))) == 9  # one per case-day of the demo
     assert len(list((tmp_path / "predictions-one" / "case2_day1").glob("*.nii.gz"))) == 3
 

@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data folder's layout (default gi): " + datasets_help())
     ap.add_argument("--time_saved_threshold", type=float, default=0.9,
                     help="Dice a slice must reach to count as 'no redraw needed' (default 0.9)")
+    ap.add_argument("--hausdorff_mm", action="store_true",
+                    help="also the 3D Hausdorff distance in millimetres per class (volumes where both the prediction "
+                         "and the truth show the class), for data with its voxel spacing (--dataset nnunet)")
     add_options(ap, ScoringOptions)
     add_options(ap, HFOptions)
     return ap
@@ -31,11 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     adapter = get_adapter(args.dataset).bind(args.data_dir, dataset_options(args))
     index = adapter.build_index(args.data_dir)
     overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,
-                                          args.time_saved_threshold, source=args.pred, workers=args.workers or None)
+                                          args.time_saved_threshold, source=args.pred, workers=args.workers or None,
+                                          in_mm=args.hausdorff_mm)
     print(format_table(overall, per_case, adapter.classes))
     print(f"\nscore {overall['score']:.4f} = 0.4 * dice_mean {overall['dice_mean']:.4f} + 0.6 * (1 - hausdorff "
           f"{overall['hausdorff']:.4f}); per-slice Dice at each scan's original size, empty/empty Dice rule: "
           f"{args.empty_dice}")
+    if args.hausdorff_mm:
+        print(f"3D Hausdorff in mm over the {overall['hausdorff_mm_pairs']} volume-class pairs that both show: mean "
+              f"{overall['hausdorff_mm']:.2f}; " + ", ".join(f"{c} {overall[f'hausdorff_mm_{c}']:.2f}"
+                                                          for c in adapter.classes))
     if args.json:
         atomic_write_json(args.json, {**overall, "per_case": per_case.to_dict("records"),
                                       "empty_dice": args.empty_dice, "time_saved_threshold": args.time_saved_threshold})

@@ -13,6 +13,7 @@ are scored, and each of them must be complete. The ground truth, the classes and
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from giseg.evaluation.metrics import (
     competition_score,
     dice_from_stats,
     hausdorff_3d,
+    hausdorff_mm,
     mask_stats,
     summarise,
     time_saved,
@@ -81,8 +83,15 @@ def _align(index: pd.DataFrame, pred: pd.DataFrame, source: str, volume: list[st
 
 
 def figures_from_stats(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray, empty: str, threshold: float,
-             classes: tuple[str, ...]) -> dict:
+             classes: tuple[str, ...], hd_mm: np.ndarray | None = None) -> dict:
     out = summarise(stats, empty, classes)
+    if hd_mm is not None:  # (volumes, classes) in mm, NaN where either mask is empty
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # (a class never found in both: its mean is NaN)
+            for c, name in enumerate(classes):
+                out[f"hausdorff_mm_{name}"] = float(np.nanmean(hd_mm[:, c])) if len(hd_mm) else float("nan")
+            out["hausdorff_mm"] = float(np.nanmean(hd_mm)) if hd_mm.size else float("nan")
+            out["hausdorff_mm_pairs"] = int(np.isfinite(hd_mm).sum())
     dice = dice_from_stats(stats, empty)
     present = (stats[..., 1] + stats[..., 2]) > 0
     saved = time_saved(dice, present, threshold)
@@ -103,15 +112,21 @@ def figures_from_stats(stats: np.ndarray, hd: np.ndarray, hd_merged: np.ndarray,
 
 def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.DataFrame, empty: str = "1",
                       threshold: float = 0.9, source: str = "submission",
-                      workers: int | None = None) -> tuple[dict, pd.DataFrame]:
+                      workers: int | None = None, in_mm: bool = False) -> tuple[dict, pd.DataFrame]:
     """Overall figures and a per-case table for predictions ``pred`` (id + pred_<class>) against the ground truth
     of ``index`` (read by ``adapter``, which also says which rows form a volume). Volumes are scored in
-    ``workers`` threads (default: one per core; the distance transforms of the 3D Hausdorff release the GIL)."""
+    ``workers`` threads (default: one per core; the distance transforms of the 3D Hausdorff release the GIL).
+    ``in_mm``: also the Hausdorff distance in millimetres (metrics.hausdorff_mm), for data whose index has the
+    through-plane spacing (``spacing_z``: nnU-Net datasets)."""
     if empty not in EMPTY_RULES:
         raise UserError(f"--empty_dice must be one of {EMPTY_RULES}, got {empty!r}")
     classes, volume = adapter.classes, list(adapter.volume_columns)
     rows = _align(index, pred, source, volume)
     check_volume_sizes(rows, adapter.volume_columns, source)
+    spacing = ["spacing_x", "spacing_y", "spacing_z"]
+    if in_mm and (not set(spacing) <= set(rows) or rows[spacing].isna().any().any()):
+        raise UserError(f"--hausdorff_mm: {adapter.name} data does not say its voxel spacing in every direction (an "
+                        "index column spacing_z, as nnU-Net datasets have); the normalised Hausdorff is still scored")
 
     def one_volume(grp: pd.DataFrame):
         """(row positions, (D, C, 3) stats, per-class Hausdorff, merged Hausdorff, case) of one volume."""
@@ -128,26 +143,30 @@ def score_predictions(adapter: DatasetAdapter, index: pd.DataFrame, pred: pd.Dat
             unlabelled = adapter.ignored(r)
             if unlabelled is not None:  # predictions there count neither way
                 vp[:, k] &= ~unlabelled
+        spacing = tuple(float(grp[f"spacing_{a}"].iloc[0]) for a in "zyx") if in_mm else None
         return (grp.index, mask_stats(vp, vt).transpose(1, 0, 2),  # (C, D, 3) -> (D, C, 3)
                 [hausdorff_3d(vp[c], vt[c]) for c in range(len(classes))], hausdorff_3d(vp.any(0), vt.any(0)),
-                grp["case"].iloc[0])
+                grp["case"].iloc[0], [hausdorff_mm(vp[c], vt[c], spacing) for c in range(len(classes))] if in_mm
+                else [])
 
     stats = np.zeros((len(rows), len(classes), 3))
-    vol_case, hd, hd_merged = [], [], []
+    vol_case, hd, hd_merged, hd_mm = [], [], [], []
     groups = [grp for _, grp in rows.groupby(volume, sort=False)]
     with ThreadPoolExecutor(max(1, workers or os.cpu_count() or 1)) as pool:
-        for where, vol_stats, vol_hd, vol_merged, case in pool.map(one_volume, groups):  # in volume order
+        for where, vol_stats, vol_hd, vol_merged, case, vol_mm in pool.map(one_volume, groups):  # in volume order
             stats[where] = vol_stats
             hd.append(vol_hd)
             hd_merged.append(vol_merged)
             vol_case.append(case)
+            hd_mm.append(vol_mm)
     hd, hd_merged, vol_case = np.array(hd), np.array(hd_merged), np.array(vol_case)
-    overall = figures_from_stats(stats, hd, hd_merged, empty, threshold, classes)
+    hd_mm = np.array(hd_mm, float).reshape(len(hd), len(classes)) if in_mm else None
+    overall = figures_from_stats(stats, hd, hd_merged, empty, threshold, classes, hd_mm)
     per_case = []
     for case in sorted(rows["case"].unique()):
         sel, vsel = rows["case"].to_numpy() == case, vol_case == case
         per_case.append({"case": int(case), **figures_from_stats(stats[sel], hd[vsel], hd_merged[vsel], empty, threshold,
-                                                       classes)})
+                                                       classes, None if hd_mm is None else hd_mm[vsel])})
     return overall, pd.DataFrame(per_case)
 
 

@@ -170,3 +170,26 @@ def test_an_image_without_its_label_is_fine_for_prediction(tmp_path):
     nn = adapter(root)
     index = nn.build_index(root, require_labels=False)
     assert len(index) == 10 and not nn.has_labels(index) and nn.read_image(next(index.itertuples())).shape == (10, 12)
+
+
+def test_the_default_run_and_predict_never_import_nibabel_or_pydicom():
+    """--dataset nnunet is registered beside GI, and predict knows --input; neither costs the default run an import."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, trainer, model; import giseg.data.registry, giseg.commands.predict, giseg.commands.score, "
+            "giseg.commands.demo_data; print([m for m in ('nibabel', 'pydicom') if m in sys.modules])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+
+
+def test_hausdorff_in_mm_is_refused_for_data_without_its_through_plane_spacing(demo_dir):
+    from giseg.evaluation.score import score_predictions
+
+    gi = GIAdapter()
+    index = gi.build_index(demo_dir)
+    pred = pd.DataFrame({"id": index["id"], **{f"pred_{c}": "" for c in gi.classes}})
+    with pytest.raises(UserError, match="--hausdorff_mm: gi data does not say its voxel spacing"):
+        score_predictions(gi, index, pred, in_mm=True)

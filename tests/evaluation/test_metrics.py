@@ -116,3 +116,15 @@ def test_time_saved_counts_only_slices_showing_the_organ():
 def test_competition_score_weights():
     assert competition_score(1.0, 0.0) == 1.0
     assert competition_score(0.5, 0.5) == pytest.approx(0.4 * 0.5 + 0.6 * 0.5)
+
+
+def test_hausdorff_in_mm_uses_the_voxel_spacing_and_skips_a_missing_organ():
+    from giseg.evaluation.metrics import hausdorff_mm
+
+    a = np.zeros((4, 10, 12), bool)
+    b = np.zeros_like(a)
+    a[1, 2, 3] = True
+    b[3, 2, 7] = True  # 2 slices and 4 columns away
+    assert hausdorff_mm(a, b, (3.0, 1.5, 1.5)) == pytest.approx(np.hypot(2 * 3.0, 4 * 1.5))
+    assert hausdorff_mm(a, b, (1.0, 1.0, 1.0)) == pytest.approx(np.hypot(2, 4))
+    assert np.isnan(hausdorff_mm(a, np.zeros_like(a), (1.0, 1.0, 1.0)))
