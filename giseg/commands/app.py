@@ -64,6 +64,9 @@ class Analyser:
 
     def analyse_file(self, path: str | Path) -> Analysis:
         """An uploaded scan: a 16-bit PNG (pixel spacing read from a competition file name) or any image."""
+        if self.spec.channels > 1:
+            raise UserError(f"this model takes images of {self.spec.channels} channels; an uploaded file is one: pick "
+                            "a slice of the data folder instead")
         img, spacing = self.adapter.read_upload(path)
         return self._analyse([img], None, spacing)
 
@@ -75,14 +78,16 @@ class Analyser:
         keys = list(self.adapter.volume_columns)
         vol = self.index[(self.index[keys] == self.index.loc[slice_id, keys]).all(axis=1)].reset_index(drop=True)
         nb = neighbour_table(vol, self.spec.context_slices, self.spec.context_stride, self.adapter.volume_columns)
-        chans = [self.adapter.read_image(next(vol.iloc[[int(k)]].itertuples()))
-                 for k in nb[int(np.flatnonzero(vol["id"] == slice_id)[0])]]
+        images = [self.adapter.read_image(next(vol.iloc[[int(k)]].itertuples()))
+                  for k in nb[int(np.flatnonzero(vol["id"] == slice_id)[0])]]
+        chans = [c for img in images for c in (img if img.ndim == 3 else [img])]  # each slice's image channels
         truth = self.adapter.read_masks(row).astype(bool) if self.adapter.has_labels(self.index) else None
         return self._analyse(chans, truth, self.adapter.pixel_spacing(row))
 
     def _analyse(self, raw_channels: list[np.ndarray], truth: np.ndarray | None, spacing) -> Analysis:
         masks = self.predict(raw_channels)
-        centre = normalise_scan(raw_channels[len(raw_channels) // 2])
+        m = self.spec.channels  # (the centre slice's first image channel)
+        centre = normalise_scan(raw_channels[(len(raw_channels) // m // 2) * m])
         dice = dice_from_stats(mask_stats(masks, truth), "1") if truth is not None else None
         rows = []
         for c, name in enumerate(self.spec.classes):

@@ -155,10 +155,10 @@ def predict_volumes(model: Ensemble, args, device) -> int:
     spec = model.spec
     data = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(None, spec.dataset_options or {}, spec.classes)
     out = Path(args.out)
-    paths = find_inputs(args.input)
-    for path in paths:
-        volume = read_volume(path)
-        adapter = VolumeAdapter(volume, spec.classes)
+    for paths in find_inputs(args.input, spec.channels):
+        path = paths[0]
+        volume = read_volume(paths)
+        adapter = VolumeAdapter(volume, spec.classes, spec.channels)
         index = adapter.build_index()
         inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
         logger.info("predicting %s: %d slices of %s across axis %d (spacing %s mm) with %d model(s) on %s (%s)",

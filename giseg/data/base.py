@@ -62,6 +62,7 @@ class DatasetAdapter:
     priority: tuple[str, ...]  # --task multiclass: where classes overlap, the first of these wins
     colours: dict[str, str]  # class -> colour name (matplotlib / CSS), used by figures and the app
     volume_columns: tuple[str, ...] = ("case", "day")
+    channels: int = 1  # image channels per slice (an nnU-Net dataset's channel_names); read_image's first axis if > 1
     title: str = ""  # the dataset's full name, for model cards ("": the data folder's)
     limits: str = ""  # where a model trained on it stops being valid, for model cards ("": its name and classes)
 
@@ -71,7 +72,7 @@ class DatasetAdapter:
         raise NotImplementedError
 
     def read_image(self, row) -> np.ndarray:
-        """One index row's raw (H, W) image."""
+        """One index row's raw (H, W) image; (channels, H, W) for an adapter of several image channels."""
         raise NotImplementedError
 
     def read_masks(self, row) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Decode once: images and masks turned into arrays at the training resolution, on disk.
 
 A cache folder holds ``images.npy`` (N, S, S) float16, each slice prepared as the model sees it
-(preprocess.prepare_scan: normalised to [0, 1] and resized to S x S), and ``masks.npy`` (N, S, S) uint8 whose
+(preprocess.prepare_scan: normalised to [0, 1] and resized to S x S; a dataset of M image channels stores
+(N * M, S, S), slice r's channel m at r * M + m), and ``masks.npy`` (N, S, S) uint8 whose
 bit c is class c of the dataset adapter (masks.pack_masks), so classes that overlap stay overlapping at one byte
 per pixel. Both are opened with ``np.load(mmap_mode="r")``: every data-loader worker shares the page cache
 instead of a copy. ``manifest.json``, written last, lists each file's size and block checksums: a cache is used
@@ -128,8 +129,9 @@ def _reserve(path: Path, size: int) -> None:
 
 def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder: Path, num_threads: int) -> None:
     labelled = adapter.has_labels(index)
+    channels = adapter.channels
     shape = (len(index), image_size, image_size)
-    need = len(index) * image_size * image_size * 3 + 64 * len(index) + (1 << 20)
+    need = len(index) * image_size * image_size * (2 * channels + 1) + 64 * len(index) + (1 << 20)
     free = shutil.disk_usage(folder.parent).free
     if free < need:
         raise UserError(f"--cache_dir {folder.parent}: the cache of {len(index)} slices at {image_size}px needs "
@@ -141,14 +143,15 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # (it would surface as a NaN loss, much later)
             raise UserError(f"{getattr(row, 'path', row.id)} (id {row.id}): the image holds NaN or infinite values; "
                             "fix or drop that image")
-        image = prepare_scan(raw, image_size)
+        image = prepare_scan(raw, image_size) if channels == 1 else np.stack([prepare_scan(c, image_size) for c in raw])
         if not labelled:
             return image, np.zeros((image_size, image_size), np.uint8)
         return image, resize_mask(adapter.read_packed(row), image_size)
 
     logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
     with _SignalsRaise(), atomic_dir(folder) as tmp:
-        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16, shape)
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16,
+                                           (len(index) * channels, image_size, image_size))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
         for name in ("images.npy", "masks.npy"):
             _reserve(tmp / name, (tmp / name).stat().st_size)
@@ -158,7 +161,7 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
             for start in range(0, len(index), window):
                 part = index.iloc[start:start + window].itertuples()
                 for i, (im, m) in enumerate(pool.map(load_one, part), start):
-                    images[i], masks[i] = im, m
+                    images[i * channels:(i + 1) * channels], masks[i] = im, m
         images.flush()
         masks.flush()
         del images, masks
@@ -187,7 +190,8 @@ def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, c
                 _build(adapter, index, image_size, folder, num_threads)
     cache = SliceCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
                        folder)
-    if cache.images.shape != (len(index), image_size, image_size) or cache.masks.shape != cache.images.shape:
+    want = (len(index), image_size, image_size)
+    if cache.images.shape != (len(index) * adapter.channels, *want[1:]) or cache.masks.shape != want:
         raise UserError(f"cache {folder} holds arrays of shape {cache.images.shape}, not ({len(index)}, {image_size}, "
                         f"{image_size}); delete the folder and run again")
     return cache

@@ -67,6 +67,7 @@ class Volume:
     sources: list[Path]  # the files it was read from
     header: object | None = None  # the NIfTI header (the output keeps its geometry), None for DICOM
     dicom: DicomSeries | None = None
+    more: tuple[np.ndarray, ...] = ()  # the image's other channels (<case>_0001 ...), on the same grid
 
 
 def is_nifti(path: Path) -> bool:
@@ -176,13 +177,16 @@ def read_dicom_series(folder: Path) -> Volume:
                   dicom=series_info)
 
 
-def find_inputs(path: str | Path) -> list[Path]:
-    """What --input names: a NIfTI file, a folder of NIfTI files (each a volume) or a DICOM series folder."""
+def find_inputs(path: str | Path, channels: int = 1) -> list[list[Path]]:
+    """What --input names, as the files of each volume: a NIfTI file, a folder of NIfTI files (each a volume; for a
+    model of several image channels, each case's <case>_0000, <case>_0001 ... files) or a DICOM series folder."""
     p = Path(path)
+    if channels > 1:
+        return channel_groups(p, channels)
     if p.is_file():
         if not is_nifti(p):
             raise UserError(f"--input {p}: not a NIfTI file (.nii or .nii.gz); for DICOM pass the series' folder")
-        return [p]
+        return [[p]]
     if not p.is_dir():
         raise UserError(f"--input {p} does not exist")
     niftis = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f))
@@ -192,14 +196,48 @@ def find_inputs(path: str | Path) -> list[Path]:
         if dup is not None:
             raise UserError(f"--input {p}: two files would both be predicted as {dup}.nii.gz "
                             f"({', '.join(f.name for f, s in zip(niftis, stems) if s == dup)}); keep one")
-        return niftis
+        return [[f] for f in niftis]
     if any(is_dicom(f) for f in p.iterdir() if f.is_file()):
-        return [p]
+        return [[p]]
     raise UserError(f"--input {p}: neither NIfTI files (.nii, .nii.gz) nor DICOM files in this folder")
 
 
-def read_volume(path: Path) -> Volume:
-    return read_dicom_series(path) if path.is_dir() else read_nifti(path)
+def channel_groups(p: Path, channels: int) -> list[list[Path]]:
+    """The <case>_0000 ... <case>_<channels - 1> NIfTI files of each case in folder ``p`` (or of the case whose
+    _0000 file ``p`` is)."""
+    if p.is_dir() and not any(is_nifti(f) for f in p.iterdir()) and any(is_dicom(f) for f in p.iterdir()):
+        raise UserError(f"--input {p}: a DICOM series is one image channel; this model takes {channels} "
+                        "(<case>_0000, <case>_0001 ... NIfTI files)")
+    files = sorted(f for f in p.iterdir() if f.is_file() and is_nifti(f)) if p.is_dir() else [p]
+    if p.is_file() and not re.search(r"_0000\.nii(\.gz)?$", p.name):
+        raise UserError(f"--input {p}: this model takes {channels} image channels; pass a case's _0000 file (its "
+                        "_0001 ... beside it) or their folder")
+    groups = []
+    for first in (f for f in files if re.search(r"_0000\.nii(\.gz)?$", f.name)):
+        group = [first.with_name(first.name.replace("_0000.", f"_{m:04d}.", 1)) for m in range(channels)]
+        missing = [g.name for g in group if not g.is_file()]
+        if missing:
+            raise UserError(f"--input {first}: this model takes {channels} image channels; {', '.join(missing)} "
+                            "missing beside it")
+        groups.append(group)
+    if not groups:
+        raise UserError(f"--input {p}: no <case>_0000.nii(.gz) files (a model of {channels} image channels reads "
+                        "<case>_0000, <case>_0001 ... per case)")
+    return groups
+
+
+def read_volume(paths: list[Path]) -> Volume:
+    """The volume of one input: a DICOM series folder, or a case's NIfTI files (one per image channel)."""
+    if paths[0].is_dir():
+        return read_dicom_series(paths[0])
+    volumes = [read_nifti(p) for p in paths]
+    first = volumes[0]
+    for p, v in zip(paths[1:], volumes[1:]):
+        if v.array.shape != first.array.shape or not np.allclose(v.affine, first.affine, atol=1e-3):
+            raise UserError(f"{p}: not on the grid of {paths[0].name} (shape {v.array.shape} vs {first.array.shape}, "
+                            "or another affine); a case's channels must match voxel for voxel")
+    first.more, first.sources = tuple(v.array for v in volumes[1:]), list(paths)
+    return first
 
 
 class VolumeAdapter(DatasetAdapter):
@@ -208,9 +246,9 @@ class VolumeAdapter(DatasetAdapter):
     description = "one NIfTI volume or DICOM series (giseg predict --input)"
     volume_columns = ("case", "day")
 
-    def __init__(self, volume: Volume, classes: tuple[str, ...]):
+    def __init__(self, volume: Volume, classes: tuple[str, ...], channels: int = 1):
         self.volume, self.classes, self.priority = volume, tuple(classes), tuple(classes)
-        self.colours = {}
+        self.colours, self.channels = {}, channels
 
     def build_index(self, data_dir=None, split=None, require_labels=False):
         v = self.volume
@@ -221,7 +259,10 @@ class VolumeAdapter(DatasetAdapter):
                              "spacing_x": v.spacing[p], "spacing_y": v.spacing[q], "path": str(v.sources[0])})
 
     def read_image(self, row):
-        return cut(self.volume.array, self.volume.axis, int(row.slice) - 1)
+        v, k = self.volume, int(row.slice) - 1
+        if not v.more:
+            return cut(v.array, v.axis, k)
+        return np.stack([cut(a, v.axis, k) for a in (v.array, *v.more)])
 
     def has_labels(self, index):
         return False

@@ -22,8 +22,10 @@ imported when an nnU-Net folder is read (pip install -e ".[medical]").
   file's case name with a group ``case`` (the patient) and optionally ``day``, groups them
   (``"^case(?P<case>\\d+)_day(?P<day>\\d+)$"`` is what ``export_nnunet`` writes for the GI data).
 - **Channels**: one channel (``channel_names`` with one entry) is the single-channel path of every dataset: the
-  slice repeated to the model's channels, or ``--context_slices`` neighbours (2.5D). Several channels are refused
-  for now, with a message.
+  slice repeated to the model's channels, or ``--context_slices`` neighbours (2.5D). Several (``<case>_0000``,
+  ``<case>_0001``, ... on one grid: T1 and T2, multi-parametric MRI) are the model's input channels, each slice's
+  channels in turn (times ``--context_slices`` neighbours), through the input widening of the 2.5D context
+  (models/widen.py); each channel is normalised on its own.
 - **Intensities** are normalised per slice (0.5th to 99.5th percentile), as for the GI scans.
 
     giseg demo-data --dataset nnunet --out demo/nnunet     # the GI demo written in this format
@@ -62,7 +64,7 @@ def import_nibabel():
 
 # ---------------------------------------------------------------- dataset.json
 def read_dataset_json(root: Path) -> dict:
-    """dataset.json of the folder ``root``, checked: labels with a background of 0, one channel, a file ending."""
+    """dataset.json of the folder ``root``, checked: labels with a background of 0, channels numbered 0, 1 ..., a NIfTI file ending."""
     path = root / DATASET_JSON
     if not root.is_dir():
         raise UserError(f"--data_dir {root} does not exist; pass an nnU-Net dataset folder (dataset.json, imagesTr/, "
@@ -79,10 +81,9 @@ def read_dataset_json(root: Path) -> dict:
     channels = meta.get("channel_names", meta.get("modality", {"0": "image"}))
     if not isinstance(channels, dict) or not channels:
         raise UserError(f'{path}: "channel_names" must be an object like {{"0": "MRI"}}')
-    if len(channels) > 1:
-        raise UserError(f"{path}: {len(channels)} channels {list(channels.values())}; this toolkit reads one-channel "
-                        "datasets for now (the 2.5D context fills the model's input channels): keep one channel "
-                        "(e.g. _0000) in a copy of the folder")
+    if sorted(channels, key=str) != [str(m) for m in range(len(channels))]:
+        raise UserError(f'{path}: "channel_names" keys must be "0", "1", ... (the files\' _0000, _0001 ...), got '
+                        f"{list(channels)}")
     ending = meta.get("file_ending", ENDING)
     if ending not in (".nii.gz", ".nii"):
         raise UserError(f'{path}: "file_ending" {ending!r}: this toolkit reads NIfTI (.nii.gz or .nii)')
@@ -200,6 +201,13 @@ def cut(volume: np.ndarray, axis: int, k: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the index
+def channel_path(path: str | Path, m: int) -> Path:
+    """Channel ``m``'s file of the case whose channel-0 file is ``path`` (<case>_0000<ending>)."""
+    path = Path(path)
+    stem, _, ending = path.name.rpartition("_0000.")
+    return path.with_name(f"{stem}_{m:04d}.{ending}")
+
+
 def case_names(folder: Path, ending: str) -> list[str]:
     return sorted(f.name[:-len("_0000" + ending)] for f in folder.glob(f"*_0000{ending}"))
 
@@ -235,9 +243,19 @@ def build_nnunet_index(root: Path, meta: dict, split: str, require_labels: bool)
     labelled = require_labels or all((labels_dir / f"{n}{ending}").is_file() for n in names)
     cases, days = case_numbers(names, meta.get("case_pattern"), str(root / DATASET_JSON))
     rows = []
+    n_channels = len(meta.get("channel_names", meta.get("modality", {"0": "image"})))
     for name, case, day in zip(names, cases, days):
         image = folder / f"{name}_0000{ending}"
         shape, affine, spacing = header_of(image)
+        for m in range(1, n_channels):
+            other = channel_path(image, m)
+            if not other.is_file():
+                raise UserError(f"{image}: its channel {m} file {other.name} is missing (dataset.json names "
+                                f"{n_channels} channels)")
+            oshape, oaffine, _ = header_of(other)
+            if oshape != shape or not np.allclose(oaffine, affine, atol=AFFINE_TOLERANCE):
+                raise UserError(f"{other}: channel {m} is not on the grid of {image.name} (shape {oshape} vs {shape}, "
+                                "or another affine); the channels of a case must match voxel for voxel")
         label = labels_dir / f"{name}{ending}"
         if labelled:
             if not label.is_file():
@@ -272,14 +290,15 @@ class NnUNetAdapter(DatasetAdapter):
     """An nnU-Net raw dataset; its classes come from dataset.json, so ``bind`` gives the adapter of one folder."""
     name = "nnunet"
     description = ("an nnU-Net raw dataset: dataset.json, imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz "
-                   "(NIfTI, one channel; classes and regions from dataset.json; data/nnunet.py)")
+                   "(NIfTI, one or more channels; classes and regions from dataset.json; data/nnunet.py)")
     classes = ()
     priority = ()
     colours = {}
     volume_columns = ("case", "day")
 
-    def __init__(self, root: Path | None = None, meta: dict | None = None, classes=None, values=None, priority=None):
-        self.root, self.meta = root, meta or {}
+    def __init__(self, root: Path | None = None, meta: dict | None = None, classes=None, values=None, priority=None,
+                 channels: int = 1):
+        self.root, self.meta, self.channels = root, meta or {}, channels
         self.values = values or ()
         if classes:
             self.classes = tuple(classes)
@@ -287,7 +306,7 @@ class NnUNetAdapter(DatasetAdapter):
             self.colours = dict(zip(self.classes, PALETTE * (1 + len(self.classes) // len(PALETTE))))
             self.title = self.meta.get("name", "") or ""
         self._lut = label_table(self.values) if self.values else None
-        self._images, self._labels = VolumeMemo(), VolumeMemo()
+        self._images, self._labels = VolumeMemo(3 * channels), VolumeMemo()
 
     def bind(self, data_dir, options=None, classes=None):
         if data_dir is None:  # a model's classes, no data (predicting on NIfTI / DICOM files, the app)
@@ -299,8 +318,8 @@ class NnUNetAdapter(DatasetAdapter):
             raise UserError(f"{root / DATASET_JSON}: {len(names)} classes; this toolkit takes 1 to {MAX_CLASSES}")
         if classes is not None and tuple(classes) != names:
             raise UserError(f"{root / DATASET_JSON}: its classes {list(names)} are not the model's {list(classes)}")
-        return NnUNetAdapter(root, meta, names, values,
-                             overlap_priority(names, values))
+        return NnUNetAdapter(root, meta, names, values, overlap_priority(names, values),
+                             len(meta.get("channel_names", meta.get("modality", {"0": "image"}))))
 
     def _bound(self, data_dir=None) -> Path:
         if self.root is None:
@@ -313,7 +332,10 @@ class NnUNetAdapter(DatasetAdapter):
         return build_nnunet_index(self._bound(data_dir), self.meta, split or "train", require_labels)
 
     def read_image(self, row):
-        return cut(self._images.get(row.path), int(row.axis), int(row.slice) - 1)
+        if self.channels == 1:
+            return cut(self._images.get(row.path), int(row.axis), int(row.slice) - 1)
+        return np.stack([cut(self._images.get(str(channel_path(row.path, m))), int(row.axis), int(row.slice) - 1)
+                         for m in range(self.channels)])
 
     def read_packed(self, row):
         lab = cut(self._labels.get(row.label_path), int(row.axis), int(row.slice) - 1)
@@ -341,7 +363,9 @@ class NnUNetAdapter(DatasetAdapter):
     def fingerprint(self, index):
         h = hashlib.sha256(super().fingerprint(index).encode())
         h.update(json.dumps(self.meta, sort_keys=True).encode())
-        return hash_files(h, sorted(set(index["label_path"]))) if "label_path" in index else h.hexdigest()
+        files = [channel_path(p, m) for p in sorted(set(index["path"])) for m in range(1, self.channels)]
+        files += sorted(set(index["label_path"])) if "label_path" in index else []
+        return hash_files(h, files)
 
     def inference_split(self, data_dir):
         return "test" if (Path(data_dir) / SPLITS["test"]).is_dir() else "train"

@@ -21,8 +21,10 @@ def check_volume_sizes(index: pd.DataFrame, volume_columns: tuple[str, ...], whe
 
 
 def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 2,
-                    volume_columns: tuple[str, ...] = ("case", "day")) -> np.ndarray:
-    """(N, context_slices) row positions of the slices stacked as channels for each slice.
+                    volume_columns: tuple[str, ...] = ("case", "day"), channels: int = 1) -> np.ndarray:
+    """(N, context_slices * channels) positions in the decode-once cache's images of what is stacked as the input
+    channels of each slice: its neighbours' rows, or with several image ``channels`` per slice (stored one after
+    another: row r's channel m at r * channels + m) each neighbour's channels in turn.
 
     context_slices=1 gives the slice itself (repeated into 3 channels later); 3 gives the slices at
     -stride, 0, +stride (5: -2 stride ... +2 stride) of the same volume (rows sharing ``volume_columns``, the adapter's). At a volume end a missing neighbour is replaced by the nearest
@@ -46,4 +48,6 @@ def neighbour_table(index: pd.DataFrame, context_slices: int = 1, stride: int = 
         below = np.clip(np.searchsorted(nums, target, side="right") - 1, 0, len(nums) - 1)
         fallback = np.where(offsets[None, :] > 0, below, pos)
         out[rows] = rows[np.where(exact, pos, fallback)]
+    if channels > 1:
+        return (out[:, :, None] * channels + np.arange(channels)).reshape(len(index), -1)
     return out

@@ -252,7 +252,8 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
     segmenter = Segmenter.load(run_dir / "best", "cpu")
     spec = segmenter.spec
     cache = build_cache(adapter, index, spec.image_size, cache_dir or cfg["cache_dir"])
-    neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns)
+    neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns,
+                                 adapter.channels)
     masks, records, stats = {}, [], []
     for r, pred in segmenter.iter_masks(index, rows, cache, neighbours, batch_size=batch_size):
         row = next(index.iloc[[r]].itertuples())

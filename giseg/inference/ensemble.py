@@ -79,12 +79,15 @@ class Ensemble:
         """Each member's (decode-once cache at its image size, neighbour table of its 2.5D setting)."""
         caches: dict[int, object] = {}
         out = []
-        for m in self.members:
+        for name, m in zip(self.names, self.members):
+            if m.spec.channels != adapter.channels:
+                raise UserError(f"--model {name}: takes images of {m.spec.channels} channel(s); this data has "
+                                f"{adapter.channels}")
             size = m.spec.image_size
             if size not in caches:
                 caches[size] = build_cache(adapter, index, size, cache_dir, num_threads=num_threads)
             out.append((caches[size], neighbour_table(index, m.spec.context_slices, m.spec.context_stride,
-                                                      adapter.volume_columns)))
+                                                      adapter.volume_columns, adapter.channels)))
         return out
 
     def iter_probabilities(self, index: pd.DataFrame, rows: np.ndarray, inputs: list[tuple], batch_size: int = 16,

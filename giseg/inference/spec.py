@@ -34,6 +34,13 @@ def flag(default, help: str, check, what: str, **meta) -> dict:
                      **meta}, "check": check, "what": what}
 
 
+def model_input_channels(context_slices: int, channels: int = 1) -> int:
+    """The channels a model takes: ``context_slices`` slices of ``channels`` image channels each; a lone one is
+    repeated into 3 (the pretrained RGB input), any other count widens the input layer (models/widen.py)."""
+    total = context_slices * channels
+    return 3 if total == 1 else total
+
+
 def spec_flags() -> list[dataclasses.Field]:
     """The spec fields that are training flags."""
     return [f for f in dataclasses.fields(InferenceSpec) if "flag" in f.metadata]
@@ -70,6 +77,10 @@ class InferenceSpec:
     min_area: tuple[float, ...] | None = None  # gate: fraction of a slice's pixels below which a class is dropped
     min_prob: tuple[float, ...] | None = None  # gate: a class whose highest probability is below it is dropped
     postprocess: tuple[str, ...] | None = None  # per volume: "none", "largest" or "min:<voxels>" (3D components)
+    channels: int = 1  # the dataset's image channels (an nnU-Net dataset's channel_names; 1 for a scan)
+
+    def input_channels(self) -> int:
+        return model_input_channels(self.context_slices, self.channels)
 
     def __post_init__(self) -> None:
         for name in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
@@ -86,7 +97,10 @@ class InferenceSpec:
         bad_names = class_name_problems(self.classes) if isinstance(self.classes, tuple) else ["not a list"]
         if bad_names:
             out.append(f"classes: {bad_names[0]}")
-        channels = max(3, self.context_slices if isinstance(self.context_slices, int) else 3)
+        if not (isinstance(self.channels, int) and not isinstance(self.channels, bool) and self.channels >= 1):
+            out.append(f"channels: an integer >= 1 (the image's channels), got {self.channels!r}")
+        channels = self.input_channels() if not out else max(3, self.context_slices if isinstance(
+            self.context_slices, int) else 3)
         for name, low, high in (("mean", -MAX_STAT, MAX_STAT), ("std", MIN_STD, MAX_STAT)):
             values = getattr(self, name)
             if len(values) != channels or not all(is_number(v) and low <= v <= high for v in values):

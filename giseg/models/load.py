@@ -78,9 +78,11 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
 
 
 def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-               allow_bin: bool = False, in_channels: int = 3, head_prior: float = 0.0) -> LoadedModel:
+               allow_bin: bool = False, in_channels: int = 3, head_prior: float = 0.0,
+               modalities: int = 1) -> LoadedModel:
     """Load ``base_model`` (hub id or local folder) with a fresh head for ``task``'s labels of ``classes``; with
-    ``in_channels`` > 3 (--context_slices 5, 7 ...) its input layer widened (widen_input) and its statistics too;
+    ``in_channels`` other than 3 (--context_slices 5, 7 ...; images of ``modalities`` channels each) its input layer
+    widened (widen_input) and its statistics too;
     with ``head_prior`` > 0 the new head's output biases set so that every class starts at that probability
     (set_prior_bias)."""
     loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
@@ -88,11 +90,12 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
         for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
             loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} everywhere "
                                         "(--head_prior)")
-    if in_channels > 3 and input_channels(loaded.model) != in_channels:
-        layer = widen_input(loaded.model, in_channels)
+    if in_channels != 3 and input_channels(loaded.model) != in_channels:
+        layer = widen_input(loaded.model, in_channels, modalities)
         loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
                                     "out; same output for the same image in every channel)")
-        loaded.mean, loaded.std = widen_channels(loaded.mean, in_channels), widen_channels(loaded.std, in_channels)
+        loaded.mean = widen_channels(loaded.mean, in_channels, modalities)
+        loaded.std = widen_channels(loaded.std, in_channels, modalities)
     return loaded
 
 

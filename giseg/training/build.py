@@ -20,7 +20,7 @@ from giseg.data.masks import any_labelled, classes_present
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
-from giseg.inference.spec import InferenceSpec, spec_flags
+from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
 from giseg.training.checkpoints import EMA_FILE, SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA
@@ -90,7 +90,8 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
     # each data-loader worker forked from it would otherwise grow with the dataset)
     index = adapter.without_labels(index)
     release_memory()
-    neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns)
+    neighbours = neighbour_table(index, cfg.context_slices, cfg.context_stride, adapter.volume_columns,
+                                 adapter.channels)
     if cfg.fold == -1:
         logger.info("data: %d slices, %d cases from %s (%s); --fold -1: all of them train, no validation set",
                     len(index), index["case"].nunique(), cfg.data_dir, adapter.name)
@@ -136,7 +137,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.allow_bin,
-                        in_channels=max(3, cfg.context_slices), head_prior=cfg.head_prior)
+                        in_channels=model_input_channels(cfg.context_slices, adapter.channels),
+                        head_prior=cfg.head_prior, modalities=adapter.channels)
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
@@ -146,7 +148,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
                          **{f.name: getattr(cfg, f.name) for f in spec_flags()},  # task, image_size, context ...
                          thresholds=(cfg.threshold,) * len(adapter.classes) if cfg.task == "multilabel" else (),
                          split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed},
-                         dataset_options=adapter.options or None)
+                         dataset_options=adapter.options or None, channels=adapter.channels)
     if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
         logger.warning("--threshold %g is ignored: a multiclass model takes the argmax over background and classes",
                        cfg.threshold)

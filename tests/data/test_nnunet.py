@@ -126,7 +126,7 @@ def test_case_pattern_makes_the_days_of_one_patient_one_case_of_the_folds(tmp_pa
 
 @pytest.mark.parametrize("damage, message", [
     ("no dataset.json", "dataset.json not found"),
-    ("two channels", "2 channels"),
+    ("a channel file missing", "its channel 1 file a_0001.nii.gz is missing"),
     ("bad case_pattern", "group (?P<case>"),
     ("label of another shape", "label map of shape"),
     ("label on another grid", "affine differs"),
@@ -140,7 +140,7 @@ def test_bad_nnunet_input_gets_one_line_naming_the_file(tmp_path, damage, messag
     meta = json.loads((root / "dataset.json").read_text())
     if damage == "no dataset.json":
         (root / "dataset.json").unlink()
-    elif damage == "two channels":
+    elif damage == "a channel file missing":
         (root / "dataset.json").write_text(json.dumps({**meta, "channel_names": {"0": "T1", "1": "T2"}}))
     elif damage == "bad case_pattern":
         (root / "dataset.json").write_text(json.dumps({**meta, "case_pattern": "^(.*)$"}))
@@ -160,7 +160,7 @@ def test_bad_nnunet_input_gets_one_line_naming_the_file(tmp_path, damage, messag
         for row in index.itertuples():
             nn.read_masks(row)
     assert "\n" not in str(err.value)
-    if damage not in ("no dataset.json", "two channels", "bad case_pattern"):
+    if damage not in ("no dataset.json", "bad case_pattern"):
         assert str(root) in str(err.value)
 
 
@@ -193,3 +193,52 @@ def test_hausdorff_in_mm_is_refused_for_data_without_its_through_plane_spacing(d
     pred = pd.DataFrame({"id": index["id"], **{f"pred_{c}": "" for c in gi.classes}})
     with pytest.raises(UserError, match="--hausdorff_mm: gi data does not say its voxel spacing"):
         score_predictions(gi, index, pred, in_mm=True)
+
+
+def test_a_two_channel_dataset_trains_a_two_channel_model_and_predicts_folders_and_volumes(tmp_path, tiny_models):
+    """channel_names with T1 and T2: each slice's two channels are the model's input (its first layer narrowed to
+    2 channels, pretrained weights shared out), normalised one by one; predict reads the channels back per case."""
+    from giseg.commands.predict import main as predict
+    from giseg.data.cache import build_cache
+    from giseg.inference.spec import InferenceSpec
+
+    root = make_dataset(tmp_path / "d", cases=("a", "b", "c"), shape=(32, 32, 6), meta={
+        "channel_names": {"0": "T1", "1": "T2"}})
+    for f in sorted((root / "imagesTr").glob("*_0000.nii.gz")):  # T2: the inverse contrast, ten times brighter
+        img = nib.load(f)
+        nib.save(nib.Nifti1Image((10 * (1000 - np.asanyarray(img.dataobj))).astype(np.int16), img.affine),
+                 f.with_name(f.name.replace("_0000", "_0001")))
+    nn = adapter(root)
+    index = nn.build_index(root)
+    assert nn.channels == 2 and nn.read_image(next(index.itertuples())).shape == (2, 32, 32)
+    cache = build_cache(nn, index, 32, tmp_path / "cache")
+    assert cache.images.shape == (2 * len(index), 32, 32)
+    first, second = np.asarray(cache.images[0], np.float32), np.asarray(cache.images[1], np.float32)
+    assert first.max() == second.max() == 1.0 and np.allclose(first + second, 1.0, atol=2e-3)  # each on its own
+    run = tmp_path / "run"
+    train(TrainConfig(base_model=str(tiny_models["segformer"]), dataset="nnunet", data_dir=str(root),
+                      output_dir=str(run), image_size=32, epochs=1, train_batch_size=4, num_workers=0, n_folds=3,
+                      cache_dir=str(tmp_path / "cache")))
+    spec = InferenceSpec.load(run / "best")
+    assert spec.channels == 2 and len(spec.mean) == 2
+    assert json.loads((run / "best" / "config.json").read_text())["num_channels"] == 2
+    assert predict(["--model", str(run / "best"), "--data_dir", str(root), "--out", str(tmp_path / "p.csv"),
+                    "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert predict(["--model", str(run / "best"), "--input", str(root / "imagesTr"), "--out", str(tmp_path / "v"),
+                    "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert sorted(f.name for f in (tmp_path / "v").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    (root / "imagesTr" / "c_0001.nii.gz").unlink()
+    with pytest.raises(UserError, match="c_0001.nii.gz missing beside it"):
+        predict.__wrapped__(["--model", str(run / "best"), "--input", str(root / "imagesTr"), "--out",
+                             str(tmp_path / "w")])
+
+
+def test_input_mixing_shares_every_pretrained_filter_out_over_the_channels():
+    import torch
+
+    from giseg.models.widen import input_mixing
+
+    for channels, modalities in ((2, 2), (4, 4), (6, 2), (15, 3), (5, 1), (3, 1)):
+        mixing = input_mixing(channels, modalities)
+        assert mixing.shape == (channels, 3) and torch.allclose(mixing.sum(0), torch.ones(3))
+    assert torch.equal(input_mixing(3), torch.eye(3))

@@ -131,7 +131,7 @@ def test_help_documents_every_option_and_the_reference_flags_parse():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f"--{f.name} has no help text"
         assert f"--{f.name}" in text
-    assert "(default: 6e-05)" in text and "{gi,lgg,hf}" in text and "--bce_weight" in text
+    assert "(default: 6e-05)" in text and "{gi,lgg,hf,nnunet}" in text and "--bce_weight" in text
     from giseg.models.baselines import BASELINES
 
     assert all(name in text.replace("- ", "-") for name in BASELINES)  # --base_model names the CNN baselines
