@@ -227,6 +227,10 @@ def test_a_two_channel_dataset_trains_a_two_channel_model_and_predicts_folders_a
     assert predict(["--model", str(run / "best"), "--input", str(root / "imagesTr"), "--out", str(tmp_path / "v"),
                     "--cache_dir", str(tmp_path / "cache")]) == 0
     assert sorted(f.name for f in (tmp_path / "v").glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    from giseg.commands.app import Analyser  # the app's path: a slice of the folder, its two channels read
+
+    analysis = Analyser(run / "best", root, "cpu").analyse_id(index["id"].iloc[2])
+    assert analysis.masks.shape == (1, 32, 32) and analysis.overlay.shape == (32, 32, 3)
     (root / "imagesTr" / "c_0001.nii.gz").unlink()
     with pytest.raises(UserError, match="c_0001.nii.gz missing beside it"):
         predict.__wrapped__(["--model", str(run / "best"), "--input", str(root / "imagesTr"), "--out",
