@@ -26,7 +26,7 @@ from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
 from giseg.models.safe import ALLOW_BIN_HELP
-from giseg.training.losses import DICE_ABSENT, LOSSES
+from giseg.training.losses import DICE_ABSENT, LOSSES, LOVASZ
 from giseg.training.tracking import parse_report_to
 from giseg.utils import UserError, add_options
 
@@ -147,7 +147,9 @@ class TrainerFlags:
         "identity": True, "group": "optimisation"})
     # loss and metric
     loss: str = field(default="bce_dice", metadata={
-        "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice) or tversky (BCE/CE + Tversky)",
+        "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice), tversky (BCE/CE + Tversky), "
+                "lovasz (the Lovász hinge, per class: multilabel) or bce_dice_lovasz (BCE + Dice + --lovasz_weight "
+                "x Lovász)",
         "identity": True, "group": "loss and metric", "card": True, "choices": LOSSES})
     focal_gamma: float = field(default=2.0, metadata={
         "help": "focal loss gamma",
@@ -164,6 +166,9 @@ class TrainerFlags:
         "identity": True, "group": "loss and metric", "card": True, "aliases": ("--bce_weight",)})
     dice_weight: float = field(default=1.0, metadata={
         "help": "weight of the overlap term: soft Dice, or Tversky",
+        "identity": True, "group": "loss and metric", "card": True})
+    lovasz_weight: float = field(default=1.0, metadata={
+        "help": "weight of the Lovász hinge term (--loss lovasz, bce_dice_lovasz)",
         "identity": True, "group": "loss and metric", "card": True})
     dice_absent: str = field(default="count", metadata={
         "help": "a class with no pixel in the whole batch: count (it scores best when nothing of it is predicted) "
@@ -331,7 +336,10 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.num_workers >= -1, f"--num_workers must be >= 0, or -1 for automatic, got {cfg.num_workers}"),
         (cfg.log_every >= 1, f"--log_every must be >= 1, got {cfg.log_every}"),
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
-        (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0, "loss weights must be >= 0"),
+        (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0 and cfg.lovasz_weight >= 0,
+         "loss weights must be >= 0"),
+        (cfg.loss not in LOVASZ or cfg.task == "multilabel",
+         f"--loss {cfg.loss}: the Lovász hinge is per class, multilabel; use --task multilabel or another --loss"),
         (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),
         (0 <= cfg.head_prior < 1, f"--head_prior must be in [0, 1) (0: the library's zero bias), got {cfg.head_prior}"),
         (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,

@@ -39,12 +39,16 @@ def test_soft_dice_loss_bounds_and_upsampling():
 
 import pytest  # noqa: E402
 
-from giseg.training.losses import LOSSES, focal_loss
+from giseg.training.losses import LOSSES, LOVASZ, focal_loss, lovasz_hinge
 
 
 @pytest.mark.parametrize("task", ["multilabel", "multiclass"])
 @pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_prefers_the_right_answer(task, name):
+    if task == "multiclass" and name in LOVASZ:
+        with pytest.raises(ValueError, match="multilabel"):
+            SegmentationLoss(task, GI, PRIORITY, loss=name)
+        return
     packed = torch.zeros(2, 8, 8, dtype=torch.uint8)
     packed[:, 2:5, 2:5] = 4
     packed[:, 5:7, 1:7] = 1
@@ -118,3 +122,60 @@ def test_dice_absent_skip_leaves_classes_absent_from_the_batch_out_of_the_overla
     alone = tversky_loss(probs[:, :1], targets[:, :1], 0.5, 0.5)
     assert skipped == pytest.approx(alone.item()) and counted > skipped
     assert tversky_loss(probs, torch.zeros_like(targets), 0.5, 0.5, absent="skip") == 0  # no class in the batch
+
+
+def test_lovasz_hinge_is_the_hand_computed_value_on_four_pixels():
+    # errors 1 - logit * sign: [-1, 0, 1.5, 3]; sorted [3, 1.5, 0, -1] with labels [1, 0, 0, 1]; Jaccard losses of
+    # the prefixes [1/2, 2/3, 3/4, 1], their differences [1/2, 1/6, 1/12, 1/4]; relu(errors) . grad = 1.5 + 0.25
+    logits = torch.tensor([2.0, -1.0, 0.5, -2.0]).view(1, 1, 2, 2)
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0]).view(1, 1, 2, 2)
+    assert lovasz_hinge(logits, labels).item() == pytest.approx(1.75)
+
+
+def reference_lovasz(logits, labels):
+    """Berman et al.'s lovasz_hinge(per_image=True), written out pair by pair."""
+    losses = []
+    for lg, lb in zip(logits.reshape(-1, logits.shape[-2] * logits.shape[-1]),
+                      labels.reshape(-1, labels.shape[-2] * labels.shape[-1])):
+        errors = 1 - lg * (2 * lb - 1)
+        errors_sorted, perm = torch.sort(errors, descending=True)
+        gt = lb[perm]
+        gts = gt.sum()
+        jaccard = 1 - (gts - gt.cumsum(0)) / (gts + (1 - gt).cumsum(0))
+        jaccard[1:] = jaccard[1:] - jaccard[:-1].clone()
+        losses.append(torch.dot(torch.relu(errors_sorted), jaccard))
+    return torch.stack(losses).mean()
+
+
+def test_lovasz_hinge_matches_the_per_pair_reference_and_leaves_unlabelled_pixels_out():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 6, 5, generator=g) * 3
+    labels = (torch.rand(3, 2, 6, 5, generator=g) > 0.6).float()
+    labels[1, 1] = 0  # a pair with no pixel of its class
+    assert lovasz_hinge(logits, labels).item() == pytest.approx(reference_lovasz(logits, labels).item(), rel=1e-6)
+    valid = torch.ones(3, 1, 6, 5, dtype=torch.bool)
+    valid[:, :, :, 3:] = False  # the last two columns unlabelled: the loss is that of the first three
+    assert lovasz_hinge(logits, labels, valid).item() == pytest.approx(
+        reference_lovasz(logits[..., :3], labels[..., :3]).item(), rel=1e-6)
+
+
+def test_bce_dice_lovasz_adds_the_weighted_hinge_to_bce_dice():
+    packed = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    packed[:, 2:5, 2:5] = 1 | 4
+    logits = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    target = torch.stack([((packed >> c) & 1).float() for c in range(3)], 1)
+    mixed = SegmentationLoss("multilabel", GI, loss="bce_dice_lovasz", lovasz_weight=0.5)(logits, packed)
+    plain = SegmentationLoss("multilabel", GI, loss="bce_dice")(logits, packed)
+    assert mixed.item() == pytest.approx(plain.item() + 0.5 * lovasz_hinge(logits, target).item(), rel=1e-6)
+    assert SegmentationLoss("multilabel", GI, loss="lovasz")(logits, packed).item() == pytest.approx(
+        lovasz_hinge(logits, target).item())
+    mixed.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_a_lovasz_loss_with_a_multiclass_task_is_refused_by_name():
+    from giseg.training.config import TrainConfig, validate_config
+    from giseg.utils import UserError
+
+    with pytest.raises(UserError, match="--loss lovasz: the Lovász hinge is per class, multilabel"):
+        validate_config(TrainConfig(loss="lovasz", task="multiclass"))
