@@ -170,12 +170,16 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
             with accelerator.autocast():
                 _, loss = model(pixels, targets)
         else:
+            masks, mix = batch["mask"], None
+            if run.mixer is not None:  # CutMix / MixUp, drawn from (seed, epoch, batch, process): resumes replay them
+                pixels, masks, mix = run.mixer(pixels, masks, run.state.epoch, run.state.batches_in_epoch,
+                                               accelerator.process_index)
             with accelerator.autocast():
                 logits, aux = model(pixels)
-            size = batch["mask"].shape[-2:]
-            loss = run.loss_fn(upsample_like(logits, size), batch["mask"])
+            size = masks.shape[-2:]
+            loss = run.loss_fn(upsample_like(logits, size), masks, mix)
             if aux is not None and cfg.aux_weight > 0:
-                loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), batch["mask"])
+                loss = loss + cfg.aux_weight * run.loss_fn(upsample_like(aux, size), masks, mix)
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

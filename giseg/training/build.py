@@ -25,6 +25,7 @@ from giseg.training.checkpoints import EMA_FILE, SCHEDULER_FILE, TrainState, rea
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA
 from giseg.training.losses import SegmentationLoss
+from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir
 from giseg.utils import UserError, atomic_write_json, check_no_overlap, logger, release_memory
@@ -63,6 +64,7 @@ class Run:
     family: str = ""  # the model family (models/), for the model cards
     trackers: list = field(default_factory=list)  # --report_to, parsed
     ema: WeightEMA | None = None  # --ema_decay: the average that evaluation and the saved models use
+    mixer: BatchMixer | None = None  # --cutmix_prob, --mixup_prob
     ema_source: torch.nn.Module | None = None  # the unwrapped model it follows
 
 
@@ -229,6 +231,13 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
     run.family = family
+    if cfg.cutmix_prob or cfg.mixup_prob:
+        if run.query_based:
+            raise UserError("--cutmix_prob / --mixup_prob: Mask2Former trains on one mask per label present in a "
+                            "slice, which a mixed batch does not have; leave them at 0 for this model")
+        run.mixer = BatchMixer(cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.seed)
+        logger.info("batch mixing: CutMix with probability %g, else MixUp with probability %g, lam ~ Beta(%g, %g)",
+                    cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.mix_alpha)
     if cfg.ema_decay:
         if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
             raise UserError(f"--ema_decay is not supported with {accelerator.distributed_type.value} (sharded "

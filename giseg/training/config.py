@@ -78,6 +78,17 @@ class TrainerFlags:
     strong_aug: bool = field(default=False, metadata={
         "help": "add elastic/grid/optical distortion, blur, gamma",
         "identity": True, "group": "model and data", "card": True})
+    cutmix_prob: float = field(default=0.0, metadata={
+        "help": "probability that a training batch is CutMixed: a box of its images and masks replaced by the same "
+                "box of other slices of the batch (training/mixing.py; seeded like the augmentation)",
+        "identity": True, "group": "model and data", "card": True})
+    mixup_prob: float = field(default=0.0, metadata={
+        "help": "probability that a training batch (not CutMixed) is MixUp-blended with other slices of the batch; "
+                "the loss takes the blended masks as soft targets",
+        "identity": True, "group": "model and data", "card": True})
+    mix_alpha: float = field(default=1.0, metadata={
+        "help": "CutMix / MixUp: the mix lam ~ Beta(alpha, alpha) (CutMix's box covers 1 - lam of the image)",
+        "identity": True, "group": "model and data"})
     n_folds: int = field(default=5, metadata={
         "help": "number of case-level folds",
         "identity": True, "group": "model and data"})
@@ -345,6 +356,10 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,
          f"--empty_slice_fraction must be in [0, 1), or -1 for all slices, got {cfg.empty_slice_fraction}"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1) (0: off), got {cfg.ema_decay}"),
+        (0 <= cfg.cutmix_prob <= 1 and 0 <= cfg.mixup_prob <= 1 and cfg.cutmix_prob + cfg.mixup_prob <= 1,
+         f"--cutmix_prob and --mixup_prob must be in [0, 1] and add up to at most 1, got {cfg.cutmix_prob} and "
+         f"{cfg.mixup_prob}"),
+        (cfg.mix_alpha > 0, f"--mix_alpha must be > 0, got {cfg.mix_alpha}"),
         (cfg.torch_compile_mode == "default" or cfg.torch_compile_backend == "inductor",
          f"--torch_compile_mode {cfg.torch_compile_mode} is inductor's; --torch_compile_backend "
          f"{cfg.torch_compile_backend} takes only the default mode"),

@@ -109,36 +109,56 @@ class SegmentationLoss:
         self.dice_weight = 0.0 if loss in ("bce", "lovasz") else dice_weight
         self.lovasz_weight = lovasz_weight if loss in LOVASZ else 0.0
 
-    def __call__(self, logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, packed: torch.Tensor,
+                 mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """The loss of (B, K, H, W) ``logits`` against (B, H, W) ``packed`` masks. With ``unlabelled``, pixels
         whose ignore bit is set (unlabelled in the ground truth) count in no term; without it the masks have no
-        such pixels and the plain means are taken (the same numbers, bit for bit, as before the ignore bit)."""
+        such pixels and the plain means are taken (the same numbers, bit for bit, as before the ignore bit).
+        ``mix`` (partner masks, lam), a MixUp batch: soft targets lam * y + (1 - lam) * y_partner, which for the
+        per-pixel term (linear in its target) and the Lovász hinge (defined on hard labels) is the same mix of their
+        two losses."""
         logits = logits.float()
         multiclass = self.task == "multiclass"
         valid = valid_pixels(packed) if self.unlabelled else None
-        if multiclass:
-            labels = multiclass_targets(packed, self.classes, self.priority)
-            targets = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
-            probs = torch.softmax(logits, 1)[:, 1:]
-        else:
-            labels = targets = unpack_targets(packed, logits.shape[1])
-            probs = torch.sigmoid(logits)
+        if mix is not None and valid is not None:
+            valid = valid & valid_pixels(mix[0])
+        labels, targets = self._targets(logits, packed)
+        probs = torch.softmax(logits, 1)[:, 1:] if multiclass else torch.sigmoid(logits)
         if valid is not None:
             probs = probs * valid
+        partner = self._targets(logits, mix[0]) if mix is not None else None
+        lam = mix[1] if mix is not None else 1.0
+
+        def mixed(term, *args):  # a term of hard labels, for the batch's own targets and the partner's
+            own = term(labels, targets, *args)
+            return own if partner is None else lam * own + (1.0 - lam) * term(*partner, *args)
+
         total = logits.new_zeros(())
         if self.pixel_weight:
-            if self.loss == "focal":
-                pixel = focal_loss(logits, labels, self.focal_gamma, multiclass, valid)
-            elif multiclass:
-                pixel = F.cross_entropy(logits, labels if valid is None else labels.masked_fill(~valid[:, 0], -100))
-            elif valid is None:
-                pixel = F.binary_cross_entropy_with_logits(logits, targets)
-            else:
-                pixel = _masked_mean(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), valid)
-            total = total + self.pixel_weight * pixel
+            total = total + self.pixel_weight * mixed(self._pixel_term, logits, multiclass, valid)
         if self.dice_weight:
             alpha, beta = (self.alpha, self.beta) if self.loss == "tversky" else (0.5, 0.5)
-            total = total + self.dice_weight * tversky_loss(probs, targets, alpha, beta, self.smooth, self.dice_absent)
+            soft = targets if partner is None else lam * targets + (1.0 - lam) * partner[1]
+            total = total + self.dice_weight * tversky_loss(probs, soft, alpha, beta, self.smooth, self.dice_absent)
         if self.lovasz_weight:
-            total = total + self.lovasz_weight * lovasz_hinge(logits, targets, valid)
+            total = total + self.lovasz_weight * mixed(lambda _, t, lg, v: lovasz_hinge(lg, t, v), logits, valid)
         return total
+
+    def _targets(self, logits: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, targets): multiclass, the (B, H, W) class index and the (B, C, H, W) one-hot of the classes;
+        multilabel, the (B, C, H, W) 0/1 targets twice."""
+        if self.task == "multiclass":
+            labels = multiclass_targets(packed, self.classes, self.priority)
+            return labels, F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
+        targets = unpack_targets(packed, logits.shape[1])
+        return targets, targets
+
+    def _pixel_term(self, labels: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor, multiclass: bool,
+                    valid: torch.Tensor | None) -> torch.Tensor:
+        if self.loss == "focal":
+            return focal_loss(logits, labels, self.focal_gamma, multiclass, valid)
+        if multiclass:
+            return F.cross_entropy(logits, labels if valid is None else labels.masked_fill(~valid[:, 0], -100))
+        if valid is None:
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        return _masked_mean(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), valid)
