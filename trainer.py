@@ -19,6 +19,7 @@ import dataclasses
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from giseg.inference.submission import predict_rows, write_submission
 from giseg.training.build import Run, build_run, check_run, launched_without_accelerator
 from giseg.training.checkpoints import save_checkpoint
 from giseg.training.config import TrainConfig, parse_config, validate_config
+from giseg.training.ema import WeightSWA, has_batchnorm, recompute_batchnorm
 from giseg.training.meter import LossMeter
 from giseg.training.optim import should_stop_early
 from giseg.training.run_dir import open_output_dir
@@ -238,6 +240,9 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     cfg, state, out = run.cfg, run.state, run.output_dir
     train_loss = meter.epoch_sum(run.accelerator) / max(1, meter.epoch_n)
     images_per_s = meter.banked_rate()
+    whole_epoch = state.batches_in_epoch >= len(run.train_dl)
+    if isinstance(run.ema, WeightSWA) and whole_epoch and run.ema.end_epoch(run.ema_source, epoch + 1):
+        swa_snapshot(run, epoch)
     model = run.ema.model if run.ema is not None else run.model
     figures = evaluate(Segmenter(model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn, run.accelerator,
                        cfg.empty_dice) if run.val_dl is not None else {}
@@ -254,7 +259,7 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     else:
         logger.info("epoch %d step %d | train_loss %.4f | no validation set (--fold -1): best/ is this model",
                     epoch + 1, state.global_step, train_loss)
-    if state.batches_in_epoch >= len(run.train_dl):  # a whole epoch: the state points at the next one
+    if whole_epoch:  # the state points at the next epoch
         state.epoch, state.batches_in_epoch = epoch + 1, 0
         meter.new_epoch()
     if not figures:  # --fold -1: the latest model is the one to keep
@@ -277,6 +282,23 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     path = save_state(run, meter)
     logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
     return record
+
+
+def swa_snapshot(run: Run, epoch: int) -> None:
+    """After the weights of ``epoch`` joined the SWA average: its BatchNorm statistics recomputed on the training
+    slices (unaugmented, in order; every rank the same, as the weights are), when the model has BatchNorm."""
+    from giseg.data.dataset import SliceDataset
+
+    if not has_batchnorm(run.ema.model):
+        logger.info("SWA: epoch %d joined the average (%d epochs averaged)", epoch + 1, run.ema.averaged)
+        return
+    data, spec = run.data, run.spec
+    loader = torch.utils.data.DataLoader(SliceDataset(data.cache, data.train_rows, data.neighbours, None, spec.mean,
+                                                      spec.std), batch_size=run.cfg.eval_batch_size)
+    t = time.perf_counter()
+    seen = recompute_batchnorm(run.ema.model, loader, run.accelerator.device)
+    logger.info("SWA: epoch %d joined the average (%d epochs averaged); BatchNorm statistics recomputed on %d "
+                "training slices in %.1f s", epoch + 1, run.ema.averaged, seen, time.perf_counter() - t)
 
 
 def save_models(run: Run, tag: str, record: dict) -> None:

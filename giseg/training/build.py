@@ -21,9 +21,9 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
 from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
-from giseg.training.checkpoints import EMA_FILE, SCHEDULER_FILE, TrainState, read_state
+from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
-from giseg.training.ema import WeightEMA
+from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
 from giseg.training.losses import SegmentationLoss
 from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
@@ -63,7 +63,8 @@ class Run:
     query_based: bool = False  # a mask-classification model (Mask2Former), trained with its own loss
     family: str = ""  # the model family (models/), for the model cards
     trackers: list = field(default_factory=list)  # --report_to, parsed
-    ema: WeightEMA | None = None  # --ema_decay: the average that evaluation and the saved models use
+    ema: WeightEMA | WeightSWA | None = None  # --ema_decay or --swa_start_epoch: the average that evaluation and
+    # the saved models use
     mixer: BatchMixer | None = None  # --cutmix_prob, --mixup_prob
     ema_source: torch.nn.Module | None = None  # the unwrapped model it follows
 
@@ -251,13 +252,23 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
             logger.warning("--ema_decay %g averages over about %d steps, but this run has %d: its average still holds "
                            "weights of the run's first half at the end; for %d steps take about %.3g, or 0 (off)",
                            cfg.ema_decay, round(horizon), total_steps, total_steps, 1 - 10 / max(total_steps, 20))
+    if cfg.swa_start_epoch:
+        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            raise UserError(f"--swa_start_epoch is not supported with {accelerator.distributed_type.value} (sharded "
+                            "weights); use DDP, or leave it at 0")
+        run.ema_source = accelerator.unwrap_model(model)
+        run.ema = WeightSWA(run.ema_source, cfg.swa_start_epoch)
+        logger.info("SWA of the weights: the equal average of the weights at the end of epochs %d..%d; evaluation, "
+                    "best/ and last/ use it from epoch %d on%s", cfg.swa_start_epoch, cfg.epochs, cfg.swa_start_epoch,
+                    ", BatchNorm statistics recomputed for it on the training slices" if has_batchnorm(model) else "")
     if out.resume is not None:
         accelerator.load_state(str(out.resume))  # (its files were checked against the manifest: checkpoints.py)
         scheduler.load_state_dict(json.loads((out.resume / SCHEDULER_FILE).read_text()))
         if run.ema is not None:
-            if not (out.resume / EMA_FILE).is_file():
-                raise UserError(f"{out.resume}: no {EMA_FILE} (the run had no --ema_decay?); resume with its settings")
-            run.ema.load(out.resume / EMA_FILE)
+            if not (out.resume / run.ema.file).is_file():
+                raise UserError(f"{out.resume}: no {run.ema.file} (the run had no --ema_decay or --swa_start_epoch?); "
+                                "resume with its settings")
+            run.ema.load(out.resume / run.ema.file)
         run.state = read_state(out.resume)
         run.state.run_id = out.run_id  # (a checkpoint of an older version has none)
         metrics_file = run.output_dir / "metrics.jsonl"

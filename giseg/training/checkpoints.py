@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from giseg.training.ema import WeightEMA
+from giseg.training.ema import WeightEMA, WeightSWA
 from giseg.utils import UserError, atomic_write_json, atomic_write_text, replace_dir, storage_guard
 
 
@@ -35,7 +35,6 @@ class TrainState:
 
 
 STATE_FILE = "trainer_state.json"
-EMA_FILE = "ema.safetensors"  # --ema_decay: the average, in every resumable state
 SCHEDULER_FILE = "scheduler.json"  # the learning-rate schedule's state
 RESUMABLE_MARK = ".resumable"  # written once the run's first checkpoint is complete
 
@@ -108,7 +107,7 @@ def find_checkpoint(output_dir: Path, spec: str, run_id: str, notes: list[str]) 
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
-                    ema: WeightEMA | None = None, scheduler=None) -> Path:
+                    ema: WeightEMA | WeightSWA | None = None, scheduler=None) -> Path:
     """Accelerator state, the schedule (JSON), the average and trainer_state.json (the manifest: size and SHA-256 of
     every file, so an incomplete or changed copy is never used)
     to checkpoints/step_<N>, via a temporary folder and utils.replace_dir; older ones beyond ``keep`` are removed
@@ -127,7 +126,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if ema is not None:
-            ema.save(tmp / EMA_FILE)
+            ema.save(tmp / ema.file)
         if scheduler is not None:
             atomic_write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_of(f)}

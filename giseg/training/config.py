@@ -156,6 +156,11 @@ class TrainerFlags:
         "help": "exponential moving average of the weights, updated after every optimizer step, e.g. 0.999 (0: "
                 "off); evaluation, best/ and last/ use the average, which every resumable state holds",
         "identity": True, "group": "optimisation"})
+    swa_start_epoch: int = field(default=0, metadata={
+        "help": "stochastic weight averaging: from the end of this epoch (1-based) on, evaluation, best/ and last/ "
+                "use the equal average of the weights at the end of each epoch, BatchNorm statistics recomputed "
+                "for it (0: off; not with --ema_decay)",
+        "identity": True, "group": "optimisation", "card": True})
     # loss and metric
     loss: str = field(default="bce_dice", metadata={
         "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice), tversky (BCE/CE + Tversky), "
@@ -360,6 +365,10 @@ def validate_config(cfg: TrainConfig) -> None:
          f"--cutmix_prob and --mixup_prob must be in [0, 1] and add up to at most 1, got {cfg.cutmix_prob} and "
          f"{cfg.mixup_prob}"),
         (cfg.mix_alpha > 0, f"--mix_alpha must be > 0, got {cfg.mix_alpha}"),
+        (0 <= cfg.swa_start_epoch <= cfg.epochs, f"--swa_start_epoch must be in [1, --epochs {cfg.epochs}] (0: off), "
+         f"got {cfg.swa_start_epoch}"),
+        (not (cfg.swa_start_epoch and cfg.ema_decay), "--swa_start_epoch and --ema_decay are two averages of the "
+         "weights: choose one"),
         (cfg.torch_compile_mode == "default" or cfg.torch_compile_backend == "inductor",
          f"--torch_compile_mode {cfg.torch_compile_mode} is inductor's; --torch_compile_backend "
          f"{cfg.torch_compile_backend} takes only the default mode"),

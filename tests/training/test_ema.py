@@ -87,3 +87,64 @@ def test_a_short_run_with_a_long_decay_is_not_worse_than_predicting_nothing_and_
     floor = float(log.split("predicting nothing scores mean Dice ")[1].split()[0])
     assert last["step"] == 38 and last["dice_mean"] >= floor - 5e-5, (last["dice_mean"], floor)  # (log: 4 digits)
     assert "--ema_decay 0.999 averages over about 1000 steps, but this run has 38" in log
+
+
+def test_swa_follows_the_weights_until_its_first_epoch_then_is_their_equal_average(tmp_path):
+    from giseg.training.ema import WeightSWA
+
+    model = torch.nn.Linear(3, 2)
+    swa = WeightSWA(model, start_epoch=2)
+    snapshots = []
+    for epoch in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.add_(float(epoch))
+        swa.update(model)
+        if epoch == 1:
+            assert torch.equal(swa.model.weight, model.weight)  # before the first snapshot: the model itself
+        assert swa.end_epoch(model, epoch) == (epoch >= 2)
+        if epoch >= 2:
+            snapshots.append(model.weight.detach().clone())
+    assert swa.averaged == 2 and torch.allclose(swa.model.weight, (snapshots[0] + snapshots[1]) / 2)
+    swa.save(tmp_path / "swa.safetensors")
+    other = WeightSWA(torch.nn.Linear(3, 2), start_epoch=2)
+    other.load(tmp_path / "swa.safetensors")
+    assert other.averaged == 2 and other.steps == 3 and torch.equal(other.model.weight, swa.model.weight)
+
+
+def test_batchnorm_statistics_are_recomputed_over_every_batch_of_the_loader():
+    from giseg.training.ema import recompute_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1)).eval()
+    torch.nn.init.ones_(model[0].weight)
+    data = [torch.full((2, 1, 2, 2), float(v)) for v in (1.0, 3.0, 8.0)]
+    assert recompute_batchnorm(model, [{"pixel_values": d} for d in data], "cpu") == 6
+    assert model[1].running_mean.item() == pytest.approx(4.0)  # the mean of the three batch means
+    assert not model[1].training and model[1].momentum == 0.1
+    dropout = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.BatchNorm2d(1)).train()  # as an evaluation leaves it
+    recompute_batchnorm(dropout, [{"pixel_values": d} for d in data], "cpu")
+    assert dropout[1].running_mean.item() == pytest.approx(4.0) and dropout.training  # no dropout; mode restored
+
+
+def test_a_run_with_swa_evaluates_and_saves_the_average_of_its_last_epochs_and_resumes_it_exactly(
+        demo_dir, tiny_models, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSemanticSegmentation
+
+    whole = tmp_path / "whole"
+    swa = dict(ema_decay=0.0, swa_start_epoch=2, epochs=3, save_total_limit=10)
+    train(_cfg(demo_dir, tiny_models["segformer"], whole, tmp_path, **swa))
+    states = sorted((whole / "checkpoints").glob("step_*"))
+    raw = [load_file(s / "model.safetensors") for s in states[-2:]]  # the weights at the ends of epochs 2 and 3
+    average = load_file(states[-1] / "swa.safetensors")
+    weights = [k for k in average if "running" not in k and "num_batches" not in k and k in raw[0]]
+    assert weights and all(torch.allclose(average[k], (raw[0][k] + raw[1][k]) / 2, atol=1e-6) for k in weights)
+    saved = AutoModelForSemanticSegmentation.from_pretrained(whole / "last").state_dict()
+    assert all(torch.equal(saved[k.removeprefix("hf.")], v) for k, v in average.items())  # last/ is the average
+    log = (whole / "train.log").read_text()
+    assert "SWA: epoch 3 joined the average (2 epochs averaged); BatchNorm statistics recomputed on" in log
+
+    split = tmp_path / "split"  # stopped inside epoch 3, then resumed: the same average, bit for bit
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, **swa, max_train_steps=14, save_every_steps=14))
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, **swa, resume_from_checkpoint="latest"))
+    resumed = AutoModelForSemanticSegmentation.from_pretrained(split / "last").state_dict()
+    assert all(torch.equal(resumed[k], v) for k, v in saved.items())
