@@ -7,7 +7,8 @@
                                                  the same for a finished `bash run_train.sh` demo run (fresh data)
     python benchmarks/demo_figures.py --seeds 42,1,2 --compare='--head_prior 0'
                                                  the demo per seed, defaults and a second recipe (a table; writes
-                                                 nothing)
+                                                 nothing); --compare again for more recipes; then each recipe's mean
+                                                 and sd over the seeds, and its difference from the defaults
 
 It does what `bash run_train.sh` does with no settings (the demo data and the tiny SegFormer, `trainer.py --preset
 demo`), but in a fresh temporary folder, so stale demo data or an older demo model in the checkout cannot change
@@ -107,18 +108,43 @@ def stated(doc: str) -> dict:
 
 
 def compare(seeds: list[int], recipes: dict[str, list[str]]) -> str:
-    """The demo once per seed and recipe (trainer flags added to --preset demo): a Markdown table of its figures."""
+    """The demo once per seed and recipe (trainer flags added to --preset demo): a Markdown table of its figures,
+    then per recipe the mean and sample sd over the seeds and the difference of the means from the first recipe's
+    (with one sd of that difference, sqrt(sd1^2 / n + sd2^2 / n): a difference within it is noise at this n)."""
     lines = ["| recipe | seed | mean Dice after epoch 1 / 3 | after the last epoch | `giseg score` mean Dice, 3D Hausdorff, "
              "competition score |", "| --- | --- | --- | --- | --- |"]
+    scores: dict[str, list[tuple[float, float]]] = {}
     for name, flags in recipes.items():
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 f = measure(Path(tmp), ["--seed", str(seed), *flags])
+            scores.setdefault(name, []).append((f["score_dice_mean"], f["score_score"]))
             lines.append(f"| {name} | {seed} | {f['epoch1_dice_mean']:.4f} / {f['epoch3_dice_mean']:.4f} | "
                          f"{f['final_dice_mean']:.4f} | {f['score_dice_mean']:.4f}, {f['score_hausdorff']:.4f}, "
                          f"{f['score_score']:.4f} |")
             print(lines[-1], flush=True)
+    if len(seeds) > 1:
+        lines += ["", *seed_summary(scores)]
     return "\n".join(lines)
+
+
+def seed_summary(scores: dict[str, list[tuple[float, float]]]) -> list[str]:
+    """Per recipe (the first is the reference): `giseg score`'s mean Dice and competition score, mean ± sample sd
+    over the seeds, and the difference of the mean score from the reference's with one sd of that difference."""
+    import statistics
+
+    n = len(next(iter(scores.values())))
+    lines = [f"| recipe | `giseg score` mean Dice, mean ± sd over {n} seeds | competition score, mean ± sd | score minus "
+             "the first recipe's ± one sd of the difference |", "| --- | --- | --- | --- |"]
+    base = [s for _, s in next(iter(scores.values()))]
+    for i, (name, got) in enumerate(scores.items()):
+        dice, score = [d for d, _ in got], [s for _, s in got]
+        diff = statistics.mean(score) - statistics.mean(base)
+        sd = (statistics.variance(score) / len(score) + statistics.variance(base) / len(base)) ** 0.5
+        verdict = "" if i == 0 else f"{diff:+.4f} ± {sd:.4f} ({'noise' if abs(diff) <= sd else 'beyond one sd'})"
+        lines.append(f"| {name} | {statistics.mean(dice):.4f} ± {statistics.stdev(dice):.4f} | "
+                     f"{statistics.mean(score):.4f} ± {statistics.stdev(score):.4f} | {verdict} |")
+    return lines
 
 
 def main() -> int:
@@ -127,8 +153,8 @@ def main() -> int:
     ap.add_argument("--tolerance", type=float, default=0.005, help="largest difference --check accepts (default 0.005)")
     ap.add_argument("--seeds", default="", help="comma-separated seeds: print a table of the demo per seed, with the "
                     "trainer's defaults and with --compare's flags; writes nothing")
-    ap.add_argument("--compare", default="", help="with --seeds: trainer flags of a second recipe, e.g. "
-                    "'--head_prior 0'")
+    ap.add_argument("--compare", action="append", default=[], help="with --seeds: trainer flags of another recipe, "
+                    "e.g. '--head_prior 0'; repeat it for several")
     ap.add_argument("--from_run", default="", help="with --check: the figures of this finished demo run (the "
                     "output folder of `bash run_train.sh` with no settings, in a fresh checkout: tests/test_run_train.py) "
                     "instead of a new one")
@@ -137,11 +163,11 @@ def main() -> int:
     if args.from_run and not (args.check and args.data_dir):
         ap.error("--from_run needs --check and --data_dir")
     if args.seeds:
-        recipes = {"defaults": [], **({args.compare: args.compare.split()} if args.compare else {})}
+        recipes = {"defaults": [], **{flags: flags.split() for flags in args.compare}}
         t = time.perf_counter()
         out = compare([int(s) for s in args.seeds.split(",")], recipes)
         print(f"\n{out}\n\ncommand: python benchmarks/demo_figures.py --seeds {args.seeds}"
-              + (f" --compare='{args.compare}'" if args.compare else "")
+              + "".join(f" --compare='{flags}'" for flags in args.compare)
               + f"\nmachine: {os.cpu_count()} CPU cores ({platform.machine()}); wall {time.perf_counter() - t:.0f} s")
         return 0
     with tempfile.TemporaryDirectory() as tmp:

@@ -169,3 +169,15 @@ def test_backends_benchmark_smoke_runs_the_three_backends_and_compares_their_mas
     assert len(rows) == 3 and "# python benchmarks/backends_cpu.py --smoke" in res.stdout
     differ = [re.search(r"\| (\d+) of (\d+) \(", row).groups() for row in rows]
     assert differ[0][0] == "0" and all(int(n) <= 1e-4 * int(total) for n, total in differ), differ
+
+
+def test_the_seed_summary_calls_a_difference_within_one_sd_noise():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from demo_figures import seed_summary
+
+    lines = seed_summary({"defaults": [(0.95, 0.96), (0.94, 0.97), (0.95, 0.98)],
+                          "--a": [(0.95, 0.965), (0.95, 0.975), (0.95, 0.985)],  # +0.005, sd of the difference 0.008
+                          "--b": [(0.90, 0.90), (0.90, 0.91), (0.90, 0.92)]})
+    assert lines[2] == "| defaults | 0.9467 ± 0.0058 | 0.9700 ± 0.0100 |  |"
+    assert lines[3].endswith("| +0.0050 ± 0.0082 (noise) |")
+    assert lines[4].endswith("| -0.0600 ± 0.0082 (beyond one sd) |")
