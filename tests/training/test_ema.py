@@ -148,3 +148,13 @@ def test_a_run_with_swa_evaluates_and_saves_the_average_of_its_last_epochs_and_r
     train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, **swa, resume_from_checkpoint="latest"))
     resumed = AutoModelForSemanticSegmentation.from_pretrained(split / "last").state_dict()
     assert all(torch.equal(resumed[k], v) for k, v in saved.items())
+
+
+def test_swa_flags_out_of_range_or_with_ema_are_refused():
+    from giseg.training.config import validate_config
+    from giseg.utils import UserError
+
+    with pytest.raises(UserError, match=r"--swa_start_epoch must be in \[1, --epochs 14\] \(0: off\), got 20"):
+        validate_config(TrainConfig(epochs=14, swa_start_epoch=20))
+    with pytest.raises(UserError, match="two averages of the weights: choose one"):
+        validate_config(TrainConfig(swa_start_epoch=2, ema_decay=0.9))
