@@ -109,6 +109,16 @@ def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_ou
     assert len(demo) > 2 and all(row in recorded for row in demo), [r for r in demo if r not in recorded]
 
 
+def test_the_techniques_table_in_the_docs_is_the_benchmarks_recorded_output():
+    """docs/competition.md's table of what Lovász, SWA and CutMix / MixUp buy on the demo is the summary that
+    `benchmarks/demo_figures.py --seeds` printed, recorded in benchmarks/demo_techniques_cpu.txt with its command."""
+    page = (ROOT / "docs" / "competition.md").read_text()
+    rows = [line for line in page.split("<!-- demo-techniques -->")[1].splitlines() if line.startswith("| ")]
+    recorded = (ROOT / "benchmarks" / "demo_techniques_cpu.txt").read_text()
+    assert len(rows) == 6 and all(row in recorded.splitlines() for row in rows), [r for r in rows if r not in recorded]
+    assert "command: python benchmarks/demo_figures.py --seeds 42,1,2 --compare='--loss bce_dice_lovasz'" in recorded
+
+
 def test_the_gpu_figures_in_the_docs_are_the_recorded_output():
     """docs/performance.md's GPU tables: the bare-loop rows are lines of benchmarks/gpu_check_h200.txt (the device's
     own output), the trainer rows are what `gpu_check.py --summarise` computes from the train.logs recorded there."""
