@@ -239,11 +239,13 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
         run.mixer = BatchMixer(cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.seed)
         logger.info("batch mixing: CutMix with probability %g, else MixUp with probability %g, lam ~ Beta(%g, %g)",
                     cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.mix_alpha)
-    if cfg.ema_decay:
+    average = "--ema_decay" if cfg.ema_decay else "--swa_start_epoch" if cfg.swa_start_epoch else ""
+    if average:  # (validate_config refuses both at once)
         if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            raise UserError(f"--ema_decay is not supported with {accelerator.distributed_type.value} (sharded "
+            raise UserError(f"{average} is not supported with {accelerator.distributed_type.value} (sharded "
                             "weights); use DDP, or leave it at 0")
         run.ema_source = accelerator.unwrap_model(model)
+    if cfg.ema_decay:
         run.ema = WeightEMA(run.ema_source, cfg.ema_decay)
         logger.info("EMA of the weights: decay %g after every optimizer step (warmed up: min(decay, (1 + t) / "
                     "(10 + t)) at step t); evaluation, best/ and last/ use it", cfg.ema_decay)
@@ -253,10 +255,6 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
                            "weights of the run's first half at the end; for %d steps take about %.3g, or 0 (off)",
                            cfg.ema_decay, round(horizon), total_steps, total_steps, 1 - 10 / max(total_steps, 20))
     if cfg.swa_start_epoch:
-        if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-            raise UserError(f"--swa_start_epoch is not supported with {accelerator.distributed_type.value} (sharded "
-                            "weights); use DDP, or leave it at 0")
-        run.ema_source = accelerator.unwrap_model(model)
         run.ema = WeightSWA(run.ema_source, cfg.swa_start_epoch)
         logger.info("SWA of the weights: the equal average of the weights at the end of epochs %d..%d; evaluation, "
                     "best/ and last/ use it from epoch %d on%s", cfg.swa_start_epoch, cfg.epochs, cfg.swa_start_epoch,
