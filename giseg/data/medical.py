@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from giseg.data.base import DatasetAdapter, hash_files
-from giseg.data.nnunet import cut, import_nibabel, in_plane, through_plane_axis
+from giseg.data.nnunet import cut, in_plane, load_nifti, through_plane_axis, voxel_spacing
 from giseg.utils import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
@@ -83,17 +83,10 @@ def nifti_stem(path: Path) -> str:
 
 
 def read_nifti(path: Path) -> Volume:
-    nib = import_nibabel()
-    try:
-        img = nib.load(str(path))
-        arr = np.asanyarray(img.dataobj)
-    except Exception as e:  # noqa: BLE001 -- nibabel raises many kinds; each is the file's fault
-        raise UserError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e})") from None
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
+    arr, img = load_nifti(path)
     if arr.ndim != 3:
         raise UserError(f"{path}: a {arr.ndim}D image {arr.shape}; expected one 3D scan")
-    spacing = tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])
+    spacing = voxel_spacing(img.header)
     return Volume(nifti_stem(path), arr, img.affine, spacing, through_plane_axis(spacing), [path], img.header)
 
 

@@ -78,7 +78,7 @@ def read_dataset_json(root: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
         raise UserError(f'{path}: no "labels" object; expected e.g. "labels": {{"background": 0, "liver": 1}}')
-    channels = meta.get("channel_names", meta.get("modality", {"0": "image"}))
+    channels = channel_names(meta)
     if not isinstance(channels, dict) or not channels:
         raise UserError(f'{path}: "channel_names" must be an object like {{"0": "MRI"}}')
     if sorted(channels, key=str) != [str(m) for m in range(len(channels))]:
@@ -99,6 +99,11 @@ def read_dataset_json(root: Path) -> dict:
             raise UserError(f'{path}: "case_pattern" {pattern!r} is not a regular expression with a group (?P<case>...) '
                             f"({e})") from None
     return meta
+
+
+def channel_names(meta: dict):
+    """dataset.json's channels: ``channel_names`` (v2), ``modality`` (v1), or one unnamed channel."""
+    return meta.get("channel_names", meta.get("modality", {"0": "image"}))
 
 
 def parse_labels(labels: dict, where: str) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
@@ -154,18 +159,28 @@ class VolumeMemo:
             if path in self.items:
                 self.items.move_to_end(path)
                 return self.items[path]
-            nib = import_nibabel()
-            try:
-                img = nib.load(path)
-                arr = np.asanyarray(img.dataobj)
-            except Exception as e:  # noqa: BLE001 -- nibabel raises many kinds; each is the file's fault
-                raise UserError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e}); re-copy it") from None
-            if arr.ndim == 4 and arr.shape[3] == 1:
-                arr = arr[..., 0]
+            arr, _ = load_nifti(path)
             self.items[path] = arr
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
             return arr
+
+
+def load_nifti(path: str | Path):
+    """(voxel array, nibabel image) of a NIfTI file, a 4D file of one volume as 3D; one line when it cannot be read."""
+    nib = import_nibabel()
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as e:  # noqa: BLE001 -- nibabel raises many kinds; each is the file's fault
+        raise UserError(f"{path}: cannot read the NIfTI file ({type(e).__name__}: {e}); re-copy it") from None
+    return (arr[..., 0] if arr.ndim == 4 and arr.shape[3] == 1 else arr), img
+
+
+def voxel_spacing(header) -> tuple[float, float, float]:
+    """The voxel spacing of a NIfTI header, in mm. NIfTI stores it as float32: its shortest decimal (1.63, not
+    1.6299999952316284)."""
+    return tuple(float(str(np.float32(z))) for z in header.get_zooms()[:3])
 
 
 def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
@@ -180,8 +195,7 @@ def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...
         shape = shape[:3]
     if len(shape) != 3:
         raise UserError(f"{path}: a {len(shape)}D image {shape}; expected a 3D volume (one file per channel)")
-    # NIfTI stores the spacing as float32: its shortest decimal (1.63, not 1.6299999952316284)
-    return shape, img.affine, tuple(float(str(np.float32(z))) for z in img.header.get_zooms()[:3])
+    return shape, img.affine, voxel_spacing(img.header)
 
 
 def through_plane_axis(spacing: tuple[float, ...]) -> int:
@@ -243,7 +257,7 @@ def build_nnunet_index(root: Path, meta: dict, split: str, require_labels: bool)
     labelled = require_labels or all((labels_dir / f"{n}{ending}").is_file() for n in names)
     cases, days = case_numbers(names, meta.get("case_pattern"), str(root / DATASET_JSON))
     rows = []
-    n_channels = len(meta.get("channel_names", meta.get("modality", {"0": "image"})))
+    n_channels = len(channel_names(meta))
     for name, case, day in zip(names, cases, days):
         image = folder / f"{name}_0000{ending}"
         shape, affine, spacing = header_of(image)
@@ -319,7 +333,7 @@ class NnUNetAdapter(DatasetAdapter):
         if classes is not None and tuple(classes) != names:
             raise UserError(f"{root / DATASET_JSON}: its classes {list(names)} are not the model's {list(classes)}")
         return NnUNetAdapter(root, meta, names, values, overlap_priority(names, values),
-                             len(meta.get("channel_names", meta.get("modality", {"0": "image"}))))
+                             len(channel_names(meta)))
 
     def _bound(self, data_dir=None) -> Path:
         if self.root is None:
