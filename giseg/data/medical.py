@@ -260,10 +260,8 @@ class VolumeAdapter(DatasetAdapter):
     def has_labels(self, index):
         return False
 
-    def fingerprint(self, index):
-        h = hashlib.sha256(pd.util.hash_pandas_object(index, index=False).to_numpy().tobytes())
-        h.update(repr((self.volume.array.shape, str(self.volume.array.dtype), self.volume.axis)).encode())
-        return hash_files(h, self.volume.sources)
+    def fingerprint(self, index):  # the base's (the index, its first file), and every file the volume was read from
+        return hash_files(hashlib.sha256(super().fingerprint(index).encode()), self.volume.sources)
 
     def pixel_spacing(self, row):
         return float(row.spacing_x), float(row.spacing_y)

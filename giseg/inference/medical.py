@@ -13,7 +13,7 @@ with the even-odd rule (XOR, as most planning systems read them); ``read_rtstruc
 from __future__ import annotations
 
 import datetime
-import os
+import gzip
 from pathlib import Path
 
 import cv2
@@ -51,13 +51,8 @@ def _nifti(volume: Volume, data: np.ndarray):
 
 
 def _save_nifti(img, path: Path) -> None:
-    """nibabel writes to a file name; written beside ``path`` and renamed, so no half-written volume is left."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    try:
-        img.to_filename(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The .nii.gz bytes (gzip level 1, nibabel's own) through the atomic writer every output uses."""
+    atomic_write_text(path, gzip.compress(img.to_bytes(), compresslevel=1))
 
 
 def write_nifti(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], priority: tuple[str, ...],
