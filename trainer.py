@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from giseg.evaluation.metrics import describe
+from giseg.evaluation.presence import describe_presence, evaluate_presence, selection_figure
 from giseg.evaluation.score import format_table, score_predictions, submission_to_wide
 from giseg.evaluation.validation import evaluate
 from giseg.inference.ensemble import Ensemble
@@ -87,14 +88,16 @@ def train(cfg: TrainConfig) -> dict:
             logger.info("done: %d steps on every case (--fold -1): %s is the final model", run.state.global_step,
                         run.output_dir / "best")
         else:
-            logger.info("done: %d steps, best mean Dice %.4f at step %d (%s)", run.state.global_step,
-                        run.state.best_dice, run.state.best_step, run.output_dir / "best")
+            logger.info("done: %d steps, best %s %.4f at step %d (%s)", run.state.global_step,
+                        "mean AUC" if cfg.task == "presence" else "mean Dice", run.state.best_dice,
+                        run.state.best_step, run.output_dir / "best")
         if cfg.final_eval:
             if accelerator.is_main_process:
-                final = final_evaluation(run)
+                presence = cfg.task == "presence"
+                final = (final_presence if presence else final_evaluation)(run)
                 last = {**last, **{f"final_{k}": v for k, v in final.items()}}
                 best = next((r for r in run.history if r["step"] == run.state.best_step), None)
-                if best is not None and (out.path / "best").is_dir():  # the card gets the competition score
+                if best is not None and (out.path / "best").is_dir() and not presence:  # the card gets the score
                     atomic_write_text(out.path / "best" / "README.md", model_card(run, "best", best, final))
             accelerator.wait_for_everyone()
         if cfg.push_to_hub and accelerator.is_main_process:
@@ -171,6 +174,10 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
             targets = query_targets(batch["mask"], cfg.task, run.adapter.classes, run.adapter.priority)
             with accelerator.autocast():
                 _, loss = model(pixels, targets)
+        elif cfg.task == "presence":  # a slice classifier: (B, C) logits against the classes each slice shows
+            with accelerator.autocast():
+                logits, _ = model(pixels)
+            loss = run.loss_fn(logits, batch["mask"])
         else:
             masks, mix = batch["mask"], None
             if run.mixer is not None:  # CutMix / MixUp, drawn from (seed, epoch, batch, process): resumes replay them
@@ -244,15 +251,22 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     if isinstance(run.ema, WeightSWA) and whole_epoch and run.ema.end_epoch(run.ema_source, epoch + 1):
         swa_snapshot(run, epoch)
     model = run.ema.model if run.ema is not None else run.model
-    figures = evaluate(Segmenter(model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn, run.accelerator,
-                       cfg.empty_dice) if run.val_dl is not None else {}
+    presence = cfg.task == "presence"  # a slice classifier: AUC / F1 / empty slices kept empty, not Dice
+    if run.val_dl is None:
+        figures = {}
+    elif presence:
+        figures = evaluate_presence(model, run.val_dl, run.accelerator, run.spec.thresholds, run.spec.classes)
+    else:
+        figures = evaluate(Segmenter(model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
+                           run.accelerator, cfg.empty_dice)
+    metric = "mean AUC" if presence else "mean Dice"
     record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
               "lr": run.scheduler.get_last_lr()[0], "images_per_s": images_per_s, **figures}
     run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
     state.evaluated_step = state.global_step
     if figures:
         logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
-                    describe(figures, run.spec.classes))
+                    (describe_presence if presence else describe)(figures, run.spec.classes))
         if figures.get("global_dice_mean") == 0:  # the pooled Dice: 0 when no organ pixel is predicted right
             logger.info("eval epoch %d: no organ pixel predicted yet, so the mean Dice is the floor of predicting "
                         "nothing (usual in the first epochs of a model trained from random weights)", epoch + 1)
@@ -265,13 +279,13 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     if not figures:  # --fold -1: the latest model is the one to keep
         state.best_step = state.global_step
         save_models(run, "best", record)
-    elif figures["dice_mean"] > state.best_dice:
-        state.best_dice, state.best_step = figures["dice_mean"], state.global_step
+    elif selected(figures, presence) > state.best_dice:  # (best_dice: the mean AUC of a presence run)
+        state.best_dice, state.best_step = selected(figures, presence), state.global_step
         save_models(run, "best", record)
-        logger.info("new best mean Dice %.4f at step %d: saved %s", figures["dice_mean"], state.global_step,
+        logger.info("new best %s %.4f at step %d: saved %s", metric, state.best_dice, state.global_step,
                     out / "best")
     if should_stop_early(run.history, state.best_step, cfg.early_stopping_patience):
-        logger.info("early stopping: no better mean Dice than %.4f (step %d) for %d evaluations",
+        logger.info("early stopping: no better %s than %.4f (step %d) for %d evaluations", metric,
                     state.best_dice, state.best_step, cfg.early_stopping_patience)
         run.stop = True
     if cfg.save_last:
@@ -282,6 +296,11 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     path = save_state(run, meter)
     logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
     return record
+
+
+def selected(figures: dict, presence: bool) -> float:
+    """The figure best/ is chosen by: the mean Dice, or a slice classifier's mean AUC (evaluation/presence.py)."""
+    return selection_figure(figures) if presence else figures["dice_mean"]
 
 
 def swa_snapshot(run: Run, epoch: int) -> None:
@@ -329,16 +348,55 @@ def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> 
                      split_sizes=sizes, scores=scores, repo=cfg.hub_model_id or str(run.output_dir / tag), what=tag)
 
 
+def labelled_index(run: "Run"):
+    """The run's index with its labels (load_data dropped the codes once the cache held the masks: read again)."""
+    cfg, index = run.cfg, run.data.index
+    if not run.adapter.has_labels(index):
+        index = run.adapter.build_index(cfg.data_dir)
+        if not index["id"].equals(run.data.index["id"]):
+            raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
+                            "trained on); score best/ with giseg score")
+    return index
+
+
+def final_presence(run: "Run") -> dict:
+    """--final_eval of a slice classifier: best/ on the validation fold against each slice's classes at original
+    size; writes val_presence.csv (id, class, probability, predicted, present) and val_scores.json."""
+    import numpy as np
+    import pandas as pd
+
+    from giseg.evaluation.presence import presence_figures
+    from giseg.inference.gate import SliceClassifier
+
+    cfg, out, d, adapter = run.cfg, run.output_dir, run.data, run.adapter
+    classifier = SliceClassifier.load(out / "best", run.accelerator.device, cfg.allow_bin, "--final_eval")
+    index, rows, classes = labelled_index(run), d.val_rows, classifier.spec.classes
+    probs = dict(classifier.iter_presence(rows, d.cache, d.neighbours, cfg.eval_batch_size, cfg.mixed_precision))
+
+    def shown(r: int) -> np.ndarray:
+        masks, ignored = adapter.read_masks(index.iloc[r]).astype(bool), adapter.ignored(index.iloc[r])
+        return (masks & ~ignored if ignored is not None else masks).reshape(len(classes), -1).any(1)
+
+    truth = np.stack([shown(r) for r in rows])
+    p = np.stack([probs[r] for r in rows])
+    pred = p >= np.asarray(classifier.spec.thresholds, np.float32)
+    figures = presence_figures(p, truth, classifier.spec.thresholds, classes, pred)
+    ids = index["id"].to_numpy()[rows]
+    table = pd.DataFrame({"id": np.repeat(ids, len(classes)), "class": np.tile(classes, len(rows)),
+                          "probability": p.ravel().round(6), "predicted": pred.ravel().astype(int),
+                          "present": truth.ravel().astype(int)})
+    atomic_write_text(out / "val_presence.csv", table.to_csv(index=False))
+    atomic_write_json(out / "val_scores.json", {**figures, "thresholds": list(classifier.spec.thresholds)})
+    logger.info("final eval (best/, original sizes, %d slices): %s -> %s", len(rows),
+                describe_presence(figures, classes), out / "val_scores.json")
+    return figures
+
+
 def final_evaluation(run: "Run") -> dict:
     """Predict the validation fold with best/ at original sizes, write val_submission.csv and val_scores.json."""
     cfg, out, d = run.cfg, run.output_dir, run.data
     segmenter = Segmenter.load(out / "best", run.accelerator.device)
-    index = d.index
-    if not run.adapter.has_labels(index):  # load_data dropped the codes once the cache held the masks: read again
-        index = run.adapter.build_index(cfg.data_dir)
-        if not index["id"].equals(d.index["id"]):
-            raise UserError(f"--final_eval: {cfg.data_dir} changed during the run (its slices differ from those "
-                            "trained on); score best/ with giseg score")
+    index = labelled_index(run)
     sub = predict_rows(Ensemble([segmenter]), index, d.val_rows, [(d.cache, d.neighbours)], run.adapter.volume_columns,
                        cfg.eval_batch_size, cfg.mixed_precision)
     write_submission(sub, out / "val_submission.csv")

@@ -58,9 +58,11 @@ class Analyser:
 
     def predict(self, raw_channels: list[np.ndarray]) -> np.ndarray:
         """Raw (H, W) scans of one slice (itself, or its 2.5D neighbours) -> (C, H, W) bool masks at that size."""
+        box = self.segmenter.body_box(raw_channels[len(raw_channels) // 2])  # (--body_crop: this slice's own box)
         with torch.no_grad():
-            logits = self.segmenter.logits(self.segmenter.prepare(raw_channels))
-        return self.segmenter.masks(logits, raw_channels[0].shape)[0].cpu().numpy()
+            logits = self.segmenter.logits(self.segmenter.prepare(raw_channels, box))
+        size = raw_channels[0].shape
+        return self.segmenter.masks(self.segmenter.paste(logits, size, box), size)[0].cpu().numpy()
 
     def analyse_file(self, path: str | Path) -> Analysis:
         """An uploaded scan: a 16-bit PNG (pixel spacing read from a competition file name) or any image."""

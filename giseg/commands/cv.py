@@ -17,6 +17,7 @@ from giseg.training.cv import (
     gpu_groups,
     parse_folds,
     physical_gpus,
+    presence_out_of_fold,
     run_fold,
     run_in_slots,
     score_ensemble,
@@ -120,16 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         run_in_slots(todo, groups, train_fold)
 
     rows = fold_figures(cv_dir, folds)
-    oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if folds == list(
-        range(cfg.n_folds)) else None
-    summary, table = cv_table(rows, adapter.classes, oof)
+    every = folds == list(range(cfg.n_folds))
+    if cfg.task == "presence":  # slice classifiers: AUC / F1 / empty slices, out of fold from val_presence.csv
+        oof = presence_out_of_fold(cv_dir, folds, adapter.classes) if every else None
+    else:
+        oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if every else None
+    summary, table = cv_table(rows, adapter.classes, oof, cfg.task)
     atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})
     atomic_write_text(cv_dir / "cv_table.md", table + "\n")
     for line in table.splitlines():
         logger.info("cv | %s", line)
-    logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", summary["mean"]["score"],
-                summary["sd"]["score"], summary["mean"]["dice_mean"], summary["sd"]["dice_mean"], len(rows),
-                cv_dir / "cv_table.md")
+    if cfg.task == "presence":
+        logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
+                    summary["mean"]["auc_mean"], summary["sd"]["auc_mean"], summary["mean"]["empty_correct"],
+                    summary["sd"]["empty_correct"], len(rows), cv_dir / "cv_table.md")
+    else:
+        logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", summary["mean"]["score"],
+                    summary["sd"]["score"], summary["mean"]["dice_mean"], summary["sd"]["dice_mean"], len(rows),
+                    cv_dir / "cv_table.md")
     if args.final_model:
         out = cv_dir / "final"  # (a finished one is resumed at its last step: nothing to do)
         with stop_on_signals(stop_folds):

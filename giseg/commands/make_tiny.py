@@ -3,7 +3,7 @@
     giseg make-tiny --family segformer --out demo/models/tiny-segformer [--width 2] [--seed 0]
 
 The folder is a ``save_pretrained`` folder of the family's own class (SegFormer, UperNet-ConvNeXt, DPT, BEiT,
-Mask2Former) with an image-processor config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
+Mask2Former; or ConvNeXt, Swin, EfficientNet image classifiers for --task presence) with an image-processor config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from giseg.utils import command, quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from giseg.models.classifier import TINY_CLASSIFIERS
     from giseg.models.tiny import TINY_CONFIGS  # transformers (1.8 s): not for `giseg --help`
 
     ap = argparse.ArgumentParser(prog="giseg make-tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", required=True, choices=sorted(TINY_CONFIGS), help="architecture family")
+    ap.add_argument("--family", required=True, choices=sorted(TINY_CONFIGS) + sorted(TINY_CLASSIFIERS),
+                    help="architecture family (*-classifier: an image classifier, for --task presence)")
     ap.add_argument("--out", required=True, help="folder to write")
     ap.add_argument("--width", type=int, default=1, help="channel multiplier (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")

@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tuned", default=None,
                     help="thresholds, gates and post-processing from a giseg tune --out file (an ensemble's); default: "
                          "the first model's spec (tuned by giseg tune, or the training threshold)")
+    ap.add_argument("--gate_model", nargs="+", default=None,
+                    help="slice classifiers (trainer.py --task presence; several: their probabilities averaged): a "
+                         "class is emptied on a slice the gate calls absent (below the gate threshold: giseg tune's, "
+                         "saved in the segmenter's spec, else the classifiers' own) or where at most the gate's "
+                         "minimum pixel count of it is predicted (inference/gate.py)")
     ap.add_argument("--backend", default="eager", choices=BACKENDS,
                     help="how the forward pass runs: eager PyTorch (default); compile: torch.compile (inductor), "
                          "compiled on the first batches; onnxruntime: each model folder's model.onnx (giseg "
@@ -110,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.tuned:
         model = model.with_decisions(**read_tuned(args.tuned))
         spec = model.spec
+    if args.gate_model:
+        from giseg.inference.gate import SliceGate
+
+        model = model.with_gate(SliceGate.load(args.gate_model, device, args.allow_bin))
+        thresholds, min_pixels = model.gate_values()
+        logger.info("slice gate: %s; a class stays where its probability is >= %s and more than %s of its pixels are "
+                    "predicted (%s)", ", ".join(args.gate_model), list(thresholds), list(min_pixels),
+                    "tuned: the segmenter's spec" if spec.gate_threshold else "the classifiers' own thresholds")
+    elif spec.gate_threshold is not None:
+        logger.warning("%s was tuned with a slice gate (gate thresholds %s in its spec), but no --gate_model is given: "
+                       "its masks are not gated, and tune's score assumed they were", args.model[0],
+                       list(spec.gate_threshold))
     thresholds = parse_thresholds(args.thresholds, spec.classes)
     if thresholds is not None:
         if spec.task != "multilabel":

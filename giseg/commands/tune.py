@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--cv", nargs="+", help="a giseg cv run folder: every fold's best/ on its own validation cases (out "
                                              "of fold); several: their fold-by-fold ensemble (needs --out)")
     ap.add_argument("--data_dir", required=True, help="the data the models were trained on (their folds are inside)")
+    ap.add_argument("--gate_model", nargs="+", default=None,
+                    help="slice classifiers (trainer.py --task presence) to gate with: with --model, classifier folders "
+                         "trained on the segmenter's split; with --cv, classifier CV folders (fold k gates fold k). The "
+                         "gate's per-class threshold and minimum pixel count are searched (step slice_gate) and kept "
+                         "only where the score rises")
     ap.add_argument("--out", default=None,
                     help="write the tuned values here (JSON for giseg predict --tuned) instead of into the model specs; "
                          "needed for an ensemble")
@@ -93,6 +98,24 @@ def check_tune_outputs(args) -> None:
                               else starts_with("# Tuning on "))
 
 
+def gate_groups(args, n_groups: int, device) -> list:
+    """The SliceGate of each group of models (None each without --gate_model): with --model the classifiers given;
+    with --cv, fold k's classifiers of every classifier CV, for fold k's segmenters."""
+    if not args.gate_model:
+        return [None] * n_groups
+    from giseg.inference.gate import SliceGate
+
+    if not args.cv:
+        return [SliceGate.load(args.gate_model, device, args.allow_bin)]
+    per_cv = [cv_folds(Path(c)) for c in args.gate_model]
+    seg_folds = [f.parent.name for f in cv_folds(Path(args.cv[0]))]
+    for c, folds in zip(args.gate_model, per_cv):
+        if [f.parent.name for f in folds] != seg_folds:
+            raise UserError(f"--gate_model {c}: holds folds {[f.parent.name for f in folds]}, --cv {args.cv[0]} holds "
+                            f"{seg_folds}; with --cv, pass classifier CV folders with the same folds")
+    return [SliceGate.load(list(g), device, args.allow_bin) for g in zip(*per_cv)]
+
+
 def tune(args) -> dict:
     check_run_options(args)
     check_tune_outputs(args)
@@ -112,11 +135,12 @@ def tune(args) -> dict:
         if len(folders) > 1 and not args.out:
             raise UserError("tuning an ensemble needs --out <file.json> (its members' own specs stay as they are); "
                             "giseg predict --tuned <file.json> then uses it")
+    gates = gate_groups(args, len(groups), device)
     weights = None
     if args.weights:
         weights = parse_weights(args.weights, len(groups[0]))
     volumes, spec, adapter, index = [], None, None, None
-    for group in groups:
+    for group, gate in zip(groups, gates):
         model = Ensemble.load(group, device, weights, args.allow_bin)
         if spec is None:
             spec = model.spec
@@ -135,17 +159,28 @@ def tune(args) -> dict:
         _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
         logger.info("predicting %d validation slices (fold %d/%d) with %s", len(rows), s["fold"], s["n_folds"],
                     ", ".join(map(str, group)))
+        if gate is not None:
+            gate.check_fits(model.spec, str(group[0]))
+            for name, m in zip(gate.names, gate.members):
+                if m.spec.split != model.spec.split:
+                    raise UserError(f"--gate_model {name}: trained on split {m.spec.split}, but {group[0]} is tuned on "
+                                    f"the validation cases of {model.spec.split}; a classifier that trained on them "
+                                    "would gate too well. Train it with the segmenter's --fold, --n_folds and "
+                                    "--split_seed (giseg cv --task presence for a CV)")
         volumes += collect_volumes(model, adapter, index, rows, args.cache_dir, args.batch_size, args.mixed_precision,
-                                   args.num_workers)
+                                   args.num_workers, gate)
     search = tuple(s for s in args.search.split(",") if s)
     if not search or set(search) - set(SEARCH):
         raise UserError(f"--search takes steps of {SEARCH}, comma-separated; got {args.search!r}")
+    if not args.gate_model:  # (the slice gate needs classifiers)
+        search = tuple(s for s in search if s != "slice_gate")
     tuner = Tuner(volumes, spec.task, spec.classes, args.empty_dice, args.workers or os.cpu_count() or 1, search)
     chosen, before, after = tuner.search(start_decisions(spec))
-    values = as_spec_values(chosen, spec.task)
+    values = as_spec_values(chosen, spec.task, gated=bool(args.gate_model))
     source = (f"out-of-fold validation of {', '.join(args.cv)}" if args.cv else
               f"validation of {', '.join(map(str, folders))}")
     report = {"source": source, "models": [str(f) for f in folders], "weights": weights, "decisions": values,
+              "gate_models": args.gate_model,
               "search": list(search),
               "before": before, "after": after, "candidates_scored": tuner.evaluated, "empty_dice": args.empty_dice}
     if args.out:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from giseg.data.base import DatasetAdapter
-from giseg.data.preprocess import prepare_scan, resize_mask
+from giseg.data.preprocess import BODY_THRESHOLD, body_box, crop_box, normalise_scan, prepare_scan, resize_mask
 from giseg.utils import FolderLock, UserError, atomic_dir, human_bytes, logger, recover_replaced
 
 CACHE_VERSION = 2  # bump when the preprocessing below changes
@@ -45,11 +45,14 @@ class SliceCache:
     images: np.ndarray  # (N, S, S) float16 in [0, 1]
     masks: np.ndarray  # (N, S, S) uint8, bit c = class c
     path: Path
+    boxes: np.ndarray | None = None  # --body_crop: (N, 4) int32 (y0, y1, x0, x1) of each slice's crop, at its size
 
 
-def cache_key(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int) -> str:
-    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": image_size, "dataset": adapter.name,
-                                   "classes": adapter.classes}).encode())
+def cache_key(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, crop_margin: int | None = None) -> str:
+    what = {"version": CACHE_VERSION, "size": image_size, "dataset": adapter.name, "classes": adapter.classes}
+    if crop_margin is not None:  # (an uncropped cache keeps the key it always had)
+        what["body_crop"] = {"margin": crop_margin, "threshold": BODY_THRESHOLD}
+    h = hashlib.sha256(json.dumps(what).encode())
     h.update(adapter.fingerprint(index).encode())
     return h.hexdigest()[:16]
 
@@ -127,7 +130,29 @@ def _reserve(path: Path, size: int) -> None:
         os.close(fd)
 
 
-def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder: Path, num_threads: int) -> None:
+def first_channel(raw: np.ndarray, channels: int) -> np.ndarray:
+    return raw if channels == 1 else raw[0]
+
+
+def body_boxes(adapter: DatasetAdapter, index: pd.DataFrame, margin: int, pool: ThreadPoolExecutor) -> np.ndarray:
+    """--body_crop: (N, 4) int32 crop boxes, one per volume (every slice of a case-day gets the same, so 2.5D
+    neighbours stay aligned): the union of its slices' body boxes (preprocess.body_box, on the first image channel),
+    grown by ``margin`` and squared (crop_box). A first pass over the images, before the cache's own."""
+    def one(row) -> tuple[int, ...]:
+        scan = normalise_scan(first_channel(adapter.read_image(row), adapter.channels))
+        return (*body_box(scan), *scan.shape)
+
+    raw = np.array(list(pool.map(one, index.itertuples())), dtype=np.int64).reshape(-1, 6)
+    frame = pd.DataFrame(raw, columns=["y0", "y1", "x0", "x1", "h", "w"])
+    keys = [index[c].to_numpy() for c in adapter.volume_columns]
+    union = frame.groupby(keys, sort=False).agg({"y0": "min", "y1": "max", "x0": "min", "x1": "max"})
+    per_row = union.reindex(pd.MultiIndex.from_arrays(keys) if len(keys) > 1 else keys[0]).to_numpy()
+    return np.array([crop_box(tuple(b), (h, w), margin) for b, h, w in zip(per_row, frame["h"], frame["w"])],
+                    dtype=np.int32).reshape(-1, 4)
+
+
+def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder: Path, num_threads: int,
+           crop_margin: int | None = None) -> None:
     labelled = adapter.has_labels(index)
     channels = adapter.channels
     shape = (len(index), image_size, image_size)
@@ -138,15 +163,20 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
                         f"{human_bytes(need)} but only {human_bytes(free)} are free; free space or pass a --cache_dir "
                         "on a larger disk")
 
-    def load_one(row) -> tuple[np.ndarray, np.ndarray]:
+    boxes = None
+
+    def load_one(i_row) -> tuple[np.ndarray, np.ndarray]:
+        i, row = i_row
         raw = adapter.read_image(row)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # (it would surface as a NaN loss, much later)
             raise UserError(f"{getattr(row, 'path', row.id)} (id {row.id}): the image holds NaN or infinite values; "
                             "fix or drop that image")
-        image = prepare_scan(raw, image_size) if channels == 1 else np.stack([prepare_scan(c, image_size) for c in raw])
+        crop = (slice(None), slice(None)) if boxes is None else (slice(*boxes[i, :2]), slice(*boxes[i, 2:]))
+        image = prepare_scan(raw, image_size, crop) if channels == 1 else np.stack(
+            [prepare_scan(c, image_size, crop) for c in raw])
         if not labelled:
             return image, np.zeros((image_size, image_size), np.uint8)
-        return image, resize_mask(adapter.read_packed(row), image_size)
+        return image, resize_mask(np.ascontiguousarray(adapter.read_packed(row)[crop]), image_size)
 
     logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
     with _SignalsRaise(), atomic_dir(folder) as tmp:
@@ -158,8 +188,11 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         threads = max(1, num_threads)
         window = 16 * threads  # slices in flight: the memory of a build does not grow with the dataset
         with ThreadPoolExecutor(threads) as pool:  # cv2 and numpy release the GIL
+            if crop_margin is not None:
+                boxes = body_boxes(adapter, index, crop_margin, pool)
+                np.save(tmp / "boxes.npy", boxes)
             for start in range(0, len(index), window):
-                part = index.iloc[start:start + window].itertuples()
+                part = enumerate(index.iloc[start:start + window].itertuples(), start)
                 for i, (im, m) in enumerate(pool.map(load_one, part), start):
                     images[i * channels:(i + 1) * channels], masks[i] = im, m
         images.flush()
@@ -171,14 +204,16 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
 
 
 def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, cache_root: str | Path,
-                num_threads: int = 4, verify: bool = False) -> SliceCache:
+                num_threads: int = 4, verify: bool = False, crop_margin: int | None = None) -> SliceCache:
     """Open the cache of ``index`` at ``image_size`` under ``cache_root``, building it first if it is missing or
     damaged (``verify``: check every block's checksum, not a sample). An index without labels (a test layout)
-    gets empty masks."""
+    gets empty masks. ``crop_margin`` (--body_crop): each slice cropped to its volume's body box first (boxes.npy
+    keeps the boxes, to paste predictions back at original size)."""
     root = Path(cache_root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--cache_dir {root} is a file; pass a folder")
-    folder = root / f"{image_size}px-{len(index)}-{cache_key(adapter, index, image_size)}"
+    crop = "" if crop_margin is None else f"crop{crop_margin}-"
+    folder = root / f"{image_size}px-{crop}{len(index)}-{cache_key(adapter, index, image_size, crop_margin)}"
     problem = check_cache(folder, verify)
     if problem is not None:
         with FolderLock(root / f".{folder.name}.lock"):  # one builder; the others wait and then use its cache
@@ -187,9 +222,9 @@ def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, c
             if problem is not None:
                 if problem != "missing":
                     logger.warning("cache %s is damaged (%s): rebuilding it", folder, problem)
-                _build(adapter, index, image_size, folder, num_threads)
+                _build(adapter, index, image_size, folder, num_threads, crop_margin)
     cache = SliceCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
-                       folder)
+                       folder, np.load(folder / "boxes.npy") if crop_margin is not None else None)
     want = (len(index), image_size, image_size)
     if cache.images.shape != (len(index) * adapter.channels, *want[1:]) or cache.masks.shape != want:
         raise UserError(f"cache {folder} holds arrays of shape {cache.images.shape}, not ({len(index)}, {image_size}, "

@@ -34,9 +34,46 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
-def prepare_scan(raw: np.ndarray, size: int) -> np.ndarray:
-    """A raw (H, W) scan as the model sees it before normalisation: (size, size) float16 in [0, 1]."""
-    return resize_image(normalise_scan(raw), size).astype(np.float16)
+def prepare_scan(raw: np.ndarray, size: int, crop: tuple[slice, slice] | None = None) -> np.ndarray:
+    """A raw (H, W) scan as the model sees it before normalisation: (size, size) float16 in [0, 1]; ``crop``
+    (--body_crop) cuts it after the scaling (percentiles of the whole slice) and before the resize."""
+    scan = normalise_scan(raw)
+    if crop is not None:
+        scan = np.ascontiguousarray(scan[crop])
+    return resize_image(scan, size).astype(np.float16)
+
+
+BODY_THRESHOLD = 0.1  # --body_crop: the body is what is brighter than this on the slice's [0, 1] scale
+
+
+def body_box(scan: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the bounding box of the largest 8-connected component of a [0, 1] slice above
+    BODY_THRESHOLD (the body; an arm or a coil's bright rim is a smaller component and falls outside). The whole
+    slice when nothing is above it."""
+    fg = (scan > BODY_THRESHOLD).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    if n <= 1:
+        return 0, scan.shape[0], 0, scan.shape[1]
+    k = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    x, y, w, h = (int(v) for v in stats[k, :4])
+    return y, y + h, x, x + w
+
+
+def crop_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: int) -> tuple[int, int, int, int]:
+    """``box`` grown by ``margin`` pixels on every side, then its shorter side grown to a square (the crop keeps the
+    scan's aspect when resized to the model's square size), shifted and clipped to fit a slice of ``shape``."""
+    y0, y1, x0, x1 = box[0] - margin, box[1] + margin, box[2] - margin, box[3] + margin
+    side = max(y1 - y0, x1 - x0)
+    out = []
+    for lo, hi, size in ((y0, y1, shape[0]), (x0, x1, shape[1])):
+        lo -= (side - (hi - lo)) // 2
+        hi = lo + side
+        if lo < 0:
+            lo, hi = 0, hi - lo
+        if hi > size:
+            lo, hi = max(0, lo - (hi - size)), size
+        out += [lo, hi]
+    return tuple(out)
 
 
 def to_pixel_values(image: np.ndarray, mean, std) -> np.ndarray:

@@ -251,7 +251,7 @@ def predict_validation(run_dir: str | Path, data_dir: str | Path | None = None, 
         rows = rows[:max_slices]
     segmenter = Segmenter.load(run_dir / "best", "cpu")
     spec = segmenter.spec
-    cache = build_cache(adapter, index, spec.image_size, cache_dir or cfg["cache_dir"])
+    cache = build_cache(adapter, index, spec.image_size, cache_dir or cfg["cache_dir"], crop_margin=spec.crop())
     neighbours = neighbour_table(index, spec.context_slices, spec.context_stride, adapter.volume_columns,
                                  adapter.channels)
     masks, records, stats = {}, [], []

@@ -8,7 +8,8 @@
 For each class in turn, a greedy search maximises the competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), the
 giseg score figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
 from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
-then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
+with --gate_model the slice gate (drop it where the slice classifiers' probability is below t or at most n of its
+pixels are predicted; the classifiers must share the segmenter's split, or each CV fold's its fold), then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
 voxels. It starts from the untuned decisions
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
@@ -30,6 +31,7 @@ import pandas as pd
 from giseg.evaluation.metrics import hausdorff_3d, mask_stats
 from giseg.evaluation.score import figures_from_stats
 from giseg.inference.ensemble import Ensemble, group_by_volume
+from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import apply_rule, gate
 from giseg.inference.spec import InferenceSpec
 from giseg.utils import UserError, logger
@@ -38,8 +40,11 @@ THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_PROB = (0.0, 0.5, 0.6, 0.7, 0.8)
 MIN_AREA = (0.0, 0.0005, 0.001, 0.002, 0.005)
 MIN_VOXELS = (100, 500, 2000)  # "min:<N>": drop 3D components smaller than this, at original size
-DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess")
-SEARCH = ("thresholds", "gates", "postprocess")  # the steps of the search, in order
+GATE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the slice gate (--gate_model): classifier probability
+GATE_MIN_PIXELS = (0, 12, 50, 200)  # ... and more than this many predicted pixels at original size
+DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess", "gate_threshold", "gate_min_pixels")
+SEARCH = ("thresholds", "gates", "slice_gate", "postprocess")  # the steps of the search, in order; slice_gate:
+# with --gate_model only
 
 
 @dataclasses.dataclass
@@ -53,13 +58,19 @@ class Volume:
     argmax: np.ndarray | None
     truth: np.ndarray
     ignored: np.ndarray | None
+    presence: np.ndarray | None = None  # (D, C) the slice gate's probabilities (tune --gate_model), or None
 
 
 def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndarray, cache_dir: str,
-                    batch_size: int, mixed_precision: str, num_workers: int) -> list[Volume]:
-    """The model's probabilities on ``rows`` (whole volumes, in index order) with their ground truth."""
+                    batch_size: int, mixed_precision: str, num_workers: int, gate=None) -> list[Volume]:
+    """The model's probabilities on ``rows`` (whole volumes, in index order) with their ground truth; with
+    ``gate`` (a SliceGate) its presence probabilities too."""
     task, n_classes = model.spec.task, len(model.spec.classes)
     inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
+    presence = None
+    if gate is not None:
+        gate_inputs = gate.inputs(adapter, index, cache_dir, max(1, num_workers))
+        presence = dict(gate.iter_presence(rows, gate_inputs, batch_size, mixed_precision, num_workers))
 
     def close(items):
         rs = np.array([r for r, _ in items])
@@ -72,7 +83,8 @@ def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndar
         ign = [adapter.ignored(index.iloc[r]) for r in rs]
         ignored = None if all(i is None for i in ign) else np.stack(
             [i if i is not None else np.zeros(truth.shape[-2:], bool) for i in ign])
-        return Volume(rs, cls.astype(np.float32), argmax, truth, ignored)
+        gated = None if presence is None else np.stack([presence[r] for r in rs])
+        return Volume(rs, cls.astype(np.float32), argmax, truth, ignored, gated)
 
     probs = model.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, False, num_workers)
     return [close(volume) for volume in group_by_volume(probs, index[list(adapter.volume_columns)].to_numpy())]
@@ -93,6 +105,8 @@ class Tuner:
         p = v.probs[:, c]
         m = v.argmax[:, c] if self.task == "multiclass" else p > np.float32(d["thresholds"])
         m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # giseg predict's own gate
+        if v.presence is not None:  # the slice gate, as Ensemble.iter_masks applies it
+            m = gate_slice(m[:, None], v.presence[:, c:c + 1], (d["gate_threshold"],), (d["gate_min_pixels"],))[:, 0]
         if d["postprocess"] != "none":
             m = apply_rule(m, d["postprocess"])
         if v.ignored is not None:
@@ -126,6 +140,9 @@ class Tuner:
                 grids.append([{"thresholds": t} for t in THRESHOLDS])
             if "gates" in self.search_steps:
                 grids.append([{"min_prob": p, "min_area": a} for p in MIN_PROB for a in MIN_AREA])
+            if "slice_gate" in self.search_steps and self.volumes and self.volumes[0].presence is not None:
+                grids.append([{"gate_threshold": t, "gate_min_pixels": n} for t in GATE_THRESHOLDS
+                              for n in GATE_MIN_PIXELS])
             if "postprocess" in self.search_steps:
                 grids.append([{"postprocess": "largest"}, *({"postprocess": f"min:{n}"} for n in MIN_VOXELS),
                               {"postprocess": "none"}])
@@ -138,9 +155,11 @@ class Tuner:
                     score = self.figures([figs if k == c else current[k] for k in range(len(current))])["score"]
                     if score > best + 1e-12:
                         best, chosen[c], current[c] = score, trial, figs
-            logger.info("tuned %s: threshold %s, min_area %g, min_prob %g, post-processing %s (score %.4f)", name,
+            logger.info("tuned %s: threshold %s, min_area %g, min_prob %g, slice gate >= %g and > %d pixels, "
+                        "post-processing %s (score %.4f)", name,
                         chosen[c]["thresholds"] if self.task == "multilabel" else "argmax", chosen[c]["min_area"],
-                        chosen[c]["min_prob"], chosen[c]["postprocess"], best)
+                        chosen[c]["min_prob"], chosen[c]["gate_threshold"], chosen[c]["gate_min_pixels"],
+                        chosen[c]["postprocess"], best)
         return chosen, before, self.figures(current)
 
 
@@ -148,25 +167,31 @@ def start_decisions(spec: InferenceSpec) -> list[dict]:
     """The untuned decisions of a spec: its thresholds (0.5 for multiclass, unused), no gates, no post-processing."""
     n = len(spec.classes)
     thresholds = spec.thresholds or (0.5,) * n
-    return [{"thresholds": thresholds[c], "min_area": 0.0, "min_prob": 0.0, "postprocess": "none"} for c in range(n)]
+    return [{"thresholds": thresholds[c], "min_area": 0.0, "min_prob": 0.0, "postprocess": "none",
+             "gate_threshold": 0.0, "gate_min_pixels": 0} for c in range(n)]
 
 
-def as_spec_values(chosen: list[dict], task: str) -> dict:
-    """Per-class dicts -> the spec's tuples (no thresholds for multiclass)."""
+def as_spec_values(chosen: list[dict], task: str, gated: bool = False) -> dict:
+    """Per-class dicts -> the spec's tuples (no thresholds for multiclass; no slice gate (None) unless ``gated``:
+    tuned with --gate_model)."""
     values = {k: tuple(d[k] for d in chosen) for k in DECISIONS}
     if task == "multiclass":
         values["thresholds"] = ()
+    if not gated or not any(d["gate_threshold"] or d["gate_min_pixels"] for d in chosen):  # no class adopted it
+        values["gate_threshold"] = values["gate_min_pixels"] = None
     return values
 
 
 def report_markdown(classes, chosen: list[dict], before: dict, after: dict, task: str, source: str) -> str:
     lines = [f"# Tuning on {source}", "",
-             "| class | threshold | min_area | min_prob | post-processing | Dice before | Dice after | Hausdorff before "
-             "| Hausdorff after |", "|" + " --- |" * 9]
+             "| class | threshold | min_area | min_prob | slice gate | post-processing | Dice before | Dice after | "
+             "Hausdorff before | Hausdorff after |", "|" + " --- |" * 10]
     for c, name in enumerate(classes):
         d = chosen[c]
+        slice_gate = (f">= {d['gate_threshold']:g}, > {d['gate_min_pixels']} px"
+                      if d.get("gate_threshold") or d.get("gate_min_pixels") else "off")
         lines.append(f"| {name} | {d['thresholds'] if task == 'multilabel' else 'argmax'} | {d['min_area']:g} | "
-                     f"{d['min_prob']:g} | {d['postprocess']} | {before[f'dice_{name}']:.4f} | {after[f'dice_{name}']:.4f}"
+                     f"{d['min_prob']:g} | {slice_gate} | {d['postprocess']} | {before[f'dice_{name}']:.4f} | {after[f'dice_{name}']:.4f}"
                      f" | {before[f'hausdorff_{name}']:.4f} | {after[f'hausdorff_{name}']:.4f} |")
     lines += ["", f"score {before['score']:.4f} -> {after['score']:.4f}; mean Dice {before['dice_mean']:.4f} -> "
                   f"{after['dice_mean']:.4f}; Hausdorff {before['hausdorff']:.4f} -> {after['hausdorff']:.4f} "
@@ -189,4 +214,4 @@ def read_tuned(path: str | Path) -> dict:
         values = json.loads(Path(path).read_text())["decisions"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--tuned {path}: not a giseg tune --out file ({e})") from None
-    return {k: tuple(values[k]) for k in DECISIONS if k in values}
+    return {k: tuple(values[k]) for k in DECISIONS if values.get(k) is not None}

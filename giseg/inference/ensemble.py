@@ -12,6 +12,7 @@ import torch
 
 from giseg.data.cache import build_cache
 from giseg.data.volumes import neighbour_table
+from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import class_probabilities, gate, masks_from_probabilities, postprocess_volume
 from giseg.inference.segmenter import Segmenter
 from giseg.utils import UserError
@@ -56,23 +57,41 @@ class Ensemble:
         self.weights = [w / sum(weights) for w in weights]
         self.spec = first
         self.thresholds = tuple(first.thresholds)
+        self.gate = None  # a SliceGate (inference/gate.py): with_gate
+
+    def with_gate(self, gate) -> "Ensemble":
+        """The same members, their masks gated per slice and class by ``gate`` (a SliceGate; None: no gate)."""
+        if gate is not None:
+            gate.check_fits(self.spec, self.names[0])
+        out = self.with_decisions()
+        out.gate = gate
+        return out
+
+    def gate_values(self) -> tuple[tuple, tuple]:
+        """The gate's (threshold, minimum pixel count) per class: tune's (the spec's), else the classifiers' own
+        thresholds and no pixel count."""
+        n = len(self.spec.classes)
+        return (self.spec.gate_threshold or tuple(self.gate.spec.thresholds),
+                self.spec.gate_min_pixels or (0,) * n)
 
     @classmethod
     def load(cls, folders: list[str | Path], device: torch.device | str = "cpu",
              weights: list[float] | None = None, allow_bin: bool = False, backend: str = "eager") -> "Ensemble":
         return cls([Segmenter.load(f, device, allow_bin, backend) for f in folders], weights, [str(f) for f in folders])
 
-    def with_decisions(self, thresholds=None, min_area=None, min_prob=None, postprocess=None) -> "Ensemble":
+    def with_decisions(self, thresholds=None, min_area=None, min_prob=None, postprocess=None, gate_threshold=None,
+                       gate_min_pixels=None) -> "Ensemble":
         """The same members with other thresholds, gates or post-processing (None: keep the current)."""
         spec = dataclasses.replace(self.spec, **{k: tuple(v) for k, v in dict(
-            thresholds=thresholds, min_area=min_area, min_prob=min_prob, postprocess=postprocess).items()
-            if v is not None})
+            thresholds=thresholds, min_area=min_area, min_prob=min_prob, postprocess=postprocess,
+            gate_threshold=gate_threshold, gate_min_pixels=gate_min_pixels).items() if v is not None})
         bad = spec.problems()
         if bad:
             raise UserError(bad[0])
         out = Ensemble.__new__(Ensemble)
         out.members, out.names, out.weights, out.spec, out.thresholds = (self.members, self.names, self.weights, spec,
                                                                          spec.thresholds)
+        out.gate = getattr(self, "gate", None)
         return out
 
     def inputs(self, adapter, index: pd.DataFrame, cache_dir: str | Path, num_threads: int = 1) -> list[tuple]:
@@ -83,11 +102,14 @@ class Ensemble:
             if m.spec.channels != adapter.channels:
                 raise UserError(f"--model {name}: takes images of {m.spec.channels} channel(s); this data has "
                                 f"{adapter.channels}")
-            size = m.spec.image_size
-            if size not in caches:
-                caches[size] = build_cache(adapter, index, size, cache_dir, num_threads=num_threads)
-            out.append((caches[size], neighbour_table(index, m.spec.context_slices, m.spec.context_stride,
+            key = (m.spec.image_size, m.spec.crop())  # (a cache per size and body crop)
+            if key not in caches:
+                caches[key] = build_cache(adapter, index, *key[:1], cache_dir, num_threads=num_threads,
+                                          crop_margin=key[1])
+            out.append((caches[key], neighbour_table(index, m.spec.context_slices, m.spec.context_stride,
                                                       adapter.volume_columns, adapter.channels)))
+        if self.gate is not None:  # the gate's classifiers' inputs follow the members'
+            out += self.gate.inputs(adapter, index, cache_dir, num_threads, caches)
         return out
 
     def iter_probabilities(self, index: pd.DataFrame, rows: np.ndarray, inputs: list[tuple], batch_size: int = 16,
@@ -116,12 +138,16 @@ class Ensemble:
         """(row, (C, H, W) bool masks at original size), in order. With post-processing, a volume's slices are
         collected first (``rows`` must list each volume's slices together, as the index does)."""
         probs = self.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, tta, num_workers)
+        masks = ((r, self._masks(p)) for r, p in probs)
+        if self.gate is not None:  # per slice and class, before the volume's post-processing
+            presence = self.gate.iter_presence(rows, inputs[len(self.members):], batch_size, mixed_precision,
+                                               num_workers)
+            thresholds, min_pixels = self.gate_values()
+            masks = ((r, gate_slice(m, p, thresholds, min_pixels)) for (r, m), (_, p) in zip(masks, presence))
         rules = self.spec.postprocess
         if not rules or all(r == "none" for r in rules):
-            for r, p in probs:
-                yield r, self._masks(p)
+            yield from masks
             return
-        masks = ((r, self._masks(p)) for r, p in probs)
         for volume in group_by_volume(masks, index[list(volume_columns)].to_numpy()):
             yield from self._flush(volume, rules)
 

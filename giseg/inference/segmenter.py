@@ -77,6 +77,9 @@ class Segmenter:
                             "runs/<name>/best)")
         config = check_model_folder(folder, "--model", allow_bin)
         spec = InferenceSpec.load(folder)
+        if spec.task == "presence":
+            raise UserError(f"--model {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
+                            "--gate_model to gate a segmenter's masks")
         check_spec_matches_model(spec, config, folder)
         try:
             hf = auto_class(config.get("model_type", "")).from_pretrained(folder, **loading_kwargs(allow_bin))
@@ -102,6 +105,9 @@ class Segmenter:
         from giseg.inference.onnx_model import load_onnx_model
 
         spec = InferenceSpec.load(folder)
+        if spec.task == "presence":
+            raise UserError(f"--model {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
+                            "--gate_model")
         if (folder / "config.json").is_file():
             try:
                 check_spec_matches_model(spec, json.loads((folder / "config.json").read_text()), folder)
@@ -120,10 +126,34 @@ class Segmenter:
         """(B, C, H, W) bool masks at ``size`` with the spec's thresholds (or argmax)."""
         return masks_from_logits(logits, size, self.spec.task, self.thresholds)
 
-    def prepare(self, raw_channels: list[np.ndarray]) -> torch.Tensor:
+    def paste(self, logits: torch.Tensor, size: tuple[int, int], box=None) -> torch.Tensor:
+        """(B, K, h, w) logits -> float32 logits at the slice's ``size``: upsampled bilinearly, or with a body crop
+        ``box`` (y0, y1, x0, x1) upsampled to the box and pasted into a slice that is background elsewhere
+        (multilabel: every class off; multiclass: the background wins)."""
+        if box is None:
+            return upsample_like(logits.float(), size)
+        y0, y1, x0, x1 = (int(v) for v in box)
+        full = torch.full((logits.shape[0], logits.shape[1], *size), -1e4, device=logits.device)
+        if self.spec.task == "multiclass":
+            full[:, 0] = 1e4
+        full[..., y0:y1, x0:x1] = upsample_like(logits.float(), (y1 - y0, x1 - x0))
+        return full
+
+    def body_box(self, raw: np.ndarray):
+        """--body_crop: the crop box of one raw slice on its own (the app's upload; a cache takes its volume's
+        union), or None without a body crop."""
+        if not self.spec.body_crop:
+            return None
+        from giseg.data.preprocess import body_box, crop_box, normalise_scan
+
+        scan = normalise_scan(raw)
+        return crop_box(body_box(scan), scan.shape, self.spec.crop_margin)
+
+    def prepare(self, raw_channels: list[np.ndarray], box=None) -> torch.Tensor:
         """Raw (H, W) scans of one slice (1, or its 2.5D neighbours) -> a (1, 3, S, S) input on the device,
-        exactly as the decode-once cache and the data set prepare them."""
-        images = np.stack([prepare_scan(raw, self.spec.image_size) for raw in raw_channels]).astype(np.float32)
+        exactly as the decode-once cache and the data set prepare them (cut to ``box`` first: body_box)."""
+        crop = None if box is None else (slice(box[0], box[1]), slice(box[2], box[3]))
+        images = np.stack([prepare_scan(raw, self.spec.image_size, crop) for raw in raw_channels]).astype(np.float32)
         image = images[0] if len(images) == 1 else images.transpose(1, 2, 0)
         return torch.from_numpy(to_pixel_values(image, self.spec.mean, self.spec.std))[None].to(self.device)
 
@@ -148,9 +178,12 @@ class Segmenter:
                    num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (row, (C, H, W) bool masks at the slice's original size) for ``rows`` of ``index``, in order."""
         heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
+        boxes = getattr(cache, "boxes", None)
         for r, logits in self._iter_logits(index, rows, cache, neighbours, batch_size, mixed_precision, tta,
                                            num_workers):
-            yield r, self.masks(logits, (int(heights[r]), int(widths[r])))[0].cpu().numpy()
+            size = (int(heights[r]), int(widths[r]))
+            logits = self.paste(logits, size, boxes[r] if boxes is not None else None)
+            yield r, self.masks(logits, size)[0].cpu().numpy()
 
     def iter_probabilities(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
                            batch_size: int = 16, mixed_precision: str = "no", tta: bool = False,
@@ -158,9 +191,10 @@ class Segmenter:
         """Yield (row, (K, H, W) float32 probabilities at the slice's original size): the sigmoid per class
         (multilabel) or the softmax over background + classes (multiclass) of the bilinearly upsampled logits."""
         heights, widths = index["height"].to_numpy(), index["width"].to_numpy()
+        boxes = getattr(cache, "boxes", None)
         for r, logits in self._iter_logits(index, rows, cache, neighbours, batch_size, mixed_precision, tta,
                                            num_workers):
-            logits = upsample_like(logits.float(), (int(heights[r]), int(widths[r])))
+            logits = self.paste(logits, (int(heights[r]), int(widths[r])), boxes[r] if boxes is not None else None)
             probs = torch.sigmoid(logits) if self.spec.task == "multilabel" else torch.softmax(logits, 1)
             yield r, probs[0].cpu().numpy()
 

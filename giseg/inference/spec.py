@@ -54,7 +54,9 @@ class InferenceSpec:
     # trainer saves its value here). A new one goes at the end of the class with a default (older folders lack it).
     task: str = field(metadata=flag(
         "multilabel", "multilabel: a sigmoid channel per class, classes may overlap; multiclass: softmax over "
-        "background + classes, overlaps resolved by the dataset's priority (GI: stomach > large_bowel > small_bowel)",
+        "background + classes, overlaps resolved by the dataset's priority (GI: stomach > large_bowel > small_bowel); "
+        "presence: a slice classifier (is each class on the slice), an image-classification --base_model, for giseg "
+        "predict --gate_model",
         lambda v: v in TASKS, f"one of {TASKS}", choices=TASKS))
     classes: tuple[str, ...]
     image_size: int = field(metadata=flag(
@@ -78,12 +80,30 @@ class InferenceSpec:
     min_prob: tuple[float, ...] | None = None  # gate: a class whose highest probability is below it is dropped
     postprocess: tuple[str, ...] | None = None  # per volume: "none", "largest" or "min:<voxels>" (3D components)
     channels: int = 1  # the dataset's image channels (an nnU-Net dataset's channel_names; 1 for a scan)
+    # giseg tune's slice gate (a segmenter's, tuned with --gate_model): a class stays on a slice when the slice
+    # classifiers' mean probability is >= gate_threshold and more than gate_min_pixels of its pixels are predicted;
+    # None: the classifiers' own thresholds and no pixel count (untuned)
+    gate_threshold: tuple[float, ...] | None = None
+    gate_min_pixels: tuple[int, ...] | None = None
+    body_crop: bool = field(default=False, metadata=flag(
+        False, "crop each slice to its body before resizing: the bounding box of the largest bright component "
+        "(> 0.1 of the slice's scale; arms and coil rims are smaller ones), the union over the slices of its volume, "
+        "grown by --crop_margin and squared; predictions are pasted back at original size (data/preprocess.py)",
+        lambda v: isinstance(v, bool), "true or false"))
+    crop_margin: int = field(default=8, metadata=flag(
+        8, "--body_crop: pixels of the original slice kept around the body's box",
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"))
+
+    def crop(self) -> int | None:
+        """The cache's crop margin (data/cache.py build_cache): None without --body_crop."""
+        return self.crop_margin if self.body_crop else None
 
     def input_channels(self) -> int:
         return model_input_channels(self.context_slices, self.channels)
 
     def __post_init__(self) -> None:
-        for name in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
+        for name in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess", "gate_threshold",
+                     "gate_min_pixels"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
@@ -112,12 +132,15 @@ class InferenceSpec:
         if self.dataset_options is not None and not isinstance(self.dataset_options, dict):
             out.append(f"dataset_options: null or an object, got {self.dataset_options!r}")
         fraction = lambda v: is_number(v) and 0 <= v < 1  # noqa: E731
+        count = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
         for name, ok, what in (("min_area", fraction, "fractions in [0, 1)"), ("min_prob", fraction, "values in [0, 1)"),
-                               ("postprocess", valid_rule, f"one of {POSTPROCESS}")):
+                               ("postprocess", valid_rule, f"one of {POSTPROCESS}"),
+                               ("gate_threshold", fraction, "values in [0, 1)"),
+                               ("gate_min_pixels", count, "integers >= 0")):
             value = getattr(self, name)
             if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
                 out.append(f"{name}: null or one per class, {what}, got {list(value)}")
-        want = len(self.classes) if self.task == "multilabel" else 0
+        want = len(self.classes) if self.task != "multiclass" else 0
         if len(self.thresholds) != want or not all(is_number(t) and 0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
         return out
@@ -145,7 +168,8 @@ class InferenceSpec:
         if not isinstance(raw, dict) or not fields - OPTIONAL_KEYS <= got <= fields:
             raise UserError(f"{path}: keys must be {sorted(fields)} ({sorted(OPTIONAL_KEYS)} optional); missing "
                             f"{sorted(fields - OPTIONAL_KEYS - got)}, unknown {sorted(got - fields)}")
-        for key in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess"):
+        for key in ("classes", "mean", "std", "thresholds", "min_area", "min_prob", "postprocess", "gate_threshold",
+                    "gate_min_pixels"):
             if raw.get(key) is not None and not isinstance(raw[key], (list, tuple)):
                 raise UserError(f"{path}: {key}: a list, got {raw[key]!r}")
         spec = cls(**raw)

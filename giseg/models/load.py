@@ -85,8 +85,13 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     widened (widen_input) and its statistics too;
     with ``head_prior`` > 0 the new head's output biases set so that every class starts at that probability
     (set_prior_bias)."""
-    loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
-    if head_prior > 0:
+    if task == "presence":  # a slice classifier (models/classifier.py)
+        from giseg.models.classifier import load_classifier
+
+        loaded = load_classifier(base_model, classes, allow_bin)
+    else:
+        loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
+    if head_prior > 0 and task != "presence":
         for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
             loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} everywhere "
                                         "(--head_prior)")

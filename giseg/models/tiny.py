@@ -18,6 +18,7 @@ from transformers import (
     UperNetConfig,
 )
 
+from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.families import FAMILY_STATS, auto_class, make_image_processor
 from giseg.utils import UserError, atomic_dir, claim_output_dir, write_output_mark
 
@@ -67,17 +68,26 @@ TINY_CONFIGS: dict[str, Callable] = {"segformer": _tiny_segformer, "upernet": _t
 def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -> Path:
     """Save a randomly initialised model of ``family`` with 150 ADE-like labels (so loading it for our classes
     exercises the head replacement) plus its image processor, with ``save_pretrained``."""
-    if family not in TINY_CONFIGS:
-        raise UserError(f"unknown --family {family!r}; choose from {sorted(TINY_CONFIGS)}")
+    from giseg.models.classifier import TINY_CLASSIFIERS  # (it imports models/load.py, which imports this module)
+
+    if family not in TINY_CONFIGS and family not in TINY_CLASSIFIERS:
+        raise UserError(f"unknown --family {family!r}; choose from {sorted(TINY_CONFIGS) + sorted(TINY_CLASSIFIERS)}")
     torch.manual_seed(seed)
-    config = TINY_CONFIGS[family](ADE_LIKE_LABELS, width)
-    config.label2id = {v: k for k, v in config.id2label.items()}
-    model = auto_class(config.model_type).from_config(config)
+    if family in TINY_CLASSIFIERS:  # an image classifier with 1000 ImageNet-like labels (--task presence)
+        from transformers import AutoModelForImageClassification
+
+        config = TINY_CLASSIFIERS[family]({i: f"imagenet_class_{i}" for i in range(1000)}, width)
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = AutoModelForImageClassification.from_config(config)
+    else:
+        config = TINY_CONFIGS[family](ADE_LIKE_LABELS, width)
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        model = auto_class(config.model_type).from_config(config)
     out = claim_output_dir(out_dir, "--out", "make-tiny", create=False,
                            ours=lambda p: (p / "config.json").is_file() and not (p / "inference_spec.json").exists())
     with atomic_dir(out) as tmp:
         write_output_mark(tmp, "make-tiny")
         model.save_pretrained(tmp)
-        mean, std = FAMILY_STATS[family]
+        mean, std = FAMILY_STATS.get(family, (IMAGENET_MEAN, IMAGENET_STD))
         make_image_processor(512, mean, std).save_pretrained(tmp)
     return out

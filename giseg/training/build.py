@@ -24,7 +24,7 @@ from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
 from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
-from giseg.training.losses import SegmentationLoss
+from giseg.training.losses import PresenceLoss, SegmentationLoss
 from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir
@@ -55,7 +55,7 @@ class Run:
     scheduler: Any
     train_dl: Any
     val_dl: Any
-    loss_fn: SegmentationLoss
+    loss_fn: SegmentationLoss | PresenceLoss
     total_steps: int
     state: TrainState = field(default_factory=TrainState)
     history: list[dict] = field(default_factory=list)
@@ -82,7 +82,13 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
         if cfg.final_eval:  # checked now, not after all epochs
             check_volume_sizes(index, adapter.volume_columns, f"{cfg.data_dir} (--final_eval scores whole volumes)")
         cache = build_cache(adapter, index, cfg.image_size, cfg.cache_dir, num_threads=os.cpu_count() or 1,
-                            verify=cfg.verify_cache)
+                            verify=cfg.verify_cache, crop_margin=cfg.crop_margin if cfg.body_crop else None)
+    if cache.boxes is not None:
+        b = cache.boxes.astype(np.float64)
+        share = (b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2]) / (index["height"].to_numpy() * index["width"].to_numpy())
+        logger.info("body crop: each volume's slices cut to its body's box (margin %d px) before resizing: the boxes "
+                    "keep %.0f%% of a slice's area on average (%.0f%%-%.0f%%)", cfg.crop_margin, 100 * share.mean(),
+                    100 * share.min(), 100 * share.max())
     if adapter.may_have_unlabelled:  # (a label map: 255 is unlabelled; an all-255 part would "score" Dice 1.0)
         for part, rows in (("training", train_rows), ("validation", val_rows)):
             if len(rows) and not any_labelled(cache.masks, rows):
@@ -108,6 +114,11 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
     # the truth as the evaluation sees it (the cache, at --image_size): the floor is in the log's own terms
     shown = classes_present(cache.masks, val_rows, len(adapter.classes))
+    if cfg.task == "presence":
+        logger.info("presence on this validation set: %s; %.1f%% of its slices show no class", ", ".join(
+            f"{c} on {100 * shown[:, k].mean():.1f}%" for k, c in enumerate(adapter.classes)),
+            100 * (~shown.any(1)).mean())
+        return Data(index, train_rows, val_rows, cache, neighbours)
     nothing = np.stack([np.zeros_like(shown), np.zeros_like(shown), shown], axis=-1).astype(float)
     logger.info("floor: predicting nothing scores mean Dice %.4f on this validation set (--empty_dice %s); read the "
                 "evaluations against it", summarise(nothing, cfg.empty_dice, adapter.classes)["dice_mean"],
@@ -149,7 +160,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     logger.info("input normalisation: mean %s, std %s (%s)", list(loaded.mean), list(loaded.std), loaded.stats_source)
     spec = InferenceSpec(dataset=adapter.name, classes=adapter.classes, mean=loaded.mean, std=loaded.std,
                          **{f.name: getattr(cfg, f.name) for f in spec_flags()},  # task, image_size, context ...
-                         thresholds=(cfg.threshold,) * len(adapter.classes) if cfg.task == "multilabel" else (),
+                         thresholds=(cfg.threshold,) * len(adapter.classes) if cfg.task != "multiclass" else (),
                          split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed},
                          dataset_options=adapter.options or None, channels=adapter.channels)
     if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
@@ -224,7 +235,7 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
-    loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
+    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
                                loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
                                dice_absent=cfg.dice_absent, lovasz_weight=cfg.lovasz_weight,
                                tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)

@@ -354,6 +354,9 @@ def validate_config(cfg: TrainConfig) -> None:
         (0 < cfg.threshold < 1, f"--threshold must be in (0, 1), got {cfg.threshold}"),
         (cfg.aux_weight >= 0 and cfg.pixel_loss_weight >= 0 and cfg.dice_weight >= 0 and cfg.lovasz_weight >= 0,
          "loss weights must be >= 0"),
+        (cfg.task != "presence" or (cfg.loss == TrainConfig.loss and not (cfg.cutmix_prob or cfg.mixup_prob)),
+         "--task presence trains a slice classifier with binary cross-entropy on each class's presence: leave --loss, "
+         "--cutmix_prob and --mixup_prob at their defaults"),
         (cfg.loss not in LOVASZ or cfg.task == "multilabel",
          f"--loss {cfg.loss}: the Lovász hinge is per class, multilabel; use --task multilabel or another --loss"),
         (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),

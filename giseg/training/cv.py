@@ -45,6 +45,14 @@ from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
 ROOT = Path(__file__).resolve().parents[2]  # the project checkout (pip install -e .): trainer.py is there
 TRAINER = ROOT / "trainer.py"
 FIGURES = ("dice_mean", "hausdorff", "score")
+PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: slice classifiers' folds
+
+
+def figure_columns(classes: tuple[str, ...], task: str) -> list[str]:
+    """The CV table's columns: per-class Dice and the scores, or a slice classifier's per-class AUC and figures."""
+    if task == "presence":
+        return [*(f"auc_{c}" for c in classes), *PRESENCE_FIGURES]
+    return [*(f"dice_{c}" for c in classes), *FIGURES]
 
 
 def parse_folds(text: str, n_folds: int) -> list[int]:
@@ -245,9 +253,9 @@ def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
     return rows
 
 
-def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None) -> tuple[dict, str]:
+def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None, task: str = "multilabel") -> tuple[dict, str]:
     """(summary with mean and sd over folds of every figure, Markdown table)."""
-    cols = [*(f"dice_{c}" for c in classes), *FIGURES]
+    cols = figure_columns(classes, task)
     values = np.array([[r[c] for c in cols] for r in rows], dtype=float)
     mean = values.mean(0)
     sd = values.std(0, ddof=1) if len(rows) > 1 else np.zeros(len(cols))
@@ -261,6 +269,18 @@ def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None) -> tu
     if oof is not None:
         lines.append(f"| out of fold | {oof['n_slices']} | " + " | ".join(f"{oof[c]:.4f}" for c in cols) + " |")
     return summary, "\n".join(lines)
+
+
+def presence_out_of_fold(cv_dir: Path, folds: list[int], classes: tuple[str, ...]) -> dict:
+    """A slice classifier CV's out-of-fold figures: every fold's val_presence.csv together (oof_presence.csv)."""
+    from giseg.evaluation.presence import presence_figures
+
+    table = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_presence.csv") for k in folds], ignore_index=True)
+    atomic_write_text(cv_dir / "oof_presence.csv", table.to_csv(index=False))
+    wide = {name: table.pivot(index="id", columns="class", values=name)[list(classes)].to_numpy()
+            for name in ("probability", "predicted", "present")}
+    return presence_figures(wide["probability"], wide["present"] > 0, (0.5,) * len(classes), classes,
+                            wide["predicted"] > 0)
 
 
 def score_out_of_fold(cv_dir: Path, folds: list[int], index: pd.DataFrame, adapter, empty: str) -> dict:

@@ -162,3 +162,16 @@ class SegmentationLoss:
         if valid is None:
             return F.binary_cross_entropy_with_logits(logits, targets)
         return _masked_mean(F.binary_cross_entropy_with_logits(logits, targets, reduction="none"), valid)
+
+
+class PresenceLoss:
+    """--task presence: the mean binary cross-entropy of (B, C) slice-classifier logits against whether each class
+    shows on the slice (evaluation/presence.py presence_targets of the augmented masks)."""
+
+    def __init__(self, n_classes: int):
+        self.n_classes = n_classes
+
+    def __call__(self, logits: torch.Tensor, packed: torch.Tensor, mix=None) -> torch.Tensor:
+        from giseg.evaluation.presence import presence_targets
+
+        return F.binary_cross_entropy_with_logits(logits.float(), presence_targets(packed, self.n_classes))

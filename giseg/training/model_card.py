@@ -46,18 +46,26 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
     n_folds, fold = config["n_folds"], config["fold"]
     split = (f"validation fold {fold} of {n_folds} (case-level, seed {config['split_seed']})" if fold >= 0 else
              "every case (--fold -1: no validation set)")
+    presence = spec.task == "presence"  # a slice classifier (models/classifier.py)
     results = [(f"Dice {c}", "dice", record[f"dice_{c}"]) for c in classes] if "dice_mean" in record else []
     if results:
         results.append(("mean Dice", "dice", record["dice_mean"]))
+    if "auc_mean" in record:
+        results = [(f"AUC {c}", "roc_auc", record[f"auc_{c}"]) for c in classes]
+        results += [("mean AUC", "roc_auc", record["auc_mean"]), ("mean F1 at the thresholds", "f1", record["f1_mean"]),
+                    ("empty slices called empty", "accuracy", record["empty_correct"])]
     if scores:
         results += [("competition score (0.4 Dice + 0.6 (1 - 3D Hausdorff), original sizes)", "score",
                      scores["score"]), ("3D Hausdorff (normalised)", "hausdorff", scores["hausdorff"])]
-    evals = [EvalResult(task_type="image-segmentation", task_name="Semantic segmentation", dataset_type=dataset,
+    task_type, task_name = (("image-classification", "Slice presence (multi-label)") if presence else
+                            ("image-segmentation", "Semantic segmentation"))
+    evals = [EvalResult(task_type=task_type, task_name=task_name, dataset_type=dataset,
                         dataset_name=data_name, dataset_split=split, metric_type=kind, metric_name=name,
-                        metric_value=round(float(value), 6)) for name, kind, value in results]
+                        metric_value=round(float(value), 6)) for name, kind, value in results
+             if value == value]  # (an AUC of a class the fold does not vary in is NaN)
     base = hub_id(config["base_model"])
-    meta = ModelCardData(base_model=base, library_name="transformers", pipeline_tag="image-segmentation",
-                         tags=["image-segmentation", "medical-imaging", "mri", family, f"dataset-{dataset}",
+    meta = ModelCardData(base_model=base, library_name="transformers", pipeline_tag=task_type,
+                         tags=[task_type, "medical-imaging", "mri", family, f"dataset-{dataset}",
                                spec.task], model_name=Path(config["output_dir"]).name, eval_results=evals or None,
                          license=None)
     figures = "\n".join(f"| {name} | {value:.4f} |" for name, _, value in results)
@@ -67,7 +75,25 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
               f"  # ({len(classes)}, H, W): {', '.join(classes)}"
               if spec.task == "multilabel" else
               f"masks = logits.argmax(1)[0]  # (H, W): 0 background, 1.. {', '.join(classes)}")
-    if family in QUERY_FAMILIES:  # per-class maps come from its queries: the toolkit's own path turns them to masks
+    if presence:
+        register = "import giseg.models.classifier  # registers the CNN encoder classifier\n" \
+            if family == "gi_encoder" else ""
+        usage = f"""```python
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+{register}
+repo = "{repo}"
+processor = AutoImageProcessor.from_pretrained(repo)
+model = AutoModelForImageClassification.from_pretrained(repo).eval()
+scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one slice scaled to [0, 1]
+channels = np.repeat(scan[..., None], {max(3, spec.context_slices)}, axis=-1)
+inputs = processor(images=channels, return_tensors="pt")
+with torch.no_grad():
+    present = model(**inputs).logits.sigmoid()[0] > torch.tensor({list(spec.thresholds)})  # {', '.join(classes)}
+```
+Or gate a segmenter with it: `giseg predict --model <segmenter> --gate_model {repo} ...` (docs/competition.md)."""
+    elif family in QUERY_FAMILIES:  # per-class maps come from its queries: the toolkit's own path turns them to masks
         usage = f"""```python
 import numpy as np
 from giseg.inference.segmenter import Segmenter  # pip install -e <this toolkit>; a hub repo: snapshot_download first
@@ -100,8 +126,12 @@ logits = torch.nn.functional.interpolate(logits, size=scan.shape, mode="bilinear
                   f"(3D Hausdorff {scores['hausdorff']:.4f})." if scores else
                   "The competition score needs the 3D Hausdorff distance at original sizes: train with "
                   "`--final_eval` (or run `giseg score` on this model's predictions) to get it.")
+    if presence:
+        score_line = ("The gate's effect on a segmenter's competition score: giseg tune --gate_model (it adopts "
+                      "the gate only where the score rises).")
     results_text = (f"""## Results on the validation fold
-At the training size, per-slice Dice averaged over slices (step {record['step']}, epoch {record['epoch']}):
+At the training size, {"per-class presence figures over slices" if presence else
+                       "per-slice Dice averaged over slices"} (step {record['step']}, epoch {record['epoch']}):
 
 | figure | value |
 | --- | --- |
@@ -112,7 +142,8 @@ At the training size, per-slice Dice averaged over slices (step {record['step']}
     body = f"""
 # {Path(config['output_dir']).name}: {family} for {', '.join(classes)} ({what}/)
 
-`{config['base_model']}` fine-tuned for {spec.task} segmentation of {', '.join(classes)} on {data_name}, with a
+`{config['base_model']}` fine-tuned for {"slice presence (is each class on the slice)" if presence else
+                                          f"{spec.task} segmentation"} of {', '.join(classes)} on {data_name}, with a
 new head for these classes. These are the `{what}/` weights of the run: the evaluation of step {record['step']}
 (epoch {record['epoch']}).
 

@@ -244,3 +244,29 @@ def test_compare_reads_a_cv_folder_as_its_fold_runs(cv_run, capsys):
     rows = [line for line in out.out.splitlines() if line.startswith("| cv/fold_")]
     # (the table is sorted by mean Dice, best first)
     assert sorted(r.split("|")[1].strip() for r in rows) == ["cv/fold_0", "cv/fold_1"] and "left out" not in out.err
+
+
+def test_a_presence_cv_scores_its_folds_out_of_fold_and_gates_the_segmenter_cv_in_tune(cv_run, demo_dir, tmp_path):
+    from giseg.commands.tune import main as tune_main
+    from giseg.models.tiny import make_tiny
+
+    cv, args = cv_run
+    trainer_args = args[args.index("--") + 1:]
+    trainer_args[trainer_args.index("--base_model") + 1] = str(make_tiny("convnext-classifier", tmp_path / "tiny"))
+    assert cv_main(["--output_dir", str(tmp_path / "pcv"), "--", *trainer_args, "--task", "presence"]) == 0
+    scores = json.loads((tmp_path / "pcv" / "cv_scores.json").read_text())
+    folds = [json.loads((tmp_path / "pcv" / f"fold_{k}" / "val_scores.json").read_text()) for k in (0, 1)]
+    for key in ("auc_large_bowel", "auc_mean", "f1_mean", "empty_correct"):
+        assert scores["mean"][key] == pytest.approx(np.mean([f[key] for f in folds]), abs=1e-12)
+    n_slices = sum(1 for _ in (demo_dir / "train").rglob("*.png"))
+    assert scores["out_of_fold"]["n_slices"] == n_slices
+    assert len(pd.read_csv(tmp_path / "pcv" / "oof_presence.csv")) == 3 * n_slices
+    assert "| out of fold |" in (tmp_path / "pcv" / "cv_table.md").read_text()
+    # fold k's classifier gates fold k's segmenter, out of fold
+    cache = args[args.index("--cache_dir") + 1]
+    assert tune_main(["--cv", str(cv), "--gate_model", str(tmp_path / "pcv"), "--data_dir", str(demo_dir),
+                      "--cache_dir", cache, "--num_workers", "0", "--search", "slice_gate",
+                      "--out", str(tmp_path / "gate.json")]) == 0
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert report["gate_models"] == [str(tmp_path / "pcv")] and report["after"]["score"] >= report["before"]["score"]
+    assert report["before"]["n_slices"] == n_slices

@@ -1,0 +1,161 @@
+"""Slice classifiers (--task presence): is each class present on this slice? Multi-label image classification.
+
+    python trainer.py --task presence --base_model <image-classification hub id or folder> ...
+    python trainer.py --task presence --base_model unet-resnet34 ...     # our CNN encoders with a pooled head
+
+Any ``AutoModelForImageClassification`` family loads (ConvNeXt, Swin, EfficientNet, SegFormer's encoder, BEiT ...;
+``giseg make-tiny --family convnext-classifier`` saves a small random one), its classifier re-initialised for our
+classes with ``problem_type`` multi-label. A CNN baseline name builds that U-Net's encoder with global average
+pooling and a linear layer (random weights). The top UW-Madison solutions gated their segmenters with such
+classifiers (giseg predict --gate_model; giseg tune chooses the gate's thresholds).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    ConvNextConfig,
+    EfficientNetConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    SwinConfig,
+)
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from giseg.models.baselines import BASELINES, RESNETS, DenseEncoder, PlainEncoder, ResNetEncoder
+from giseg.models.load import LoadedModel, _hub_hint, check_hub_reachable
+from giseg.models.safe import check_model_folder, loading_kwargs
+from giseg.utils import UserError
+
+IMAGENET_FAMILIES = ("convnext", "convnextv2", "swin", "efficientnet", "segformer", "gi_encoder")  # else (0.5, 0.5)
+
+
+class GIEncoderClassifierConfig(PretrainedConfig):
+    model_type = "gi_encoder"
+
+    def __init__(self, encoder: str = "plain", base_channels: int = 32, num_channels: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder, self.base_channels, self.num_channels = encoder, base_channels, num_channels
+
+
+class GIEncoderClassifier(PreTrainedModel):
+    """A CNN baseline's encoder (models/baselines.py), global average pooling of its deepest features, a linear
+    layer: (B, C) logits."""
+    config_class = GIEncoderClassifierConfig
+    base_model_prefix = "classifier_encoder"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: GIEncoderClassifierConfig):
+        super().__init__(config)
+        c, cin = config.base_channels, config.num_channels
+        if config.encoder == "plain":
+            self.encoder = PlainEncoder(cin, c)
+        elif config.encoder == "dense":
+            self.encoder = DenseEncoder(cin, c)
+        elif config.encoder in RESNETS:
+            self.encoder = ResNetEncoder(cin, config.encoder)
+        else:
+            raise ValueError(f"unknown encoder {config.encoder!r}; known: plain, dense, {', '.join(RESNETS)}")
+        self.classifier = nn.Linear(self.encoder.channels[-1], config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.01)
+            nn.init.zeros_(module.bias)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ImageClassifierOutput:
+        return ImageClassifierOutput(logits=self.classifier(self.encoder(pixel_values)[-1].mean((2, 3))))
+
+
+AutoConfig.register("gi_encoder", GIEncoderClassifierConfig, exist_ok=True)
+AutoModelForImageClassification.register(GIEncoderClassifierConfig, GIEncoderClassifier, exist_ok=True)
+
+
+def _tiny_convnext(id2label: dict, width: int = 1):
+    return ConvNextConfig(hidden_sizes=[16 * width, 32 * width, 64 * width, 128 * width], depths=[1, 1, 2, 1],
+                          id2label=id2label)
+
+
+def _tiny_swin(id2label: dict, width: int = 1):
+    return SwinConfig(image_size=128, patch_size=4, embed_dim=16 * width, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                      window_size=2, id2label=id2label)  # (a window of 4 fails in stages smaller than it)
+
+
+def _tiny_efficientnet(id2label: dict, width: int = 1):
+    return EfficientNetConfig(image_size=128, width_coefficient=0.25 * width, depth_coefficient=0.25,
+                              hidden_dim=320 * width, id2label=id2label)  # (= the top conv: 1280 x width)
+
+
+# giseg make-tiny --family <name>: small random image classifiers with 1000 ImageNet-like labels
+TINY_CLASSIFIERS = {"convnext-classifier": _tiny_convnext, "swin-classifier": _tiny_swin,
+                    "efficientnet-classifier": _tiny_efficientnet}
+
+
+def presence_labels(classes: tuple[str, ...]) -> dict[int, str]:
+    return dict(enumerate(classes))
+
+
+def load_classifier(base_model: str, classes: tuple[str, ...], allow_bin: bool = False) -> LoadedModel:
+    """``base_model`` (an image-classification hub id or folder, or a CNN baseline name) with a fresh multi-label
+    classifier for ``classes``."""
+    id2label = presence_labels(classes)
+    label2id = {v: k for k, v in id2label.items()}
+    if base_model in BASELINES:
+        encoder = BASELINES[base_model]
+        if encoder == "unext":
+            raise UserError("--task presence --base_model unext: UNeXt's encoder has no classifier here; use unet, "
+                            "unet-resnet34, unet-resnext50, dense-unet or an image-classification checkpoint")
+        model = GIEncoderClassifier(GIEncoderClassifierConfig(encoder=encoder, id2label=id2label, label2id=label2id,
+                                                              problem_type="multi_label_classification"))
+        return LoadedModel(model, "gi_encoder", [f"all weights ({base_model}'s encoder + pooled linear classifier, "
+                                                 "random weights)"], IMAGENET_MEAN, IMAGENET_STD,
+                           "ImageNet (a CNN baseline's choice)")
+    if Path(base_model).exists():
+        check_model_folder(base_model, "--base_model", allow_bin)
+    else:
+        check_hub_reachable(base_model)
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
+    family = config.model_type
+    if family not in (*MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "gi_encoder"):
+        raise UserError(f"--task presence --base_model {base_model!r} is a {family!r} model, which has no image-"
+                        "classification class; pass an image-classification checkpoint (ConvNeXt, Swin, "
+                        "EfficientNet, SegFormer, BEiT ...; giseg make-tiny --family convnext-classifier) or a CNN "
+                        f"baseline ({', '.join(b for b in BASELINES if b != 'unext')})")
+    try:
+        model, info = AutoModelForImageClassification.from_pretrained(
+            base_model, id2label=id2label, label2id=label2id, problem_type="multi_label_classification",
+            ignore_mismatched_sizes=True, output_loading_info=True, **loading_kwargs(allow_bin))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"--base_model {base_model}: its pickled weights were refused by torch.load(weights_only="
+                        f"True) ({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
+    except OSError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.") from None
+    reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
+    reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
+    mean, std, source = ((IMAGENET_MEAN, IMAGENET_STD, "ImageNet") if family in IMAGENET_FAMILIES
+                         else ((0.5,) * 3, (0.5,) * 3, f"the {family} family's"))
+    proc_file = Path(base_model) / "preprocessor_config.json"
+    if proc_file.is_file():
+        proc = json.loads(proc_file.read_text())
+        if "image_mean" in proc and "image_std" in proc:
+            mean, std, source = proc["image_mean"], proc["image_std"], f"{proc_file}"
+    return LoadedModel(model, family, sorted(reinit), tuple(mean), tuple(std), source)
