@@ -14,6 +14,19 @@ Hausdorff) and per-class Dice, the mean ± sd over the CV folds, each fold score
                            --seed 1: other cases), against the mean of the same models alone there
   + second family          cv.py --ensemble with a tiny UperNet-ConvNeXt CV of the same settings, tuned as above
 Every number is measured by this script and printed with the command; the README's table is its output.
+
+    python benchmarks/ablation.py --out runs/ablation --part techniques   # issue #29's rows: about 30 minutes
+
+The techniques of the top solutions, each alone on top of the baseline (same folds, untuned unless said), with the
+paired difference to the baseline over the folds (mean ± sd of the per-fold differences; "noise" when the mean is
+within one sd of zero):
+  + SWA                    --swa_start_epoch 10 (the equal average of the last 5 epochs' weights)
+  + CutMix / MixUp         --cutmix_prob 0.25 --mixup_prob 0.25
+  + Lovász                 --loss bce_dice_lovasz
+  + body crop              --body_crop (and the cost: the cache build with and without it, and the boxes' area)
+  + slice-classifier gate  a CV of tiny ConvNeXt slice classifiers (--task presence) on the same folds, and
+                           tune.py --cv --gate_model: thresholds, gates and the slice gate chosen out of fold,
+                           against the baseline tuned with thresholds and gates alone
 """
 from __future__ import annotations
 
@@ -45,7 +58,7 @@ def run(cmd: list[str]) -> None:
 
 
 def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path | None, cache_dir: Path,
-                 rows_of: str = "validation") -> list[dict]:
+                 rows_of: str = "validation", gates: list[Path] | None = None) -> list[dict]:
     """Figures of each fold's model(s) (averaged when several) on its own validation cases ("validation") or on
     every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own)."""
 
@@ -59,10 +72,14 @@ def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path 
     adapter = get_adapter("gi")
     index = adapter.build_index(data_dir)
     out = []
-    for models in models_per_fold:
+    for k, models in enumerate(models_per_fold):
         ens = Ensemble.load(models)
         if tuned is not None:
             ens = ens.with_decisions(**read_tuned(tuned))
+        if gates is not None:  # fold k's slice classifier
+            from giseg.inference.gate import SliceGate
+
+            ens = ens.with_gate(SliceGate.load([gates[k]]))
         if rows_of == "validation":
             s = ens.spec.split
             _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
@@ -87,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3: two of the demo's six cases each)")
     ap.add_argument("--epochs", type=int, default=0, help="epochs per fold (default: the demo preset's)")
     ap.add_argument("--ema_decay", type=float, default=0.99, help="--ema_decay of the EMA rows (default 0.99)")
+    ap.add_argument("--part", default="competition", choices=("competition", "techniques"),
+                    help="competition: issue #12's cumulative rows (default); techniques: issue #29's rows")
     args = ap.parse_args(argv)
     from giseg.data.demo import make_demo_data
     from giseg.models.tiny import make_tiny
@@ -102,6 +121,10 @@ def main(argv: list[str] | None = None) -> None:
         make_tiny("segformer", models["segformer"], width=2)
     if not (models["upernet"] / "config.json").is_file():
         make_tiny("upernet", models["upernet"])
+    if args.part == "techniques":  # the slice classifiers' starting point
+        models["classifier"] = out / "models" / "tiny-convnext-classifier"
+        if not (models["classifier"] / "config.json").is_file():
+            make_tiny("convnext-classifier", models["classifier"])
     from giseg.training.config import PRESETS
 
     epochs = str(args.epochs or PRESETS["demo"]["epochs"])  # the demo preset (trainer.py --preset demo)
@@ -114,16 +137,19 @@ def main(argv: list[str] | None = None) -> None:
         run([py, "-m", "giseg", "cv", "--output_dir", str(out / name), "--", "--base_model", str(models[model]), *common, *extra])
         return out / name
 
-    def tune(cv_dirs: list[Path], name: str, search: str) -> Path:
+    def tune(cv_dirs: list[Path], name: str, search: str, *extra: str) -> Path:
         """Values chosen out of fold (several CVs: their fold-by-fold ensemble), into a file: the specs stay."""
         path = out / f"{name}.json"
         if path.is_file():  # (a rerun keeps what it has, as cv.py keeps finished folds)
             return path
         run([py, "-m", "giseg", "tune", "--cv", *map(str, cv_dirs), "--data_dir", str(data), "--search", search, "--out",
-             str(path), "--cache_dir", str(out / "cache"), "--num_workers", "0"])
+             str(path), "--cache_dir", str(out / "cache"), "--num_workers", "0", *extra])
         return path
 
     folds = range(args.folds)
+    if args.part == "techniques":
+        techniques(args, out, data, cv, tune, folds, command, t0)
+        return
     base = cv("baseline", "segformer")
     ema = cv("ema", "segformer", "--ema_decay", str(args.ema_decay))
     ctx = cv("ema-context5", "segformer", "--ema_decay", str(args.ema_decay), "--context_slices", "5")
@@ -165,6 +191,84 @@ def main(argv: list[str] | None = None) -> None:
     (out / "ablation.md").write_text(text)
     json.dump({"rows": rows, "test_alone": alone, "test_fold_ensemble": together}, open(out / "ablation.json", "w"),
               indent=2, default=float)
+    print(text)
+
+
+def paired(rows: list[dict], base: list[dict], key: str = "score") -> str:
+    """The per-fold difference of ``key`` to the baseline's: mean ± sd, and whether it is beyond one sd."""
+    d = np.array([r[key] - b[key] for r, b in zip(rows, base)])
+    sd = d.std(ddof=1) if len(d) > 1 else 0.0
+    return f"{d.mean():+.4f} ± {sd:.4f} ({'noise' if abs(d.mean()) <= sd else 'beyond one sd'})"
+
+
+def body_crop_cost(data: Path, out: Path, image_size: int) -> str:
+    """The cache build of the demo data with and without --body_crop (fresh folders), and the boxes' area."""
+    import tempfile
+
+    from giseg.data.cache import build_cache
+    from giseg.data.registry import get_adapter
+
+    adapter = get_adapter("gi")
+    index = adapter.build_index(data)
+    times = {}
+    for name, margin in (("plain", None), ("body crop", 8)):
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            t = time.perf_counter()
+            cache = build_cache(adapter, index, image_size, tmp, num_threads=os.cpu_count() or 1, crop_margin=margin)
+            times[name] = time.perf_counter() - t
+            if margin is not None:
+                b = cache.boxes.astype(float)
+                share = (b[:, 1] - b[:, 0]) * (b[:, 3] - b[:, 2]) / (index["height"] * index["width"]).to_numpy()
+    return (f"body crop cost: the cache of {len(index)} slices at {image_size} px builds in {times['plain']:.2f} s "
+            f"plain and {times['body crop']:.2f} s with --body_crop (a first pass over the images for the boxes); "
+            f"the boxes keep {100 * share.mean():.0f}% of a slice's area on average ({100 * share.min():.0f}-"
+            f"{100 * share.max():.0f}%)")
+
+
+def techniques(args, out: Path, data: Path, cv, tune, folds, command: str, t0: float) -> None:
+    """Issue #29's rows (see the module's doc), written to <out>/techniques.md."""
+    from giseg.training.config import PRESETS
+
+    def fold_models(*cvs: Path) -> list[list[Path]]:
+        return [[c / f"fold_{k}" / "best" for c in cvs] for k in folds]
+
+    base = cv("baseline", "segformer")
+    alone = [("+ SWA (--swa_start_epoch 10)", cv("swa", "segformer", "--swa_start_epoch", "10")),
+             ("+ CutMix / MixUp (0.25 each)", cv("cutmix-mixup", "segformer", "--cutmix_prob", "0.25", "--mixup_prob",
+                                                "0.25")),
+             ("+ Lovász (--loss bce_dice_lovasz)", cv("lovasz", "segformer", "--loss", "bce_dice_lovasz")),
+             ("+ body crop (--body_crop)", cv("body-crop", "segformer", "--body_crop"))]
+    presence = cv("presence", "classifier", "--task", "presence")
+    plain_tuned = tune([base], "baseline-thresholds-gates", "thresholds,gates")
+    gate_tuned = tune([base], "baseline-thresholds-gates-slice-gate", "thresholds,gates,slice_gate", "--gate_model",
+                      str(presence))
+    cache = out / "cache"
+    base_figs = fold_figures(fold_models(base), data, None, cache)
+    rows = [("baseline", base_figs, "")]
+    for name, c in alone:
+        figs = fold_figures(fold_models(c), data, None, cache)
+        rows.append((name, figs, paired(figs, base_figs)))
+    tuned_figs = fold_figures(fold_models(base), data, plain_tuned, cache)
+    gated_figs = fold_figures(fold_models(base), data, gate_tuned, cache,
+                              gates=[presence / f"fold_{k}" / "best" for k in folds])
+    rows += [("baseline, tuned thresholds and gates", tuned_figs, ""),
+             ("+ slice-classifier gate (tuned with them)", gated_figs, paired(gated_figs, tuned_figs))]
+    presence_scores = json.loads((presence / "cv_scores.json").read_text())
+    cols = ("dice_mean", "hausdorff", "score")
+    lines = [f"# {command}", f"# {platform.node()}: {os.cpu_count()} cores, python {platform.python_version()}, "
+             f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - t0:.0f} s", "",
+             "| row | " + " | ".join(cols) + " | score minus the row above it marked (paired over folds) |",
+             "|" + " --- |" * (len(cols) + 2)]
+    for name, figs, diff in rows:
+        s = summary(figs)
+        lines.append(f"| {name} | " + " | ".join(f"{s['mean'][c]:.4f} ± {s['sd'][c]:.4f}" for c in cols) + f" | {diff} |")
+    m, sd = presence_scores["mean"], presence_scores["sd"]
+    lines += ["", f"slice classifiers (tiny ConvNeXt, --task presence, {len(folds)} folds): mean AUC "
+                  f"{m['auc_mean']:.4f} ± {sd['auc_mean']:.4f}, F1 {m['f1_mean']:.4f} ± {sd['f1_mean']:.4f}, empty "
+                  f"slices called empty {m['empty_correct']:.4f} ± {sd['empty_correct']:.4f}",
+              body_crop_cost(data, out, PRESETS["demo"]["image_size"])]
+    text = "\n".join(lines) + "\n"
+    (out / "techniques.md").write_text(text)
     print(text)
 
 

@@ -119,6 +119,19 @@ def test_the_techniques_table_in_the_docs_is_the_benchmarks_recorded_output():
     assert "command: python benchmarks/demo_figures.py --seeds 42,1,2 --compare='--loss bce_dice_lovasz'" in recorded
 
 
+def test_the_ablation_of_the_techniques_in_the_docs_is_the_benchmarks_recorded_output():
+    """docs/competition.md's table of what SWA, CutMix / MixUp, Lovász, the body crop and the slice gate buy by
+    cross-validation is the table `benchmarks/ablation.py --part techniques` printed, recorded with its command."""
+    page = (ROOT / "docs" / "competition.md").read_text()
+    block = page.split("<!-- ablation-techniques -->")[1].splitlines()
+    recorded = (ROOT / "benchmarks" / "ablation_techniques_cpu.txt").read_text().splitlines()
+    assert recorded[0] == "# python benchmarks/ablation.py --out runs/ablation --part techniques"
+    rows = [line for line in block if line.strip()]
+    assert len([r for r in rows if r.startswith("| ")]) == 9 and all(r in recorded for r in rows), \
+        [r for r in rows if r not in recorded]
+    assert any(r.startswith("body crop cost:") for r in rows) and any(r.startswith("slice classifiers") for r in rows)
+
+
 def test_the_gpu_figures_in_the_docs_are_the_recorded_output():
     """docs/performance.md's GPU tables: the bare-loop rows are lines of benchmarks/gpu_check_h200.txt (the device's
     own output), the trainer rows are what `gpu_check.py --summarise` computes from the train.logs recorded there."""

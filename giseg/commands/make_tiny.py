@@ -13,8 +13,7 @@ from giseg.utils import command, quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from giseg.models.classifier import TINY_CLASSIFIERS
-    from giseg.models.tiny import TINY_CONFIGS  # transformers (1.8 s): not for `giseg --help`
+    from giseg.models.tiny import TINY_CLASSIFIERS, TINY_CONFIGS  # transformers (1.8 s): not for `giseg --help`
 
     ap = argparse.ArgumentParser(prog="giseg make-tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

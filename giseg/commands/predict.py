@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(splits) > 1:
             raise UserError(f"--fold: the models were trained on different splits ({', '.join(sorted(splits))}); "
                             "every slice is in some model's training set. Omit --fold")
-        split = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model[0])
-        _, rows = split_by_case(index, split["fold"], split["n_folds"], split["split_seed"])
+        trained = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model[0])
+        _, rows = split_by_case(index, trained["fold"], trained["n_folds"], trained["split_seed"])
     inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
     for name, m, w in zip(model.names, model.members, model.weights):
         logger.info("model %s: %s, %dpx, context %d, weight %.3f", name, m.spec.task, m.spec.image_size,

@@ -61,6 +61,9 @@ def summarise_run(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not records:
         raise NotComparable("no evaluation yet (metrics.jsonl is empty)")
+    if cfg.get("task") == "presence":
+        raise NotComparable("a slice classifier (--task presence): its figures are AUC and F1, not Dice (its "
+                            "metrics.jsonl and val_scores.json have them)")
     best = max(records, key=lambda r: r["dice_mean"] if r["dice_mean"] is not None else -1)
     try:
         classes = InferenceSpec.load(run / "best").classes

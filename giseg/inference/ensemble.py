@@ -140,6 +140,8 @@ class Ensemble:
         probs = self.iter_probabilities(index, rows, inputs, batch_size, mixed_precision, tta, num_workers)
         masks = ((r, self._masks(p)) for r, p in probs)
         if self.gate is not None:  # per slice and class, before the volume's post-processing
+            if len(inputs) != len(self.members) + len(self.gate.members):
+                raise ValueError("the inputs were made before the gate was set: call inputs() on the gated ensemble")
             presence = self.gate.iter_presence(rows, inputs[len(self.members):], batch_size, mixed_precision,
                                                num_workers)
             thresholds, min_pixels = self.gate_values()

@@ -4,7 +4,7 @@
     python trainer.py --task presence --base_model unet-resnet34 ...     # our CNN encoders with a pooled head
 
 Any ``AutoModelForImageClassification`` family loads (ConvNeXt, Swin, EfficientNet, SegFormer's encoder, BEiT ...;
-``giseg make-tiny --family convnext-classifier`` saves a small random one), its classifier re-initialised for our
+``giseg make-tiny --family convnext-classifier`` saves a small random one (models/tiny.py)), its classifier re-initialised for our
 classes with ``problem_type`` multi-label. A CNN baseline name builds that U-Net's encoder with global average
 pooling and a linear layer (random weights). The top UW-Madison solutions gated their segmenters with such
 classifiers (giseg predict --gate_model; giseg tune chooses the gate's thresholds).
@@ -20,18 +20,15 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForImageClassification,
-    ConvNextConfig,
-    EfficientNetConfig,
     PretrainedConfig,
     PreTrainedModel,
-    SwinConfig,
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.baselines import BASELINES, RESNETS, DenseEncoder, PlainEncoder, ResNetEncoder
-from giseg.models.load import LoadedModel, _hub_hint, check_hub_reachable
+from giseg.models.hub import LoadedModel, _hub_hint, check_hub_reachable
 from giseg.models.safe import check_model_folder, loading_kwargs
 from giseg.utils import UserError
 
@@ -83,26 +80,6 @@ class GIEncoderClassifier(PreTrainedModel):
 
 AutoConfig.register("gi_encoder", GIEncoderClassifierConfig, exist_ok=True)
 AutoModelForImageClassification.register(GIEncoderClassifierConfig, GIEncoderClassifier, exist_ok=True)
-
-
-def _tiny_convnext(id2label: dict, width: int = 1):
-    return ConvNextConfig(hidden_sizes=[16 * width, 32 * width, 64 * width, 128 * width], depths=[1, 1, 2, 1],
-                          id2label=id2label)
-
-
-def _tiny_swin(id2label: dict, width: int = 1):
-    return SwinConfig(image_size=128, patch_size=4, embed_dim=16 * width, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
-                      window_size=2, id2label=id2label)  # (a window of 4 fails in stages smaller than it)
-
-
-def _tiny_efficientnet(id2label: dict, width: int = 1):
-    return EfficientNetConfig(image_size=128, width_coefficient=0.25 * width, depth_coefficient=0.25,
-                              hidden_dim=320 * width, id2label=id2label)  # (= the top conv: 1280 x width)
-
-
-# giseg make-tiny --family <name>: small random image classifiers with 1000 ImageNet-like labels
-TINY_CLASSIFIERS = {"convnext-classifier": _tiny_convnext, "swin-classifier": _tiny_swin,
-                    "efficientnet-classifier": _tiny_efficientnet}
 
 
 def presence_labels(classes: tuple[str, ...]) -> dict[int, str]:

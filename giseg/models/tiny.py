@@ -12,6 +12,7 @@ from transformers import (
     BeitConfig,
     ConvNextConfig,
     DPTConfig,
+    EfficientNetConfig,
     Mask2FormerConfig,
     SegformerConfig,
     SwinConfig,
@@ -60,6 +61,26 @@ def _tiny_mask2former(id2label: dict, width: int = 1):
                              train_num_points=1024, id2label=id2label)
 
 
+def _tiny_convnext(id2label: dict, width: int = 1):
+    return ConvNextConfig(hidden_sizes=[16 * width, 32 * width, 64 * width, 128 * width], depths=[1, 1, 2, 1],
+                          id2label=id2label)
+
+
+def _tiny_swin(id2label: dict, width: int = 1):
+    return SwinConfig(image_size=128, patch_size=4, embed_dim=16 * width, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                      window_size=2, id2label=id2label)  # (a window of 4 fails in stages smaller than it)
+
+
+def _tiny_efficientnet(id2label: dict, width: int = 1):
+    return EfficientNetConfig(image_size=128, width_coefficient=0.25 * width, depth_coefficient=0.25,
+                              hidden_dim=320 * width, id2label=id2label)  # (= the top conv: 1280 x width)
+
+
+# giseg make-tiny --family <name>: small random image classifiers with 1000 ImageNet-like labels
+TINY_CLASSIFIERS = {"convnext-classifier": _tiny_convnext, "swin-classifier": _tiny_swin,
+                    "efficientnet-classifier": _tiny_efficientnet}
+
+
 # family -> builder of a small, randomly initialised config of the real architecture
 TINY_CONFIGS: dict[str, Callable] = {"segformer": _tiny_segformer, "upernet": _tiny_upernet, "dpt": _tiny_dpt,
                                      "beit": _tiny_beit, "mask2former": _tiny_mask2former}
@@ -68,8 +89,6 @@ TINY_CONFIGS: dict[str, Callable] = {"segformer": _tiny_segformer, "upernet": _t
 def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -> Path:
     """Save a randomly initialised model of ``family`` with 150 ADE-like labels (so loading it for our classes
     exercises the head replacement) plus its image processor, with ``save_pretrained``."""
-    from giseg.models.classifier import TINY_CLASSIFIERS  # (it imports models/load.py, which imports this module)
-
     if family not in TINY_CONFIGS and family not in TINY_CLASSIFIERS:
         raise UserError(f"unknown --family {family!r}; choose from {sorted(TINY_CONFIGS) + sorted(TINY_CLASSIFIERS)}")
     torch.manual_seed(seed)

@@ -3,9 +3,8 @@ multi-label head for our classes, through the same safe loading path."""
 import pytest
 import torch
 
-from giseg.models.classifier import TINY_CLASSIFIERS
 from giseg.models.load import load_model
-from giseg.models.tiny import make_tiny
+from giseg.models.tiny import TINY_CLASSIFIERS, make_tiny
 from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
 from giseg.utils import UserError
 
