@@ -362,33 +362,17 @@ def labelled_index(run: "Run"):
 def final_presence(run: "Run") -> dict:
     """--final_eval of a slice classifier: best/ on the validation fold against each slice's classes at original
     size; writes val_presence.csv (id, class, probability, predicted, present) and val_scores.json."""
-    import numpy as np
-    import pandas as pd
-
-    from giseg.evaluation.presence import presence_figures
+    from giseg.evaluation.presence import score_classifier
     from giseg.inference.gate import SliceClassifier
 
-    cfg, out, d, adapter = run.cfg, run.output_dir, run.data, run.adapter
+    cfg, out, d = run.cfg, run.output_dir, run.data
     classifier = SliceClassifier.load(out / "best", run.accelerator.device, cfg.allow_bin, "--final_eval")
-    index, rows, classes = labelled_index(run), d.val_rows, classifier.spec.classes
-    probs = dict(classifier.iter_presence(rows, d.cache, d.neighbours, cfg.eval_batch_size, cfg.mixed_precision))
-
-    def shown(r: int) -> np.ndarray:
-        masks, ignored = adapter.read_masks(index.iloc[r]).astype(bool), adapter.ignored(index.iloc[r])
-        return (masks & ~ignored if ignored is not None else masks).reshape(len(classes), -1).any(1)
-
-    truth = np.stack([shown(r) for r in rows])
-    p = np.stack([probs[r] for r in rows])
-    pred = p >= np.asarray(classifier.spec.thresholds, np.float32)
-    figures = presence_figures(p, truth, classifier.spec.thresholds, classes, pred)
-    ids = index["id"].to_numpy()[rows]
-    table = pd.DataFrame({"id": np.repeat(ids, len(classes)), "class": np.tile(classes, len(rows)),
-                          "probability": p.ravel().round(6), "predicted": pred.ravel().astype(int),
-                          "present": truth.ravel().astype(int)})
+    figures, table = score_classifier(classifier, run.adapter, labelled_index(run), d.val_rows, d.cache, d.neighbours,
+                                      cfg.eval_batch_size, cfg.mixed_precision)
     atomic_write_text(out / "val_presence.csv", table.to_csv(index=False))
     atomic_write_json(out / "val_scores.json", {**figures, "thresholds": list(classifier.spec.thresholds)})
-    logger.info("final eval (best/, original sizes, %d slices): %s -> %s", len(rows),
-                describe_presence(figures, classes), out / "val_scores.json")
+    logger.info("final eval (best/, original sizes, %d slices): %s -> %s", len(d.val_rows),
+                describe_presence(figures, classifier.spec.classes), out / "val_scores.json")
     return figures
 
 

@@ -11,6 +11,7 @@ Vectorised: one rank computation per class (scipy.stats.rankdata), no Python loo
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import rankdata
 
@@ -97,3 +98,25 @@ def evaluate_presence(model: torch.nn.Module, loader, accelerator, thresholds, c
     p, t = torch.cat(probs).cpu().numpy(), torch.cat(truth).cpu().numpy() > 0.5
     return {**presence_figures(p, t, thresholds, classes), "val_loss": float(loss_sum / count.clamp_min(1)),
             "val_slices": int(len(t))}
+
+
+def score_classifier(classifier, adapter, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
+                     batch_size: int = 16, mixed_precision: str = "no") -> tuple[dict, pd.DataFrame]:
+    """A slice classifier (inference/gate.py SliceClassifier) on ``rows`` against each slice's classes at original
+    size (labelled pixels only): its figures at its own thresholds, and the table (id, class, probability,
+    predicted, present) that cv.py pools out of fold."""
+    classes = classifier.spec.classes
+    probs = dict(classifier.iter_presence(rows, cache, neighbours, batch_size, mixed_precision))
+
+    def shown(r: int) -> np.ndarray:
+        row = index.iloc[r]
+        masks, ignored = adapter.read_masks(row).astype(bool), adapter.ignored(row)
+        return (masks & ~ignored if ignored is not None else masks).reshape(len(classes), -1).any(1)
+
+    truth = np.stack([shown(r) for r in rows])
+    p = np.stack([probs[r] for r in rows])
+    pred = p >= np.asarray(classifier.spec.thresholds, np.float32)
+    table = pd.DataFrame({"id": np.repeat(index["id"].to_numpy()[rows], len(classes)),
+                          "class": np.tile(classes, len(rows)), "probability": p.ravel().round(6),
+                          "predicted": pred.ravel().astype(int), "present": truth.ravel().astype(int)})
+    return presence_figures(p, truth, classifier.spec.thresholds, classes, pred), table

@@ -235,10 +235,10 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
-    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else SegmentationLoss(cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight,
-                               loss=cfg.loss, focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha,
-                               dice_absent=cfg.dice_absent, lovasz_weight=cfg.lovasz_weight,
-                               tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
+    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else SegmentationLoss(
+        cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight, loss=cfg.loss,
+        focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha, dice_absent=cfg.dice_absent,
+        lovasz_weight=cfg.lovasz_weight, tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
