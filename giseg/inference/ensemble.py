@@ -10,11 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from giseg.data.cache import build_cache
-from giseg.data.volumes import neighbour_table
 from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import class_probabilities, gate, masks_from_probabilities, postprocess_volume
-from giseg.inference.segmenter import Segmenter
+from giseg.inference.segmenter import Segmenter, member_inputs
 from giseg.utils import UserError
 
 T = TypeVar("T")
@@ -96,18 +94,12 @@ class Ensemble:
 
     def inputs(self, adapter, index: pd.DataFrame, cache_dir: str | Path, num_threads: int = 1) -> list[tuple]:
         """Each member's (decode-once cache at its image size, neighbour table of its 2.5D setting)."""
-        caches: dict[int, object] = {}
-        out = []
         for name, m in zip(self.names, self.members):
             if m.spec.channels != adapter.channels:
                 raise UserError(f"--model {name}: takes images of {m.spec.channels} channel(s); this data has "
                                 f"{adapter.channels}")
-            key = (m.spec.image_size, m.spec.crop())  # (a cache per size and body crop)
-            if key not in caches:
-                caches[key] = build_cache(adapter, index, *key[:1], cache_dir, num_threads=num_threads,
-                                          crop_margin=key[1])
-            out.append((caches[key], neighbour_table(index, m.spec.context_slices, m.spec.context_stride,
-                                                      adapter.volume_columns, adapter.channels)))
+        caches: dict = {}
+        out = member_inputs([m.spec for m in self.members], adapter, index, cache_dir, num_threads, caches)
         if self.gate is not None:  # the gate's classifiers' inputs follow the members'
             out += self.gate.inputs(adapter, index, cache_dir, num_threads, caches)
         return out

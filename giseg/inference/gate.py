@@ -19,10 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from giseg.data.cache import build_cache
 from giseg.data.dataset import SliceDataset
-from giseg.data.volumes import neighbour_table
-from giseg.inference.segmenter import check_spec_matches_model
+from giseg.inference.segmenter import check_spec_matches_model, member_inputs
 from giseg.inference.spec import InferenceSpec
 from giseg.utils import UserError
 
@@ -115,16 +113,7 @@ class SliceGate:
 
     def inputs(self, adapter, index: pd.DataFrame, cache_dir, num_threads: int = 1, caches: dict | None = None) -> list:
         """Each member's (cache at its image size, neighbour table of its 2.5D setting); ``caches`` by size, shared."""
-        caches = {} if caches is None else caches
-        out = []
-        for m in self.members:
-            key = (m.spec.image_size, m.spec.crop())  # (a cache per size and body crop)
-            if key not in caches:
-                caches[key] = build_cache(adapter, index, *key[:1], cache_dir, num_threads=num_threads,
-                                          crop_margin=key[1])
-            out.append((caches[key], neighbour_table(index, m.spec.context_slices, m.spec.context_stride,
-                                                      adapter.volume_columns, adapter.channels)))
-        return out
+        return member_inputs([m.spec for m in self.members], adapter, index, cache_dir, num_threads, caches)
 
     def iter_presence(self, rows: np.ndarray, inputs: list, batch_size: int = 16, mixed_precision: str = "no",
                       num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:

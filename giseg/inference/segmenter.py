@@ -26,8 +26,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from giseg.data.cache import build_cache
 from giseg.data.dataset import SliceDataset
 from giseg.data.preprocess import prepare_scan, to_pixel_values
+from giseg.data.volumes import neighbour_table
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.utils import UserError
 
@@ -235,3 +237,19 @@ def upsample_like(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def member_inputs(specs: list[InferenceSpec], adapter, index: pd.DataFrame, cache_dir, num_threads: int = 1,
+                  caches: dict | None = None) -> list[tuple]:
+    """For models of these ``specs``: each one's (decode-once cache at its image size and body crop, neighbour
+    table of its 2.5D setting); the caches shared by size and crop (in ``caches``, across calls)."""
+    caches = {} if caches is None else caches
+    out = []
+    for spec in specs:
+        key = (spec.image_size, spec.crop())
+        if key not in caches:
+            caches[key] = build_cache(adapter, index, spec.image_size, cache_dir, num_threads=num_threads,
+                                      crop_margin=spec.crop())
+        out.append((caches[key], neighbour_table(index, spec.context_slices, spec.context_stride,
+                                                 adapter.volume_columns, adapter.channels)))
+    return out

@@ -210,6 +210,18 @@ class UNetDecoder(nn.Module):
         return h
 
 
+def build_encoder(encoder: str, cin: int, c: int) -> nn.Module:
+    """The encoder named by a config's ``encoder`` (plain, dense, or a ResNet of RESNETS) for ``cin`` input
+    channels and base width ``c``; its ``channels`` are its features' widths, finest first."""
+    if encoder == "plain":
+        return PlainEncoder(cin, c)
+    if encoder == "dense":
+        return DenseEncoder(cin, c)
+    if encoder in RESNETS:
+        return ResNetEncoder(cin, encoder)
+    raise ValueError(f"unknown encoder {encoder!r}; known: plain, dense, {', '.join(RESNETS)}")
+
+
 class GIUNetForSemanticSegmentation(PreTrainedModel):
     config_class = GIUNetConfig
     base_model_prefix = "unet"
@@ -217,15 +229,7 @@ class GIUNetForSemanticSegmentation(PreTrainedModel):
 
     def __init__(self, config: GIUNetConfig):
         super().__init__(config)
-        c, cin = config.base_channels, config.num_channels
-        if config.encoder == "plain":
-            self.encoder = PlainEncoder(cin, c)
-        elif config.encoder == "dense":
-            self.encoder = DenseEncoder(cin, c)
-        elif config.encoder in RESNETS:
-            self.encoder = ResNetEncoder(cin, config.encoder)
-        else:
-            raise ValueError(f"unknown encoder {config.encoder!r}; known: plain, dense, {', '.join(RESNETS)}")
+        self.encoder = build_encoder(config.encoder, config.num_channels, config.base_channels)
         ch = self.encoder.channels
         widths = [ch[i] for i in range(len(ch) - 2, -1, -1)] if config.encoder in ("plain", "dense") else \
             [256, 128, 64, 32]

@@ -12,7 +12,6 @@ classifiers (giseg predict --gate_model; giseg tune chooses the gate's threshold
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
@@ -27,9 +26,9 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from giseg.models.baselines import BASELINES, RESNETS, DenseEncoder, PlainEncoder, ResNetEncoder
-from giseg.models.hub import LoadedModel, _hub_hint, check_hub_reachable
-from giseg.models.safe import check_model_folder, loading_kwargs
+from giseg.models.baselines import BASELINES, build_encoder
+from giseg.models.hub import LoadedModel, read_config, weights_errors
+from giseg.models.safe import loading_kwargs
 from giseg.utils import UserError
 
 IMAGENET_FAMILIES = ("convnext", "convnextv2", "swin", "efficientnet", "segformer", "gi_encoder")  # else (0.5, 0.5)
@@ -52,15 +51,7 @@ class GIEncoderClassifier(PreTrainedModel):
 
     def __init__(self, config: GIEncoderClassifierConfig):
         super().__init__(config)
-        c, cin = config.base_channels, config.num_channels
-        if config.encoder == "plain":
-            self.encoder = PlainEncoder(cin, c)
-        elif config.encoder == "dense":
-            self.encoder = DenseEncoder(cin, c)
-        elif config.encoder in RESNETS:
-            self.encoder = ResNetEncoder(cin, config.encoder)
-        else:
-            raise ValueError(f"unknown encoder {config.encoder!r}; known: plain, dense, {', '.join(RESNETS)}")
+        self.encoder = build_encoder(config.encoder, config.num_channels, config.base_channels)
         self.classifier = nn.Linear(self.encoder.channels[-1], config.num_labels)
         self.post_init()
 
@@ -101,31 +92,17 @@ def load_classifier(base_model: str, classes: tuple[str, ...], allow_bin: bool =
         return LoadedModel(model, "gi_encoder", [f"all weights ({base_model}'s encoder + pooled linear classifier, "
                                                  "random weights)"], IMAGENET_MEAN, IMAGENET_STD,
                            "ImageNet (a CNN baseline's choice)")
-    if Path(base_model).exists():
-        check_model_folder(base_model, "--base_model", allow_bin)
-    else:
-        check_hub_reachable(base_model)
-    try:
-        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
+    config = read_config(base_model, allow_bin)
     family = config.model_type
     if family not in (*MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "gi_encoder"):
         raise UserError(f"--task presence --base_model {base_model!r} is a {family!r} model, which has no image-"
                         "classification class; pass an image-classification checkpoint (ConvNeXt, Swin, "
                         "EfficientNet, SegFormer, BEiT ...; giseg make-tiny --family convnext-classifier) or a CNN "
                         f"baseline ({', '.join(b for b in BASELINES if b != 'unext')})")
-    try:
+    with weights_errors(base_model, allow_bin):
         model, info = AutoModelForImageClassification.from_pretrained(
             base_model, id2label=id2label, label2id=label2id, problem_type="multi_label_classification",
             ignore_mismatched_sizes=True, output_loading_info=True, **loading_kwargs(allow_bin))
-    except pickle.UnpicklingError as e:
-        raise UserError(f"--base_model {base_model}: its pickled weights were refused by torch.load(weights_only="
-                        f"True) ({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
-    except OSError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.") from None
     reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
     reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
     mean, std, source = ((IMAGENET_MEAN, IMAGENET_STD, "ImageNet") if family in IMAGENET_FAMILIES

@@ -2,6 +2,8 @@
 models/classifier.py)."""
 from __future__ import annotations
 
+import contextlib
+import pickle
 import socket
 import urllib.parse
 from dataclasses import dataclass
@@ -47,3 +49,37 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
                         f"from here ({e.__class__.__name__}).{_hub_hint(repo_id)}") from None
 
 
+
+
+def read_config(base_model: str, allow_bin: bool = False):
+    """The config of ``base_model`` (hub id or folder), read without running its code (and, for a folder, checked
+    not to need unpickling: check_model_folder); one UserError line when it cannot be read."""
+    from transformers import AutoConfig
+
+    from giseg.models.safe import check_model_folder
+
+    if Path(base_model).exists():
+        check_model_folder(base_model, "--base_model", allow_bin)
+    else:
+        check_hub_reachable(base_model)
+    try:
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
+
+
+@contextlib.contextmanager
+def weights_errors(base_model: str, allow_bin: bool = False):
+    """from_pretrained's failures on weights as one UserError line: a pickle refused by torch.load(weights_only=True),
+    or no (safetensors) weights."""
+    try:
+        yield
+    except pickle.UnpicklingError as e:  # --allow_bin with a pickle that is not plain weights
+        raise UserError(f"--base_model {base_model}: its pickled weights were refused by torch.load(weights_only="
+                        f"True) ({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
+    except OSError as e:  # no weights in a folder, or a hub repo without safetensors (or unreachable)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        hint = "" if Path(base_model).exists() or allow_bin else (
+            " A hub repo whose weights are only a pickle needs --allow_bin (torch.load with weights_only=True).")
+        raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.{hint}") from None

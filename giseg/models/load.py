@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
 
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -32,9 +30,9 @@ from giseg.models.baselines import (  # also registers them with the Auto classe
     build_baseline,
 )
 from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
-from giseg.models.hub import LoadedModel, _hub_hint, check_hub_reachable
+from giseg.models.hub import LoadedModel, read_config, weights_errors
 from giseg.models.labels import task_labels
-from giseg.models.safe import check_model_folder, loading_kwargs
+from giseg.models.safe import loading_kwargs
 from giseg.models.tiny import TINY_CONFIGS
 from giseg.models.widen import input_channels, widen_channels, widen_input
 from giseg.utils import UserError, atomic_dir
@@ -105,15 +103,7 @@ def load_config(base_model: str, allow_bin: bool = False):
     """The config of ``base_model`` (hub id or folder), refused with one line unless it is a segmentation model
     (any AutoModelForSemanticSegmentation family, a CNN baseline's or a mask-classification one) that loads without
     running its own code (and, for a folder, without unpickling: check_model_folder)."""
-    if Path(base_model).exists():
-        check_model_folder(base_model, "--base_model", allow_bin)
-    else:
-        check_hub_reachable(base_model)
-    try:
-        config = AutoConfig.from_pretrained(base_model, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load --base_model {base_model!r}: {first.rstrip('.')}.{_hub_hint(base_model)}") from None
+    config = read_config(base_model, allow_bin)
     family = config.model_type
     if family not in (*MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, *BASELINE_FAMILIES, *QUERY_FAMILIES):
         raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
@@ -151,18 +141,10 @@ def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters
-    try:
+    with weights_errors(base_model, allow_bin):
         model, info = auto_class(family).from_pretrained(
             base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
             output_loading_info=True, **loading_kwargs(allow_bin), **kwargs)
-    except pickle.UnpicklingError as e:  # --allow_bin with a pickle that is not plain weights
-        raise UserError(f"--base_model {base_model}: its pickled weights were refused by torch.load(weights_only="
-                        f"True) ({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
-    except OSError as e:  # no weights in a folder, or a hub repo without safetensors (or unreachable)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = "" if Path(base_model).exists() or allow_bin else (
-            " A hub repo whose weights are only a pickle needs --allow_bin (torch.load with weights_only=True).")
-        raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.{hint}") from None
     reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
     reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
     mean, std = FAMILY_STATS.get(family, (IMAGENET_MEAN, IMAGENET_STD))

@@ -75,25 +75,7 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
               f"  # ({len(classes)}, H, W): {', '.join(classes)}"
               if spec.task == "multilabel" else
               f"masks = logits.argmax(1)[0]  # (H, W): 0 background, 1.. {', '.join(classes)}")
-    if presence:
-        register = "import giseg.models.classifier  # registers the CNN encoder classifier\n" \
-            if family == "gi_encoder" else ""
-        usage = f"""```python
-import numpy as np
-import torch
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-{register}
-repo = "{repo}"
-processor = AutoImageProcessor.from_pretrained(repo)
-model = AutoModelForImageClassification.from_pretrained(repo).eval()
-scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one slice scaled to [0, 1]
-channels = np.repeat(scan[..., None], {max(3, spec.context_slices)}, axis=-1)
-inputs = processor(images=channels, return_tensors="pt")
-with torch.no_grad():
-    present = model(**inputs).logits.sigmoid()[0] > torch.tensor({list(spec.thresholds)})  # {', '.join(classes)}
-```
-Or gate a segmenter with it: `giseg predict --model <segmenter> --gate_model {repo} ...` (docs/competition.md)."""
-    elif family in QUERY_FAMILIES:  # per-class maps come from its queries: the toolkit's own path turns them to masks
+    if family in QUERY_FAMILIES and not presence:  # per-class maps from its queries: the toolkit turns them to masks
         usage = f"""```python
 import numpy as np
 from giseg.inference.segmenter import Segmenter  # pip install -e <this toolkit>; a hub repo: snapshot_download first
@@ -103,25 +85,34 @@ scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one raw 
 masks = seg.masks(seg.logits(seg.prepare([scan])), scan.shape)  # (1, {len(classes)}, H, W) bool: {', '.join(classes)}
 ```"""
     else:
-        register = (f"import giseg.models.baselines  # registers the {family} architecture with the Auto classes\n"
-                    if family in BASELINE_FAMILIES else "")
+        if presence:
+            register = ("import giseg.models.classifier  # registers the CNN encoder classifier with the Auto classes\n"
+                        if family == "gi_encoder" else "")
+            auto = "AutoModelForImageClassification"
+            outputs = (f"    present = model(**inputs).logits.sigmoid()[0] > torch.tensor({list(spec.thresholds)})  "
+                       f"# {', '.join(classes)}\n```\nOr gate a segmenter with it: `giseg predict --model <segmenter> "
+                       f"--gate_model {repo} ...` (docs/competition.md).")
+        else:
+            register = (f"import giseg.models.baselines  # registers the {family} architecture with the Auto classes\n"
+                        if family in BASELINE_FAMILIES else "")
+            auto = "AutoModelForSemanticSegmentation"
+            outputs = ("    logits = model(**inputs).logits\nlogits = torch.nn.functional.interpolate(logits, "
+                       f"size=scan.shape, mode=\"bilinear\", align_corners=False)\n{decode}\n```")
+        context = ("the slice in every channel" if spec.context_slices == 1 else
+                   "slices i-k*stride .. i+k*stride (2.5D)")
         usage = f"""```python
 import numpy as np
 import torch
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers import AutoImageProcessor, {auto}
 {register}
 repo = "{repo}"
 processor = AutoImageProcessor.from_pretrained(repo)
-model = AutoModelForSemanticSegmentation.from_pretrained(repo).eval()
+model = {auto}.from_pretrained(repo).eval()
 scan = np.random.default_rng(0).random((266, 266), dtype=np.float32)  # one slice scaled to [0, 1]
-channels = np.repeat(scan[..., None], {max(3, spec.context_slices)}, axis=-1)  # {"the slice in every channel" if spec.context_slices == 1 else
-                                                    "slices i-k*stride .. i+k*stride (2.5D)"}
+channels = np.repeat(scan[..., None], {max(3, spec.context_slices)}, axis=-1)  # {context}
 inputs = processor(images=channels, return_tensors="pt")
 with torch.no_grad():
-    logits = model(**inputs).logits
-logits = torch.nn.functional.interpolate(logits, size=scan.shape, mode="bilinear", align_corners=False)
-{decode}
-```"""
+{outputs}"""
     score_line = (f"Competition score at original sizes (`--final_eval`): **{scores['score']:.4f}** "
                   f"(3D Hausdorff {scores['hausdorff']:.4f})." if scores else
                   "The competition score needs the 3D Hausdorff distance at original sizes: train with "
