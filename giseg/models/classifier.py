@@ -11,9 +11,6 @@ classifiers (giseg predict --gate_model; giseg tune chooses the gate's threshold
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import (
@@ -27,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.baselines import BASELINES, build_encoder
-from giseg.models.hub import LoadedModel, read_config, weights_errors
+from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
 from giseg.models.safe import loading_kwargs
 from giseg.utils import UserError
 
@@ -103,13 +100,6 @@ def load_classifier(base_model: str, classes: tuple[str, ...], allow_bin: bool =
         model, info = AutoModelForImageClassification.from_pretrained(
             base_model, id2label=id2label, label2id=label2id, problem_type="multi_label_classification",
             ignore_mismatched_sizes=True, output_loading_info=True, **loading_kwargs(allow_bin))
-    reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
-    reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
     mean, std, source = ((IMAGENET_MEAN, IMAGENET_STD, "ImageNet") if family in IMAGENET_FAMILIES
                          else ((0.5,) * 3, (0.5,) * 3, f"the {family} family's"))
-    proc_file = Path(base_model) / "preprocessor_config.json"
-    if proc_file.is_file():
-        proc = json.loads(proc_file.read_text())
-        if "image_mean" in proc and "image_std" in proc:
-            mean, std, source = proc["image_mean"], proc["image_std"], f"{proc_file}"
-    return LoadedModel(model, family, sorted(reinit), tuple(mean), tuple(std), source)
+    return loaded_model(model, family, info, base_model, mean, std, source)

@@ -3,6 +3,7 @@ models/classifier.py)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 import socket
 import urllib.parse
@@ -83,3 +84,17 @@ def weights_errors(base_model: str, allow_bin: bool = False):
         hint = "" if Path(base_model).exists() or allow_bin else (
             " A hub repo whose weights are only a pickle needs --allow_bin (torch.load with weights_only=True).")
         raise UserError(f"cannot load the weights of --base_model {base_model}: {first.rstrip('.')}.{hint}") from None
+
+
+def loaded_model(model: nn.Module, family: str, info: dict, base_model: str, mean, std, source: str) -> LoadedModel:
+    """What from_pretrained(..., output_loading_info=True) gave, as a LoadedModel: the re-initialised layers named,
+    and the input statistics of the checkpoint's own preprocessor_config.json when it has them (else ``mean``,
+    ``std`` from ``source``)."""
+    reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
+    reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
+    proc_file = Path(base_model) / "preprocessor_config.json"
+    if proc_file.is_file():
+        proc = json.loads(proc_file.read_text())
+        if "image_mean" in proc and "image_std" in proc:
+            mean, std, source = proc["image_mean"], proc["image_std"], f"{proc_file}"
+    return LoadedModel(model, family, sorted(reinit), tuple(mean), tuple(std), source)

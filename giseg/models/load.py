@@ -15,7 +15,6 @@ pickle (``pytorch_model.bin``) is refused unless the user opts in with ``--allow
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from giseg.models.baselines import (  # also registers them with the Auto classe
     build_baseline,
 )
 from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
-from giseg.models.hub import LoadedModel, read_config, weights_errors
+from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
 from giseg.models.labels import task_labels
 from giseg.models.safe import loading_kwargs
 from giseg.models.tiny import TINY_CONFIGS
@@ -145,16 +144,9 @@ def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight
         model, info = auto_class(family).from_pretrained(
             base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,
             output_loading_info=True, **loading_kwargs(allow_bin), **kwargs)
-    reinit = [f"{k}: {tuple(old)} -> {tuple(new)}" for k, old, new in info.get("mismatched_keys", [])]
-    reinit += [f"{k}: new" for k in info.get("missing_keys", [])]
     mean, std = FAMILY_STATS.get(family, (IMAGENET_MEAN, IMAGENET_STD))
     source = f"the {family} family's" if family in FAMILY_STATS else "ImageNet (no preprocessor config, family untested)"
-    proc_file = Path(base_model) / "preprocessor_config.json"
-    if proc_file.is_file():
-        proc = json.loads(proc_file.read_text())
-        if "image_mean" in proc and "image_std" in proc:
-            mean, std, source = proc["image_mean"], proc["image_std"], f"{proc_file}"
-    return LoadedModel(model, family, sorted(reinit), tuple(mean), tuple(std), source)
+    return loaded_model(model, family, info, base_model, mean, std, source)
 
 
 def save_model(hf_model: nn.Module, out_dir: str | Path, spec, state_dict: dict | None = None,
