@@ -127,9 +127,10 @@ def test_the_ablation_of_the_techniques_in_the_docs_is_the_benchmarks_recorded_o
     recorded = (ROOT / "benchmarks" / "ablation_techniques_cpu.txt").read_text().splitlines()
     assert recorded[0] == "# python benchmarks/ablation.py --out runs/ablation --part techniques"
     rows = [line for line in block if line.strip()]
-    assert len([r for r in rows if r.startswith("| ")]) == 9 and all(r in recorded for r in rows), \
+    assert len([r for r in rows if r.startswith("| ")]) == 10 and all(r in recorded for r in rows), \
         [r for r in rows if r not in recorded]
     assert any(r.startswith("body crop cost:") for r in rows) and any(r.startswith("slice classifiers") for r in rows)
+    assert any(r.startswith("false positives a gate could remove:") for r in rows)
 
 
 def test_the_gpu_figures_in_the_docs_are_the_recorded_output():

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("slice gate: %s; a class stays where its probability is >= %s and more than %s of its pixels are "
                     "predicted (%s)", ", ".join(args.gate_model), list(thresholds), list(min_pixels),
                     "tuned: the segmenter's spec" if spec.gate_threshold else "the classifiers' own thresholds")
-    elif spec.gate_threshold is not None:
+    elif any(spec.gate_threshold or ()) or any(spec.gate_min_pixels or ()):
         logger.warning("%s was tuned with a slice gate (gate thresholds %s in its spec), but no --gate_model is given: "
                        "its masks are not gated, and tune's score assumed they were", args.model[0],
                        list(spec.gate_threshold))

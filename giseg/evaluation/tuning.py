@@ -177,7 +177,7 @@ def as_spec_values(chosen: list[dict], task: str, gated: bool = False) -> dict:
     values = {k: tuple(d[k] for d in chosen) for k in DECISIONS}
     if task == "multiclass":
         values["thresholds"] = ()
-    if not gated or not any(d["gate_threshold"] or d["gate_min_pixels"] for d in chosen):  # no class adopted it
+    if not gated:  # (tuned with a gate, "off" is a decision too: 0 and 0, not None, which means the classifiers' own)
         values["gate_threshold"] = values["gate_min_pixels"] = None
     return values
 

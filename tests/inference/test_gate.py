@@ -46,13 +46,16 @@ def test_tune_adopts_the_slice_gate_that_empties_false_positives_on_empty_slices
     assert InferenceSpec(**{**_spec().__dict__, **values}).problems() == []
 
 
-def test_a_gate_that_cannot_tell_empty_slices_is_not_adopted_and_the_spec_keeps_no_gate():
+def test_a_gate_that_cannot_tell_empty_slices_is_not_adopted_and_the_spec_says_off_not_untuned():
     tuner = Tuner(_gated_volumes(0.9), "multilabel", CLASSES, "1", workers=1, search=("slice_gate",))
     chosen, before, after = tuner.search(start_decisions(_spec()))
     assert after["score"] == before["score"]
     assert all(d["gate_threshold"] == 0 and d["gate_min_pixels"] == 0 for d in chosen)
+    # 0 and 0: predict with the same --gate_model gates nothing, as tune scored it (None would mean the classifiers'
+    # own thresholds); without --gate_model at all there is nothing to set
     values = as_spec_values(chosen, "multilabel", gated=True)
-    assert values["gate_threshold"] is None and values["gate_min_pixels"] is None
+    assert values["gate_threshold"] == (0.0, 0.0) and values["gate_min_pixels"] == (0, 0)
+    assert as_spec_values(chosen, "multilabel", gated=False)["gate_threshold"] is None
 
 
 @pytest.mark.parametrize("field,value,why", [("gate_threshold", (0.5,), "one per class"),
