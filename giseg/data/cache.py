@@ -134,21 +134,22 @@ def first_channel(raw: np.ndarray, channels: int) -> np.ndarray:
     return raw if channels == 1 else raw[0]
 
 
-def body_boxes(adapter: DatasetAdapter, index: pd.DataFrame, margin: int, pool: ThreadPoolExecutor) -> np.ndarray:
-    """--body_crop: (N, 4) int32 crop boxes, one per volume (every slice of a case-day gets the same, so 2.5D
-    neighbours stay aligned): the union of its slices' body boxes (preprocess.body_box, on the first image channel),
-    grown by ``margin`` and squared (crop_box). A first pass over the images, before the cache's own."""
-    def one(row) -> tuple[int, ...]:
-        scan = normalise_scan(first_channel(adapter.read_image(row), adapter.channels))
-        return (*body_box(scan), *scan.shape)
+def volume_box(scans: list[np.ndarray], margin: int) -> list[tuple[int, int, int, int]]:
+    """--body_crop: one volume's crop box for each of its slices ([0, 1] scans of the first image channel): the
+    union of their body boxes (preprocess.body_box), grown by ``margin`` and squared (crop_box) on each slice's
+    size. One box per volume keeps 2.5D neighbours aligned."""
+    bodies = np.array([body_box(scan) for scan in scans])
+    union = (int(bodies[:, 0].min()), int(bodies[:, 1].max()), int(bodies[:, 2].min()), int(bodies[:, 3].max()))
+    return [crop_box(union, scan.shape, margin) for scan in scans]
 
-    raw = np.array(list(pool.map(one, index.itertuples())), dtype=np.int64).reshape(-1, 6)
-    frame = pd.DataFrame(raw, columns=["y0", "y1", "x0", "x1", "h", "w"])
-    keys = [index[c].to_numpy() for c in adapter.volume_columns]
-    union = frame.groupby(keys, sort=False).agg({"y0": "min", "y1": "max", "x0": "min", "x1": "max"})
-    per_row = union.reindex(pd.MultiIndex.from_arrays(keys) if len(keys) > 1 else keys[0]).to_numpy()
-    return np.array([crop_box(tuple(b), (h, w), margin) for b, h, w in zip(per_row, frame["h"], frame["w"])],
-                    dtype=np.int32).reshape(-1, 4)
+
+def work_units(adapter: DatasetAdapter, index: pd.DataFrame, crop: bool, window: int) -> list[np.ndarray]:
+    """The row positions the build decodes together: windows of ``window`` rows, or with a crop each volume's rows
+    (its box needs all of them); the memory of a build grows with a unit, not with the dataset."""
+    if not crop:
+        return [np.arange(s, min(s + window, len(index))) for s in range(0, len(index), window)]
+    groups = index.groupby([index[c].to_numpy() for c in adapter.volume_columns], sort=False).indices
+    return [np.sort(rows) for rows in groups.values()]
 
 
 def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder: Path, num_threads: int,
@@ -163,20 +164,24 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
                         f"{human_bytes(need)} but only {human_bytes(free)} are free; free space or pass a --cache_dir "
                         "on a larger disk")
 
-    boxes = None
+    tuples = list(index.itertuples())  # (once: a row's own lookup costs more than its decode on small slices)
 
-    def load_one(i_row) -> tuple[np.ndarray, np.ndarray]:
-        i, row = i_row
+    def decode(i: int) -> np.ndarray:
+        row = tuples[i]
         raw = adapter.read_image(row)
         if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # (it would surface as a NaN loss, much later)
             raise UserError(f"{getattr(row, 'path', row.id)} (id {row.id}): the image holds NaN or infinite values; "
                             "fix or drop that image")
-        crop = (slice(None), slice(None)) if boxes is None else (slice(*boxes[i, :2]), slice(*boxes[i, 2:]))
+        return raw
+
+    def prepare(i: int, raw: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+        crop = (slice(None), slice(None)) if box is None else (slice(box[0], box[1]), slice(box[2], box[3]))
         image = prepare_scan(raw, image_size, crop) if channels == 1 else np.stack(
             [prepare_scan(c, image_size, crop) for c in raw])
         if not labelled:
             return image, np.zeros((image_size, image_size), np.uint8)
-        return image, resize_mask(np.ascontiguousarray(adapter.read_packed(row)[crop]), image_size)
+        packed = adapter.read_packed(tuples[i])
+        return image, resize_mask(np.ascontiguousarray(packed[crop]), image_size)
 
     logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
     with _SignalsRaise(), atomic_dir(folder) as tmp:
@@ -185,16 +190,20 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
         for name in ("images.npy", "masks.npy"):
             _reserve(tmp / name, (tmp / name).stat().st_size)
+        boxes = np.zeros((len(index), 4), np.int32) if crop_margin is not None else None
         threads = max(1, num_threads)
-        window = 16 * threads  # slices in flight: the memory of a build does not grow with the dataset
         with ThreadPoolExecutor(threads) as pool:  # cv2 and numpy release the GIL
-            if crop_margin is not None:
-                boxes = body_boxes(adapter, index, crop_margin, pool)
-                np.save(tmp / "boxes.npy", boxes)
-            for start in range(0, len(index), window):
-                part = enumerate(index.iloc[start:start + window].itertuples(), start)
-                for i, (im, m) in enumerate(pool.map(load_one, part), start):
+            for rows in work_units(adapter, index, boxes is not None, 16 * threads):
+                raws = list(pool.map(decode, rows))  # each image decoded once
+                unit_boxes = [None] * len(rows)
+                if boxes is not None:
+                    scans = list(pool.map(lambda raw: normalise_scan(first_channel(raw, channels)), raws))
+                    unit_boxes = volume_box(scans, crop_margin)
+                    boxes[rows] = unit_boxes
+                for i, (im, m) in zip(rows, pool.map(prepare, rows, raws, unit_boxes)):
                     images[i * channels:(i + 1) * channels], masks[i] = im, m
+        if boxes is not None:
+            np.save(tmp / "boxes.npy", boxes)
         images.flush()
         masks.flush()
         del images, masks
