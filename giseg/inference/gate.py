@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from giseg.data.dataset import SliceDataset
-from giseg.inference.segmenter import check_spec_matches_model, member_inputs
+from giseg.inference.segmenter import check_spec_matches_model, iter_batches, member_inputs
 from giseg.inference.spec import InferenceSpec
 from giseg.utils import UserError
 
@@ -74,19 +73,13 @@ class SliceClassifier:
         device = torch.device(device)
         return cls(SegmentationModel(hf).to(device).eval(), spec, device)
 
-    @torch.no_grad()
     def iter_presence(self, rows: np.ndarray, cache, neighbours: np.ndarray, batch_size: int = 16,
                       mixed_precision: str = "no", num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """(row, (C,) float32 probabilities) for ``rows``, in order, batched."""
-        ds = SliceDataset(cache, rows, neighbours, None, self.spec.mean, self.spec.std)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=self.device.type == "cuda")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
-        for batch in dl:
-            x = batch["pixel_values"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda"):
-                probs = torch.sigmoid(self.model(x)[0].float()).cpu().numpy()
-            yield from zip(batch["index"].tolist(), probs)
+        """(row, (C,) float32 probabilities) for ``rows``, in order, batched (one host transfer per batch)."""
+        for batch_rows, probs in iter_batches(lambda x: torch.sigmoid(self.model(x)[0].float()), self.spec,
+                                              self.device, rows, cache, neighbours, batch_size, mixed_precision,
+                                              num_workers):
+            yield from zip(batch_rows, probs.cpu().numpy())
 
 
 class SliceGate:

@@ -163,16 +163,10 @@ class Segmenter:
     def _iter_logits(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray, batch_size: int,
                      mixed_precision: str, tta: bool, num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(row, its (1, K, h, w) logits) for ``rows``, in order, batched."""
-        ds = SliceDataset(cache, rows, neighbours, None, self.spec.mean, self.spec.std)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=self.device.type == "cuda")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         self.model.eval()
-        for batch in dl:
-            x = batch["pixel_values"].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and self.device.type == "cuda"):
-                logits = self.logits(x, tta)
-            for k, r in enumerate(batch["index"].tolist()):
+        for batch_rows, logits in iter_batches(lambda x: self.logits(x, tta), self.spec, self.device, rows, cache,
+                                               neighbours, batch_size, mixed_precision, num_workers):
+            for k, r in enumerate(batch_rows):
                 yield r, logits[k:k + 1]
 
     def iter_masks(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray,
@@ -199,6 +193,23 @@ class Segmenter:
             logits = self.paste(logits, (int(heights[r]), int(widths[r])), boxes[r] if boxes is not None else None)
             probs = torch.sigmoid(logits) if self.spec.task == "multilabel" else torch.softmax(logits, 1)
             yield r, probs[0].cpu().numpy()
+
+
+@torch.no_grad()
+def iter_batches(forward, spec: InferenceSpec, device: torch.device, rows: np.ndarray, cache, neighbours: np.ndarray,
+                 batch_size: int, mixed_precision: str, num_workers: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(the batch's rows, ``forward`` of its inputs) for ``rows`` of the cache, in order: inputs prepared as the
+    spec says (the data set's own path), autocast on a GPU with --mixed_precision. Segmenters and slice classifiers
+    (inference/gate.py) share it."""
+    ds = SliceDataset(cache, rows, neighbours, None, spec.mean, spec.std)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                     pin_memory=device.type == "cuda")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    for batch in dl:
+        x = batch["pixel_values"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None and device.type == "cuda"):
+            out = forward(x)
+        yield batch["index"].tolist(), out
 
 
 def check_spec_matches_model(spec: InferenceSpec, config: dict, folder: Path) -> None:
