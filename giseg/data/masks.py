@@ -74,6 +74,12 @@ def valid_pixels(packed: torch.Tensor) -> torch.Tensor:
     return ((packed >> IGNORE_BIT) & 1).eq(0).unsqueeze(1)
 
 
+def presence_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(B, H, W) packed masks -> (B, C) float 0/1: does the slice show the class (on a labelled pixel); the
+    targets of a slice classifier (--task presence)."""
+    return (unpack_targets(packed, n_classes) * valid_pixels(packed)).flatten(2).amax(2)
+
+
 def multiclass_targets(packed: torch.Tensor, classes: tuple[str, ...], priority: tuple[str, ...]) -> torch.Tensor:
     """(B, H, W) packed -> (B, H, W) long: 0 background, 1 + index in ``classes`` for a class.
 

@@ -6,21 +6,16 @@
     auc_mean, f1_mean   their means over the classes (AUC: over those where it is defined)
     empty_correct  of the slices that show no class, the share where every class is called absent: what a gate
                    saves (a false positive on an empty slice costs that pair's whole Dice)
-Vectorised: one rank computation per class (scipy.stats.rankdata), no Python loop over slices.
+Vectorised: one rank computation per class (scipy.stats.rankdata), no Python loop over slices. The targets are
+data/masks.py presence_targets, the training loss's own.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import rankdata
 
-from giseg.data.masks import unpack_targets, valid_pixels
-
-
-def presence_targets(packed: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """(B, H, W) packed masks -> (B, C) float 0/1: does the slice show the class (on a labelled pixel)."""
-    return (unpack_targets(packed, n_classes) * valid_pixels(packed)).flatten(2).amax(2)
+from giseg.data.masks import presence_targets
 
 
 def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -29,6 +24,8 @@ def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
     pos, neg = int(truth.sum()), int((~truth).sum())
     if pos == 0 or neg == 0:
         return float("nan")
+    from scipy.stats import rankdata  # (0.5 s of start-up that trainer.py --help and a rejected flag do not need)
+
     ranks = rankdata(scores)
     return float((ranks[truth].sum() - pos * (pos + 1) / 2) / (pos * neg))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from giseg.data.masks import multiclass_targets, unpack_targets, valid_pixels
+from giseg.data.masks import multiclass_targets, presence_targets, unpack_targets, valid_pixels
 
 LOSSES = ("bce_dice", "bce", "dice", "focal", "tversky", "lovasz", "bce_dice_lovasz")
 LOVASZ = ("lovasz", "bce_dice_lovasz")  # the recipes with a Lovász term (multilabel only)
@@ -166,12 +166,10 @@ class SegmentationLoss:
 
 class PresenceLoss:
     """--task presence: the mean binary cross-entropy of (B, C) slice-classifier logits against whether each class
-    shows on the slice (evaluation/presence.py presence_targets of the augmented masks)."""
+    shows on the slice (data/masks.py presence_targets of the augmented masks)."""
 
     def __init__(self, n_classes: int):
         self.n_classes = n_classes
 
     def __call__(self, logits: torch.Tensor, packed: torch.Tensor, mix=None) -> torch.Tensor:
-        from giseg.evaluation.presence import presence_targets
-
         return F.binary_cross_entropy_with_logits(logits.float(), presence_targets(packed, self.n_classes))
