@@ -3,7 +3,8 @@
     giseg make-tiny --family segformer --out demo/models/tiny-segformer [--width 2] [--seed 0]
 
 The folder is a ``save_pretrained`` folder of the family's own class (SegFormer, UperNet-ConvNeXt, DPT, BEiT,
-Mask2Former; or ConvNeXt, Swin, EfficientNet image classifiers for --task presence) with an image-processor config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
+Mask2Former; or ConvNeXt, Swin, EfficientNet image classifiers for --task presence) with an image-processor
+config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
 """
 from __future__ import annotations
 

@@ -159,8 +159,7 @@ def tune(args) -> dict:
         _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
         logger.info("predicting %d validation slices (fold %d/%d) with %s", len(rows), s["fold"], s["n_folds"],
                     ", ".join(map(str, group)))
-        if gate is not None:
-            gate.check_fits(model.spec, str(group[0]))
+        if gate is not None:  # (collect_volumes checks that it fits the segmenter)
             for name, m in zip(gate.names, gate.members):
                 if m.spec.split != model.spec.split:
                     raise UserError(f"--gate_model {name}: trained on split {m.spec.split}, but {group[0]} is tuned on "

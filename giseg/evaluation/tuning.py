@@ -9,8 +9,8 @@ For each class in turn, a greedy search maximises the competition score (0.4 Dic
 giseg score figures at original size) over: the probability threshold (multilabel), then the gates (drop the class
 from a slice when its predicted area is below a fraction of the slice, or its highest probability is below p),
 with --gate_model the slice gate (drop it where the slice classifiers' probability is below t or at most n of its
-pixels are predicted; the classifiers must share the segmenter's split, or each CV fold's its fold), then the volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000
-voxels. It starts from the untuned decisions
+pixels are predicted; the classifiers must share the segmenter's split, or each CV fold's its fold), then the
+volume's 3D connected components: keep the largest, or drop those of fewer than 100, 500 or 2,000 voxels. It starts from the untuned decisions
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
 
@@ -66,11 +66,12 @@ def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndar
     """The model's probabilities on ``rows`` (whole volumes, in index order) with their ground truth; with
     ``gate`` (a SliceGate) its presence probabilities too."""
     task, n_classes = model.spec.task, len(model.spec.classes)
+    model = model.with_gate(gate)  # (checks that the gate fits; its classifiers share the members' caches)
     inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
     presence = None
     if gate is not None:
-        gate_inputs = gate.inputs(adapter, index, cache_dir, max(1, num_workers))
-        presence = dict(gate.iter_presence(rows, gate_inputs, batch_size, mixed_precision, num_workers))
+        presence = dict(gate.iter_presence(rows, inputs[len(model.members):], batch_size, mixed_precision,
+                                           num_workers))
 
     def close(items):
         rs = np.array([r for r, _ in items])

@@ -11,7 +11,6 @@ fold, into its spec (gate_threshold, gate_min_pixels).
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Iterator
 
@@ -19,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from giseg.inference.segmenter import check_spec_matches_model, iter_batches, member_inputs
+from giseg.inference.segmenter import iter_batches, load_trained, member_inputs
 from giseg.inference.spec import InferenceSpec
 from giseg.utils import UserError
 
@@ -42,36 +41,9 @@ class SliceClassifier:
     def load(cls, folder: str | Path, device: torch.device | str = "cpu", allow_bin: bool = False,
              flag: str = "--gate_model") -> "SliceClassifier":
         """Loaded without running its code or unpickling (models/safe.py), its spec checked against the model."""
-        from transformers import AutoModelForImageClassification
-
-        import giseg.models.classifier  # noqa: F401  (registers the CNN encoder classifier with the Auto classes)
-        from giseg.models.safe import check_model_folder, loading_kwargs
-        from giseg.models.widen import input_channels
-        from giseg.models.wrapper import SegmentationModel
-
-        folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise UserError(f"{flag} {folder}: no config.json; pass a folder written by trainer.py --task presence "
-                            "(runs/<name>/best)")
-        config = check_model_folder(folder, flag, allow_bin)
-        spec = InferenceSpec.load(folder)
-        if spec.task != "presence":
-            raise UserError(f"{flag} {folder} is a {spec.task} segmenter, not a slice classifier: train one with "
-                            "trainer.py --task presence")
-        check_spec_matches_model(spec, config, folder)
-        try:
-            hf = AutoModelForImageClassification.from_pretrained(folder, **loading_kwargs(allow_bin))
-        except pickle.UnpicklingError as e:
-            raise UserError(f"{flag} {folder}: its pickled weights were refused by torch.load(weights_only=True) "
-                            f"({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{flag} {folder}: not an image-classification model folder "
-                            f"({str(e).splitlines()[0]})") from None
-        if input_channels(hf) != len(spec.mean):
-            raise UserError(f"{flag} {folder}: the model takes {input_channels(hf)} input channels but its spec "
-                            f"prepares {len(spec.mean)}; the spec is not this model's")
+        model, spec = load_trained(Path(folder), flag, allow_bin, presence=True)
         device = torch.device(device)
-        return cls(SegmentationModel(hf).to(device).eval(), spec, device)
+        return cls(model.to(device).eval(), spec, device)
 
     def iter_presence(self, rows: np.ndarray, cache, neighbours: np.ndarray, batch_size: int = 16,
                       mixed_precision: str = "no", num_workers: int = 0) -> Iterator[tuple[int, np.ndarray]]:

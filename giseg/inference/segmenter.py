@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from giseg.data.cache import build_cache
 from giseg.data.dataset import SliceDataset
-from giseg.data.preprocess import prepare_scan, to_pixel_values
+from giseg.data.preprocess import body_box, crop_box, normalise_scan, prepare_scan, to_pixel_values
 from giseg.data.volumes import neighbour_table
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.utils import UserError
@@ -69,35 +69,9 @@ class Segmenter:
         folder = Path(folder)
         if backend == "onnxruntime":
             return cls._load_onnx(folder)
-        # transformers (1.8 s): only the commands that load a model pay it
-        from giseg.models.families import auto_class
-        from giseg.models.safe import check_model_folder, loading_kwargs
-        from giseg.models.wrapper import SegmentationModel
-
-        if not (folder / "config.json").is_file():
-            raise UserError(f"--model {folder}: no config.json; pass a folder written by the trainer (e.g. "
-                            "runs/<name>/best)")
-        config = check_model_folder(folder, "--model", allow_bin)
-        spec = InferenceSpec.load(folder)
-        if spec.task == "presence":
-            raise UserError(f"--model {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
-                            "--gate_model to gate a segmenter's masks")
-        check_spec_matches_model(spec, config, folder)
-        try:
-            hf = auto_class(config.get("model_type", "")).from_pretrained(folder, **loading_kwargs(allow_bin))
-        except pickle.UnpicklingError as e:
-            raise UserError(f"--model {folder}: its pickled weights were refused by torch.load(weights_only=True) "
-                            f"({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"--model {folder}: not a segmentation model folder ({str(e).splitlines()[0]})") from None
-        from giseg.models.widen import input_channels
-
-        channels = input_channels(hf)
-        if channels != len(spec.mean):
-            raise UserError(f"--model {folder}: the model takes {channels} input channels but its spec prepares "
-                            f"{len(spec.mean)} (context_slices {spec.context_slices}); the spec is not this model's")
+        model, spec = load_trained(folder, "--model", allow_bin, presence=False)
         device = torch.device(device)
-        model = SegmentationModel(hf).to(device).eval()
+        model = model.to(device).eval()
         if backend == "compile":
             model.compile()  # in place: compiled on the first batch (and once more for a last, smaller batch)
         return cls(model, spec, device)
@@ -146,8 +120,6 @@ class Segmenter:
         union), or None without a body crop."""
         if not self.spec.body_crop:
             return None
-        from giseg.data.preprocess import body_box, crop_box, normalise_scan
-
         scan = normalise_scan(raw)
         return crop_box(body_box(scan), scan.shape, self.spec.crop_margin)
 
@@ -193,6 +165,51 @@ class Segmenter:
             logits = self.paste(logits, (int(heights[r]), int(widths[r])), boxes[r] if boxes is not None else None)
             probs = torch.sigmoid(logits) if self.spec.task == "multilabel" else torch.softmax(logits, 1)
             yield r, probs[0].cpu().numpy()
+
+
+def load_trained(folder: Path, flag: str, allow_bin: bool, presence: bool) -> tuple[torch.nn.Module, InferenceSpec]:
+    """A folder the trainer wrote, as (SegmentationModel, its spec), loaded without running its code or unpickling
+    (models/safe.py), the spec checked against the model's own config, files and input channels. ``presence``: a
+    slice classifier is wanted (AutoModelForImageClassification), else a segmenter; the other kind is refused
+    with one line saying where it goes."""
+    # transformers (1.8 s): only the commands that load a model pay it
+    from giseg.models.families import auto_class
+    from giseg.models.safe import check_model_folder, loading_kwargs
+    from giseg.models.widen import input_channels
+    from giseg.models.wrapper import SegmentationModel
+
+    kind = "trainer.py --task presence" if presence else "the trainer"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{flag} {folder}: no config.json; pass a folder written by {kind} (e.g. runs/<name>/best)")
+    config = check_model_folder(folder, flag, allow_bin)
+    spec = InferenceSpec.load(folder)
+    if presence and spec.task != "presence":
+        raise UserError(f"{flag} {folder} is a {spec.task} segmenter, not a slice classifier: train one with "
+                        "trainer.py --task presence")
+    if not presence and spec.task == "presence":
+        raise UserError(f"{flag} {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
+                        "--gate_model to gate a segmenter's masks")
+    check_spec_matches_model(spec, config, folder)
+    if presence:
+        from transformers import AutoModelForImageClassification
+
+        import giseg.models.classifier  # noqa: F401  (registers the CNN encoder classifier with the Auto classes)
+        auto = AutoModelForImageClassification
+    else:
+        auto = auto_class(config.get("model_type", ""))
+    try:
+        hf = auto.from_pretrained(folder, **loading_kwargs(allow_bin))
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{flag} {folder}: its pickled weights were refused by torch.load(weights_only=True) "
+                        f"({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag} {folder}: not {'an image-classification' if presence else 'a segmentation'} model "
+                        f"folder ({str(e).splitlines()[0]})") from None
+    channels = input_channels(hf)
+    if channels != len(spec.mean):
+        raise UserError(f"{flag} {folder}: the model takes {channels} input channels but its spec prepares "
+                        f"{len(spec.mean)} (context_slices {spec.context_slices}); the spec is not this model's")
+    return SegmentationModel(hf), spec
 
 
 @torch.no_grad()

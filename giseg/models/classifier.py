@@ -4,8 +4,8 @@
     python trainer.py --task presence --base_model unet-resnet34 ...     # our CNN encoders with a pooled head
 
 Any ``AutoModelForImageClassification`` family loads (ConvNeXt, Swin, EfficientNet, SegFormer's encoder, BEiT ...;
-``giseg make-tiny --family convnext-classifier`` saves a small random one (models/tiny.py)), its classifier re-initialised for our
-classes with ``problem_type`` multi-label. A CNN baseline name builds that U-Net's encoder with global average
+``giseg make-tiny --family convnext-classifier`` saves a small random one: models/tiny.py), its classifier
+re-initialised for our classes with ``problem_type`` multi-label. A CNN baseline name builds that U-Net's encoder with global average
 pooling and a linear layer (random weights). The top UW-Madison solutions gated their segmenters with such
 classifiers (giseg predict --gate_model; giseg tune chooses the gate's thresholds).
 """
@@ -25,6 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.baselines import BASELINES, build_encoder
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
+from giseg.models.labels import task_labels
 from giseg.models.safe import loading_kwargs
 from giseg.utils import UserError
 
@@ -70,14 +71,10 @@ AutoConfig.register("gi_encoder", GIEncoderClassifierConfig, exist_ok=True)
 AutoModelForImageClassification.register(GIEncoderClassifierConfig, GIEncoderClassifier, exist_ok=True)
 
 
-def presence_labels(classes: tuple[str, ...]) -> dict[int, str]:
-    return dict(enumerate(classes))
-
-
 def load_classifier(base_model: str, classes: tuple[str, ...], allow_bin: bool = False) -> LoadedModel:
     """``base_model`` (an image-classification hub id or folder, or a CNN baseline name) with a fresh multi-label
     classifier for ``classes``."""
-    id2label = presence_labels(classes)
+    id2label = task_labels("presence", classes)
     label2id = {v: k for k, v in id2label.items()}
     if base_model in BASELINES:
         encoder = BASELINES[base_model]

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
+from transformers import AutoConfig
 
+from giseg.models.safe import check_model_folder
 from giseg.utils import UserError
 
 
@@ -50,15 +52,9 @@ def check_hub_reachable(repo_id: str, timeout: float = 3.0) -> None:
                         f"from here ({e.__class__.__name__}).{_hub_hint(repo_id)}") from None
 
 
-
-
 def read_config(base_model: str, allow_bin: bool = False):
     """The config of ``base_model`` (hub id or folder), read without running its code (and, for a folder, checked
     not to need unpickling: check_model_folder); one UserError line when it cannot be read."""
-    from transformers import AutoConfig
-
-    from giseg.models.safe import check_model_folder
-
     if Path(base_model).exists():
         check_model_folder(base_model, "--base_model", allow_bin)
     else:
