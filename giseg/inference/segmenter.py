@@ -190,15 +190,8 @@ def load_trained(folder: Path, flag: str, allow_bin: bool, presence: bool) -> tu
         raise UserError(f"{flag} {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
                         "--gate_model to gate a segmenter's masks")
     check_spec_matches_model(spec, config, folder)
-    if presence:
-        from transformers import AutoModelForImageClassification
-
-        import giseg.models.classifier  # noqa: F401  (registers the CNN encoder classifier with the Auto classes)
-        auto = AutoModelForImageClassification
-    else:
-        auto = auto_class(config.get("model_type", ""))
     try:
-        hf = auto.from_pretrained(folder, **loading_kwargs(allow_bin))
+        hf = auto_class(config.get("model_type", ""), presence).from_pretrained(folder, **loading_kwargs(allow_bin))
     except pickle.UnpicklingError as e:
         raise UserError(f"{flag} {folder}: its pickled weights were refused by torch.load(weights_only=True) "
                         f"({str(e).splitlines()[-1][:160]}); nothing in them ran. Use safetensors weights") from None

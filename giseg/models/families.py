@@ -1,8 +1,19 @@
-"""The model families: their input statistics, their Auto class, the image processor saved with a model."""
+"""The model families: their input statistics, their Auto class, the image processor saved with a model.
+
+Importing this module registers our own families (the CNN baselines, UNeXt, the encoder classifier) with the Auto
+classes, so whatever gets its Auto class from ``auto_class`` loads a folder the trainer saved from any of them.
+"""
 from __future__ import annotations
 
-from transformers import AutoModelForSemanticSegmentation, AutoModelForUniversalSegmentation, SegformerImageProcessorPil
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    AutoModelForUniversalSegmentation,
+    SegformerImageProcessorPil,
+)
 
+import giseg.models.baselines  # noqa: F401  (registers gi_unet and gi_unext with the Auto classes)
+import giseg.models.classifier  # noqa: F401  (registers gi_encoder with the Auto classes)
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 # Input statistics each family was pretrained with (used when the checkpoint has no preprocessor config).
@@ -18,8 +29,11 @@ FAMILY_STATS = {"segformer": (IMAGENET_MEAN, IMAGENET_STD),
 QUERY_FAMILIES = ("mask2former",)
 
 
-def auto_class(model_type: str):
-    """The Auto class that loads a ``model_type``: mask classification (Mask2Former) or semantic segmentation."""
+def auto_class(model_type: str, presence: bool = False):
+    """The Auto class that loads a ``model_type``: image classification for a slice classifier (``presence``), mask
+    classification (Mask2Former) or semantic segmentation; our own families are registered with each."""
+    if presence:
+        return AutoModelForImageClassification
     return AutoModelForUniversalSegmentation if model_type in QUERY_FAMILIES else AutoModelForSemanticSegmentation
 
 
