@@ -181,3 +181,22 @@ def test_the_seed_summary_calls_a_difference_within_one_sd_noise():
     assert lines[2] == "| defaults | 0.9467 ± 0.0058 | 0.9700 ± 0.0100 |  |"
     assert lines[3].endswith("| +0.0050 ± 0.0082 (noise) |")
     assert lines[4].endswith("| -0.0600 ± 0.0082 (beyond one sd) |")
+
+
+def test_the_docs_figures_block_states_each_figure_with_its_range_and_the_check_reads_it_back():
+    """demo_figures.py writes each figure of the default run with its range over the RANGE_RUNS variants, and
+    --check accepts a fresh run inside that range widened by the tolerance, and nothing outside it (issue #43: a
+    single stated figure failed the suite on another machine)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from demo_figures import KEYS, block, outside, stated
+
+    runs = [{**{k: 0.9 + i / 100 for k in KEYS}, "epochs": 14, "steps": 490, "best_step": 420, "train_s": 60.0,
+             "load": (1.0, 1.5)} for i in (2, 0, 4)]
+    runs[0]["score_hausdorff"] = 0.0231
+    want = stated(block(runs, "abc1234"))
+    assert set(want) == set(KEYS)
+    assert want["epoch3_dice_mean"] == (0.92, 0.90, 0.94) and want["score_hausdorff"] == (0.0231, 0.0231, 0.94)
+    inside = {k: 0.9 for k in KEYS}
+    assert outside(want, inside, 0.005) == {}
+    assert outside(want, {**inside, "epoch3_dice_mean": 0.9451}, 0.005) == {"epoch3_dice_mean": (0.90, 0.94, 0.9451)}
+    assert outside(want, {**inside, "final_dice_mean": 0.8949}, 0.005) == {"final_dice_mean": (0.90, 0.94, 0.8949)}
