@@ -4,15 +4,15 @@
     giseg cv --output_dir runs/cv-segformer --parallel 2 --gpus 0,1,2,3 -- ...   # two folds at a time, 2 GPUs each
     giseg cv --output_dir runs/cv-segformer --final_model -- ...                   # then one model on every case
 
-Everything after ``--`` goes to trainer.py (its --n_folds and --split_seed define the folds). Fold k trains in
-<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python trainer.py``, or ``accelerate launch``
-with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
+Everything after ``--`` goes to giseg train (its --n_folds and --split_seed define the folds). Fold k trains in
+<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python -m giseg train``, or ``accelerate
+launch -m giseg train`` with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
 present) is kept; an interrupted one resumes from its checkpoint. Then:
   cv_scores.json / cv_table.md  per class Dice, mean Dice, 3D Hausdorff and competition score per fold, their
                                 mean and sample standard deviation over the folds, and the out-of-fold row: every
                                 fold's validation predictions (val_submission.csv) scored together
   oof_submission.csv            those predictions, one row per slice and class of the whole data set
---final_model then trains <output_dir>/final on every case (trainer.py --fold -1: no validation set, best/ is the
+--final_model then trains <output_dir>/final on every case (giseg train --fold -1: no validation set, best/ is the
 last epoch's model), as the 1st-place solution trained its submitted models.
 
     giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
@@ -42,8 +42,7 @@ import pandas as pd
 
 from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
 
-ROOT = Path(__file__).resolve().parents[2]  # the project checkout (pip install -e .): trainer.py is there
-TRAINER = ROOT / "trainer.py"
+TRAINER = ("-m", "giseg", "train")  # each fold's trainer: the installed package's, so a plain pip install works
 FIGURES = ("dice_mean", "hausdorff", "score")
 PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: slice classifiers' folds
 
@@ -122,10 +121,7 @@ def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: lis
         prefix = [sys.executable]
     extra = ["--fold", "-1"] if fold is None else ["--fold", str(fold), "--final_eval"]
     resume = ["--resume_from_checkpoint", "latest"] if (out / "run_config.json").is_file() else []
-    if not TRAINER.is_file():
-        raise UserError(f"giseg cv trains each fold with {TRAINER}, which this installation lacks: install the "
-                        "project from its checkout (pip install -e <checkout>)")
-    return [*prefix, str(TRAINER), *trainer_args, *extra, "--output_dir", str(out), *resume]
+    return [*prefix, *TRAINER, *trainer_args, *extra, "--output_dir", str(out), *resume]
 
 
 # the trainers running now, and whether a signal asked the CV to stop (then no further fold starts)
