@@ -7,6 +7,7 @@ section per entry, and each entry's module has ``build_parser()`` and ``main(arg
 # subcommand -> (module under giseg.commands, one line for the overview)
 COMMANDS = {
     "train": ("train", "fine-tune a model (every flag: giseg train --help); bash run_train.sh starts it in the background"),
+    "launch": ("launch", "start a training run in the background with a log (what bash run_train.sh calls)"),
     "predict": ("predict", "predict every slice of a data folder with a model or an ensemble; write a submission"),
     "score": ("score", "score a submission against the ground truth: Dice, IoU, 3D Hausdorff, competition score"),
     "tune": ("tune", "choose thresholds, empty-slice gates and 3D post-processing out of fold; save them in the spec"),

@@ -16,7 +16,6 @@ from giseg.training.cv import (
     fold_figures,
     gpu_groups,
     parse_folds,
-    physical_gpus,
     presence_out_of_fold,
     run_fold,
     run_in_slots,
@@ -24,6 +23,7 @@ from giseg.training.cv import (
     score_out_of_fold,
     stop_folds,
 )
+from giseg.training.launch import physical_gpus
 from giseg.utils import (
     UserError,
     add_options,
