@@ -90,7 +90,7 @@ def run_once(data: Path, model: Path, work: Path, flags: list[str], seed: int, f
              setting: list[str] = SETTING) -> list[dict]:
     """One training run; its evaluations (metrics.jsonl rows)."""
     from giseg.training.config import parse_config
-    from trainer import train
+    from giseg.training.loop import train
 
     out = run_dir(work, flags, seed, fold)
     cfg = parse_config(["--base_model", str(model), "--data_dir", str(data), "--output_dir", str(out),

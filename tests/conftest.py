@@ -34,7 +34,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 def tracked_run(demo_dir, tiny_models, tmp_path_factory) -> Path:
     """Two epochs with TensorBoard tracking, --final_eval and --push_to_hub with the Hub offline (as here)."""
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     root = tmp_path_factory.mktemp("tracked")
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(root / "run"),

@@ -20,7 +20,8 @@ def test_the_flag_reference_is_what_the_parsers_say():
         "docs/flags.md is out of date: run `giseg flags --out docs/flags.md`"
 
 
-@pytest.mark.parametrize("argv, module", [(["trainer.py"], "giseg.training.config"),
+@pytest.mark.parametrize("argv, module", [(["trainer.py"], "giseg.commands.train"),
+                                          (["-m", "giseg", "train"], "giseg.commands.train"),
                                           (["-m", "giseg", "predict"], "giseg.commands.predict"),
                                           (["-m", "giseg", "cv"], "giseg.commands.cv")])
 def test_the_reference_is_the_help_a_user_gets(argv, module):
@@ -73,7 +74,7 @@ def test_the_own_data_commands_run(tmp_path, monkeypatch, capsys):
     trains, predicts, scores, tunes and runs cv; --input writes NIfTI volumes."""
     pytest.importorskip("nibabel")
     from giseg.cli import main as giseg
-    from trainer import main as trainer
+    from giseg.training.loop import main as trainer
 
     page = (ROOT / "docs" / "own-data.md").read_text()
     blocks = re.findall(r"<!-- own-data: (\w+) -->\n```bash\n(.*?)```\n<!-- own-data: end -->", page, flags=re.S)

@@ -22,10 +22,10 @@ def test_foreground_run_logs_start_command_dice_and_exit_status(demo_dir, tiny_m
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     log = (tmp_path / "logs" / "run.log").read_text()
-    assert "run start:" in log and "trainer.py --base_model" in log
+    assert "run start:" in log and "-m giseg train --base_model" in log
     assert "dice large_bowel" in log and "run end: exit status 0" in log.splitlines()[-1]
     # a user's model on data: only what was set is passed, trainer.py's defaults (lr 6e-5) do the rest
-    assert "run settings: EPOCHS=1 IMAGE_SIZE=64 REPORT_TO=tensorboard; trainer.py's defaults for what is not set" in log
+    assert "run settings: EPOCHS=1 IMAGE_SIZE=64 REPORT_TO=tensorboard; giseg train's defaults for what is not set" in log
     assert list((tmp_path / "out" / "trackers").rglob("events.out.tfevents.*"))
     assert "--lr" not in log.split("run start:")[1].splitlines()[0]
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["lr"] == 6e-05  # trainer.py's default
@@ -77,7 +77,7 @@ def test_an_accelerate_config_file_is_what_the_run_is_launched_with(demo_dir, ti
                       "mixed_precision: 'no'\nuse_cpu: true\n")
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=120)
     log = (tmp_path / "logs" / "run.log").read_text()
-    assert f"-m accelerate.commands.launch --config_file {config} trainer.py" in log
+    assert f"-m accelerate.commands.launch --config_file {config} -m giseg train" in log
     assert "run end: exit status 0" in log and res.returncode == 0
 
 

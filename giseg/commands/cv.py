@@ -16,7 +16,6 @@ from giseg.training.cv import (
     fold_figures,
     gpu_groups,
     parse_folds,
-    physical_gpus,
     presence_out_of_fold,
     run_fold,
     run_in_slots,
@@ -24,6 +23,7 @@ from giseg.training.cv import (
     score_out_of_fold,
     stop_folds,
 )
+from giseg.training.launch import physical_gpus
 from giseg.utils import (
     UserError,
     add_options,
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus", default=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                     help="GPU ids shared out among the --parallel folds, e.g. 0,1,2,3 (default: CUDA_VISIBLE_DEVICES)")
     ap.add_argument("--launcher", default="",
-                    help="command that starts trainer.py for a fold (default: python, or accelerate launch --multi_gpu "
-                         "with one process per GPU of the fold's group)")
+                    help="command that starts `-m giseg train ...` for a fold (default: python, or accelerate launch "
+                         "--multi_gpu with one process per GPU of the fold's group)")
     ap.add_argument("--final_model", action="store_true",
                     help="after the folds, train output_dir/final on every case (no validation set)")
     ap.add_argument("--ensemble", nargs="+", default=None,

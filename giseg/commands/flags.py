@@ -9,22 +9,12 @@ import argparse
 import functools
 import importlib
 
+from giseg.commands import COMMANDS
 from giseg.utils import atomic_write_text, command
 
-# (what the user types, the module whose build_parser() is its parser)
-PARSERS = (
-    ("python trainer.py", "giseg.training.config"),
-    ("giseg predict", "giseg.commands.predict"),
-    ("giseg score", "giseg.commands.score"),
-    ("giseg tune", "giseg.commands.tune"),
-    ("giseg cv", "giseg.commands.cv"),
-    ("giseg compare", "giseg.commands.compare"),
-    ("giseg figures", "giseg.commands.figures"),
-    ("giseg app", "giseg.commands.app"),
-    ("giseg demo-data", "giseg.commands.demo_data"),
-    ("giseg export-hf", "giseg.commands.export_hf"),
-    ("giseg make-tiny", "giseg.commands.make_tiny"),
-)
+# (what the user types, the module whose build_parser() is its parser): every command of the CLI's own table, so a
+# new command is in the reference (tests/commands/test_cli.py fails for a command without build_parser)
+PARSERS = tuple((f"giseg {name}", f"giseg.commands.{module}") for name, (module, _) in COMMANDS.items())
 WIDTH = 100  # the --help of a terminal COLUMNS=102 wide (argparse leaves two columns)
 
 
@@ -39,7 +29,8 @@ def reference() -> str:
     sections = [f"## `{name}`\n\n```text\n{help_text(module).rstrip()}\n```\n" for name, module in PARSERS]
     index = "\n".join(f"- [`{name}`](#{name.replace(' ', '-').replace('.', '')})" for name, _ in PARSERS)
     return ("# Flag reference\n\nEvery command's `--help`, generated from its parser by `giseg flags --out "
-            "docs/flags.md` (the training flags are declared once, as fields of `giseg/training/config.py`'s "
+            "docs/flags.md`, one section per command of the CLI (the training flags are declared once, as fields of "
+            "`giseg/training/config.py`'s "
             "TrainConfig and of the inference spec; tests/test_docs.py fails while this file differs from the "
             f"parsers).\n\n{index}\n\n" + "\n".join(sections))
 

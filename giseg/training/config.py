@@ -1,10 +1,11 @@
-"""trainer.py's configuration: every flag declared once, as a TrainConfig field.
+"""giseg train's configuration: every flag declared once, as a TrainConfig field.
 
 Fine-tune a Hugging Face segmentation model on UW-Madison GI-tract MRI (or any --dataset adapter) with Accelerate.
 
-Single process:   python trainer.py --base_model <hub id or folder> --data_dir <kaggle folder> --output_dir runs/x
-Several GPUs:     accelerate launch --multi_gpu --num_processes 2 trainer.py ...   (or GPUS=0,1 bash run_train.sh)
-The demo:         python trainer.py --preset demo   (what `bash run_train.sh` runs with no settings)
+Single process:   giseg train --base_model <hub id or folder> --data_dir <kaggle folder> --output_dir runs/x
+                  (python trainer.py ... in the checkout is the same)
+Several GPUs:     accelerate launch --multi_gpu --num_processes 2 -m giseg train ...   (or GPUS=0,1 bash run_train.sh)
+The demo:         giseg train --preset demo   (what `bash run_train.sh` runs with no settings)
 
 Writes to --output_dir: run_config.json, train.log, metrics.jsonl (one JSON object per evaluation), best/ and
 last/ (save_pretrained folders that AutoModelForSemanticSegmentation / AutoImageProcessor load, with the
@@ -291,7 +292,7 @@ class TrainConfig(HFOptions, SpecFlags, TrainerFlags):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one option per TrainConfig field, in the --help section its metadata names."""
-    ap = argparse.ArgumentParser(prog="trainer.py", description=__doc__.split("\n", 2)[2],
+    ap = argparse.ArgumentParser(prog="giseg train", description=__doc__.split("\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(ap, TrainConfig)
     return ap

@@ -4,15 +4,15 @@
     giseg cv --output_dir runs/cv-segformer --parallel 2 --gpus 0,1,2,3 -- ...   # two folds at a time, 2 GPUs each
     giseg cv --output_dir runs/cv-segformer --final_model -- ...                   # then one model on every case
 
-Everything after ``--`` goes to trainer.py (its --n_folds and --split_seed define the folds). Fold k trains in
-<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python trainer.py``, or ``accelerate launch``
-with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
+Everything after ``--`` goes to giseg train (its --n_folds and --split_seed define the folds). Fold k trains in
+<output_dir>/fold_<k> with --fold k --final_eval, in its own process (``python -m giseg train``, or ``accelerate
+launch -m giseg train`` with several GPUs per fold); its log is <output_dir>/fold_<k>/train.log. A finished fold (val_scores.json
 present) is kept; an interrupted one resumes from its checkpoint. Then:
   cv_scores.json / cv_table.md  per class Dice, mean Dice, 3D Hausdorff and competition score per fold, their
                                 mean and sample standard deviation over the folds, and the out-of-fold row: every
                                 fold's validation predictions (val_submission.csv) scored together
   oof_submission.csv            those predictions, one row per slice and class of the whole data set
---final_model then trains <output_dir>/final on every case (trainer.py --fold -1: no validation set, best/ is the
+--final_model then trains <output_dir>/final on every case (giseg train --fold -1: no validation set, best/ is the
 last epoch's model), as the 1st-place solution trained its submitted models.
 
     giseg cv --ensemble runs/cv-segformer runs/cv-upernet [--weights 1,2] --data_dir <folder> --output_dir runs/ens
@@ -24,12 +24,9 @@ and the predictions of all folds are scored as one submission (ensemble_scores.j
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shlex
-import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -40,10 +37,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from giseg.training.launch import TRAINER, check_gpus, end_with_parent, trainer_command
 from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
 
-ROOT = Path(__file__).resolve().parents[2]  # the project checkout (pip install -e .): trainer.py is there
-TRAINER = ROOT / "trainer.py"
 FIGURES = ("dice_mean", "hausdorff", "score")
 PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: slice classifiers' folds
 
@@ -67,32 +63,13 @@ def parse_folds(text: str, n_folds: int) -> list[int]:
     return folds
 
 
-def physical_gpus() -> int:
-    """How many CUDA GPUs the machine has, whatever CUDA_VISIBLE_DEVICES says: --gpus names the machine's own
-    numbers (each fold's trainer gets its group as CUDA_VISIBLE_DEVICES), as run_train.sh's GPUS does."""
-    if shutil.which("nvidia-smi"):
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-        return sum(line.startswith("GPU") for line in listed.splitlines())
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    counted = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-                             capture_output=True, text=True, env=env).stdout.strip()
-    return int(counted) if counted.isdigit() else 0
-
-
 def gpu_groups(gpus: str, parallel: int, available: int | None = None) -> list[list[str]]:
     """``parallel`` groups of GPU ids from "0,1,2,3" (contiguous, equal sizes); [[]] * parallel without GPUs.
     ``available``: how many CUDA GPUs this machine has (physical_gpus; None: not checked)."""
     ids = [g for g in gpus.split(",") if g] if gpus else []
     if not ids:
         return [[] for _ in range(parallel)]
-    if not all(g.isdigit() for g in ids):
-        raise UserError(f"--gpus {gpus}: expected comma-separated GPU numbers")
-    if available == 0:
-        raise UserError(f"--gpus {gpus}: this machine has no CUDA GPU; leave --gpus empty (and unset "
-                        "CUDA_VISIBLE_DEVICES) to train on the CPU")
-    if available is not None and max(map(int, ids)) >= available:
-        raise UserError(f"--gpus {gpus}: there is no GPU {max(map(int, ids))}; this machine has {available} "
-                        f"(0-{available - 1})")
+    check_gpus(ids, f"--gpus {gpus}", available)
     if len(ids) % parallel:
         raise UserError(f"--gpus {gpus}: {len(ids)} GPU(s) cannot be split into --parallel {parallel} equal groups")
     k = len(ids) // parallel
@@ -113,19 +90,12 @@ def run_in_slots(folds: list[int], groups: list[list[str]], train_fold) -> None:
 
 
 def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: list[str], launcher: str) -> list[str]:
-    """The command that trains one fold (``fold`` None: the final model on every case)."""
-    if launcher:
-        prefix = shlex.split(launcher)
-    elif len(gpus) > 1:
-        prefix = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(len(gpus))]
-    else:
-        prefix = [sys.executable]
+    """The command that trains one fold (``fold`` None: the final model on every case): giseg launch's
+    (training/launch.py) with the fold's GPUs, or ``launcher``'s."""
     extra = ["--fold", "-1"] if fold is None else ["--fold", str(fold), "--final_eval"]
     resume = ["--resume_from_checkpoint", "latest"] if (out / "run_config.json").is_file() else []
-    if not TRAINER.is_file():
-        raise UserError(f"giseg cv trains each fold with {TRAINER}, which this installation lacks: install the "
-                        "project from its checkout (pip install -e <checkout>)")
-    return [*prefix, str(TRAINER), *trainer_args, *extra, "--output_dir", str(out), *resume]
+    args = [*trainer_args, *extra, "--output_dir", str(out), *resume]
+    return [*shlex.split(launcher), *TRAINER, *args] if launcher else trainer_command(args, len(gpus))
 
 
 # the trainers running now, and whether a signal asked the CV to stop (then no further fold starts)
@@ -141,11 +111,6 @@ def stop_folds(signum: int) -> None:
     for proc in list(_LIVE):
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
-
-
-def _end_with_parent() -> None:  # (in the child, before exec) Linux: SIGTERM when the CV process dies, even by SIGKILL
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def last_error_line(log: Path) -> str:
@@ -168,7 +133,7 @@ def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
     with open(out / "stdout.log", "ab") as log:
         # in the user's folder, as trainer.py run by hand: relative --data_dir, --base_model and --cache_dir mean the same
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=_end_with_parent)
+                                preexec_fn=end_with_parent)  # (ends if the CV dies)
         _LIVE.add(proc)
         try:
             code = proc.wait()

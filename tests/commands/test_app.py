@@ -12,7 +12,7 @@ import pytest
 from giseg.commands.app import Analyser, shown_on_page
 from conftest import ROOT
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 
 
 @pytest.fixture(scope="module")

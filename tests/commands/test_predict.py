@@ -7,7 +7,7 @@ from giseg.data.folds import split_by_case
 from giseg.commands.predict import main as predict_main
 from giseg.data.rle import decode_rle
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 
 
 @pytest.fixture(scope="module")

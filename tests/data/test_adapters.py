@@ -62,7 +62,7 @@ def shapes(tmp_path_factory):
 def shapes_run(shapes, tiny_models, tmp_path_factory):
     """trainer.py's CLI on the shapes dataset; every mask its evaluation computes is recorded on the way."""
     from giseg.inference import segmenter as inference
-    from trainer import main as train_main
+    from giseg.training.loop import main as train_main
 
     out = tmp_path_factory.mktemp("shapes_run")
     recorded = []

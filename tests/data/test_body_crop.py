@@ -74,7 +74,7 @@ def test_a_body_cropped_run_predicts_and_scores_at_original_size_as_its_final_ev
     from giseg.commands.predict import main as predict_main
     from giseg.commands.score import main as score_main
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     run = tmp_path / "run"
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(run),

@@ -63,7 +63,7 @@ def test_training_on_the_export_matches_training_on_the_kaggle_folder(demo_dir, 
     from giseg.commands.predict import main as predict_main
     from giseg.commands.score import main as score_main
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     runs = {}
     for name, dataset, data in (("kaggle", "gi", demo_dir), ("hf", "hf", exported)):
@@ -200,7 +200,7 @@ def test_a_label_map_dataset_with_unlabelled_pixels_trains_multiclass_end_to_end
     run trains and evaluates through it."""
     from giseg.data.cache import build_cache
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     rng = np.random.default_rng(1)
     labs = []
@@ -341,7 +341,7 @@ def test_export_never_writes_into_its_data_or_a_folder_it_did_not_create(demo_di
 
 def test_data_whose_labels_are_all_unlabelled_is_refused_not_scored_as_dice_1(tiny_models, tmp_path):
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     labs = [np.full((32, 32), 255, np.uint8)] * 4
     folder = _label_map_dataset(tmp_path / "none", labs, {0: "background", 1: "liver"},

@@ -7,7 +7,7 @@ import pytest
 
 from giseg.data.lgg import LGG_CLASSES, build_lgg_index, make_lgg_demo
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 from giseg.utils import UserError
 
 

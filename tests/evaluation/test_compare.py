@@ -1,6 +1,6 @@
 from giseg.commands.compare import main as compare_main
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 
 
 def test_compare_prints_one_row_per_run_with_params_and_dice(demo_dir, tiny_models, tmp_path, capsys):

@@ -11,7 +11,7 @@ from conftest import ROOT
 from giseg.data.registry import DATASETS
 from giseg.data.gi import build_index
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def test_an_auto_family_the_project_never_names_trains_predicts_and_scores(demo_
 
     from giseg.commands.predict import main as predict_main
     from giseg.commands.score import main as score_main
-    from trainer import main as train_main
+    from giseg.training.loop import main as train_main
 
     torch.manual_seed(0)
     config = MobileViTV2Config(width_multiplier=0.25, aspp_out_channels=32, id2label={i: f"c{i}" for i in range(150)})

@@ -73,7 +73,7 @@ def test_mask2former_and_unext_train_through_run_train_predict_score_and_compare
     from giseg.commands.predict import main as predict_main
     from giseg.commands.score import main as score_main
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     runs = {"m2f": tmp_path / "m2f", "unext": tmp_path / "unext"}
     env = {**os.environ, "PYTHON": sys.executable, "FOREGROUND": "1", "EPOCHS": "1", "IMAGE_SIZE": "64",

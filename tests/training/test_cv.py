@@ -41,7 +41,7 @@ def test_the_final_model_trains_on_every_case_without_validation(demo_dir, tiny_
 
     from giseg.training.cv import fold_command
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     cmd = fold_command(["--epochs", "1"], None, tmp_path / "final", [], "")
     assert cmd[-4:] == ["--fold", "-1", "--output_dir", str(tmp_path / "final")]  # what cv.py --final_model runs

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from giseg.training.ema import WeightEMA
 from giseg.training.config import TrainConfig
-from trainer import train
+from giseg.training.loop import train
 
 
 def test_ema_after_k_steps_equals_the_closed_form_on_a_toy_model():

@@ -7,7 +7,7 @@ import torch
 from giseg.training.config import TrainConfig
 from giseg.training.losses import SegmentationLoss, tversky_loss
 from giseg.training.mixing import BatchMixer
-from trainer import train
+from giseg.training.loop import train
 
 GI = ("large_bowel", "small_bowel", "stomach")
 

@@ -120,7 +120,7 @@ def test_every_flag_is_either_part_of_the_run_identity_or_allowed_to_change_on_r
 def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new(demo_dir, tiny_models, tmp_path):
     import dataclasses
 
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import UserError
 
     out = tmp_path / "run"
@@ -145,7 +145,7 @@ def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new
 def test_a_start_that_failed_before_its_first_checkpoint_reruns_plainly(demo_dir, tiny_models, tmp_path):
     import dataclasses
 
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import UserError
 
     out = tmp_path / "run"
@@ -161,7 +161,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_reruns_plainly(demo_dir
 def test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once(demo_dir, tiny_models, tmp_path):
     import dataclasses
 
-    from trainer import train
+    from giseg.training.loop import train
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, save_total_limit=2)
@@ -181,7 +181,7 @@ def test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once(d
 
 
 def test_a_live_run_holds_its_output_dir_and_a_file_is_no_output_dir(demo_dir, tiny_models, tmp_path):
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import FolderLock, UserError
 
     out = tmp_path / "run"
@@ -199,7 +199,7 @@ def test_final_eval_refuses_mixed_scan_sizes_in_a_volume_before_training(demo_di
     import cv2
     import pandas as pd
 
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import UserError
 
     data = tmp_path / "data"
@@ -224,7 +224,7 @@ def test_a_changed_or_zeroed_checkpoint_file_is_refused_by_its_checksum_and_late
                                                                                                tmp_path):
     import dataclasses
 
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import UserError
 
     out = tmp_path / "run"
@@ -254,7 +254,7 @@ def test_a_resume_after_the_data_changed_is_refused_naming_the_change(demo_dir, 
 
     import pandas as pd
 
-    from trainer import train
+    from giseg.training.loop import train
     from giseg.utils import UserError
 
     data = tmp_path / "data"

@@ -14,7 +14,7 @@ from giseg.utils import UserError
 @pytest.fixture(scope="module")
 def presence_setup(demo_dir, tiny_models, tmp_path_factory):
     from giseg.models.tiny import make_tiny
-    from trainer import train
+    from giseg.training.loop import train
 
     root = tmp_path_factory.mktemp("presence")
     common = dict(data_dir=str(demo_dir), image_size=64, lr=2e-3, num_workers=0, n_folds=2,
@@ -56,7 +56,7 @@ def test_a_presence_run_logs_auc_f1_and_empty_slices_and_saves_an_image_classifi
 
 
 def test_a_presence_run_stopped_after_one_epoch_resumes_to_the_same_weights(presence_setup, tmp_path):
-    from trainer import train
+    from giseg.training.loop import train
 
     root, classifier, common = presence_setup
     common = {**common, "scheduler_name": "constant"}  # (the schedule of a 1-epoch run is then a 2-epoch one's start)
@@ -117,7 +117,7 @@ def test_classifiers_and_segmenters_are_refused_in_each_others_place(presence_se
     from giseg.commands.predict import main as predict_main
     from giseg.commands.tune import main as tune_main
     from giseg.training.config import validate_config
-    from trainer import train
+    from giseg.training.loop import train
 
     root, classifier, common = presence_setup
     seg, cls, cache = root / "seg" / "best", root / "cls" / "best", common["cache_dir"]

@@ -32,7 +32,7 @@ def test_tensorboard_holds_the_per_class_dice_series_of_metrics_jsonl(tracked_ru
 
 def test_report_to_none_is_the_default_and_starts_no_tracker(demo_dir, tiny_models, tmp_path):
     from giseg.training.config import TrainConfig
-    from trainer import train
+    from giseg.training.loop import train
 
     assert TrainConfig().report_to == "none"
     train(TrainConfig(base_model=str(tiny_models["segformer"]), data_dir=str(demo_dir), output_dir=str(tmp_path / "r"),

@@ -9,7 +9,7 @@ import torch
 
 from giseg.training.config import TrainConfig, build_parser, parse_config, validate_config
 from giseg.training.optim import lr_factor
-from trainer import train
+from giseg.training.loop import train
 from giseg.data.gi import GI_CLASSES as CLASSES
 from giseg.utils import UserError
 
@@ -160,7 +160,7 @@ def test_learning_rate_schedules():
     (["--n_folds", "40"], "validation of some folds would be empty"),
 ])
 def test_cli_errors_are_one_line_with_exit_status_2(demo_dir, tiny_models, tmp_path, capsys, argv, message):
-    from trainer import main
+    from giseg.training.loop import main
 
     base = ["--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir), "--output_dir",
             str(tmp_path / "o"), "--image_size", "64", "--num_workers", "0", "--cache_dir", str(tmp_path / "c")]
@@ -189,7 +189,7 @@ def test_early_stopping_counts_evaluations_after_the_best():
 
 
 def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path, monkeypatch):
-    import trainer
+    from giseg.training import loop
 
     dice = iter([0.5, 0.6, 0.55, 0.58, 0.9, 0.9, 0.9, 0.9])  # best at evaluation 2, then 2 worse ones
 
@@ -198,7 +198,7 @@ def test_early_stopping_stops_a_real_run(demo_dir, tiny_models, tmp_path, monkey
         return {**{f"{m}_{c}": d for m in ("dice", "global_dice", "iou") for c in CLASSES}, "dice_mean": d,
                 "global_dice_mean": d, "iou_mean": d, "val_loss": 1 - d, "val_slices": 1}
 
-    monkeypatch.setattr(trainer, "evaluate", stub_evaluate)
+    monkeypatch.setattr(loop, "evaluate", stub_evaluate)
     out = tmp_path / "run"
     train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=8, early_stopping_patience=2))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -280,7 +280,7 @@ def test_boolean_flags_take_true_false_or_nothing():
 
 
 def test_save_last_false_and_one_state_keep_a_run_small_on_disk(demo_dir, tiny_models, tmp_path):
-    from trainer import main
+    from giseg.training.loop import main
 
     out = tmp_path / "run"
     assert main(["--base_model", str(tiny_models["segformer"]), "--data_dir", str(demo_dir), "--output_dir", str(out),
