@@ -6,10 +6,10 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 cells = [
     new_markdown_cell("# GI-tract segmentation: data, training, predictions\n\n"
-                      "Set `RUN_DIR` (a run folder of `trainer.py`) and `DATA_DIR` below; by default the newest run "
+                      "Set `RUN_DIR` (a run folder of `giseg train`) and `DATA_DIR` below; by default the newest run "
                       "under `runs/` and its own data folder (the demo run after `bash run_train.sh`). "
-                      "The plotting code lives in `visualise.py`; `python visualise.py --run_dir ... --out figures/` "
-                      "writes the same figures as PNGs on a headless server."),
+                      "The plotting code lives in `giseg/evaluation/figures.py`; `giseg figures --run_dir ... --out "
+                      "figures/` writes the same figures as PNGs on a headless server."),
     new_code_cell("import os\nfrom pathlib import Path\n\n"
                   "RUN_DIR = os.environ.get(\"RUN_DIR\") or str(max(Path(\"runs\").glob(\"*/run_config.json\"), "
                   "key=os.path.getmtime).parent)\n"

@@ -61,6 +61,7 @@ def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
     exports and the notebook's HTML are ignored."""
     written = ["demo/data/train.csv", "runs/x/best/config.json", "logs/x.log", "logs/x.pid", "cache/96px-x/images.npy",
                "figures/a.png", "submission.csv", "exports/gi-demo/data.arrow", "visualisation.html",
+               "deploy/model.onnx", "predictions/case1_day1.nii.gz",
                "giseg.egg-info/PKG-INFO", "bench-work/learning/runs/x/metrics.jsonl",
                "gpu-check/gpu_check.json", ".whl/albumentations-2.0.8-py3-none-any.whl"]
     res = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
@@ -88,11 +89,18 @@ def test_the_own_data_commands_run(tmp_path, monkeypatch, capsys):
             argv = shlex.split(line) + next((flags for start, flags in toy.items() if line.startswith(start)), [])
             status = trainer(argv[2:]) if argv[0] == "python" else giseg(argv[1:])
             assert status == 0, line
-    assert (tmp_path / "demo" / "nnunet" / "dataset.json").is_file() and (tmp_path / "nnunet-val.csv").is_file()
+    assert (tmp_path / "demo" / "nnunet" / "dataset.json").is_file()
+    assert (tmp_path / "predictions" / "nnunet-val.csv").is_file()
     assert "out of fold" in (tmp_path / "runs" / "nnunet-cv" / "cv_table.md").read_text()
     assert "3D Hausdorff in mm over the" in capsys.readouterr().out  # giseg score --hausdorff_mm
-    assert len(list((tmp_path / "predictions").glob("*.nii.gz"))) == 9  # one per case-day of the demo
-    assert len(list((tmp_path / "predictions-one" / "case2_day1").glob("*.nii.gz"))) == 3
+    assert len(list((tmp_path / "predictions" / "volumes").glob("*.nii.gz"))) == 9  # one per case-day of the demo
+    assert len(list((tmp_path / "predictions" / "one" / "case2_day1").glob("*.nii.gz"))) == 3
+    # what the page's commands wrote, had they run in the checkout, is all ignored by git (they wrote nnunet-val.csv,
+    # predictions/ and predictions-one/ into it: issue #43)
+    written = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
+    res = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input="\n".join(written), cwd=ROOT,
+                         capture_output=True, text=True)
+    assert sorted(set(written) - set(res.stdout.split())) == []
 
 
 def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_output():

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})
     atomic_write_text(cv_dir / "cv_table.md", table + "\n")
     for line in table.splitlines():
-        logger.info("cv | %s", line)
+        logger.info("cv %s", line)  # (a Markdown row: "cv | fold | ...")
     if cfg.task == "presence":
         logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
                     summary["mean"]["auc_mean"], summary["sd"]["auc_mean"], summary["mean"]["empty_correct"],

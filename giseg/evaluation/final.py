@@ -57,7 +57,7 @@ def final_evaluation(out: Path, cfg, adapter, data, device: torch.device) -> dic
     atomic_write_json(out / "val_scores.json", {**overall, "per_case": per_case.to_dict("records"),
                                                 "empty_dice": cfg.empty_dice})
     for line in format_table(overall, per_case, classes).splitlines():
-        logger.info("final eval | %s", line)
+        logger.info("final eval %s", line)  # (a Markdown row)
     logger.info("final eval (best/, original sizes): dice mean %.4f, hausdorff %.4f, score %.4f -> %s",
                 overall["dice_mean"], overall["hausdorff"], overall["score"], out / "val_scores.json")
     return overall

@@ -214,7 +214,7 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     if signum:
         path = save_state(run, meter)
         name = signal.Signals(signum).name
-        logger.error("stopped by %s after step %d: saved resumable state %s; continue with: python trainer.py "
+        logger.warning("stopped by %s after step %d: saved resumable state %s; continue with: giseg train "
                      "--resume_run %s (or RESUME=%s bash run_train.sh)", name, step, path, run.output_dir,
                      run.output_dir)
         raise Interrupted(signum, f"stopped by {name} at step {step}")

@@ -81,6 +81,21 @@ def test_notebook_is_committed_without_outputs():
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
 
 
+def test_the_notebooks_text_names_only_commands_and_files_that_exist():
+    """Its first cell told users to run `visualise.py`, gone since the package move (issue #43)."""
+    import re
+
+    from giseg.commands import COMMANDS
+
+    nb = nbformat.read(ROOT / "visualisation.ipynb", as_version=4)
+    text = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    commands = re.findall(r"`giseg ([a-z-]+)", text)
+    files = re.findall(r"`([\w/.-]+\.(?:py|sh|ipynb))`", text)
+    assert commands and files
+    assert [c for c in commands if c not in COMMANDS] == []
+    assert [f for f in files if not (ROOT / f).is_file()] == []
+
+
 def test_notebook_runs_headlessly_against_a_run_and_draws_every_figure(run_dir):
     from nbclient import NotebookClient
 

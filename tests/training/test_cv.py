@@ -29,6 +29,8 @@ def test_the_cv_table_is_the_mean_and_sd_of_the_fold_figures(cv_run, demo_dir):
         assert scores["sd"][key] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
     table = (cv / "cv_table.md").read_text()
     assert "| mean ± sd |" in table and "| out of fold |" in table
+    log = (cv / "cv.log").read_text()  # the table's rows in the log read as rows ("cv | | fold ..." before)
+    assert " INFO cv | fold | slices | dice_large_bowel |" in log and "cv | |" not in log
     # the out-of-fold submission: every slice of the data once, from the model that did not train on it
     oof = pd.read_csv(cv / "oof_submission.csv", dtype=str, keep_default_na=False)
     n_slices = sum(1 for _ in (demo_dir / "train").rglob("*.png"))

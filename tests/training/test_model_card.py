@@ -63,7 +63,7 @@ def test_push_to_hub_with_the_hub_unreachable_finishes_the_run_and_says_how_to_p
     lines = [line for line in log.splitlines() if "push to the Hub failed" in line]
     assert len(lines) == 1 and f"hf upload me/gi-test {tracked_run / 'best'} ." in lines[0]
     assert "Traceback" not in log and (tracked_run / "best" / "model.safetensors").is_file()
-    assert "done:" in log and "final eval" in log
+    assert "done:" in log and " INFO final eval | case | slices |" in log and "final eval | |" not in log
 
 
 def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
