@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="instead: where eager PyTorch and ONNX Runtime spend a "
                     "forward pass (the share of each operator's time)")
     args = ap.parse_args(argv)
-    from giseg.utils import quiet_third_party
+    from giseg.utils.log import quiet_third_party
 
     quiet_third_party()
     with tempfile.TemporaryDirectory(prefix="backends-") as work:

@@ -456,7 +456,7 @@ def main() -> None:
 
     if args.gpu == "yes" and not torch.cuda.is_available():  # before the CPU sections, not after them
         raise SystemExit("--gpu yes: CUDA is not available to torch here")
-    from giseg.utils import quiet_third_party
+    from giseg.utils.log import quiet_third_party
 
     quiet_third_party()
     repeats = 1 if args.quick else args.repeats

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from giseg.data.demo import make_demo_data
-    from giseg.utils import quiet_third_party
+    from giseg.utils.log import quiet_third_party
 
     quiet_third_party()
     if not args.smoke and not torch.cuda.is_available():

@@ -54,7 +54,7 @@ def prepare(work: Path, data: str) -> tuple[Path, Path]:
     """The data set and the tiny random SegFormer, built once in ``work``."""
     from giseg.data.demo import make_demo_data
     from giseg.models.tiny import make_tiny
-    from giseg.utils import quiet_third_party
+    from giseg.utils.log import quiet_third_party
 
     quiet_third_party()
     folder = work / f"data-{data}"
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data, model = prepare(work, args.data)
     from giseg.data.gi import GI_CLASSES
-    from giseg.utils import setup_logging
+    from giseg.utils.log import setup_logging
 
     start = time.perf_counter()
     results, curves = {}, {}

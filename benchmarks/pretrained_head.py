@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     real, _ = le.prepare(work, "real")
     b0 = make_b0(work / "mit-b0-random")
     from giseg.data.gi import GI_CLASSES
-    from giseg.utils import setup_logging
+    from giseg.utils.log import setup_logging
 
     start = time.perf_counter()
     size = ["--image_size", str(args.image_size)]

@@ -17,7 +17,7 @@ cells = [
                   "MAX_SLICES = int(os.environ.get(\"MAX_SLICES\", \"0\")) or None  # limit predictions for big folds\n"
                   "print(RUN_DIR)"),
     new_code_cell("%matplotlib inline\nfrom giseg.evaluation import figures as vis\n"
-                  "from giseg.utils import quiet_third_party\n\nquiet_third_party()\n"
+                  "from giseg.utils.log import quiet_third_party\n\nquiet_third_party()\n"
                   "config, adapter = vis.run_adapter(RUN_DIR)  # the run's settings and its dataset's adapter\n"
                   "index = adapter.build_index(DATA_DIR or config[\"data_dir\"])\n"
                   "print(f\"{len(index)} slices, {index['case'].nunique()} cases; model {config['base_model']}, "

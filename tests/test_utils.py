@@ -5,8 +5,10 @@ import time
 
 import pytest
 
-from giseg.utils import (FolderLock, UserError, atomic_dir, atomic_write_text, command, current_umask, recover_replaced,
-                         replace_dir, storage_guard)
+from giseg.utils.errors import UserError, storage_guard
+from giseg.utils.exits import command
+from giseg.utils.files import atomic_dir, atomic_write_text, current_umask, recover_replaced, replace_dir
+from giseg.utils.locks import FolderLock
 
 
 def _folder(path, text):
@@ -113,7 +115,8 @@ def test_folder_lock_refuses_a_second_holder_until_released(tmp_path):
 
 
 def test_an_output_folder_holding_foreign_files_or_the_input_is_refused_and_left_as_it_was(tmp_path):
-    from giseg.utils import OUTPUT_MARK, UserError, claim_output_dir
+    from giseg.utils.claims import OUTPUT_MARK, claim_output_dir
+    from giseg.utils.errors import UserError
 
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
@@ -139,7 +142,8 @@ def test_an_output_folder_holding_foreign_files_or_the_input_is_refused_and_left
 
 
 def test_an_output_file_not_written_by_the_command_is_refused(tmp_path):
-    from giseg.utils import UserError, claim_output_file, starts_with
+    from giseg.utils.claims import claim_output_file, starts_with
+    from giseg.utils.errors import UserError
 
     ours = starts_with("id,class,predicted")
     (tmp_path / "notes.csv").write_text("name,grade\n")
@@ -161,7 +165,9 @@ def test_an_output_file_not_written_by_the_command_is_refused(tmp_path):
 def test_a_signal_inside_stop_on_signals_runs_the_cleanup_and_ends_in_one_line(tmp_path, capsys):
     import signal
 
-    from giseg.utils import atomic_dir, command, setup_logging, stop_on_signals
+    from giseg.utils.exits import command, stop_on_signals
+    from giseg.utils.files import atomic_dir
+    from giseg.utils.log import setup_logging
 
     setup_logging()  # (on this test's stdout: an earlier test's captured stream may be closed)
 
@@ -186,9 +192,9 @@ def test_keep_freed_memory_fixes_mallocs_thresholds_unless_the_user_set_them(mon
     import subprocess
     import sys
 
-    from giseg.utils import keep_freed_memory
+    from giseg.utils.memory import keep_freed_memory
 
-    probe = "from giseg.utils import keep_freed_memory; print(keep_freed_memory())"  # (mallopt accepted both)
+    probe = "from giseg.utils.memory import keep_freed_memory; print(keep_freed_memory())"  # (mallopt accepted both)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env).stdout.strip()
     assert out == ("True" if sys.platform == "linux" else "False")

@@ -24,7 +24,9 @@ from giseg.data.volumes import neighbour_table
 from giseg.evaluation.figures import class_colours, overlay
 from giseg.evaluation.metrics import dice_from_stats, mask_stats
 from giseg.inference.segmenter import Segmenter
-from giseg.utils import UserError, command, quiet_third_party
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command
+from giseg.utils.log import quiet_third_party
 
 
 @dataclass

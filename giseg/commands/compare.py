@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from giseg.evaluation.compare import NotComparable, markdown, run_folders, summarise_run
-from giseg.utils import UserError, command
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,17 +24,12 @@ from giseg.training.cv import (
     stop_folds,
 )
 from giseg.training.launch import physical_gpus
-from giseg.utils import (
-    UserError,
-    add_options,
-    atomic_write_json,
-    atomic_write_text,
-    claim_output_dir,
-    command,
-    logger,
-    setup_logging,
-    stop_on_signals,
-)
+from giseg.utils.claims import claim_output_dir
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command, stop_on_signals
+from giseg.utils.files import atomic_write_json, atomic_write_text
+from giseg.utils.log import logger, setup_logging
+from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:

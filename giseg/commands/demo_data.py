@@ -8,7 +8,8 @@ from pathlib import Path
 from giseg.data import demo
 from giseg.data.demo import ANATOMIES, SIZES, SLICES_PER_DAY, make_demo_data
 from giseg.data.lgg import make_lgg_demo
-from giseg.utils import claim_output_dir, command
+from giseg.utils.claims import claim_output_dir
+from giseg.utils.exits import command
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,9 @@ import argparse
 from pathlib import Path
 
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
-from giseg.utils import claim_output_dir, command, logger, setup_logging, stop_on_signals
+from giseg.utils.claims import claim_output_dir
+from giseg.utils.exits import command, stop_on_signals
+from giseg.utils.log import logger, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

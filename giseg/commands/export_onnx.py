@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 
 from giseg.models.safe import ALLOW_BIN_HELP
-from giseg.utils import command, logger, quiet_third_party, setup_logging
+from giseg.utils.exits import command
+from giseg.utils.log import logger, quiet_third_party, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 
 from giseg.evaluation.figures import save_all
-from giseg.utils import claim_output_dir, command, quiet_third_party
+from giseg.utils.claims import claim_output_dir
+from giseg.utils.exits import command
+from giseg.utils.log import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:

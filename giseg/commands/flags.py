@@ -10,7 +10,8 @@ import functools
 import importlib
 
 from giseg.commands import COMMANDS
-from giseg.utils import atomic_write_text, command
+from giseg.utils.exits import command
+from giseg.utils.files import atomic_write_text
 
 # (what the user types, the module whose build_parser() is its parser): every command of the CLI's own table, so a
 # new command is in the reference (tests/commands/test_cli.py fails for a command without build_parser)

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from giseg.training.launch import check_gpus, physical_gpus, start_background, supervise, trainer_command
-from giseg.utils import UserError, command
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command
 
 DEMO_DATA, DEMO_MODEL = Path("demo/data"), Path("demo/models/tiny-segformer")
 # (option, its environment variable, help): where the run is, how it is started

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from giseg.utils import command, quiet_third_party
+from giseg.utils.exits import command
+from giseg.utils.log import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:

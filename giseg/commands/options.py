@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from giseg.models.safe import ALLOW_BIN_HELP
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def _empty_rules() -> tuple[str, ...]:

@@ -34,17 +34,11 @@ from giseg.inference.ensemble import Ensemble
 from giseg.inference.medical import VOLUME_LABELS
 from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
-from giseg.utils import (
-    UserError,
-    add_options,
-    claim_output_dir,
-    claim_output_file,
-    command,
-    logger,
-    quiet_third_party,
-    setup_logging,
-    starts_with,
-)
+from giseg.utils.claims import claim_output_dir, claim_output_file, starts_with
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command
+from giseg.utils.log import logger, quiet_third_party, setup_logging
+from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:

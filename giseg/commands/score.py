@@ -8,7 +8,9 @@ from giseg.data.hf import HFOptions, dataset_options
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation import score
 from giseg.evaluation.score import format_table, read_submission, score_predictions
-from giseg.utils import add_options, atomic_write_json, command
+from giseg.utils.exits import command
+from giseg.utils.files import atomic_write_json
+from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,20 +25,12 @@ from giseg.evaluation.tuning import (
 )
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
-from giseg.utils import (
-    UserError,
-    add_options,
-    atomic_write_json,
-    atomic_write_text,
-    claim_output_file,
-    command,
-    json_text,
-    logger,
-    quiet_third_party,
-    setup_logging,
-    starts_with,
-    write_beside,
-)
+from giseg.utils.claims import claim_output_file, starts_with
+from giseg.utils.errors import UserError
+from giseg.utils.exits import command
+from giseg.utils.files import atomic_write_json, atomic_write_text, json_text, write_beside
+from giseg.utils.log import logger, quiet_third_party, setup_logging
+from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from giseg.data.masks import pack_masks
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 _warned_formats: set[str] = set()
 

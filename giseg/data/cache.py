@@ -32,7 +32,10 @@ import pandas as pd
 
 from giseg.data.base import DatasetAdapter
 from giseg.data.preprocess import BODY_THRESHOLD, body_box, crop_box, normalise_scan, prepare_scan, resize_mask
-from giseg.utils import FolderLock, UserError, atomic_dir, human_bytes, logger, recover_replaced
+from giseg.utils.errors import UserError, human_bytes
+from giseg.utils.files import atomic_dir, recover_replaced
+from giseg.utils.locks import FolderLock
+from giseg.utils.log import logger
 
 CACHE_VERSION = 2  # bump when the preprocessing below changes
 MANIFEST = "manifest.json"

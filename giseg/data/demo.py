@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from giseg.data.rle import encode_rle
-from giseg.utils import atomic_write_text
+from giseg.utils.files import atomic_write_text
 
 # train.csv's classes, in the order of data/gi.py's GI_CLASSES (a test checks; gi.py imports this module)
 ORGANS = ("large_bowel", "small_bowel", "stomach")

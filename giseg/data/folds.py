@@ -6,7 +6,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def case_folds(index: pd.DataFrame, n_folds: int, seed: int = 42) -> dict[int, int]:

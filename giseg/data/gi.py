@@ -18,7 +18,8 @@ import pandas as pd
 from giseg.data.base import DatasetAdapter, read_scan
 from giseg.data.demo import make_demo_data
 from giseg.data.rle import RLEError, decode_rle, parse_rle
-from giseg.utils import UserError, read_csv_strings
+from giseg.utils.errors import UserError
+from giseg.utils.files import read_csv_strings
 
 GI_CLASSES: tuple[str, ...] = ("large_bowel", "small_bowel", "stomach")
 

@@ -37,15 +37,11 @@ import pandas as pd
 from giseg.data.base import DatasetAdapter
 from giseg.data.gi import GIAdapter
 from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, class_name_problems, unpack_masks
-from giseg.utils import (
-    UserError,
-    atomic_dir,
-    logger,
-    options_of,
-    recover_replaced,
-    storage_guard,
-    write_output_mark,
-)
+from giseg.utils.claims import write_output_mark
+from giseg.utils.errors import UserError, storage_guard
+from giseg.utils.files import atomic_dir, recover_replaced
+from giseg.utils.log import logger
+from giseg.utils.options import options_of
 
 IMAGE_COLUMNS = ("image", "pixel_values")
 LABEL_COLUMNS = ("label", "annotation")

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from giseg.data.base import DatasetAdapter, hash_files
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 LGG_CLASSES: tuple[str, ...] = ("tumor",)
 FLAIR = 1  # channel index of FLAIR in the RGB tif (cv2 reads BGR; G stays at index 1)

@@ -22,7 +22,7 @@ import pandas as pd
 
 from giseg.data.base import DatasetAdapter, hash_files
 from giseg.data.nnunet import cut, in_plane, load_nifti, through_plane_axis, voxel_spacing
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -44,7 +44,9 @@ import pandas as pd
 
 from giseg.data.base import DatasetAdapter, hash_files
 from giseg.data.masks import MAX_CLASSES, class_name_problems, pack_masks, unpack_masks
-from giseg.utils import UserError, atomic_dir, logger
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_dir
+from giseg.utils.log import logger
 
 DATASET_JSON = "dataset.json"
 ENDING = ".nii.gz"

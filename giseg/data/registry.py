@@ -22,7 +22,7 @@ import importlib
 
 from giseg.data.base import DatasetAdapter
 from giseg.data.masks import MAX_CLASSES
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 # name -> "module:class" of its adapter; a new dataset is one module (a DatasetAdapter subclass) and one line here
 ADAPTERS = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def check_volume_sizes(index: pd.DataFrame, volume_columns: tuple[str, ...], where: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from giseg.inference.spec import InferenceSpec
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")  # BatchNorm state: saved, not parameters
 

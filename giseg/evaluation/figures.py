@@ -26,7 +26,7 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import neighbour_table
 from giseg.evaluation.metrics import dice_from_stats, mask_stats
 from giseg.inference.segmenter import Segmenter
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 RULE_NAMES = {"1": "1", "0": "0", "skip": "left out"}
 

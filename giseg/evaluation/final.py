@@ -18,7 +18,9 @@ from giseg.inference.ensemble import Ensemble
 from giseg.inference.gate import SliceClassifier
 from giseg.inference.segmenter import Segmenter
 from giseg.inference.submission import predict_rows, write_submission
-from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_json, atomic_write_text
+from giseg.utils.log import logger
 
 
 def labelled_index(cfg, adapter, index: pd.DataFrame) -> pd.DataFrame:

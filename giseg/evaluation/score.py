@@ -33,7 +33,8 @@ from giseg.evaluation.metrics import (
     summarise,
     time_saved,
 )
-from giseg.utils import UserError, read_csv_strings
+from giseg.utils.errors import UserError
+from giseg.utils.files import read_csv_strings
 
 SUBMISSION_COLUMNS = ("id", "class", "predicted")
 

@@ -34,7 +34,8 @@ from giseg.inference.ensemble import Ensemble, group_by_volume
 from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import apply_rule, gate
 from giseg.inference.spec import InferenceSpec
-from giseg.utils import UserError, logger
+from giseg.utils.errors import UserError
+from giseg.utils.log import logger
 
 THRESHOLDS = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7)
 MIN_PROB = (0.0, 0.5, 0.6, 0.7, 0.8)

@@ -13,7 +13,7 @@ import torch
 from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import class_probabilities, gate, masks_from_probabilities, postprocess_volume
 from giseg.inference.segmenter import Segmenter, member_inputs
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 T = TypeVar("T")
 

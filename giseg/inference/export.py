@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, weights_digest
 from giseg.inference.segmenter import Segmenter
-from giseg.utils import UserError, atomic_write_text
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_text
 
 PARITY_TOLERANCE = 1e-4  # relative to max(1, the largest |logit|)
 DYNAMIC_SIZE_FAMILIES = ("segformer",)  # exported with dynamic height and width (checked at export)

@@ -20,7 +20,7 @@ import torch
 
 from giseg.inference.segmenter import iter_batches, load_trained, member_inputs
 from giseg.inference.spec import InferenceSpec
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def gate_slice(masks: np.ndarray, presence: np.ndarray, thresholds, min_pixels) -> np.ndarray:

@@ -21,7 +21,8 @@ import numpy as np
 
 from giseg.data.medical import Volume, import_pydicom
 from giseg.data.nnunet import import_nibabel
-from giseg.utils import UserError, atomic_write_text
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_text
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RT-Structs refer to their study

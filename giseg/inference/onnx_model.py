@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_KEY = "giseg_weights_sha256"

@@ -31,7 +31,7 @@ from giseg.data.dataset import SliceDataset
 from giseg.data.preprocess import body_box, crop_box, normalise_scan, prepare_scan, to_pixel_values
 from giseg.data.volumes import neighbour_table
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def masks_from_logits(logits: torch.Tensor, size: tuple[int, int], task: str,

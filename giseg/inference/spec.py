@@ -14,7 +14,8 @@ from pathlib import Path
 from giseg.data.masks import class_name_problems
 from giseg.inference.postprocess import POSTPROCESS, valid_rule
 from giseg.models.labels import TASKS, task_labels
-from giseg.utils import UserError, atomic_write_json
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_json
 
 SPEC_FILE = "inference_spec.json"
 SPLIT_KEYS = ("n_folds", "fold", "split_seed")

@@ -8,7 +8,7 @@ import pandas as pd
 
 from giseg.data.rle import encode_rle
 from giseg.inference.ensemble import Ensemble
-from giseg.utils import atomic_write_text
+from giseg.utils.files import atomic_write_text
 
 
 def predict_rows(model: Ensemble, index: pd.DataFrame, rows: np.ndarray, inputs: list[tuple],

@@ -27,7 +27,7 @@ from giseg.models.baselines import BASELINES, build_encoder
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
 from giseg.models.labels import task_labels
 from giseg.models.safe import loading_kwargs
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 IMAGENET_FAMILIES = ("convnext", "convnextv2", "swin", "efficientnet", "segformer", "gi_encoder")  # else (0.5, 0.5)
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from giseg.models.safe import check_model_folder
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 @dataclass

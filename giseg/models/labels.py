@@ -1,7 +1,7 @@
 """A model's labels for a task: the classes (multilabel), or background + the classes (multiclass)."""
 from __future__ import annotations
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 TASKS = ("multilabel", "multiclass", "presence")  # presence: a slice classifier (models/classifier.py)
 

@@ -34,7 +34,8 @@ from giseg.models.labels import task_labels
 from giseg.models.safe import loading_kwargs
 from giseg.models.tiny import TINY_CONFIGS
 from giseg.models.widen import input_channels, widen_channels, widen_input
-from giseg.utils import UserError, atomic_dir
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_dir
 
 
 def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,

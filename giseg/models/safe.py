@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 ALLOW_BIN_HELP = ("also load weights stored as a pickle (pytorch_model.bin: torch.load with weights_only=True) when a "

@@ -21,7 +21,9 @@ from transformers import (
 
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.families import FAMILY_STATS, auto_class, make_image_processor
-from giseg.utils import UserError, atomic_dir, claim_output_dir, write_output_mark
+from giseg.utils.claims import claim_output_dir, write_output_mark
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_dir
 
 ADE_LIKE_LABELS = {i: f"ade_class_{i}" for i in range(150)}
 

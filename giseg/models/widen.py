@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def channel_sources(channels: int) -> list[int]:

@@ -28,7 +28,11 @@ from giseg.training.losses import PresenceLoss, SegmentationLoss
 from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir
-from giseg.utils import UserError, atomic_write_json, check_no_overlap, logger, release_memory
+from giseg.utils.claims import check_no_overlap
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_json
+from giseg.utils.log import logger
+from giseg.utils.memory import release_memory
 
 
 # ---------------------------------------------------------------- building a run

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from giseg.training.ema import WeightEMA, WeightSWA
-from giseg.utils import UserError, atomic_write_json, atomic_write_text, replace_dir, storage_guard
+from giseg.utils.errors import UserError, storage_guard
+from giseg.utils.files import atomic_write_json, atomic_write_text, replace_dir
 
 
 # ---------------------------------------------------------------- checkpoints

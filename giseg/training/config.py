@@ -29,7 +29,8 @@ from giseg.inference.spec import spec_flags
 from giseg.models.safe import ALLOW_BIN_HELP
 from giseg.training.losses import DICE_ABSENT, LOSSES, LOVASZ
 from giseg.training.tracking import parse_report_to
-from giseg.utils import UserError, add_options
+from giseg.utils.errors import UserError
+from giseg.utils.options import add_options
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")

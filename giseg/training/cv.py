@@ -38,7 +38,9 @@ import numpy as np
 import pandas as pd
 
 from giseg.training.launch import TRAINER, check_gpus, end_with_parent, trainer_command
-from giseg.utils import UserError, atomic_write_json, atomic_write_text, logger
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_json, atomic_write_text
+from giseg.utils.log import logger
 
 FIGURES = ("dice_mean", "hausdorff", "score")
 PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: slice classifiers' folds

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 TRAINER = ("-m", "giseg", "train")  # the installed package's trainer: no checkout needed
 ACCELERATE = ("-m", "accelerate.commands.launch")

@@ -44,15 +44,11 @@ from giseg.training.signals import Interrupted, StopSignal, agreed_signal
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
 from giseg.training.tracking import log_record, parse_report_to
 from giseg.training.tracking import start as start_trackers
-from giseg.utils import (
-    atomic_write_text,
-    command,
-    json_safe,
-    keep_freed_memory,
-    logger,
-    quiet_third_party,
-    storage_guard,
-)
+from giseg.utils.errors import storage_guard
+from giseg.utils.exits import command
+from giseg.utils.files import atomic_write_text, json_safe
+from giseg.utils.log import logger, quiet_third_party
+from giseg.utils.memory import keep_freed_memory
 
 # transformers (giseg.models), accelerate and albumentations are imported where they are used: together they cost
 # about 3 s of start-up that `--help` and a rejected argument do not need.

@@ -15,7 +15,7 @@ from giseg.data.registry import DATASETS
 from giseg.models.baselines import BASELINE_FAMILIES
 from giseg.models.families import QUERY_FAMILIES
 from giseg.training.config import TrainConfig
-from giseg.utils import logger
+from giseg.utils.log import logger
 
 # the card's hyper-parameter table: the TrainConfig fields declared with "card": True
 HYPER_PARAMETERS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("card"))

@@ -18,15 +18,11 @@ import torch
 from giseg.training.checkpoints import RESUMABLE_MARK, find_checkpoint
 from giseg.training.config import SAVED_WITHOUT, TrainConfig, defaults_source
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
-from giseg.utils import (
-    FolderLock,
-    UserError,
-    atomic_write_json,
-    check_no_overlap,
-    logger,
-    recover_replaced,
-    setup_logging,
-)
+from giseg.utils.claims import check_no_overlap
+from giseg.utils.errors import UserError
+from giseg.utils.files import atomic_write_json, recover_replaced
+from giseg.utils.locks import FolderLock
+from giseg.utils.log import logger, setup_logging
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
 # in which order, or how it is scored (the fields declared with "identity": True, and the number of processes). The

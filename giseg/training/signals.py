@@ -5,7 +5,7 @@ import signal
 
 import torch
 
-from giseg.utils import logger
+from giseg.utils.log import logger
 
 
 # ---------------------------------------------------------------- signals

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from giseg.utils import UserError, logger
+from giseg.utils.errors import UserError
+from giseg.utils.log import logger
 
 # --report_to name -> (the module that must import, what to pip install)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),

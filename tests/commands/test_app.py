@@ -166,7 +166,7 @@ def test_page_answers_on_loopback_with_an_overlay_in_headless_chromium(model_dir
 def test_our_message_reaches_the_page_instead_of_gradios_generic_error():
     import gradio as gr
 
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     def handler(slice_id):
         raise UserError(f"slice {slice_id!r} is not in the data folder")

@@ -11,7 +11,7 @@ import pytest
 
 from giseg.data.registry import DATASETS, get_adapter
 from giseg.data.base import DatasetAdapter
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 class ShapesAdapter(DatasetAdapter):

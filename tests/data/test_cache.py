@@ -78,7 +78,7 @@ def test_too_little_free_space_is_refused_before_writing(demo_dir, tmp_path, mon
     import shutil
 
     from giseg.data import cache as cache_module
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
     with pytest.raises(UserError, match=r"needs \d+\.\d MB but only 1\.0 kB are free"):  # (was "0.00 GB")
@@ -91,7 +91,7 @@ import sys, time
 from giseg.data.registry import DATASETS
 from giseg.data.cache import build_cache
 from giseg.data.gi import build_index
-from giseg.utils import setup_logging
+from giseg.utils.log import setup_logging
 setup_logging()
 gi = DATASETS["gi"]
 class Slow(type(gi)):

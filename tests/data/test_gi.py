@@ -11,7 +11,7 @@ from giseg.data.volumes import neighbour_table
 from giseg.data.base import read_scan
 from giseg.data.preprocess import normalise_scan
 from giseg.data.rle import decode_rle, encode_rle
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def test_index_has_one_row_per_slice_with_sizes_from_file_names(demo_dir):

@@ -6,7 +6,7 @@ import pytest
 
 from giseg.data.registry import get_adapter
 from giseg.data.masks import IGNORE_BIT
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]
 
@@ -181,7 +181,7 @@ def test_pushing_an_export_with_the_hub_unreachable_keeps_the_folder_and_says_ho
     import logging
 
     from giseg.commands.export_hf import push_dataset
-    from giseg.utils import logger
+    from giseg.utils.log import logger
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)

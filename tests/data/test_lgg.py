@@ -8,7 +8,7 @@ import pytest
 from giseg.data.lgg import LGG_CLASSES, build_lgg_index, make_lgg_demo
 from giseg.training.config import TrainConfig
 from giseg.training.loop import train
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

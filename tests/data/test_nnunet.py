@@ -13,7 +13,7 @@ from giseg.data.gi import GIAdapter  # noqa: E402
 from giseg.data.nnunet import export_nnunet  # noqa: E402
 from giseg.data.registry import get_adapter  # noqa: E402
 from giseg.training.config import TrainConfig  # noqa: E402
-from giseg.utils import UserError  # noqa: E402
+from giseg.utils.errors import UserError  # noqa: E402
 from giseg.training.loop import train  # noqa: E402
 
 INDEX_COLUMNS = ["id", "case", "day", "slice", "width", "height", "spacing_x", "spacing_y"]

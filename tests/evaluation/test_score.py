@@ -8,7 +8,7 @@ from giseg.data.registry import DATASETS
 from giseg.data.gi import GI_CLASSES, build_index
 from giseg.commands.score import main as score_main
 from giseg.evaluation.score import read_submission, score_predictions
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def _gt_submission(demo_dir, path, cases=None):

@@ -11,7 +11,7 @@ from giseg.data.gi import GIAdapter  # noqa: E402
 from giseg.data.medical import find_inputs, read_dicom_series, read_nifti  # noqa: E402
 from giseg.data.rle import decode_rle  # noqa: E402
 from giseg.inference.medical import fill_contours, mask_contours, read_rtstruct  # noqa: E402
-from giseg.utils import UserError  # noqa: E402
+from giseg.utils.errors import UserError  # noqa: E402
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -9,7 +9,7 @@ from giseg.data.gi import GI_CLASSES
 from giseg.inference.export import PARITY_TOLERANCE, _static_adaptive_avg_pool2d, export_onnx
 from giseg.inference.onnx_model import ONNX_FILE
 from giseg.inference.segmenter import Segmenter
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 pytest.importorskip("onnxruntime", reason="giseg[onnx] is part of the dev install (requirements.txt)")
 

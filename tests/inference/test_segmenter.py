@@ -10,7 +10,7 @@ import torch
 
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.inference.segmenter import Segmenter, masks_from_logits
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 SPEC = InferenceSpec(dataset="gi", task="multilabel", classes=("large_bowel", "small_bowel", "stomach"),
                      image_size=64, context_slices=3, context_stride=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),

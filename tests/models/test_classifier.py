@@ -6,7 +6,7 @@ import torch
 from giseg.models.load import load_model
 from giseg.models.tiny import TINY_CLASSIFIERS, make_tiny
 from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 

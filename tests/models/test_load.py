@@ -8,7 +8,7 @@ from giseg.data.gi import GI_CLASSES as GI
 from giseg.data.gi import GI_PRIORITY
 from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 from giseg.models.load import load_model
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 @pytest.mark.parametrize("family", FAMILIES)

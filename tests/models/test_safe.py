@@ -10,7 +10,7 @@ import torch
 from giseg.data.gi import GI_CLASSES
 from giseg.inference.segmenter import Segmenter
 from giseg.models.load import load_model
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def copy_of(folder, tmp_path):

@@ -58,7 +58,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """A small demo dataset and a tiny SegFormer in ``work`` (built once)."""
     from giseg.data.demo import make_demo_data
     from giseg.models.tiny import make_tiny
-    from giseg.utils import quiet_third_party
+    from giseg.utils.log import quiet_third_party
 
     quiet_third_party()  # no "Writing model shards" bar in the report
     data, model = work / "data", work / "model"

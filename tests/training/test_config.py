@@ -7,7 +7,7 @@ from giseg.inference.spec import InferenceSpec, spec_flags
 from giseg.training.config import PRESETS, TrainConfig, build_parser, parse_config, validate_config
 from giseg.training.model_card import HYPER_PARAMETERS
 from giseg.training.run_dir import MAY_CHANGE_ON_RESUME, RUN_IDENTITY
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def test_every_flag_has_help_a_section_and_an_identity_decision():

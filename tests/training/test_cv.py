@@ -6,7 +6,7 @@ import pytest
 
 from giseg.training.cv import gpu_groups, parse_folds
 from giseg.commands.cv import main as cv_main
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -152,7 +152,7 @@ def test_a_run_with_swa_evaluates_and_saves_the_average_of_its_last_epochs_and_r
 
 def test_swa_flags_out_of_range_or_with_ema_are_refused():
     from giseg.training.config import validate_config
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     with pytest.raises(UserError, match=r"--swa_start_epoch must be in \[1, --epochs 14\] \(0: off\), got 20"):
         validate_config(TrainConfig(epochs=14, swa_start_epoch=20))

@@ -175,7 +175,7 @@ def test_bce_dice_lovasz_adds_the_weighted_hinge_to_bce_dice():
 
 def test_a_lovasz_loss_with_a_multiclass_task_is_refused_by_name():
     from giseg.training.config import TrainConfig, validate_config
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     with pytest.raises(UserError, match="--loss lovasz: the Lovász hinge is per class, multilabel"):
         validate_config(TrainConfig(loss="lovasz", task="multiclass"))

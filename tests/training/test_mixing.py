@@ -91,7 +91,7 @@ def test_a_mixed_run_trains_and_a_resumed_one_replays_the_same_mixes(demo_dir, t
 
 def test_mixing_probabilities_out_of_range_are_refused_by_name():
     from giseg.training.config import validate_config
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     with pytest.raises(UserError, match="add up to at most 1"):
         validate_config(TrainConfig(cutmix_prob=0.7, mixup_prob=0.5))

@@ -68,7 +68,7 @@ def test_push_to_hub_with_the_hub_unreachable_finishes_the_run_and_says_how_to_p
 
 def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
     from giseg.training.config import TrainConfig, validate_config
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     with pytest.raises(UserError, match="--push_to_hub needs --hub_model_id"):
         validate_config(TrainConfig(push_to_hub=True))

@@ -121,7 +121,7 @@ def test_a_resume_with_another_split_size_or_batch_is_refused_naming_old_and_new
     import dataclasses
 
     from giseg.training.loop import train
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
@@ -146,7 +146,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_reruns_plainly(demo_dir
     import dataclasses
 
     from giseg.training.loop import train
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path)
@@ -182,7 +182,8 @@ def test_latest_skips_an_incomplete_checkpoint_and_the_epoch_is_evaluated_once(d
 
 def test_a_live_run_holds_its_output_dir_and_a_file_is_no_output_dir(demo_dir, tiny_models, tmp_path):
     from giseg.training.loop import train
-    from giseg.utils import FolderLock, UserError
+    from giseg.utils.errors import UserError
+    from giseg.utils.locks import FolderLock
 
     out = tmp_path / "run"
     with FolderLock(out / ".lock", wait=False):  # as a running trainer holds it
@@ -200,7 +201,7 @@ def test_final_eval_refuses_mixed_scan_sizes_in_a_volume_before_training(demo_di
     import pandas as pd
 
     from giseg.training.loop import train
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -225,7 +226,7 @@ def test_a_changed_or_zeroed_checkpoint_file_is_refused_by_its_checksum_and_late
     import dataclasses
 
     from giseg.training.loop import train
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     out = tmp_path / "run"
     cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, epochs=2, save_total_limit=2)
@@ -233,7 +234,7 @@ def test_a_changed_or_zeroed_checkpoint_file_is_refused_by_its_checksum_and_late
     newest = out / "checkpoints" / "step_00000012"
     # our own state is JSON / safetensors: no pickle of the schedule; the manifest has a checksum per file
     assert (newest / "scheduler.json").is_file() and not list(newest.glob("custom_checkpoint_*"))
-    from giseg.utils import current_umask
+    from giseg.utils.files import current_umask
 
     assert (newest / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~current_umask()  # (safetensors: 0600)
     manifest = json.loads((newest / "trainer_state.json").read_text())["files"]
@@ -255,7 +256,7 @@ def test_a_resume_after_the_data_changed_is_refused_naming_the_change(demo_dir, 
     import pandas as pd
 
     from giseg.training.loop import train
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)
@@ -277,7 +278,7 @@ def test_a_run_saved_before_head_prior_existed_is_taken_as_run_with_zero_bias(tm
     them with 0, and a resume with today's default is refused naming both values (not taken as the same recipe)."""
     from giseg.training.config import TrainConfig, saved_settings
     from giseg.training.run_dir import check_resume_matches, run_identity
-    from giseg.utils import UserError
+    from giseg.utils.errors import UserError
 
     old = run_identity(TrainConfig(output_dir=str(tmp_path)), 1)
     del old["head_prior"]

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from giseg.training.config import TrainConfig
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def _records(run):

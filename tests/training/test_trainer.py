@@ -11,7 +11,7 @@ from giseg.training.config import TrainConfig, build_parser, parse_config, valid
 from giseg.training.optim import lr_factor
 from giseg.training.loop import train
 from giseg.data.gi import GI_CLASSES as CLASSES
-from giseg.utils import UserError
+from giseg.utils.errors import UserError
 
 
 def _cfg(demo_dir, model, out, tmp_path, **kw) -> TrainConfig:
