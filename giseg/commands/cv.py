@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                               {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model},
                               ours=lambda p: (p / "cv_config.json").is_file())
     from giseg.data.folds import data_record
-    from giseg.data.hf import dataset_options  # (the data layer imports torch: not for --help)
+    from giseg.data.hf.options import dataset_options  # (the data layer imports torch: not for --help)
     from giseg.data.registry import get_adapter
 
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))

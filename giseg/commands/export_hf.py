@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     claim_output_dir(args.out, "--out", "export-hf", {"--data_dir": args.data_dir}, create=False,
                      ours=lambda p: (p / "id2label.json").is_file() and (p / "state.json").is_file())
-    from giseg.data import hf as hf_data  # `datasets` (slow): only when exporting
+    from giseg.data.hf.export import export_dataset  # `datasets` (slow): only when exporting
 
     with stop_on_signals():  # SIGTERM / SIGINT: temporary folders removed, one line, exit 128 + signal
-        hf_data.export_dataset(get_adapter(args.dataset), args.data_dir, args.out, args.split)
+        export_dataset(get_adapter(args.dataset), args.data_dir, args.out, args.split)
     if args.push_to_hub:
         push_dataset(Path(args.out), args.push_to_hub, args.private)
     return 0

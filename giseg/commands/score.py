@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from giseg.commands.options import ScoringOptions
-from giseg.data.hf import HFOptions, dataset_options
+from giseg.data.hf.options import HFOptions, dataset_options
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation import score
 from giseg.evaluation.score import format_table, read_submission, score_predictions

@@ -84,7 +84,7 @@ class DatasetAdapter:
         raise NotImplementedError
 
     # ---- with defaults that suit most datasets
-    # the HFOptions values it was bound with (data/hf.py); read-only and empty for a dataset without options, so no
+    # the HFOptions values it was bound with (data/hf/); read-only and empty for a dataset without options, so no
     # adapter can change another's through a shared default
     options: Mapping[str, object] = MappingProxyType({})
 

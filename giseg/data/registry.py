@@ -2,7 +2,7 @@
 
     DATASETS["gi"]    UW-Madison GI tract, Kaggle layout (data/gi.py): 3 organs from run-length codes
     DATASETS["lgg"]   LGG brain MRI, kaggle_3m layout (data/lgg.py): one class, tumor, from mask files
-    DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (data/hf.py); its classes
+    DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (data/hf/); its classes
                       come with the data, so ``adapter.bind(data_dir, options)`` gives the adapter of one dataset
     DATASETS["nnunet"] an nnU-Net raw dataset (data/nnunet.py): NIfTI volumes, classes from its dataset.json
 
@@ -28,7 +28,7 @@ from giseg.utils.errors import UserError
 ADAPTERS = {
     "gi": "giseg.data.gi:GIAdapter",
     "lgg": "giseg.data.lgg:LGGAdapter",
-    "hf": "giseg.data.hf:HFAdapter",
+    "hf": "giseg.data.hf.adapter:HFAdapter",
     "nnunet": "giseg.data.nnunet:NnUNetAdapter",
 }
 

@@ -19,7 +19,7 @@ from giseg.data.base import DatasetAdapter
 from giseg.data.cache import build_cache
 from giseg.data.dataset import seed_pipeline
 from giseg.data.folds import split_by_case
-from giseg.data.hf import DEFAULT_OPTIONS
+from giseg.data.hf.options import DEFAULT_OPTIONS
 from giseg.data.masks import pack_masks, unpack_masks
 from giseg.data.preprocess import normalise_scan, resize_image, resize_mask
 from giseg.data.registry import get_adapter

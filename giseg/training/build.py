@@ -15,7 +15,7 @@ from giseg.data.base import DatasetAdapter
 from giseg.data.cache import SliceCache, build_cache
 from giseg.data.dataset import SliceDataset
 from giseg.data.folds import data_changes, data_record, split_by_case
-from giseg.data.hf import dataset_options
+from giseg.data.hf.options import dataset_options
 from giseg.data.masks import any_labelled, classes_present
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table

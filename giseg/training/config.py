@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from giseg.data.folds import check_fold
-from giseg.data.hf import HFOptions
+from giseg.data.hf.options import HFOptions
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
