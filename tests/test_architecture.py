@@ -87,3 +87,11 @@ def test_every_registered_dataset_is_a_module_of_the_data_layer():
         module = ref.split(":")[0]
         assert module.startswith("giseg.data.") and (ROOT / (module.replace(".", "/") + ".py")).is_file(), ref
         assert DATASETS[name].name == name
+
+
+def test_no_package_module_is_over_400_lines():
+    """A module that grows past ~400 lines holds more than one job: split it by job (issue #39 split utils.py,
+    data/hf.py and data/nnunet.py)."""
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if "gi_dice" not in p.parts
+            and (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}

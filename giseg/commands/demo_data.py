@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.dataset == "nnunet":
         from giseg.data.gi import GIAdapter
-        from giseg.data.nnunet import DATASET_JSON, export_nnunet
+        from giseg.data.nnunet.dataset_json import DATASET_JSON
+        from giseg.data.nnunet.export import export_nnunet
 
         kaggle = f"{str(out).rstrip('/')}-kaggle"
         claim_output_dir(kaggle, "--out", "demo-data", ours=lambda p: (p / "train.csv").is_file())

@@ -7,7 +7,7 @@
 A volume is its voxel array (I, J, K) with NIfTI's convention (i along a row of the image, j down its columns, k the
 slice), the affine from voxel to RAS millimetres, and, for DICOM, each slice's identity (the UIDs an RT-Struct
 refers to). ``VolumeAdapter`` serves one volume to the prediction path as an index of its slices across the
-through-plane axis (data/nnunet.py's rule; a DICOM series' own slices), so ensembles, TTA, tuned thresholds, gates
+through-plane axis (data/nifti.py's rule; a DICOM series' own slices), so ensembles, TTA, tuned thresholds, gates
 and post-processing apply as on a dataset folder. nibabel and pydicom are imported only here, when used.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from giseg.data.base import DatasetAdapter, hash_files
-from giseg.data.nnunet import cut, in_plane, load_nifti, through_plane_axis, voxel_spacing
+from giseg.data.nifti import cut, in_plane, load_nifti, through_plane_axis, voxel_spacing
 from giseg.utils.errors import UserError
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")

@@ -4,7 +4,7 @@
     DATASETS["lgg"]   LGG brain MRI, kaggle_3m layout (data/lgg.py): one class, tumor, from mask files
     DATASETS["hf"]    any image-segmentation dataset in Hugging Face ``datasets`` form (data/hf/); its classes
                       come with the data, so ``adapter.bind(data_dir, options)`` gives the adapter of one dataset
-    DATASETS["nnunet"] an nnU-Net raw dataset (data/nnunet.py): NIfTI volumes, classes from its dataset.json
+    DATASETS["nnunet"] an nnU-Net raw dataset (data/nnunet/): NIfTI volumes, classes from its dataset.json
 
 An adapter owns its name, classes, the multiclass overlap priority, display colours, how to build the slice
 index from a folder, how to read one image and one slice's masks, which rows form a 3D volume, and its demo
@@ -29,7 +29,7 @@ ADAPTERS = {
     "gi": "giseg.data.gi:GIAdapter",
     "lgg": "giseg.data.lgg:LGGAdapter",
     "hf": "giseg.data.hf.adapter:HFAdapter",
-    "nnunet": "giseg.data.nnunet:NnUNetAdapter",
+    "nnunet": "giseg.data.nnunet.adapter:NnUNetAdapter",
 }
 
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from giseg.data.medical import Volume, import_pydicom
-from giseg.data.nnunet import import_nibabel
+from giseg.data.nifti import import_nibabel
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_text
 

@@ -3,7 +3,6 @@
 Fine-tune a Hugging Face segmentation model on UW-Madison GI-tract MRI (or any --dataset adapter) with Accelerate.
 
 Single process:   giseg train --base_model <hub id or folder> --data_dir <kaggle folder> --output_dir runs/x
-                  (python trainer.py ... in the checkout is the same)
 Several GPUs:     accelerate launch --multi_gpu --num_processes 2 -m giseg train ...   (or GPUS=0,1 bash run_train.sh)
 The demo:         giseg train --preset demo   (what `bash run_train.sh` runs with no settings)
 

@@ -10,7 +10,7 @@ nib = pytest.importorskip("nibabel")
 
 from giseg.data.folds import case_folds  # noqa: E402
 from giseg.data.gi import GIAdapter  # noqa: E402
-from giseg.data.nnunet import export_nnunet  # noqa: E402
+from giseg.data.nnunet.export import export_nnunet  # noqa: E402
 from giseg.data.registry import get_adapter  # noqa: E402
 from giseg.training.config import TrainConfig  # noqa: E402
 from giseg.utils.errors import UserError  # noqa: E402
