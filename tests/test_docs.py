@@ -68,6 +68,37 @@ def test_what_the_docs_commands_write_into_the_checkout_is_ignored_by_git():
     assert sorted(res.stdout.split()) == sorted(written)
 
 
+def _ignored_by_git(folder) -> list[str]:
+    """The files under ``folder`` that git would NOT ignore at the same place in the checkout."""
+    written = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+    res = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input="\n".join(written), cwd=ROOT,
+                         capture_output=True, text=True)
+    return sorted(set(written) - set(res.stdout.split()))
+
+
+def test_the_readmes_predict_score_and_export_commands_run_as_written(tracked_run, demo_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The README's block after training, line by line with the run and data folder put in (issue #43: its pair
+    scored the training slices too, which no line said; its outputs landed in the checkout)."""
+    import pandas as pd
+
+    from giseg.cli import main as giseg
+
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "giseg predict" in b)
+    monkeypatch.chdir(tmp_path)
+    lines = [line.split("  #")[0].replace("runs/<name>", str(tracked_run)).replace("<kaggle folder>", str(demo_dir))
+             for line in block.strip().splitlines()]
+    assert [shlex.split(line)[1] for line in lines] == ["predict", "predict", "score", "export-onnx"]
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        assert giseg(argv + (["--num_workers", "0"] if argv[0] == "predict" else [])) == 0, line
+    every = pd.read_csv(tmp_path / "submission.csv")
+    val = pd.read_csv(tmp_path / "predictions" / "val.csv")
+    assert 0 < len(val) < len(every) and set(val["id"]) < set(every["id"])  # the validation fold only
+    assert (tmp_path / "deploy" / "model.onnx").is_file() and _ignored_by_git(tmp_path) == []
+
+
 def test_the_own_data_commands_run(tmp_path, monkeypatch, capsys):
     """docs/own-data.md's nnU-Net and volume blocks, run line by line in a fresh folder as a user types them (in this
     process, to spare a start-up per line; giseg cv starts its trainers), at toy size: the demo with 8 slices per
@@ -97,10 +128,7 @@ def test_the_own_data_commands_run(tmp_path, monkeypatch, capsys):
     assert len(list((tmp_path / "predictions" / "one" / "case2_day1").glob("*.nii.gz"))) == 3
     # what the page's commands wrote, had they run in the checkout, is all ignored by git (they wrote nnunet-val.csv,
     # predictions/ and predictions-one/ into it: issue #43)
-    written = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()]
-    res = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], input="\n".join(written), cwd=ROOT,
-                         capture_output=True, text=True)
-    assert sorted(set(written) - set(res.stdout.split())) == []
+    assert _ignored_by_git(tmp_path) == []
 
 
 def test_the_learning_efficiency_table_in_the_docs_is_the_benchmarks_recorded_output():
