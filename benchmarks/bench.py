@@ -219,13 +219,14 @@ GPU_MODELS = ["segformer-b0", "segformer-b2", "upernet-convnext-small", "dpt-bas
 
 
 def _model_config(name: str):
-    from giseg.models.tiny import ADE_LIKE_LABELS, TINY_CONFIGS
+    from giseg.models.registry import FAMILIES
+    from giseg.models.tiny import ADE_LIKE_LABELS
 
     sized = _sized_configs()
     if name in sized:
         cfg = sized[name]()
     else:
-        cfg = TINY_CONFIGS[name.removeprefix("tiny-")](ADE_LIKE_LABELS)
+        cfg = FAMILIES[name.removeprefix("tiny-")].tiny_config(ADE_LIKE_LABELS)
     cfg.id2label = dict(ADE_LIKE_LABELS)
     cfg.label2id = {v: k for k, v in cfg.id2label.items()}
     return cfg

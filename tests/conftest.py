@@ -9,7 +9,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 
-FAMILIES = ("segformer", "upernet", "dpt", "beit")
+from giseg.models.registry import list_families  # noqa: E402  (light: no transformers)
+
+FAMILIES = ("segformer", "upernet", "dpt", "beit")  # the semantic-segmentation hub families of tiny_models
+SEGMENTERS = list_families("hub") + list_families("baseline")  # every family a segmenter is trained from
+
+
+def base_model(family: str, tiny_models: dict, tmp_path: Path) -> str:
+    """--base_model for a registered ``family``: its tiny checkpoint (a hub family: tiny_models, else made in
+    ``tmp_path``) or a baseline's name."""
+    from giseg.models.registry import FAMILIES as REGISTRY
+    from giseg.models.tiny import make_tiny
+
+    if REGISTRY[family].kind == "baseline":
+        return family
+    return str(tiny_models[family] if family in tiny_models else make_tiny(family, tmp_path / f"tiny-{family}"))
 
 
 @pytest.fixture(scope="session")

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import argparse
 
+from giseg.models.registry import list_families
 from giseg.utils.exits import command
 from giseg.utils.log import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from giseg.models.tiny import TINY_CLASSIFIERS, TINY_CONFIGS  # transformers (1.8 s): not for `giseg --help`
-
     ap = argparse.ArgumentParser(prog="giseg make-tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", required=True, choices=sorted(TINY_CONFIGS) + sorted(TINY_CLASSIFIERS),
+    ap.add_argument("--family", required=True, choices=sorted(list_families("hub", tiny=True)) + sorted(list_families("classifier", tiny=True)),
                     help="architecture family (*-classifier: an image classifier, for --task presence)")
     ap.add_argument("--out", required=True, help="folder to write")
     ap.add_argument("--width", type=int, default=1, help="channel multiplier (default 1)")

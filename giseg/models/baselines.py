@@ -24,12 +24,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
+from giseg.models.registry import FAMILIES
 from giseg.models.unext import build_unext  # also registers UNeXt with the Auto classes
 
-# --base_model name -> encoder of GIUNetConfig, or the UNeXt architecture
-BASELINES = {"unet": "plain", "unet-resnet34": "resnet34", "unet-resnext50": "resnext50_32x4d",
-             "dense-unet": "dense", "unext": "unext"}
-BASELINE_FAMILIES = ("gi_unet", "gi_unext")  # their model_type in config.json
+# --base_model name -> encoder of GIUNetConfig, or the UNeXt architecture; their model_types in config.json (registry)
+BASELINES = {f.name: f.encoder for f in FAMILIES.values() if f.kind == "baseline"}
+BASELINE_FAMILIES = tuple(dict.fromkeys(f.model_type for f in FAMILIES.values() if f.kind == "baseline"))
 
 
 class GIUNetConfig(PretrainedConfig):

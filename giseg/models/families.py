@@ -14,19 +14,13 @@ from transformers import (
 
 import giseg.models.baselines  # noqa: F401  (registers gi_unet and gi_unext with the Auto classes)
 import giseg.models.classifier  # noqa: F401  (registers gi_encoder with the Auto classes)
-from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from giseg.models.registry import FAMILIES
 
-# Input statistics each family was pretrained with (used when the checkpoint has no preprocessor config).
-FAMILY_STATS = {"segformer": (IMAGENET_MEAN, IMAGENET_STD),
-                "upernet": (IMAGENET_MEAN, IMAGENET_STD),
-                "dpt": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-                "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-                "mask2former": (IMAGENET_MEAN, IMAGENET_STD)}
-
-
-# mask-classification families: one mask per object query and a class per mask, trained with their own
-# Hungarian-matched loss; not AutoModelForSemanticSegmentation models
-QUERY_FAMILIES = ("mask2former",)
+# the hub families' input statistics, by model_type (used when a checkpoint has no preprocessor config), and the
+# mask-classification families (one mask per object query and a class per mask, trained with their own
+# Hungarian-matched loss; not AutoModelForSemanticSegmentation models): both from the registry
+FAMILY_STATS = {f.model_type: f.stats for f in FAMILIES.values() if f.kind == "hub"}
+QUERY_FAMILIES = tuple(f.model_type for f in FAMILIES.values() if f.query)
 
 
 def auto_class(model_type: str, presence: bool = False):

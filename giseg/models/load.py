@@ -32,7 +32,7 @@ from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
 from giseg.models.labels import task_labels
 from giseg.models.safe import loading_kwargs
-from giseg.models.tiny import TINY_CONFIGS
+from giseg.models.registry import list_families
 from giseg.models.widen import input_channels, widen_channels, widen_input
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_dir
@@ -107,7 +107,7 @@ def load_config(base_model: str, allow_bin: bool = False):
     family = config.model_type
     if family not in (*MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, *BASELINE_FAMILIES, *QUERY_FAMILIES):
         raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
-                        f"tested families: {sorted(TINY_CONFIGS)}, baselines: {sorted(BASELINES)}")
+                        f"tested families: {sorted(list_families('hub'))}, baselines: {sorted(BASELINES)}")
     return config
 
 

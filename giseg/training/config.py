@@ -25,6 +25,7 @@ from giseg.data.hf.options import HFOptions
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
+from giseg.models.registry import base_model_help
 from giseg.models.safe import ALLOW_BIN_HELP
 from giseg.training.losses import DICE_ABSENT, LOSSES, LOVASZ
 from giseg.training.tracking import parse_report_to
@@ -50,10 +51,7 @@ class TrainerFlags:
     """The flags that only the trainer has (the fields of TrainConfig before the shared ones)."""
     # model and data
     base_model: str = field(default="demo/models/tiny-segformer", metadata={
-        "help": "hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a SegFormer, "
-                "UperNet-ConvNeXt, DPT, BEiT or Mask2Former checkpoint (or any AutoModelForSemanticSegmentation "
-                "family); its decode/auxiliary/class heads are replaced. Or a CNN baseline trained from scratch: "
-                "unet, unet-resnet34, unet-resnext50, dense-unet (models/baselines.py), unext (models/unext.py)",
+        "help": base_model_help,
         "identity": True, "group": "model and data"})
     data_dir: str = field(default="demo/data", metadata={
         "help": "gi: folder in the Kaggle layout (train.csv + train/); lgg: the kaggle_3m folder",

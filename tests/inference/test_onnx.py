@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SEGMENTERS, base_model
+
 from giseg.data.gi import GI_CLASSES
 from giseg.inference.export import PARITY_TOLERANCE, _static_adaptive_avg_pool2d, export_onnx
 from giseg.inference.onnx_model import ONNX_FILE
@@ -34,13 +36,9 @@ def test_the_exportable_adaptive_pooling_is_pytorchs(output):
                           atol=1e-6)
 
 
-@pytest.mark.parametrize("base", ["segformer", "upernet", "dpt", "beit", "mask2former", "unet", "unet-resnet34",
-                                  "unet-resnext50", "dense-unet", "unext"])
+@pytest.mark.parametrize("base", SEGMENTERS)
 def test_every_family_exports_and_onnx_runtime_gives_pytorchs_logits(base, tiny_models, tmp_path):
-    from giseg.models.tiny import make_tiny
-
-    source = tiny_models.get(base) or (make_tiny(base, tmp_path / "tiny") if base == "mask2former" else base)
-    folder = _model_folder(str(source), tmp_path / "model", "multiclass" if base == "dpt" else "multilabel")
+    folder = _model_folder(base_model(base, tiny_models, tmp_path), tmp_path / "model", "multiclass" if base == "dpt" else "multilabel")
     report = export_onnx(folder)
     assert report["max_relative_difference"] <= PARITY_TOLERANCE and (folder / ONNX_FILE).is_file()
     assert report["dynamic"] == (["batch", "height", "width"] if base == "segformer" else ["batch"])

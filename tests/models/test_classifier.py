@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from giseg.models.load import load_model
-from giseg.models.tiny import TINY_CLASSIFIERS, make_tiny
+from giseg.models.registry import list_families
+from giseg.models.tiny import make_tiny
 from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
 from giseg.utils.errors import UserError
 
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CLASSIFIERS))
+@pytest.mark.parametrize("family", list_families("classifier", tiny=True))
 def test_each_tiny_classifier_family_gets_a_multilabel_head_for_our_classes_and_widens_for_2_5d(family, tmp_path):
     folder = make_tiny(family, tmp_path / family)
     for channels in (3, 5):

@@ -4,6 +4,8 @@ import re
 
 import pytest
 
+from conftest import SEGMENTERS, base_model
+
 
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -74,7 +76,7 @@ def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
         validate_config(TrainConfig(push_to_hub=True))
 
 
-@pytest.mark.parametrize("family", ["segformer", "upernet", "dpt", "beit", "mask2former", "unet", "unext"])
+@pytest.mark.parametrize("family", SEGMENTERS)
 def test_the_cards_usage_code_loads_the_folder_for_every_family(family, tiny_models, tmp_path):
     """Each family's card shows code that loads its own folder: run in a fresh interpreter (so nothing this test
     process registered helps it), it must give masks at the scan's size. The CNN baselines' model types (gi_unet,
@@ -86,13 +88,11 @@ def test_the_cards_usage_code_loads_the_folder_for_every_family(family, tiny_mod
     from conftest import ROOT
     from giseg.inference.spec import InferenceSpec
     from giseg.models.load import load_model, save_model
-    from giseg.models.tiny import make_tiny
     from giseg.training.config import TrainConfig
     from giseg.training.model_card import card_text
 
     classes = ("large_bowel", "small_bowel", "stomach")
-    base = (str(tiny_models[family]) if family in tiny_models else
-            str(make_tiny(family, tmp_path / "tiny")) if family == "mask2former" else family)
+    base = base_model(family, tiny_models, tmp_path)
     loaded = load_model(base, "multilabel", classes)
     spec = InferenceSpec(dataset="gi", task="multilabel", classes=classes, image_size=64, context_slices=1,
                          context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
