@@ -1,4 +1,4 @@
-"""nnU-Net raw datasets (``--dataset nnunet``): NIfTI volumes sliced for the 2D / 2.5D models; and the writer of one.
+r"""nnU-Net raw datasets (``--dataset nnunet``): NIfTI volumes sliced for the 2D / 2.5D models; and the writer of one.
 
     <data_dir>/dataset.json                   labels, channel_names, file_ending (nnU-Net v2; v1's "modality" too)
     <data_dir>/imagesTr/<case>_0000.nii.gz    the scan, one file per channel
