@@ -186,6 +186,33 @@ def test_a_signal_inside_stop_on_signals_runs_the_cleanup_and_ends_in_one_line(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_anywhere_in_a_command_ends_it_in_one_line_after_its_cleanups(signum, capsys):
+    """Every command, not only those with a stop_on_signals of their own: Ctrl-C in giseg predict or tune was a
+    KeyboardInterrupt traceback, SIGTERM during the cache build an exit 143 without a word (issue #38)."""
+    import signal
+
+    from giseg.utils.exits import command
+    from giseg.utils.log import setup_logging
+
+    setup_logging()  # (on this test's stdout: an earlier test's captured stream may be closed)
+    cleaned = []
+
+    @command
+    def main(argv=None):
+        try:
+            os.kill(os.getpid(), getattr(signal, signum))
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+        return 0
+
+    assert main([]) == 128 + getattr(signal, signum) and cleaned == [True]
+    err = capsys.readouterr().err
+    assert err.startswith(f"stopped by {signum}") and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_keep_freed_memory_fixes_mallocs_thresholds_unless_the_user_set_them(monkeypatch):
     """The trainer and every command keep glibc from mapping each step's large blocks afresh (docs/performance.md,
     "The training loop against an older commit"); a user's own MALLOC_* settings win."""

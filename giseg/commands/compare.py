@@ -18,7 +18,7 @@ from giseg.utils.exits import command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run folders (output_dir of trainer.py); a giseg cv folder stands for its "
                                             "fold runs (and its final model)")
     return ap

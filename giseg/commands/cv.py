@@ -33,7 +33,7 @@ from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg cv", description=cv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg cv", description=cv.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output_dir", required=True, help="the CV's folder: fold_<k>/, cv_table.md, cv_scores.json")
     ap.add_argument("--folds", default="all", help="'all' or comma-separated folds (default all)")
     ap.add_argument("--parallel", type=int, default=1, help="folds trained at the same time (default 1: one by one)")

@@ -13,7 +13,7 @@ from giseg.utils.exits import command
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg demo-data", description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg demo-data", description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="gi", choices=("gi", "lgg", "nnunet"),
                     help="gi: the Kaggle GI-tract layout (default); lgg: the LGG kaggle_3m layout (5 patients); "
                          "nnunet: the GI demo as an nnU-Net raw dataset (NIfTI volumes and dataset.json; the Kaggle "

@@ -22,7 +22,7 @@ from giseg.utils.log import logger, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg export-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg export-hf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="gi", choices=[n for n in DATASETS if n != "hf"],
                     help=f"the layout of --data_dir: {datasets_help()} (default: gi)")
     ap.add_argument("--data_dir", default="demo/data", help="the data folder (default: demo/data)")

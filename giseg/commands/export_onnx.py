@@ -21,7 +21,7 @@ from giseg.utils.log import logger, quiet_third_party, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg export-onnx", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg export-onnx", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a trained model folder (runs/<name>/best)")
     ap.add_argument("--out", default=None, help="folder for model.onnx and the spec (default: the model folder)")

@@ -16,7 +16,7 @@ from giseg.utils.log import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg figures", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", required=True, help="a run folder (with run_config.json, metrics.jsonl, best/)")
     ap.add_argument("--out", default="figures", help="folder for the PNGs (default figures/)")
     ap.add_argument("--data_dir", default=None, help="data folder (default: the run's)")

@@ -37,7 +37,7 @@ def reference() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg flags", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg flags", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="write the reference here instead of printing it")
     return ap

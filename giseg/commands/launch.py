@@ -54,7 +54,7 @@ NAMED = {"--output_dir": "OUTPUT_DIR", "--base_model": "BASE_MODEL", "--data_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg launch", description=__doc__, allow_abbrev=False,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg launch", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="giseg train's settings, passed on when their variable is set: "
                                         + ", ".join(f"{v} ({f})" for v, f in SETTINGS) + " (HUB_MODEL_ID also "

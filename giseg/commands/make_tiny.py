@@ -16,7 +16,7 @@ from giseg.utils.log import quiet_third_party
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg make-tiny", description=__doc__,
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg make-tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", required=True, choices=sorted(list_families("hub", tiny=True)) + sorted(list_families("classifier", tiny=True)),
                     help="architecture family (*-classifier: an image classifier, for --task presence)")

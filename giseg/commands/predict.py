@@ -42,7 +42,7 @@ from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, nargs="+",
                     help="saved model folder (runs/<name>/best); several: an ensemble that averages their probabilities "
                          "(folds of a run, or different families; each sees its own image size, normalisation and "

@@ -14,7 +14,7 @@ from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg score", description=score.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg score", description=score.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pred", required=True, help="submission CSV: id,class,predicted")
     ap.add_argument("--data_dir", required=True, help="folder with train.csv and the scans (for sizes)")
     ap.add_argument("--json", default=None, help="also write the figures here (stable key names)")

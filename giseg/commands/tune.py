@@ -34,7 +34,7 @@ from giseg.utils.options import add_options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="giseg tune", description=tuning.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg tune", description=tuning.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--model", nargs="+", help="a model folder (runs/<name>/best), or several: an ensemble")
     who.add_argument("--cv", nargs="+", help="a giseg cv run folder: every fold's best/ on its own validation cases (out "

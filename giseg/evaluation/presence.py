@@ -58,20 +58,29 @@ def presence_figures(probs: np.ndarray, truth: np.ndarray, thresholds, classes: 
     return out
 
 
-def selection_figure(figures: dict) -> float:
-    """The figure a presence run keeps its best model by: the mean AUC, or the mean F1 where no AUC is defined."""
+def selection_figure(figures: dict) -> tuple[str, float]:
+    """(its name, its value): the figure a presence run keeps its best model by. The mean AUC; where no class has
+    one (each needs a validation slice with the class and one without), the mean F1, so an undefined figure never
+    selects a model, and the log names the one that did."""
     auc = figures.get("auc_mean", float("nan"))
-    return float(auc) if np.isfinite(auc) else float(figures["f1_mean"])
+    if np.isfinite(auc):
+        return "mean AUC", float(auc)
+    return "mean F1 (AUC undefined: no class has validation slices both with and without it)", float(figures["f1_mean"])
+
+
+def figure(value: float) -> str:
+    """A figure for a log line: 4 decimals, or 'undefined' (NaN: an AUC of a class every slice shows, or none)."""
+    return f"{value:.4f}" if np.isfinite(value) else "undefined"
 
 
 def describe_presence(figures: dict, classes: tuple[str, ...]) -> str:
     """The evaluation part of a log line, e.g. ``auc a 0.91 b 0.88 | mean 0.89 | f1 mean 0.80 | empty correct
     0.85 (40 empty slices)``."""
-    return (" | ".join(["auc " + " ".join(f"{c} {figures[f'auc_{c}']:.4f}" for c in classes),
-                        f"mean {figures['auc_mean']:.4f}",
+    return (" | ".join(["auc " + " ".join(f"{c} {figure(figures[f'auc_{c}'])}" for c in classes),
+                        f"mean {figure(figures['auc_mean'])}",
                         "f1 " + " ".join(f"{c} {figures[f'f1_{c}']:.4f}" for c in classes),
                         f"f1 mean {figures['f1_mean']:.4f}"])
-            + f" | empty correct {figures['empty_correct']:.4f} ({figures['n_empty']} empty slices)")
+            + f" | empty correct {figure(figures['empty_correct'])} ({figures['n_empty']} empty slices)")
 
 
 def evaluate_presence(model: torch.nn.Module, loader, accelerator, thresholds, classes: tuple[str, ...]) -> dict:

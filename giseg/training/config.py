@@ -290,7 +290,7 @@ class TrainConfig(HFOptions, SpecFlags, TrainerFlags):
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI: one option per TrainConfig field, in the --help section its metadata names."""
-    ap = argparse.ArgumentParser(prog="giseg train", description=__doc__.split("\n", 2)[2],
+    ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg train", description=__doc__.split("\n", 2)[2],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(ap, TrainConfig)
     return ap

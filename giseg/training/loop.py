@@ -84,8 +84,9 @@ def train(cfg: TrainConfig) -> dict:
             logger.info("done: %d steps on every case (--fold -1): %s is the final model", run.state.global_step,
                         run.output_dir / "best")
         else:
+            best = next((r for r in run.history if r["step"] == run.state.best_step), None)
             logger.info("done: %d steps, best %s %.4f at step %d (%s)", run.state.global_step,
-                        "mean AUC" if cfg.task == "presence" else "mean Dice", run.state.best_dice,
+                        selected(best, cfg.task == "presence")[0] if best else "figure", run.state.best_dice,
                         run.state.best_step, run.output_dir / "best")
         if cfg.final_eval:
             if accelerator.is_main_process:
@@ -256,7 +257,6 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     else:
         figures = evaluate(Segmenter(model, run.spec, run.accelerator.device), run.val_dl, run.loss_fn,
                            run.accelerator, cfg.empty_dice)
-    metric = "mean AUC" if presence else "mean Dice"
     record = {"epoch": epoch + 1, "step": state.global_step, "train_loss": train_loss,
               "lr": run.scheduler.get_last_lr()[0], "images_per_s": images_per_s, **figures}
     run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
@@ -276,8 +276,9 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     if not figures:  # --fold -1: the latest model is the one to keep
         state.best_step = state.global_step
         save_models(run, "best", record)
-    elif selected(figures, presence) > state.best_dice:  # (best_dice: the mean AUC of a presence run)
-        state.best_dice, state.best_step = selected(figures, presence), state.global_step
+    metric, value = selected(figures, presence) if figures else ("", 0.0)
+    if figures and value > state.best_dice:  # (best_dice: the mean AUC of a presence run, or its stand-in)
+        state.best_dice, state.best_step = value, state.global_step
         save_models(run, "best", record)
         logger.info("new best %s %.4f at step %d: saved %s", metric, state.best_dice, state.global_step,
                     out / "best")
@@ -295,9 +296,10 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     return record
 
 
-def selected(figures: dict, presence: bool) -> float:
-    """The figure best/ is chosen by: the mean Dice, or a slice classifier's mean AUC (evaluation/presence.py)."""
-    return selection_figure(figures) if presence else figures["dice_mean"]
+def selected(figures: dict, presence: bool) -> tuple[str, float]:
+    """(name, value) of the figure best/ is chosen by: the mean Dice, or a slice classifier's mean AUC (or its
+    stand-in where no AUC is defined: evaluation/presence.py)."""
+    return selection_figure(figures) if presence else ("mean Dice", figures["dice_mean"])
 
 
 def swa_snapshot(run: Run, epoch: int) -> None:

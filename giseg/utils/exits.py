@@ -49,13 +49,17 @@ def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[No
 
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
     """Decorator of every command's ``main(argv)``: it returns the exit status, and a UserError becomes one
-    ``error: ...`` line on stderr and exit status 2 (no traceback); a Stopped (a signal) one ``stopped by ...``
-    line and 128 + the signal's number."""
+    ``error: ...`` line on stderr and exit status 2 (no traceback); SIGTERM / SIGINT (Ctrl-C) anywhere in the
+    command one ``stopped by ...`` line and 128 + the signal's number, after every clean-up ran (Stopped)."""
     @functools.wraps(main)
     def run(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         try:
-            return main(argv) or 0
+            with stop_on_signals():  # (a command's own stop_on_signals, or the trainer's StopSignal, takes over inside)
+                return main(argv) or 0
+        except KeyboardInterrupt:  # a second Ctrl-C where a first one is being handled (the trainer's StopSignal)
+            print("stopped by SIGINT", file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
         except Stopped as e:
             print(f"stopped by {signal.Signals(e.signum).name}{': ' + e.note if e.note else ''}; temporary files "
                   "were removed", file=sys.stderr, flush=True)

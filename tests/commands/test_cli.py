@@ -24,7 +24,9 @@ def test_every_command_of_the_table_has_a_parser_and_a_main_and_is_in_the_flag_r
 
     module = importlib.import_module(f"giseg.commands.{COMMANDS[name][0]}")
     assert callable(module.build_parser) and callable(module.main)
-    assert module.build_parser().prog == f"giseg {name}"
+    parser = module.build_parser()
+    assert parser.prog == f"giseg {name}"
+    assert parser.allow_abbrev is False  # `--output_d X` slipped past run_train.sh's refusals as --output_dir
     assert (f"giseg {name}", module.__name__) in PARSERS
 
 

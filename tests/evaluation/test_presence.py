@@ -27,9 +27,19 @@ def test_figures_count_f1_at_each_classes_threshold_and_empty_slices_kept_empty(
     assert higher["empty_correct"] == 1.0 and higher["f1_a"] == pytest.approx(2 / 3)
 
 
-def test_a_run_whose_validation_never_varies_is_chosen_by_its_f1():
+def test_a_run_whose_validation_never_varies_is_chosen_by_its_f1_and_the_log_says_so():
+    """No organ-free slice: every AUC is undefined. It was logged as nan and then as 'new best mean AUC 1.0000'
+    (issue #38); the figure that selects is the F1, named as such, and the log says undefined."""
+    from giseg.evaluation.presence import describe_presence
+
     f = presence_figures(np.array([[0.9], [0.2]]), np.array([[1], [1]], bool), (0.5,), ("a",))
-    assert math.isnan(f["auc_mean"]) and selection_figure(f) == f["f1_mean"] == pytest.approx(2 / 3)
+    name, value = selection_figure(f)
+    assert math.isnan(f["auc_mean"]) and value == f["f1_mean"] == pytest.approx(2 / 3)
+    assert name.startswith("mean F1 (AUC undefined")
+    line = describe_presence(f, ("a",))
+    assert "auc a undefined | mean undefined" in line and "empty correct undefined" in line and "nan" not in line
+    assert selection_figure(presence_figures(np.array([[0.9], [0.2]]), np.array([[1], [0]], bool), (0.5,),
+                                             ("a",))) == ("mean AUC", 1.0)
 
 
 def test_presence_targets_count_only_labelled_pixels():
