@@ -91,12 +91,13 @@ def summarise(stats: np.ndarray | torch.Tensor, empty: str, classes: tuple[str, 
 
 
 def describe(figures: dict[str, float], classes: tuple[str, ...]) -> str:
-    """The evaluation part of a log line: the first metric per class and its mean, the others' means, e.g.
-    ``dice large_bowel 0.9054 small_bowel 0.9411 stomach 0.9713 | mean 0.9392 | global dice mean 0.9144 | ...``."""
+    """The evaluation part of a log line: the first metric per class and its mean, the others' means (named short,
+    so the line fits 160 characters with three classes), e.g.
+    ``dice large_bowel 0.9054 small_bowel 0.9411 stomach 0.9713 | mean 0.9392 | global 0.9144 | iou 0.8957``."""
     first, *rest = METRICS
     parts = [f"{first.key} " + " ".join(f"{c} {figures[f'{first.key}_{c}']:.4f}" for c in classes),
              f"mean {figures[f'{first.key}_mean']:.4f}"]
-    parts += [f"{m.key.replace('_', ' ')} mean {figures[f'{m.key}_mean']:.4f}" for m in rest]
+    parts += [f"{m.key.removesuffix('_dice')} {figures[f'{m.key}_mean']:.4f}" for m in rest]
     return " | ".join(parts)
 
 

@@ -226,8 +226,9 @@ def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
         raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
                                  "best/ and the last checkpoint hold the last good model. Lower --lr or use "
                                  "--mixed_precision bf16 instead of fp16")
-    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s", epoch + 1, step, run.total_steps,
-                mean_loss, run.scheduler.get_last_lr()[0], meter.bank())
+    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s | %s", epoch + 1, step,
+                run.total_steps, mean_loss, run.scheduler.get_last_lr()[0], meter.bank(),
+                meter.eta(step, run.total_steps))
     meter.running.zero_()
     meter.running_n = 0
 
@@ -262,11 +263,11 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     run.history = [r for r in run.history if r["step"] < state.global_step] + [record]  # one row per evaluated step
     state.evaluated_step = state.global_step
     if figures:
-        logger.info("eval epoch %d step %d | val_loss %.4f | %s", epoch + 1, state.global_step, figures["val_loss"],
+        logger.info("eval epoch %d | loss %.4f | %s", epoch + 1, figures["val_loss"],  # (step: the line above)
                     (describe_presence if presence else describe)(figures, run.spec.classes))
         if figures.get("global_dice_mean") == 0:  # the pooled Dice: 0 when no organ pixel is predicted right
-            logger.info("eval epoch %d: no organ pixel predicted yet, so the mean Dice is the floor of predicting "
-                        "nothing (usual in the first epochs of a model trained from random weights)", epoch + 1)
+            logger.info("eval epoch %d: no organ pixel predicted yet: the mean Dice of predicting nothing (usual early "
+                        "on, from random weights)", epoch + 1)
     else:
         logger.info("epoch %d step %d | train_loss %.4f | no validation set (--fold -1): best/ is this model",
                     epoch + 1, state.global_step, train_loss)

@@ -1,4 +1,5 @@
-"""Training losses summed on the device, read back only at log steps, saves and epoch ends; images/s."""
+"""Training losses summed on the device, read back only at log steps, saves and epoch ends; images/s; the time
+elapsed and the time left."""
 from __future__ import annotations
 
 import time
@@ -20,6 +21,7 @@ class LossMeter:
         self.running_n, self.epoch_n, self.images = 0, state.batches_in_epoch, 0
         self.clock = time.perf_counter()
         self.banked_images, self.banked_seconds = 0, 0.0
+        self.started, self.start_step = self.clock, state.global_step  # (this process's start: a resume's own)
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.nonfinite |= ~torch.isfinite(loss)
@@ -55,3 +57,21 @@ class LossMeter:
         rate = self.banked_images / max(self.banked_seconds, 1e-9)
         self.banked_images, self.banked_seconds = 0, 0.0
         return rate
+
+    def eta(self, step: int, total: int) -> str:
+        """'elapsed 1m05s, ETA 3m10s': the time since this process started training, and the steps left at the pace
+        of the steps it did (evaluations and saves included)."""
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start_step
+        left = f"ETA {duration(elapsed / done * (total - step))}" if done > 0 else "ETA unknown"
+        return f"elapsed {duration(elapsed)}, {left}"
+
+
+def duration(seconds: float) -> str:
+    """42 -> '42s', 65 -> '1m05s', 7380 -> '2h03m'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

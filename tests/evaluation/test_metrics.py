@@ -59,7 +59,7 @@ def test_a_new_metric_is_one_entry_of_the_table(monkeypatch):
     stats = np.zeros((2, 3, 3))
     stats[0, 0] = [1, 2, 4]
     out = metrics.summarise(stats, "1", GI)
-    assert out["recall_large_bowel"] == pytest.approx(0.125) and "recall mean" in metrics.describe(out, GI)
+    assert out["recall_large_bowel"] == pytest.approx(0.125) and "| recall 0.0417" in metrics.describe(out, GI)
 
 
 from giseg.evaluation.metrics import competition_score, hausdorff_3d, time_saved

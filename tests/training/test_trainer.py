@@ -44,6 +44,16 @@ def test_one_epoch_run_writes_loadable_models_metrics_and_state(demo_dir, tiny_m
     log = (out / "train.log").read_text()
     assert "re-initialised for our labels: decode_head.classifier" in log
     assert "dice large_bowel" in log and "\r" not in log
+    # the lines of every step and evaluation fit 160 characters, and progress says the time spent and left (#43)
+    progress = [line for line in log.splitlines() if " | train_loss " in line or " INFO eval epoch " in line]
+    assert progress and max(map(len, progress)) <= 160, max(progress, key=len)
+    assert re.search(r"step \d+/\d+ \| .* img/s \| elapsed \d+s, ETA \d+s$", log, flags=re.M)
+
+
+def test_durations_read_as_a_person_writes_them():
+    from giseg.training.meter import duration
+
+    assert [duration(s) for s in (0, 42.4, 65, 3599, 7380)] == ["0s", "42s", "1m05s", "59m59s", "2h03m"]
 
 
 def test_resume_continues_from_the_saved_step(demo_dir, tiny_models, tmp_path):
@@ -244,8 +254,7 @@ def test_evaluate_reports_the_dice_computed_by_hand():
     assert figures["dice_a"] == pytest.approx((0.4 + 1) / 2) and figures["dice_b"] == pytest.approx((1 + 0) / 2)
     assert figures["global_dice_a"] == pytest.approx(2 * 5 / (7 + 6)) and figures["global_dice_b"] == 0
     assert figures["iou_a"] == pytest.approx((0.25 + 1) / 2) and figures["iou_b"] == pytest.approx(0.5)
-    assert describe(figures, classes) == ("dice a 0.7000 b 0.5000 | mean 0.6000 | global dice mean 0.3846 | "
-                                          "iou mean 0.5625")
+    assert describe(figures, classes) == "dice a 0.7000 b 0.5000 | mean 0.6000 | global 0.3846 | iou 0.5625"
 
 
 def test_bf16_mixed_precision_run_trains_and_saves_float32_weights(demo_dir, tiny_models, tmp_path):
