@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, weights_digest
 from giseg.inference.segmenter import Segmenter
+from giseg.utils.claims import claim_output_dir
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_text
 
@@ -78,6 +79,12 @@ def parity(model: torch.nn.Module, onnx: OnnxModel, shape: tuple[int, ...], seed
     return float((onnx(x)[0] - ref).abs().max()), float(ref.abs().max())
 
 
+def _deploy_folder(path: Path) -> bool:
+    """A deploy folder an earlier export-onnx wrote (before the output mark): model.onnx and a spec, no weights."""
+    return (path / ONNX_FILE).is_file() and (path / "inference_spec.json").is_file() and not any(
+        path.glob("*.safetensors"))
+
+
 def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 17,
                 allow_bin: bool = False) -> dict:
     """Export ``folder`` (a trained model folder) to ``out``/model.onnx (default: beside its weights), written
@@ -88,6 +95,8 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
         raise UserError("giseg export-onnx needs the onnx package: pip install onnx onnxruntime (or giseg[onnx])") from None
     folder = Path(folder)
     out = Path(out) if out else folder
+    if out.resolve() != folder.resolve():  # a deploy folder: ours, or new; never another model's or a data folder
+        claim_output_dir(out, "--out", "export-onnx", {"--model": folder}, ours=_deploy_folder)
     segmenter = Segmenter.load(folder, "cpu", allow_bin)
     spec, family = segmenter.spec, segmenter.model.hf.config.model_type
     model = _Logits(segmenter.model).eval()

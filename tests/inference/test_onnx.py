@@ -50,11 +50,32 @@ def test_every_family_exports_and_onnx_runtime_gives_pytorchs_logits(base, tiny_
     assert float((got - ref).abs().max()) <= PARITY_TOLERANCE * max(1.0, float(ref.abs().max()))
 
 
+def test_an_export_never_writes_into_another_models_folder_or_a_data_folder(saved_model, tmp_path):
+    """--out replaced another model folder's inference_spec.json (its weights then ran under this model's spec) or
+    wrote into the Kaggle data folder (issue #38): a folder export-onnx did not write is refused, untouched."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(saved_model, other)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("id,class,segmentation\n")
+    for out, name in ((other, "config.json"), (data, "train.csv")):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        with pytest.raises(UserError, match=f"--out {out} already holds files that giseg export-onnx did not write"):
+            export_onnx(saved_model, out)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError, match="lies inside --model"):
+        export_onnx(saved_model, saved_model / "deploy")
+    export_onnx(saved_model, tmp_path / "deploy")
+    export_onnx(saved_model, tmp_path / "deploy")  # a rerun replaces its own export
+
+
 def test_an_export_elsewhere_carries_the_spec_and_predicts_without_the_weights(saved_model, tmp_path):
     out = tmp_path / "deploy"
     export_onnx(saved_model, out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "inference_spec.json", ONNX_FILE,
-                                                     "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".giseg-output", "config.json", "inference_spec.json", ONNX_FILE,
+                                                     "preprocessor_config.json"]  # (the mark: export-onnx's folder)
     seg = Segmenter.load(out, backend="onnxruntime")
     assert seg.spec == Segmenter.load(saved_model).spec and seg.device.type == "cpu"
 
