@@ -161,12 +161,14 @@ def main(argv: list[str] | None = None) -> int:
 def predict_volumes(model: Ensemble, args, device) -> int:
     """--input: every volume predicted slice by slice, then written as NIfTI (and RT-Struct for DICOM)."""
     from giseg.data.medical import VolumeAdapter, find_inputs, read_volume
-    from giseg.inference.medical import write_nifti, write_rtstruct
+    from giseg.inference.medical import claim_names, record_output, write_nifti, write_rtstruct
 
     spec = model.spec
     data = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(None, spec.dataset_options or {}, spec.classes)
     out = Path(args.out)
-    for paths in find_inputs(args.input, spec.channels):
+    inputs = find_inputs(args.input, spec.channels)
+    names = iter(claim_names(out, inputs).items())
+    for paths in inputs:
         path = paths[0]
         volume = read_volume(paths)
         adapter = VolumeAdapter(volume, spec.classes, spec.channels)
@@ -184,6 +186,7 @@ def predict_volumes(model: Ensemble, args, device) -> int:
         written = write_nifti(volume, masks, spec.classes, data.priority or spec.classes, out, args.volume_labels)
         if volume.dicom is not None:
             written.append(write_rtstruct(volume, masks, spec.classes, data.colours, out / f"{volume.name}_rtstruct.dcm"))
+        record_output(out, *next(names))
         logger.info("wrote %s: %s voxels per class", ", ".join(str(p) for p in written),
                     ", ".join(f"{c} {int(masks[k].sum())}" for k, c in enumerate(spec.classes)))
     return 0

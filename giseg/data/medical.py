@@ -75,11 +75,23 @@ def is_nifti(path: Path) -> bool:
 
 
 def nifti_stem(path: Path) -> str:
-    """The case name of a NIfTI file: without its ending and without nnU-Net's channel suffix (_0000), so the
-    prediction of imagesTs/la_003_0000.nii.gz is la_003.nii.gz, as nnU-Net names it."""
+    """The case name of a NIfTI file: without its ending and without nnU-Net's first-channel suffix _0000, so the
+    prediction of imagesTs/la_003_0000.nii.gz is la_003.nii.gz, as nnU-Net names it. Only _0000 goes (a case's
+    other channels are read with it): scan_2023.nii.gz stays scan_2023, so no two inputs share a name by it."""
     name = path.name
     stem = name[:-len(next(e for e in NIFTI_ENDINGS if name.endswith(e)))]
-    return re.sub(r"_\d{4}$", "", stem)
+    return stem.removesuffix("_0000")
+
+
+def volume_name(paths: list[Path]) -> str:
+    """The name of an input's outputs (<out>/<name>.nii.gz, <name>_rtstruct.dcm): a DICOM series' folder name, or
+    a NIfTI case name (nifti_stem); a name that would be empty or hidden is refused with one line."""
+    path = paths[0]
+    name = path.resolve().name if path.is_dir() else nifti_stem(path)
+    if not name or name.startswith("."):
+        raise UserError(f"--input {path}: its name gives the outputs no visible name ({name or 'empty'!r}); rename "
+                        "it (e.g. <case>_0000.nii.gz, or a series folder named after the patient)")
+    return name
 
 
 def read_nifti(path: Path) -> Volume:
@@ -87,7 +99,7 @@ def read_nifti(path: Path) -> Volume:
     if arr.ndim != 3:
         raise UserError(f"{path}: a {arr.ndim}D image {arr.shape}; expected one 3D scan")
     spacing = voxel_spacing(img.header)
-    return Volume(nifti_stem(path), arr, img.affine, spacing, through_plane_axis(spacing), [path], img.header)
+    return Volume(volume_name([path]), arr, img.affine, spacing, through_plane_axis(spacing), [path], img.header)
 
 
 def is_dicom(path: Path) -> bool:
@@ -166,7 +178,7 @@ def read_dicom_series(folder: Path) -> Volume:
         {k: first.get(k) for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
                                    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")
          if first.get(k) is not None})
-    return Volume(folder.name, array, LPS_TO_RAS @ lps, (dx, dy, thickness), 2, [f for f, _ in headers],
+    return Volume(volume_name([folder]), array, LPS_TO_RAS @ lps, (dx, dy, thickness), 2, [f for f, _ in headers],
                   dicom=series_info)
 
 

@@ -14,21 +14,51 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from giseg.data.medical import Volume, import_pydicom
+from giseg.data.medical import Volume, import_pydicom, volume_name
 from giseg.data.nifti import import_nibabel
 from giseg.utils.errors import UserError
-from giseg.utils.files import atomic_write_text
+from giseg.utils.files import atomic_write_json, atomic_write_text
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RT-Structs refer to their study
 VOLUME_LABELS = ("map", "per_class")
+INPUTS_RECORD = ".giseg-inputs.json"  # in a --out folder of predict --input: each output name -> its input
 RGB = {"red": (255, 0, 0), "green": (0, 170, 0), "blue": (0, 90, 255), "yellow": (255, 220, 0),
        "magenta": (255, 0, 255), "cyan": (0, 220, 220), "orange": (255, 140, 0)}
+
+
+def claim_names(out: Path, inputs: list[list[Path]]) -> dict[str, str]:
+    """The outputs' names of ``inputs`` (volume_name: a series folder's name, a NIfTI case name), checked before
+    anything is predicted against each other and against what earlier runs wrote into ``out`` (INPUTS_RECORD): a
+    name that another input of this run, or an earlier run's other input, already has is refused with one line
+    naming both (two patients' series folders of one name replaced each other's outputs without a word). A rerun
+    of the same input replaces its own. Returns {name: input} of this run, for record_output."""
+    record = read_record(out)
+    mine: dict[str, str] = {}
+    for paths in inputs:
+        name, src = volume_name(paths), str(paths[0].resolve())
+        earlier = mine.get(name) or record.get(name)
+        if earlier is not None and earlier != src:
+            raise UserError(f"--out {out}: {src} and {earlier} both give the outputs named {name} (<name>.nii.gz, "
+                            f"<name>_rtstruct.dcm); nothing was written: use another --out for one of them")
+        mine[name] = src
+    return mine
+
+
+def read_record(out: Path) -> dict[str, str]:
+    path = out / INPUTS_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def record_output(out: Path, name: str, src: str) -> None:
+    """That the outputs named ``name`` in ``out`` were predicted from ``src``: once they are written."""
+    atomic_write_json(out / INPUTS_RECORD, {**read_record(out), name: src})
 
 
 def label_map(masks: np.ndarray, classes: tuple[str, ...], priority: tuple[str, ...]) -> np.ndarray:

@@ -177,6 +177,32 @@ def test_a_nifti_prediction_keeps_the_affine_and_shape_of_its_scan(tracked_run, 
     assert read_nifti(src).axis == 2  # the 4 mm axis is the through-plane one
 
 
+def test_output_names_are_visible_unique_and_never_replace_another_inputs(tracked_run, series, tmp_path):
+    """The rule: <out>/<name>.nii.gz (and <name>_rtstruct.dcm), name = a DICOM series' folder name or a NIfTI
+    file's name without its ending and nnU-Net's first-channel suffix _0000. Issue #38: scan_2023 and scan_2024
+    both became scan; `_0000.nii.gz` and `.` gave hidden, nameless outputs; a second patient's series folder of the
+    same name replaced the first patient's NIfTI and RT-Struct without a word."""
+    import shutil
+
+    from giseg.commands.predict import main as predict
+    from giseg.data.medical import volume_name
+
+    assert [volume_name([tmp_path / n]) for n in ("scan_2023.nii.gz", "la_003_0000.nii.gz", "x.nii")] == \
+        ["scan_2023", "la_003", "x"]
+    with pytest.raises(UserError, match="gives the outputs no visible name"):
+        volume_name([tmp_path / "_0000.nii.gz"])
+    folder, _, _ = series
+    first, second = tmp_path / "patient1" / "CT", tmp_path / "patient2" / "CT"
+    shutil.copytree(folder, first)
+    shutil.copytree(folder, second)
+    out, common = tmp_path / "out", ["--model", str(tracked_run / "best"), "--cache_dir", str(tmp_path / "cache")]
+    assert predict([*common, "--input", str(first), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert predict([*common, "--input", str(second), "--out", str(out)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first patient's outputs, untouched
+    assert predict([*common, "--input", str(first), "--out", str(out)]) == 0  # a rerun of the same input
+
+
 def test_volume_inputs_that_cannot_be_read_get_one_line(tmp_path, series):
     folder, _, _ = series
     with pytest.raises(UserError, match="neither NIfTI files"):
