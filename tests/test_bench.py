@@ -8,6 +8,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 

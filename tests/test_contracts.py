@@ -18,6 +18,8 @@ import pytest
 
 from conftest import ROOT, SEGMENTERS, base_model
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 NIGHTLY = pytest.mark.skipif(os.environ.get("GISEG_NIGHTLY") != "1",
                              reason="nightly: GISEG_NIGHTLY=1 python -m pytest tests/test_contracts.py")
 # every command that reads a trained segmenter's folder, as run by the driver below ({best}, {run}, {data}, {out}):

@@ -5,7 +5,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
 
 
 def _env(tmp_path, **kw):

@@ -8,6 +8,8 @@ from giseg.training.cv import gpu_groups, parse_folds
 from giseg.commands.cv import main as cv_main
 from giseg.utils.errors import UserError
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 
 @pytest.fixture(scope="module")
 def cv_run(demo_dir, tiny_models, tmp_path_factory):

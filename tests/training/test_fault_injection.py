@@ -11,6 +11,8 @@ import pytest
 
 import fault_injection as fi  # noqa: E402
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 # (syscall call as strace prints it, which occurrence): the states the issue found unrecoverable
 CHOSEN = {
     "the cache build, before its folder lands": (r'rename\(".*cache/\.[^/]*\.tmp", ', 1),

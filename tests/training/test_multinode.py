@@ -9,6 +9,8 @@ import pytest
 
 from conftest import DDP_ARGS, ROOT, distributed_env, free_port
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 
 def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
+
 
 def _args(demo_dir, model, out, tmp_path, *extra):
     return [sys.executable, str(ROOT / "trainer.py"), "--base_model", str(model), "--data_dir", str(demo_dir),
