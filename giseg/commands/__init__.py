@@ -15,6 +15,7 @@ COMMANDS = {
     "compare": ("compare", "compare run folders (figures, speed, size) as one Markdown table"),
     "figures": ("figures", "save a run's figures (curves, overlays, per-case table) as PNGs"),
     "app": ("app", "a local web page (Gradio, 127.0.0.1) to try a model on one scan"),
+    "cache": ("cache", "list the decode-once caches (size, last use) and remove them (--clear)"),
     "demo-data": ("demo_data", "write the synthetic demo data (Kaggle GI layout, or LGG)"),
     "export-onnx": ("export_onnx", "export a trained model to ONNX (parity-checked) for --backend onnxruntime"),
     "export-hf": ("export_hf", "export a dataset as a Hugging Face `datasets` folder (optionally push it)"),

@@ -235,6 +235,10 @@ def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, c
                 if problem != "missing":
                     logger.warning("cache %s is damaged (%s): rebuilding it", folder, problem)
                 _build(adapter, index, image_size, folder, num_threads, crop_margin)
+    try:  # its last use, for giseg cache --unused_days (a read-only shared cache stays as it is)
+        os.utime(folder / MANIFEST)
+    except OSError:
+        pass
     cache = SliceCache(np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "masks.npy", mmap_mode="r"),
                        folder, np.load(folder / "boxes.npy") if crop_margin is not None else None)
     want = (len(index), image_size, image_size)

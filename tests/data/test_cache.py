@@ -127,3 +127,30 @@ def test_sigterm_during_the_build_leaves_no_temporary_folder(demo_dir, tmp_path)
     proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM
     assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []  # used to stay forever
+
+
+def test_giseg_cache_lists_the_caches_and_clears_only_its_own_unused_ones(demo_dir, tmp_path, capsys):
+    """The caches grew with every run and predicted volume with no command or doc line to clean them (issue #43):
+    giseg cache lists them with size and last use, and --clear removes caches only (a folder of other files beside
+    them stays), --unused_days only the stale ones, never one that a run is building."""
+    import os
+    import time
+
+    from giseg.commands.cache import main as cache_main
+    from giseg.utils.locks import FolderLock
+
+    index = GI.build_index(demo_dir)
+    old, new, busy = (build_cache(GI, index, size, tmp_path).path for size in (32, 48, 64))
+    os.utime(old / "manifest.json", (time.time() - 40 * 86400,) * 2)  # last used 40 days ago
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "manifest.json").write_text("mine")
+    assert cache_main(["--cache_dir", str(tmp_path)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.index(old.name) < listing.index(new.name) and "3 cache(s)" in listing and "notes" not in listing
+    assert cache_main(["--cache_dir", str(tmp_path), "--clear", "--unused_days", "30"]) == 0
+    assert not old.exists() and new.exists() and "removed 1 cache(s)" in capsys.readouterr().out
+    with FolderLock(tmp_path / f".{busy.name}.lock"):  # a run is building it
+        assert cache_main(["--cache_dir", str(tmp_path), "--clear"]) == 0
+    assert f"kept {busy}: a run is building it" in capsys.readouterr().out
+    assert not new.exists() and busy.exists() and (tmp_path / "notes" / "manifest.json").is_file()
+    build_cache(GI, index, 48, tmp_path)  # a cleared cache is rebuilt by the next run
