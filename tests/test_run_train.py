@@ -91,11 +91,14 @@ def test_background_run_returns_at_once_and_finishes_in_the_log(demo_dir, tiny_m
     log = tmp_path / "logs" / "run.log"
     # it returned while the run goes on in the background (whatever the machine's speed: no clock involved)
     assert res.returncode == 0 and "run end:" not in (log.read_text() if log.exists() else "")
-    assert f"tail -f {log}" in res.stdout
+    assert f"tail -f {log}" in res.stdout and log.with_suffix(".pid").is_file()
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and "run end:" not in (log.read_text() if log.exists() else ""):
         time.sleep(1)
     assert "run end: exit status 0" in log.read_text()
+    while time.monotonic() < deadline and log.with_suffix(".pid").exists():  # (removed just after the last line)
+        time.sleep(0.2)
+    assert not log.with_suffix(".pid").exists()  # the pid file goes with the run (it stayed behind: issue #43)
 
 
 def test_default_demo_run_builds_its_data_and_model_without_network_and_gives_the_docs_figures(tmp_path):
