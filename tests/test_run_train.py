@@ -209,3 +209,28 @@ def test_the_printed_pid_stops_the_run_cleanly_and_resume_appends_to_its_log(dem
     assert text.count("run start:") == 2 and "resumed from" in text and text.rstrip().endswith("run end: exit status 0")
     assert "--resume_run" in text.split("run start:")[2].splitlines()[0]
     assert sorted(p.name for p in (tmp_path / "logs").glob("*.log")) == ["run.log"]
+
+
+def test_the_foreground_check_refuses_what_the_run_itself_would_refuse(tracked_run, demo_dir, tmp_path):
+    """The check before `started` is the run's own start-up decision on its folder, dry (training/run_dir.py): an
+    output folder holding a finished run, and a resume that changes --fold, passed the check and died in the log
+    (issue #38). Nothing is started, and the run folder is left as it was."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(tracked_run, run)
+    saved = json.loads((run / "run_config.json").read_text())
+    before = sorted(p.name for p in run.iterdir())
+    common = {"LOG_FILE": str(tmp_path / "logs" / "run.log"), "EXTRA_ARGS": f"--cache_dir {tmp_path / 'cache'}"}
+    for settings, message in (({"OUTPUT_DIR": str(run), "BASE_MODEL": saved["base_model"],
+                                "DATA_DIR": saved["data_dir"]}, f"--output_dir {run} already holds a run"),
+                              ({"RESUME": str(run), "EXTRA_ARGS": "--fold 1"}, "--fold was 0, now 1")):
+        env = {**_env(tmp_path, **common), **settings}
+        env.pop("OUTPUT_DIR") if "RESUME" in settings else None
+        for var in ("EPOCHS", "IMAGE_SIZE"):
+            env.pop(var)
+        res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 2 and message in res.stderr, (settings, res.stderr[-2000:])
+        assert "started" not in res.stdout and not (tmp_path / "logs" / "run.log").exists()
+    assert sorted(p.name for p in run.iterdir()) == before

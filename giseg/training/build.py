@@ -27,7 +27,7 @@ from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
 from giseg.training.losses import PresenceLoss, SegmentationLoss
 from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
-from giseg.training.run_dir import OutputDir
+from giseg.training.run_dir import OutputDir, check_output_dir
 from giseg.utils.claims import check_no_overlap
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json
@@ -311,10 +311,11 @@ def check_run(cfg: TrainConfig) -> str:
     from giseg.models.load import check_base_model  # transformers (1.8 s)
 
     check_no_overlap(Path(cfg.output_dir), {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model}, "--output_dir")
+    start = check_output_dir(cfg)  # the run's own decision on its folder (run_dir.py), dry: they cannot disagree
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     index = adapter.build_index(cfg.data_dir)
     if cfg.fold != -1:
         split_by_case(index, cfg.fold, cfg.n_folds, cfg.split_seed)
     model = check_base_model(cfg.base_model, cfg.allow_bin)
     return (f"checked: data {cfg.data_dir} ({adapter.name}: {len(index)} slices, {index['case'].nunique()} cases), "
-            f"model {model}, arguments")
+            f"model {model}, {start}, arguments")

@@ -80,10 +80,12 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"{path}: unreadable ({e}); move it away, or pass --overwrite_output_dir to start over") from None
 
 
-def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int, notes: list[str]):
+def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, notes: list[str], dry: bool = False):
     """(checkpoint to resume or None, run id, saved run_config or None): a resume checked against the saved run,
-    a refusal, or a fresh start in a cleared folder. Main process only, with the output_dir lock held."""
-    notes += recover_replaced(output_dir) + recover_replaced(output_dir / "checkpoints")
+    a refusal, or a fresh start in a cleared folder. Main process only, with the output_dir lock held. ``dry``
+    (--check_only): the same decision and refusals with nothing changed on disk (world_size None: the saved run's)."""
+    if not dry:
+        notes += recover_replaced(output_dir) + recover_replaced(output_dir / "checkpoints")
     resume = None
     saved_file = output_dir / "run_config.json"
     saved = _read_json(saved_file) if saved_file.exists() else None
@@ -99,7 +101,8 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int, notes: li
         raise UserError(f"--output_dir {output_dir} holds a run whose checkpoints are gone (deleted?); nothing to "
                         "resume. Pass --overwrite_output_dir to start over, or choose another --output_dir")
     if cfg.resume_from_checkpoint and resumable:
-        check_resume_matches(saved, run_identity(cfg, world_size), output_dir)
+        size = world_size if world_size is not None else resolved(saved).get("world_size", 1)
+        check_resume_matches(saved, run_identity(cfg, size), output_dir)
         resume = found
     elif saved and resumable and not cfg.overwrite_output_dir:
         raise UserError(f"--output_dir {output_dir} already holds a run; pass --resume_from_checkpoint latest to "
@@ -109,12 +112,32 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int, notes: li
             notes.append("the previous start in this folder saved no resumable state: starting over")
         elif cfg.resume_from_checkpoint == "latest":
             notes.append(f"no checkpoint under {output_dir / 'checkpoints'}: starting from the beginning")
-        cleared = clear_run(output_dir)
+        cleared = [] if dry else clear_run(output_dir)
         if cleared:
             notes.append(f"removed the previous run's {', '.join(cleared)}")
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(4).hex()}"
         saved = None
     return resume, run_id, saved
+
+
+def check_output_dir(cfg: TrainConfig) -> str:
+    """--check_only: what the run's own start would decide for --output_dir (in use by a live run, a run to resume
+    and whether it may, a finished run that needs --overwrite_output_dir ...), with nothing written; one phrase."""
+    output_dir = Path(cfg.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; pass a folder")
+    if not output_dir.is_dir():
+        return "output_dir new"
+    lock = FolderLock(output_dir / ".lock", wait=False)
+    if (output_dir / ".lock").exists():
+        try:
+            lock.acquire()
+        except BlockingIOError:
+            raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it "
+                            "to end, stop it, or choose another --output_dir") from None
+        lock.release()
+    resume, _, _ = _decide_start(cfg, output_dir, None, [], dry=True)
+    return f"output_dir resumes {resume.name}" if resume else "output_dir starts fresh"
 
 
 @dataclass
