@@ -9,6 +9,7 @@ config: ``--base_model <folder>`` fine-tunes it as it would a hub checkpoint.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from giseg.models.registry import list_families
 from giseg.utils.exits import command
@@ -32,4 +33,6 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     quiet_third_party()  # no "Writing model shards" progress bar
-    print(make_tiny(args.family, args.out, args.width, args.seed))
+    earlier = (Path(args.out) / "config.json").is_file()  # (claimed inside: only an earlier make-tiny's is replaced)
+    out = make_tiny(args.family, args.out, args.width, args.seed)
+    print(f"{out}" + (" (replaced the earlier tiny model there)" if earlier else ""))

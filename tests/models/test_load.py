@@ -87,10 +87,12 @@ def test_make_tiny_cli_writes_a_loadable_folder(tmp_path):
     from conftest import ROOT
 
     out = tmp_path / "m"
-    subprocess.run([sys.executable, str(ROOT / "model.py"), "make-tiny", "--family", "dpt", "--out", str(out)],
-                   check=True, capture_output=True)
+    cmd = [sys.executable, str(ROOT / "model.py"), "make-tiny", "--family", "dpt", "--out", str(out)]
+    first = subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
-    assert (out / "preprocessor_config.json").is_file()
+    assert (out / "preprocessor_config.json").is_file() and "replaced" not in first.stdout
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True)  # docs/own-data.md after the demo
+    assert again.stdout.strip() == f"{out} (replaced the earlier tiny model there)"  # (it said nothing: #43)
 
 
 def test_an_auto_family_the_project_never_names_trains_predicts_and_scores(demo_dir, tmp_path):
