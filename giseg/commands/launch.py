@@ -158,7 +158,8 @@ def demo_inputs(o: dict) -> tuple[str, str]:
     return base_model, data_dir
 
 
-def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str]) -> tuple[list, list, str, Path, str]:
+def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str],
+         final_model: bool) -> tuple[list, list, str, Path, str]:
     """(the command, giseg train's arguments for its check, the settings line, the log, the output folder)."""
     flags, named = trainer_settings(extra)
     resume, demo = o["resume"][0].rstrip("/"), not (o["resume"][0] or o["data_dir"][0] or o["base_model"][0])
@@ -181,7 +182,7 @@ def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str]) -> 
         cv_args = [a for i, a in enumerate(args) if "--output_dir" not in args[max(0, i - 1):i + 1]]
         cmd = [sys.executable, "-m", "giseg", "cv", "--output_dir", output_dir, "--folds", o["folds"][0],
                "--parallel", o["parallel"][0] or "1", "--gpus", ",".join(gpus),
-               *(["--final_model"] if switch(*o["final_model"]) else []), "--", *cv_args]
+               *(["--final_model"] if final_model else []), "--", *cv_args]
         check += ["--output_dir", str(Path(output_dir, "fold_0"))]  # (giseg cv passes each fold's folder)
         named.append(f"FOLDS={o['folds'][0]}")
     else:
@@ -209,11 +210,10 @@ def lock_log(log: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     o = resolve(args)
-    foreground = switch(*o["foreground"])
-    switch(*o["final_model"])
+    foreground, final_model = switch(*o["foreground"]), switch(*o["final_model"])
     nnodes, rank = whole(o["nnodes"][0], 1), whole(o["node_rank"][0], 0)
     gpus = check_places(o, nnodes, rank)
-    cmd, check, settings, log, output_dir = plan(o, nnodes, rank, gpus, args.trainer_args)
+    cmd, check, settings, log, output_dir = plan(o, nnodes, rank, gpus, args.trainer_args, final_model)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     # everything that can be checked in a few seconds, in the foreground: a mistake is one line here, not in a log

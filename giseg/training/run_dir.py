@@ -120,22 +120,27 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, no
     return resume, run_id, saved
 
 
+def lock_output_dir(output_dir: Path) -> FolderLock:
+    """The output folder's lock, taken without waiting: a folder a live run holds is refused with one line."""
+    lock = FolderLock(output_dir / ".lock", wait=False)
+    try:
+        return lock.acquire()
+    except BlockingIOError:
+        raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it to "
+                        "end, stop it, or choose another --output_dir") from None
+
+
 def check_output_dir(cfg: TrainConfig) -> str:
     """--check_only: what the run's own start would decide for --output_dir (in use by a live run, a run to resume
-    and whether it may, a finished run that needs --overwrite_output_dir ...), with nothing written; one phrase."""
+    and whether it may, a finished run that needs --overwrite_output_dir ...), with nothing of the run changed (its
+    lock is only taken and released); one phrase."""
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file; pass a folder")
     if not output_dir.is_dir():
         return "output_dir new"
-    lock = FolderLock(output_dir / ".lock", wait=False)
     if (output_dir / ".lock").exists():
-        try:
-            lock.acquire()
-        except BlockingIOError:
-            raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it "
-                            "to end, stop it, or choose another --output_dir") from None
-        lock.release()
+        lock_output_dir(output_dir).release()
     resume, _, _ = _decide_start(cfg, output_dir, None, [], dry=True)
     return f"output_dir resumes {resume.name}" if resume else "output_dir starts fresh"
 
@@ -162,12 +167,7 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(output_dir, os.W_OK | os.X_OK):
             raise UserError(f"--output_dir {output_dir} is not writable; fix its permissions or choose another folder")
-        lock = FolderLock(output_dir / ".lock", wait=False)
-        try:
-            lock.acquire()
-        except BlockingIOError:
-            raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it to "
-                            "end, stop it, or choose another --output_dir") from None
+        lock = lock_output_dir(output_dir)
         try:
             resume, run_id, saved = _decide_start(cfg, output_dir, accelerator.num_processes, notes)
         except BaseException:
