@@ -95,3 +95,80 @@ def test_no_package_module_is_over_400_lines():
     long = {module_name(p): n for p in PACKAGE.rglob("*.py") if "gi_dice" not in p.parts
             and (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def package_files():
+    return [p for p in sorted(PACKAGE.rglob("*.py")) if "gi_dice" not in p.parts]
+
+
+def functions(tree):
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_package_function_is_over_60_lines():
+    """A function that does one job reads in one screen (issue #39 split card_text, write_rtstruct, tune, ...)."""
+    long = [f"{module_name(p)}.{f.name}: {f.end_lineno - f.lineno + 1} lines" for p in package_files()
+            for f in functions(ast.parse(p.read_text())) if f.end_lineno - f.lineno + 1 > 60]
+    assert long == []
+
+
+MUTATORS = {"add", "append", "update", "setdefault", "clear", "pop", "popitem", "discard", "extend", "insert",
+            "remove", "set"}
+
+
+def module_state_writes(path: Path) -> list[str]:
+    """Where a function changes a module-level name: `global`, NAME.add(...) and the like, NAME[...] = ..."""
+    tree = ast.parse(path.read_text())
+    names = {t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    out = []
+    for fn in functions(tree):
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                out.append(f"{path.name}:{node.lineno} global {', '.join(node.names)}")
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and isinstance(node.func.value, ast.Name) and node.func.value.id in names
+                  and node.func.attr in MUTATORS):
+                out.append(f"{path.name}:{node.lineno} {node.func.value.id}.{node.func.attr}(...)")
+            elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                out += [f"{path.name}:{node.lineno} {t.value.id}[...] =" for t in targets
+                        if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id in names]
+    return out
+
+
+def test_no_function_changes_module_level_state():
+    """Tables at module level are constants; what changes at run time lives in an object (training/cv.py's
+    FoldRunner, not the _LIVE and _STOPPING globals it had)."""
+    assert [w for p in package_files() for w in module_state_writes(p)] == []
+
+
+def test_the_module_state_check_sees_globals_and_mutations(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("SEEN = set()\nN = 0\nTABLE = {}\n\ndef f():\n    global N\n    SEEN.add(1)\n    TABLE['a'] = 1\n")
+    assert sorted(w.split(" ", 1)[1] for w in module_state_writes(f)) == ["SEEN.add(...)", "TABLE[...] =", "global N"]
+
+
+def unexplained_lazy_imports(path: Path) -> list[str]:
+    """Function-level imports of our own code with no reason beside them: a comment on the import, or on an import
+    line of the same block just above it."""
+    lines = path.read_text().splitlines()
+    out = []
+    for fn in functions(ast.parse("\n".join(lines))):
+        for node in ast.walk(fn):
+            own = (isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("giseg"))
+                   or isinstance(node, ast.Import) and any(a.name.startswith("giseg") for a in node.names))
+            if not own:
+                continue
+            first = node.lineno - 1
+            while first > 0 and lines[first - 1].lstrip().startswith(("from ", "import ")):
+                first -= 1
+            if not any("#" in line for line in lines[first:node.end_lineno]):
+                out.append(f"{module_name(path)}:{node.lineno} {lines[node.lineno - 1].strip()}")
+    return out
+
+
+def test_every_function_level_import_of_our_code_says_why():
+    """A lazy import hides a dependency from the reader: each one says what it avoids (torch for --help, an
+    optional extra, transformers for the ONNX backend), or it goes to the top of the module."""
+    assert [x for p in package_files() for x in unexplained_lazy_imports(p)] == []

@@ -7,22 +7,10 @@ import sys
 from pathlib import Path
 
 from giseg.commands.options import RunOptions, check_run_options, parse_weights
+from giseg.data.folds import data_record
+from giseg.data.hf.options import dataset_options
 from giseg.training import cv
-from giseg.training.cv import (
-    check_cv_reuse,
-    cv_identity,
-    cv_table,
-    fold_command,
-    fold_figures,
-    gpu_groups,
-    parse_folds,
-    presence_out_of_fold,
-    run_fold,
-    run_in_slots,
-    score_ensemble,
-    score_out_of_fold,
-    stop_folds,
-)
+from giseg.training.cv import FoldRunner, check_cv_reuse, cv_identity, fold_command, gpu_groups, parse_folds, run_in_slots
 from giseg.training.launch import physical_gpus
 from giseg.utils.claims import claim_output_dir
 from giseg.utils.errors import UserError
@@ -58,24 +46,50 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
-    own, trainer_args = split_argv(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(own)
-    if args.ensemble:
-        if not args.data_dir:
-            raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
+def score_cv_ensemble(args) -> None:
+    """--ensemble: the out-of-fold score of finished CVs' models together, with no training."""
+    from giseg.evaluation.cv_scores import score_ensemble  # torch (2 s): not for --help
 
-        setup_logging(True)
-        check_run_options(args)
-        claim_output_dir(args.output_dir, "--output_dir", "cv", {"--data_dir": args.data_dir,
-                                                                  **{f"--ensemble {d}": d for d in args.ensemble}},
-                         ours=lambda p: (p / "ensemble_scores.json").is_file())
-        score_ensemble([Path(d) for d in args.ensemble], args.data_dir, Path(args.output_dir),
-                       parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers,
-                       args.batch_size, args.mixed_precision, args.allow_bin)
-        return 0
-    from giseg.training.config import parse_config, validate_config  # torch: not for --help
+    if not args.data_dir:
+        raise UserError("--ensemble needs --data_dir (the data the CVs were trained on)")
+    setup_logging(True)
+    check_run_options(args)
+    claim_output_dir(args.output_dir, "--output_dir", "cv", {"--data_dir": args.data_dir,
+                                                              **{f"--ensemble {d}": d for d in args.ensemble}},
+                     ours=lambda p: (p / "ensemble_scores.json").is_file())
+    score_ensemble([Path(d) for d in args.ensemble], args.data_dir, Path(args.output_dir),
+                   parse_weights(args.weights, len(args.ensemble)), args.cache_dir, args.num_workers,
+                   args.batch_size, args.mixed_precision, args.allow_bin)
+
+
+def report(cv_dir: Path, folds: list[int], cfg, adapter, index) -> None:
+    """The CV table (cv_table.md, cv_scores.json) and its lines in the log."""
+    from giseg.evaluation.cv_scores import cv_table, fold_figures, presence_out_of_fold, score_out_of_fold  # torch
+
+    rows = fold_figures(cv_dir, folds)
+    every = folds == list(range(cfg.n_folds))
+    if cfg.task == "presence":  # slice classifiers: AUC / F1 / empty slices, out of fold from val_presence.csv
+        oof = presence_out_of_fold(cv_dir, folds, adapter.classes) if every else None
+    else:
+        oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if every else None
+    summary, table = cv_table(rows, adapter.classes, oof, cfg.task)
+    atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})
+    atomic_write_text(cv_dir / "cv_table.md", table + "\n")
+    for line in table.splitlines():
+        logger.info("cv %s", line)  # (a Markdown row: "cv | fold | ...")
+    mean, sd = summary["mean"], summary["sd"]
+    if cfg.task == "presence":
+        logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
+                    mean["auc_mean"], sd["auc_mean"], mean["empty_correct"], sd["empty_correct"], len(rows),
+                    cv_dir / "cv_table.md")
+    else:
+        logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", mean["score"], sd["score"],
+                    mean["dice_mean"], sd["dice_mean"], len(rows), cv_dir / "cv_table.md")
+
+
+def parse_trainer_args(trainer_args: list[str]):
+    """giseg train's settings for every fold, validated as giseg train validates them."""
+    from giseg.training.config import parse_config, validate_config  # torch (2 s): not for --help
 
     forbidden = [a for a in trainer_args if a.split("=")[0] in ("--fold", "--output_dir")]
     if forbidden:
@@ -83,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
                         "--output_dir before the --")
     cfg = parse_config(trainer_args)
     validate_config(cfg)
+    return cfg
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    own, trainer_args = split_argv(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(own)
+    if args.ensemble:
+        score_cv_ensemble(args)
+        return 0
+    cfg = parse_trainer_args(trainer_args)
     folds = parse_folds(args.folds, cfg.n_folds)
     if args.parallel < 1:
         raise UserError(f"--parallel must be >= 1, got {args.parallel}")
@@ -90,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     cv_dir = claim_output_dir(args.output_dir, "--output_dir", "cv",
                               {"--data_dir": cfg.data_dir, "--base_model": cfg.base_model},
                               ours=lambda p: (p / "cv_config.json").is_file())
-    from giseg.data.folds import data_record
-    from giseg.data.hf.options import dataset_options  # (the data layer imports torch: not for --help)
-    from giseg.data.registry import get_adapter
+    from giseg.data.registry import get_adapter  # the adapters import torch (1 s): not for --help
 
     adapter = get_adapter(cfg.dataset).bind(cfg.data_dir, dataset_options(cfg))
     index = adapter.build_index(cfg.data_dir)  # (also what the out-of-fold row is scored against)
@@ -107,35 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     todo = [k for k in folds if not (cv_dir / f"fold_{k}" / "val_scores.json").is_file()]
     for k in sorted(set(folds) - set(todo)):
         logger.info("fold %d: finished before (val_scores.json, same settings and data), kept", k)
+    runner = FoldRunner()
 
     def train_fold(k: int, gpus: list[str]) -> None:
         out = cv_dir / f"fold_{k}"
-        run_fold(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
+        runner.run(fold_command(trainer_args, k, out, gpus, args.launcher), out, gpus, f"fold {k}")
 
-    with stop_on_signals(stop_folds):  # SIGTERM / SIGINT: passed on to the trainers, which save and end
+    with stop_on_signals(runner.stop):  # SIGTERM / SIGINT: passed on to the trainers, which save and end
         run_in_slots(todo, groups, train_fold)
-
-    rows = fold_figures(cv_dir, folds)
-    every = folds == list(range(cfg.n_folds))
-    if cfg.task == "presence":  # slice classifiers: AUC / F1 / empty slices, out of fold from val_presence.csv
-        oof = presence_out_of_fold(cv_dir, folds, adapter.classes) if every else None
-    else:
-        oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if every else None
-    summary, table = cv_table(rows, adapter.classes, oof, cfg.task)
-    atomic_write_json(cv_dir / "cv_scores.json", {**summary, "empty_dice": cfg.empty_dice})
-    atomic_write_text(cv_dir / "cv_table.md", table + "\n")
-    for line in table.splitlines():
-        logger.info("cv %s", line)  # (a Markdown row: "cv | fold | ...")
-    if cfg.task == "presence":
-        logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
-                    summary["mean"]["auc_mean"], summary["sd"]["auc_mean"], summary["mean"]["empty_correct"],
-                    summary["sd"]["empty_correct"], len(rows), cv_dir / "cv_table.md")
-    else:
-        logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", summary["mean"]["score"],
-                    summary["sd"]["score"], summary["mean"]["dice_mean"], summary["sd"]["dice_mean"], len(rows),
-                    cv_dir / "cv_table.md")
+    report(cv_dir, folds, cfg, adapter, index)
     if args.final_model:
         out = cv_dir / "final"  # (a finished one is resumed at its last step: nothing to do)
-        with stop_on_signals(stop_folds):
-            run_fold(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
+        with stop_on_signals(runner.stop):
+            runner.run(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
     return 0

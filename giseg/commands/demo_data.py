@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         print(make_lgg_demo(out))
         return
     if args.dataset == "nnunet":
-        from giseg.data.gi import GIAdapter
+        from giseg.data.gi import GIAdapter  # the data layer imports torch (1 s): not for --help
         from giseg.data.nnunet.dataset_json import DATASET_JSON
         from giseg.data.nnunet.export import export_nnunet
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    from giseg.inference.export import PARITY_TOLERANCE, export_onnx
+    from giseg.inference.export import PARITY_TOLERANCE, export_onnx  # torch and onnx (2 s): not for --help
 
     args = build_parser().parse_args(argv)
     setup_logging(True)

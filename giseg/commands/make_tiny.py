@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv: list[str] | None = None) -> None:
-    from giseg.models.tiny import make_tiny
+    from giseg.models.tiny import make_tiny  # transformers (4 s): not for --help
 
     args = build_parser().parse_args(argv)
     quiet_third_party()  # no "Writing model shards" progress bar

@@ -11,7 +11,7 @@ from giseg.utils.errors import UserError
 def _empty_rules() -> tuple[str, ...]:
     """--empty_dice's choices, read when a parser that has the option is built: evaluation.metrics imports torch
     (2 s), which `giseg cv --help` (RunOptions only) does not need."""
-    from giseg.evaluation.metrics import EMPTY_RULES
+    from giseg.evaluation.metrics import EMPTY_RULES  # torch (1 s): every command's --help imports this module
 
     return EMPTY_RULES
 

@@ -27,11 +27,13 @@ import torch
 
 from giseg.commands.options import RunOptions, check_run_options, check_split, parse_thresholds, parse_weights
 from giseg.data.folds import split_by_case
+from giseg.data.medical import VolumeAdapter, find_inputs, read_volume
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes
 from giseg.evaluation.tuning import read_tuned
 from giseg.inference.ensemble import Ensemble
-from giseg.inference.medical import VOLUME_LABELS
+from giseg.inference.gate import SliceGate
+from giseg.inference.medical import VOLUME_LABELS, claim_names, record_output, write_nifti, write_rtstruct
 from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
 from giseg.utils.claims import claim_output_dir, claim_output_file, starts_with
@@ -83,35 +85,32 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@command
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(True)
-    quiet_third_party()
-    check_run_options(args)
+def claim_out(args) -> None:
+    """--out: a folder of volumes for --input (default predictions/), a submission CSV for --data_dir (default
+    submission.csv); claimed, so that it never replaces what another command or the user wrote."""
     if (args.data_dir is None) == (args.input is None):
         raise UserError("pass --data_dir (a dataset folder: a submission CSV) or --input (NIfTI / DICOM volumes: NIfTI "
                         "and RT-Struct files), one of them")
+    models = {f"--model {m}": m for m in args.model}
     if args.input is not None:
         for flag, value in (("--fold", args.fold), ("--split", args.split)):
             if value is not None:
                 raise UserError(f"{flag} applies to --data_dir; --input predicts every slice of its volumes")
         args.out = args.out or "predictions"
-        claim_output_dir(args.out, "--out", "predict", {"--input": args.input, **{f"--model {m}": m for m in args.model}})
+        claim_output_dir(args.out, "--out", "predict", {"--input": args.input, **models})
     else:
         args.out = args.out or "submission.csv"
-        claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **{f"--model {m}": m for m in args.model}},
-                          ours=starts_with(SUBMISSION_HEADER))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
-    weights = parse_weights(args.weights, len(args.model))
-    model = Ensemble.load(args.model, device, weights, args.allow_bin, args.backend)  # a wrong --model fails first
-    spec = model.spec
+        claim_output_file(args.out, "--out", {"--data_dir": args.data_dir, **models}, ours=starts_with(SUBMISSION_HEADER))
+
+
+def load_models(args, device) -> Ensemble:
+    """The --model(s) with --weights, --tuned decisions, the --gate_model slice gate and --thresholds."""
+    model = Ensemble.load(args.model, device, parse_weights(args.weights, len(args.model)), args.allow_bin,
+                          args.backend)  # a wrong --model fails first
     if args.tuned:
         model = model.with_decisions(**read_tuned(args.tuned))
-        spec = model.spec
+    spec = model.spec
     if args.gate_model:
-        from giseg.inference.gate import SliceGate
-
         model = model.with_gate(SliceGate.load(args.gate_model, device, args.allow_bin))
         thresholds, min_pixels = model.gate_values()
         logger.info("slice gate: %s; a class stays where its probability is >= %s and more than %s of its pixels are "
@@ -126,22 +125,40 @@ def main(argv: list[str] | None = None) -> int:
         if spec.task != "multilabel":
             raise UserError("--thresholds applies to multilabel models; this one is multiclass (argmax)")
         model = model.with_decisions(thresholds=thresholds)
+    return model
+
+
+def fold_rows(model: Ensemble, index, args) -> np.ndarray:
+    """The rows to predict: every slice, or with --fold the validation cases of the models' training split."""
+    if args.fold is None:
+        return np.arange(len(index))
+    splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
+    if len(splits) > 1:
+        raise UserError(f"--fold: the models were trained on different splits ({', '.join(sorted(splits))}); "
+                        "every slice is in some model's training set. Omit --fold")
+    trained = check_split(model.spec.split, args.fold, args.n_folds, args.split_seed, args.model[0])
+    return split_by_case(index, trained["fold"], trained["n_folds"], trained["split_seed"])[1]
+
+
+@command
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(True)
+    quiet_third_party()
+    check_run_options(args)
+    claim_out(args)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.backend != "onnxruntime" else "cpu")
+    model = load_models(args, device)
     if args.input is not None:
         return predict_volumes(model, args, device)
+    spec = model.spec
     options = {**(spec.dataset_options or {}), **({"hf_split": args.split} if args.split else {})}
     adapter = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(args.data_dir, options, spec.classes)
     split = args.split or adapter.inference_split(args.data_dir)
     index = adapter.build_index(args.data_dir, split, require_labels=False)
     if any(r != "none" for r in spec.postprocess or ()):  # 3D components: a volume's slices must stack
         check_volume_sizes(index, adapter.volume_columns, f"{args.data_dir} (post-processing works on whole volumes)")
-    rows = np.arange(len(index))
-    if args.fold is not None:
-        splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
-        if len(splits) > 1:
-            raise UserError(f"--fold: the models were trained on different splits ({', '.join(sorted(splits))}); "
-                            "every slice is in some model's training set. Omit --fold")
-        trained = check_split(spec.split, args.fold, args.n_folds, args.split_seed, args.model[0])
-        _, rows = split_by_case(index, trained["fold"], trained["n_folds"], trained["split_seed"])
+    rows = fold_rows(model, index, args)
     inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
     for name, m, w in zip(model.names, model.members, model.weights):
         logger.info("model %s: %s, %dpx, context %d, weight %.3f", name, m.spec.task, m.spec.image_size,
@@ -160,9 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def predict_volumes(model: Ensemble, args, device) -> int:
     """--input: every volume predicted slice by slice, then written as NIfTI (and RT-Struct for DICOM)."""
-    from giseg.data.medical import VolumeAdapter, find_inputs, read_volume
-    from giseg.inference.medical import claim_names, record_output, write_nifti, write_rtstruct
-
     spec = model.spec
     data = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(None, spec.dataset_options or {}, spec.classes)
     out = Path(args.out)

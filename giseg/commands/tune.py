@@ -24,6 +24,7 @@ from giseg.evaluation.tuning import (
     start_decisions,
 )
 from giseg.inference.ensemble import Ensemble
+from giseg.inference.gate import SliceGate
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
 from giseg.utils.claims import claim_output_file, starts_with
 from giseg.utils.errors import UserError
@@ -95,8 +96,6 @@ def gate_groups(args, n_groups: int, device) -> list:
     with --cv, fold k's classifiers of every classifier CV, for fold k's segmenters."""
     if not args.gate_model:
         return [None] * n_groups
-    from giseg.inference.gate import SliceGate
-
     if not args.cv:
         return [SliceGate.load(args.gate_model, device, args.allow_bin)]
     per_cv = [cv_folds(Path(c)) for c in args.gate_model]
@@ -108,29 +107,46 @@ def gate_groups(args, n_groups: int, device) -> list:
     return [SliceGate.load(list(g), device, args.allow_bin) for g in zip(*per_cv)]
 
 
-def tune(args) -> dict:
-    check_run_options(args)
-    check_tune_outputs(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.cv:
-        per_cv = [cv_folds(Path(c)) for c in args.cv]
-        folds = [[f.parent.name for f in fs] for fs in per_cv]
-        if any(f != folds[0] for f in folds):
-            raise UserError(f"--cv: the folders hold different folds ({folds}); an ensemble needs the same ones")
-        groups = [list(g) for g in zip(*per_cv)]  # fold k's model(s) predict fold k's validation cases
-        folders = [f for g in groups for f in g]
-        if len(per_cv) > 1 and not args.out:
-            raise UserError("tuning an ensemble of several CVs needs --out <file.json>; giseg predict --tuned uses it")
-    else:
+def parse_search(args) -> tuple[str, ...]:
+    """--search as its steps, checked before any model predicts (slice_gate left out without --gate_model)."""
+    search = tuple(s for s in args.search.split(",") if s)
+    if not search or set(search) - set(SEARCH):
+        raise UserError(f"--search takes steps of {SEARCH}, comma-separated; got {args.search!r}")
+    if not args.gate_model:  # (the slice gate needs classifiers)
+        search = tuple(s for s in search if s != "slice_gate")
+    return search
+
+
+def model_groups(args) -> tuple[list[Path], list[list[Path]]]:
+    """(every model folder, the groups that predict together): fold k's models of every --cv, or the --model(s)."""
+    if not args.cv:
         folders = [Path(m) for m in args.model]
-        groups = [folders]
         if len(folders) > 1 and not args.out:
             raise UserError("tuning an ensemble needs --out <file.json> (its members' own specs stay as they are); "
                             "giseg predict --tuned <file.json> then uses it")
-    gates = gate_groups(args, len(groups), device)
-    weights = None
-    if args.weights:
-        weights = parse_weights(args.weights, len(groups[0]))
+        return folders, [folders]
+    per_cv = [cv_folds(Path(c)) for c in args.cv]
+    folds = [[f.parent.name for f in fs] for fs in per_cv]
+    if any(f != folds[0] for f in folds):
+        raise UserError(f"--cv: the folders hold different folds ({folds}); an ensemble needs the same ones")
+    groups = [list(g) for g in zip(*per_cv)]  # fold k's model(s) predict fold k's validation cases
+    if len(per_cv) > 1 and not args.out:
+        raise UserError("tuning an ensemble of several CVs needs --out <file.json>; giseg predict --tuned uses it")
+    return [f for g in groups for f in g], groups
+
+
+def check_gate_split(gate, model, folder: Path) -> None:
+    """A gate's classifiers must not have trained on the cases the segmenter is tuned on."""
+    for name, m in zip(gate.names, gate.members):
+        if m.spec.split != model.spec.split:
+            raise UserError(f"--gate_model {name}: trained on split {m.spec.split}, but {folder} is tuned on the "
+                            f"validation cases of {model.spec.split}; a classifier that trained on them would gate "
+                            "too well. Train it with the segmenter's --fold, --n_folds and --split_seed (giseg cv "
+                            "--task presence for a CV)")
+
+
+def validation_volumes(args, groups, gates, weights, device) -> tuple[list, object]:
+    """(each group's predictions of its validation cases, as volumes; the spec of the first group)."""
     volumes, spec, adapter, index = [], None, None, None
     for group, gate in zip(groups, gates):
         model = Ensemble.load(group, device, weights, args.allow_bin)
@@ -152,28 +168,29 @@ def tune(args) -> dict:
         logger.info("predicting %d validation slices (fold %d/%d) with %s", len(rows), s["fold"], s["n_folds"],
                     ", ".join(map(str, group)))
         if gate is not None:  # (collect_volumes checks that it fits the segmenter)
-            for name, m in zip(gate.names, gate.members):
-                if m.spec.split != model.spec.split:
-                    raise UserError(f"--gate_model {name}: trained on split {m.spec.split}, but {group[0]} is tuned on "
-                                    f"the validation cases of {model.spec.split}; a classifier that trained on them "
-                                    "would gate too well. Train it with the segmenter's --fold, --n_folds and "
-                                    "--split_seed (giseg cv --task presence for a CV)")
+            check_gate_split(gate, model, group[0])
         volumes += collect_volumes(model, adapter, index, rows, args.cache_dir, args.batch_size, args.mixed_precision,
                                    args.num_workers, gate)
-    search = tuple(s for s in args.search.split(",") if s)
-    if not search or set(search) - set(SEARCH):
-        raise UserError(f"--search takes steps of {SEARCH}, comma-separated; got {args.search!r}")
-    if not args.gate_model:  # (the slice gate needs classifiers)
-        search = tuple(s for s in search if s != "slice_gate")
+    return volumes, spec
+
+
+def tune(args) -> dict:
+    check_run_options(args)
+    check_tune_outputs(args)
+    search = parse_search(args)
+    folders, groups = model_groups(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gates = gate_groups(args, len(groups), device)
+    weights = parse_weights(args.weights, len(groups[0])) if args.weights else None
+    volumes, spec = validation_volumes(args, groups, gates, weights, device)
     tuner = Tuner(volumes, spec.task, spec.classes, args.empty_dice, args.workers or os.cpu_count() or 1, search)
     chosen, before, after = tuner.search(start_decisions(spec))
     values = as_spec_values(chosen, spec.task, gated=bool(args.gate_model))
     source = (f"out-of-fold validation of {', '.join(args.cv)}" if args.cv else
               f"validation of {', '.join(map(str, folders))}")
     report = {"source": source, "models": [str(f) for f in folders], "weights": weights, "decisions": values,
-              "gate_models": args.gate_model,
-              "search": list(search),
-              "before": before, "after": after, "candidates_scored": tuner.evaluated, "empty_dice": args.empty_dice}
+              "gate_models": args.gate_model, "search": list(search), "before": before, "after": after,
+              "candidates_scored": tuner.evaluated, "empty_dice": args.empty_dice}
     if args.out:
         out = Path(args.out)
         atomic_write_json(out, report)

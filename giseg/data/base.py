@@ -19,27 +19,26 @@ import pandas as pd
 from giseg.data.masks import pack_masks
 from giseg.utils.errors import UserError
 
-_warned_formats: set[str] = set()
+class ScanFormatWarning(UserWarning):
+    """A scan in a format other than the competition's 16-bit grayscale PNG, read anyway. Its text is the same for
+    every file, so that Python's warning filter shows it once per process, not once per slice."""
+
 
 def read_scan(path: str | Path, width: int | None = None, height: int | None = None) -> np.ndarray:
     """Read a scan as a (H, W) array of its raw intensities (uint16 for the competition's 16-bit PNGs).
 
-    8-bit and RGB scans are accepted with a one-time warning (RGB is converted to gray); a file that does not
+    8-bit and RGB scans are accepted with a ScanFormatWarning (RGB is converted to gray); a file that does not
     decode, or whose size disagrees with its file name, raises UserError.
     """
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise UserError(f"{path}: cannot decode the image (corrupt or truncated PNG?); re-copy the file")
     if img.ndim == 3:
-        if "rgb" not in _warned_formats:
-            warnings.warn(f"{path}: colour scan converted to gray (expected 16-bit grayscale); further ones silently",
-                          stacklevel=2)
-            _warned_formats.add("rgb")
+        warnings.warn("colour scans converted to gray (expected 16-bit grayscale)", ScanFormatWarning, stacklevel=2)
         img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
-    if img.dtype == np.uint8 and "8bit" not in _warned_formats:
-        warnings.warn(f"{path}: 8-bit scan (expected 16-bit); intensities are normalised per slice so it still "
-                      "works; further ones silently", stacklevel=2)
-        _warned_formats.add("8bit")
+    if img.dtype == np.uint8:
+        warnings.warn("8-bit scans (expected 16-bit): intensities are normalised per slice, so they still work",
+                      ScanFormatWarning, stacklevel=2)
     if (width is not None and img.shape[1] != width) or (height is not None and img.shape[0] != height):
         raise UserError(f"{path}: image is {img.shape[1]} wide x {img.shape[0]} high but its name says "
                         f"{width} x {height}")

@@ -110,9 +110,13 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def read_dicom_series(folder: Path) -> Volume:
-    """The one image series in ``folder`` (files in any order and with any names), slices sorted by their position
-    along the slice normal; spacing, orientation and size checked to be one volume."""
+NOT_IMAGES = ("RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "SEG", "REG")  # objects written beside a series
+PLACEMENT = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+             "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def dicom_headers(folder: Path) -> list:
+    """(file, header) of every image of the one series in ``folder``; what cannot be one plane of it refused."""
     pydicom = import_pydicom()
     files = sorted(f for f in folder.iterdir() if f.is_file() and is_dicom(f))
     if not files:
@@ -123,12 +127,17 @@ def read_dicom_series(folder: Path) -> Volume:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{f}: not a readable DICOM file ({type(e).__name__}: {e})") from None
-        if getattr(ds, "Modality", "") in ("RTSTRUCT", "RTPLAN", "RTDOSE", "SR", "PR", "SEG", "REG"):
+        if getattr(ds, "Modality", "") in NOT_IMAGES:
             continue  # not an image of the series (an RT-Struct written beside it, ...)
-        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-                               "SeriesInstanceUID", "SOPInstanceUID") if k not in ds]
+        missing = [k for k in PLACEMENT if k not in ds]
         if missing:
             raise UserError(f"{f}: an image without {', '.join(missing)}; cannot place it in a volume")
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise UserError(f"{f}: an enhanced (multi-frame) image of {ds.NumberOfFrames} frames; export the series as "
+                            "one file per slice (classic DICOM) and pass that folder")
+        if int(getattr(ds, "SamplesPerPixel", 1) or 1) != 1:
+            raise UserError(f"{f}: {ds.SamplesPerPixel} samples per pixel ({getattr(ds, 'PhotometricInterpretation', '')}"
+                            "); a scan for segmentation has one (greyscale)")
         headers.append((f, ds))
     if not headers:
         raise UserError(f"--input {folder}: its DICOM files hold no images (only {ds.Modality} objects)")
@@ -137,15 +146,25 @@ def read_dicom_series(folder: Path) -> Volume:
         counts = {s: sum(ds.SeriesInstanceUID == s for _, ds in headers) for s in series}
         raise UserError(f"--input {folder}: {len(series)} series ({', '.join(f'{s}: {n} files' for s, n in counts.items())}); "
                         "put each series in its own folder and pass one")
-    first = headers[0][1]
-    iop = np.asarray(first.ImageOrientationPatient, float)
-    row_dir, col_dir = iop[:3], iop[3:]
-    normal = np.cross(row_dir, col_dir)
+    return headers
+
+
+def check_one_grid(headers: list) -> None:
+    """Every slice has the first one's orientation, size and pixel spacing: a volume has one grid."""
+    (name, first) = headers[0][0].name, headers[0][1]
+    iop, spacing = np.asarray(first.ImageOrientationPatient, float), np.asarray(first.PixelSpacing, float)
     for f, ds in headers:
         if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-4):
-            raise UserError(f"{f}: its orientation differs from {headers[0][0].name}'s; a volume has one orientation")
+            raise UserError(f"{f}: its orientation differs from {name}'s; a volume has one orientation")
         if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise UserError(f"{f}: {ds.Columns}x{ds.Rows} pixels, {headers[0][0].name} {first.Columns}x{first.Rows}")
+            raise UserError(f"{f}: {ds.Columns}x{ds.Rows} pixels, {name} {first.Columns}x{first.Rows}")
+        if not np.allclose(np.asarray(ds.PixelSpacing, float), spacing, rtol=1e-4, atol=1e-6):
+            raise UserError(f"{f}: pixel spacing {list(ds.PixelSpacing)} mm, {name} {list(first.PixelSpacing)} mm; "
+                            "a volume has one pixel spacing")
+
+
+def slice_steps(folder: Path, headers: list, normal: np.ndarray) -> np.ndarray:
+    """Sort ``headers`` along the slice normal (in place); their positions, checked to be evenly spaced."""
     headers.sort(key=lambda h: float(np.dot(np.asarray(h[1].ImagePositionPatient, float), normal)))
     positions = np.array([np.asarray(ds.ImagePositionPatient, float) for _, ds in headers])
     steps = np.diff(positions @ normal)
@@ -155,8 +174,12 @@ def read_dicom_series(folder: Path) -> Volume:
     if len(headers) > 1 and steps.max() - steps.min() > 0.01 * steps.mean() + 1e-3:
         raise UserError(f"--input {folder}: slice spacing varies from {steps.min():.3f} to {steps.max():.3f} mm (a "
                         "missing slice?); a volume needs evenly spaced slices")
-    thickness = float(steps.mean()) if len(headers) > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
-    dy, dx = (float(v) for v in first.PixelSpacing)  # (between rows, between columns)
+    return positions
+
+
+def read_planes(headers: list) -> np.ndarray:
+    """The slices' pixels, rescaled (RescaleSlope/Intercept), as (columns, rows, slices)."""
+    pydicom = import_pydicom()
     planes = []
     for f, _ in headers:
         ds = pydicom.dcmread(f)
@@ -166,7 +189,23 @@ def read_dicom_series(folder: Path) -> Volume:
             raise UserError(f"{f}: cannot decode its pixels ({type(e).__name__}: {e})") from None
         slope, intercept = float(getattr(ds, "RescaleSlope", 1) or 1), float(getattr(ds, "RescaleIntercept", 0) or 0)
         planes.append(pixels if (slope, intercept) == (1.0, 0.0) else pixels * slope + intercept)
-    array = np.stack([p.T for p in planes], axis=-1)  # (columns, rows, slices): i along a row, j down a column
+    return np.stack([p.T for p in planes], axis=-1)  # i along a row, j down a column
+
+
+def read_dicom_series(folder: Path) -> Volume:
+    """The one image series in ``folder`` (files in any order and with any names), slices sorted by their position
+    along the slice normal; spacing, orientation and size checked to be one volume."""
+    headers = dicom_headers(folder)
+    check_one_grid(headers)
+    first = headers[0][1]
+    iop = np.asarray(first.ImageOrientationPatient, float)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    positions = slice_steps(folder, headers, normal)
+    steps = np.diff(positions @ normal)
+    thickness = float(steps.mean()) if len(headers) > 1 else float(getattr(first, "SliceThickness", 1.0) or 1.0)
+    dy, dx = (float(v) for v in first.PixelSpacing)  # (between rows, between columns)
+    array = read_planes(headers)
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1] = row_dir * dx, col_dir * dy
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(headers) - 1) if len(headers) > 1 else normal * thickness

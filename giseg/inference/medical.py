@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -129,17 +130,22 @@ def fill_contours(polys: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray
     return out
 
 
-def write_rtstruct(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], colours: dict[str, str],
-                   path: Path, label: str = "giseg") -> Path:
-    """(C, I, J, K) masks of a DICOM ``volume`` as an RT-Struct at ``path`` (module docstring)."""
-    pydicom = import_pydicom()
-    from pydicom.dataset import Dataset, FileMetaDataset
+def _image_ref(s):
+    """A reference to one image of the series (SOP class and instance)."""
+    from pydicom.dataset import Dataset  # pydicom: optional ([medical] extra)
+
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = s.sop_class_uid, s.sop_instance_uid
+    return ref
+
+
+def _rtstruct_header(series, label: str):
+    """The RT-Struct's file meta, patient, study and series modules, and its frame of reference: every image of
+    ``series`` referenced."""
+    from pydicom.dataset import Dataset, FileMetaDataset  # pydicom: optional ([medical] extra)
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    series = volume.dicom
-    if series is None:
-        raise UserError(f"{volume.name}: an RT-Struct refers to a DICOM series; this input is NIfTI")
     now = datetime.datetime.now()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTSTRUCT_SOP_CLASS
@@ -159,15 +165,9 @@ def write_rtstruct(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], 
     ds.StructureSetLabel = label[:16]
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     ds.SeriesDescription = f"giseg prediction of series {series.series_uid}"[:64]
-
-    def image_ref(s) -> Dataset:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = s.sop_class_uid, s.sop_instance_uid
-        return ref
-
     rt_series = Dataset()
     rt_series.SeriesInstanceUID = series.series_uid
-    rt_series.ContourImageSequence = Sequence([image_ref(s) for s in series.slices])
+    rt_series.ContourImageSequence = Sequence([_image_ref(s) for s in series.slices])
     rt_study = Dataset()
     rt_study.ReferencedSOPClassUID, rt_study.ReferencedSOPInstanceUID = STUDY_SOP_CLASS, ds.StudyInstanceUID
     rt_study.RTReferencedSeriesSequence = Sequence([rt_series])
@@ -175,29 +175,50 @@ def write_rtstruct(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], 
     frame.FrameOfReferenceUID = series.frame_of_reference_uid or generate_uid()
     frame.RTReferencedStudySequence = Sequence([rt_study])
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    return ds
+
+
+def _roi_contours(series, mask: np.ndarray) -> list:
+    """One CLOSED_PLANAR contour item per polygon of an (I, J, K) mask, in patient coordinates (mm)."""
+    from pydicom.dataset import Dataset  # pydicom: optional ([medical] extra)
+    from pydicom.sequence import Sequence
 
     dx, dy = series.spacing
+    items = []
+    for z, s in enumerate(series.slices):
+        for poly in mask_contours(mask[:, :, z].T):
+            points = s.position + np.outer(poly[:, 0] * dx, series.row_dir) + np.outer(poly[:, 1] * dy, series.col_dir)
+            item = Dataset()
+            item.ContourImageSequence = Sequence([_image_ref(s)])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourData = [f"{v:.4f}" for v in points.ravel()]
+            items.append(item)
+    return items
+
+
+def write_rtstruct(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], colours: dict[str, str],
+                   path: Path, label: str = "giseg") -> Path:
+    """(C, I, J, K) masks of a DICOM ``volume`` as an RT-Struct at ``path`` (module docstring)."""
+    pydicom = import_pydicom()
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    series = volume.dicom
+    if series is None:
+        raise UserError(f"{volume.name}: an RT-Struct refers to a DICOM series; this input is NIfTI")
+    ds = _rtstruct_header(series, label)
+    frame_uid = ds.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID
     rois, contours, observations = [], [], []
     for k, name in enumerate(classes):
         roi = Dataset()
-        roi.ROINumber, roi.ReferencedFrameOfReferenceUID = k + 1, frame.FrameOfReferenceUID
+        roi.ROINumber, roi.ReferencedFrameOfReferenceUID = k + 1, frame_uid
         roi.ROIName, roi.ROIGenerationAlgorithm = name, "AUTOMATIC"
         rois.append(roi)
-        items = []
-        for z, s in enumerate(series.slices):
-            for poly in mask_contours(masks[k][:, :, z].T):
-                points = s.position + np.outer(poly[:, 0] * dx, series.row_dir) + np.outer(poly[:, 1] * dy,
-                                                                                            series.col_dir)
-                item = Dataset()
-                item.ContourImageSequence = Sequence([image_ref(s)])
-                item.ContourGeometricType = "CLOSED_PLANAR"
-                item.NumberOfContourPoints = len(points)
-                item.ContourData = [f"{v:.4f}" for v in points.ravel()]
-                items.append(item)
         contour = Dataset()
         contour.ROIDisplayColor = list(RGB.get(colours.get(name, ""), (128, 128, 128)))
         contour.ReferencedROINumber = k + 1
-        contour.ContourSequence = Sequence(items)
+        contour.ContourSequence = Sequence(_roi_contours(series, masks[k]))
         contours.append(contour)
         obs = Dataset()
         obs.ObservationNumber, obs.ReferencedROINumber = k + 1, k + 1
@@ -206,9 +227,7 @@ def write_rtstruct(volume: Volume, masks: np.ndarray, classes: tuple[str, ...], 
     ds.StructureSetROISequence = Sequence(rois)
     ds.ROIContourSequence = Sequence(contours)
     ds.RTROIObservationsSequence = Sequence(observations)
-    from io import BytesIO
-
-    buf = BytesIO()
+    buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     atomic_write_text(path, buf.getvalue())
     return path

@@ -78,7 +78,7 @@ class Segmenter:
 
     @classmethod
     def _load_onnx(cls, folder: Path) -> "Segmenter":
-        from giseg.inference.onnx_model import load_onnx_model
+        from giseg.inference.onnx_model import load_onnx_model  # onnxruntime: optional (the [onnx] extra)
 
         spec = InferenceSpec.load(folder)
         if spec.task == "presence":
@@ -173,7 +173,7 @@ def load_trained(folder: Path, flag: str, allow_bin: bool, presence: bool) -> tu
     slice classifier is wanted (AutoModelForImageClassification), else a segmenter; the other kind is refused
     with one line saying where it goes."""
     # transformers (1.8 s): only the commands that load a model pay it
-    from giseg.models.families import auto_class
+    from giseg.models.families import auto_class  # transformers (2 s): --backend onnxruntime runs without it
     from giseg.models.safe import check_model_folder, loading_kwargs
     from giseg.models.widen import input_channels
     from giseg.models.wrapper import SegmentationModel

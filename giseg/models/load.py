@@ -28,6 +28,7 @@ from giseg.models.baselines import (  # also registers them with the Auto classe
     BASELINES,
     build_baseline,
 )
+from giseg.models.classifier import load_classifier
 from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
 from giseg.models.labels import task_labels
@@ -47,8 +48,6 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     with ``head_prior`` > 0 the new head's output biases set so that every class starts at that probability
     (set_prior_bias)."""
     if task == "presence":  # a slice classifier (models/classifier.py)
-        from giseg.models.classifier import load_classifier
-
         loaded = load_classifier(base_model, classes, allow_bin)
     else:
         loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)

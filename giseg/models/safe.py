@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from giseg.models.registry import FAMILIES
 from giseg.utils.errors import UserError
 
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -48,8 +49,7 @@ def check_model_folder(folder: str | Path, what: str, allow_bin: bool = False) -
     if code:  # (transformers' table of families: only imported when a config names code)
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-        from giseg.models.baselines import BASELINE_FAMILIES
-    known = bool(code) and config.get("model_type") in (*CONFIG_MAPPING_NAMES, *BASELINE_FAMILIES)
+    known = bool(code) and config.get("model_type") in (*CONFIG_MAPPING_NAMES, *(f.model_type for f in FAMILIES.values() if f.kind != "hub"))
     if code and not known:
         raise UserError(f"{what} {folder}: its config.json asks to run code from the folder ({', '.join(code)}: "
                         f"model_type {config.get('model_type')!r}); this toolkit never runs a model folder's code. "

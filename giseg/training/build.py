@@ -151,7 +151,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     spec saved with it, and its family. Under DDP (``processes`` > 1) gradients are put in their parameters'
     layout."""
     # transformers (1.8 s): not imported for --help or a rejected argument
-    from giseg.models.load import load_model
+    from giseg.models.load import load_model  # transformers (2 s): not for a refused argument
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 
     loaded = load_model(cfg.base_model, cfg.task, adapter.classes, cfg.aux_weight, cfg.allow_bin,
@@ -247,13 +247,32 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
     run.family = family
-    if cfg.cutmix_prob or cfg.mixup_prob:
-        if run.query_based:
-            raise UserError("--cutmix_prob / --mixup_prob: Mask2Former trains on one mask per label present in a "
-                            "slice, which a mixed batch does not have; leave them at 0 for this model")
-        run.mixer = BatchMixer(cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.seed)
-        logger.info("batch mixing: CutMix with probability %g, else MixUp with probability %g, lam ~ Beta(%g, %g)",
-                    cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.mix_alpha)
+    add_mixing(run, cfg)
+    add_weight_average(run, cfg, total_steps)
+    if out.resume is not None:
+        restore(run, out.resume)
+    logger.info("training: %d epoch%s x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
+                cfg.epochs, "" if cfg.epochs == 1 else "s", steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
+                cfg.gradient_accumulation_steps, cfg.lr, cfg.scheduler_name)
+    run.stop = run.state.global_step >= total_steps
+    return run
+
+
+def add_mixing(run: Run, cfg: TrainConfig) -> None:
+    """--cutmix_prob / --mixup_prob: the run's batch mixer."""
+    if not (cfg.cutmix_prob or cfg.mixup_prob):
+        return
+    if run.query_based:
+        raise UserError("--cutmix_prob / --mixup_prob: Mask2Former trains on one mask per label present in a "
+                        "slice, which a mixed batch does not have; leave them at 0 for this model")
+    run.mixer = BatchMixer(cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.seed)
+    logger.info("batch mixing: CutMix with probability %g, else MixUp with probability %g, lam ~ Beta(%g, %g)",
+                cfg.cutmix_prob, cfg.mixup_prob, cfg.mix_alpha, cfg.mix_alpha)
+
+
+def add_weight_average(run: Run, cfg: TrainConfig, total_steps: int) -> None:
+    """--ema_decay / --swa_start_epoch: the average of the weights that evaluation and saving use."""
+    accelerator, model = run.accelerator, run.model
     average = "--ema_decay" if cfg.ema_decay else "--swa_start_epoch" if cfg.swa_start_epoch else ""
     if average:  # (validate_config refuses both at once)
         if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
@@ -274,27 +293,26 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
         logger.info("SWA of the weights: the equal average of the weights at the end of epochs %d..%d; evaluation, "
                     "best/ and last/ use it from epoch %d on%s", cfg.swa_start_epoch, cfg.epochs, cfg.swa_start_epoch,
                     ", BatchNorm statistics recomputed for it on the training slices" if has_batchnorm(model) else "")
-    if out.resume is not None:
-        accelerator.load_state(str(out.resume))  # (its files were checked against the manifest: checkpoints.py)
-        scheduler.load_state_dict(json.loads((out.resume / SCHEDULER_FILE).read_text()))
-        if run.ema is not None:
-            if not (out.resume / run.ema.file).is_file():
-                raise UserError(f"{out.resume}: no {run.ema.file} (the run had no --ema_decay or --swa_start_epoch?); "
-                                "resume with its settings")
-            run.ema.load(out.resume / run.ema.file)
-        run.state = read_state(out.resume)
-        run.state.run_id = out.run_id  # (a checkpoint of an older version has none)
-        metrics_file = run.output_dir / "metrics.jsonl"
-        if metrics_file.exists():  # the evaluations this state knows of; later rows (written after it) are redone
-            run.history = [r for r in map(json.loads, metrics_file.read_text().splitlines())
-                           if r["step"] <= run.state.evaluated_step]
-        logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", out.resume,
-                    run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
-    logger.info("training: %d epoch%s x %d steps (%d total), batch %d x %d processes x %d accumulation, lr %g %s",
-                cfg.epochs, "" if cfg.epochs == 1 else "s", steps_per_epoch, total_steps, cfg.train_batch_size, accelerator.num_processes,
-                cfg.gradient_accumulation_steps, cfg.lr, cfg.scheduler_name)
-    run.stop = run.state.global_step >= total_steps
-    return run
+
+
+def restore(run: Run, resume: Path) -> None:
+    """The run's state from the checkpoint ``resume``: weights, optimizer, schedule, averages, counters, history."""
+    run.accelerator.load_state(str(resume))  # (its files were checked against the manifest: checkpoints.py)
+    run.scheduler.load_state_dict(json.loads((resume / SCHEDULER_FILE).read_text()))
+    if run.ema is not None:
+        if not (resume / run.ema.file).is_file():
+            raise UserError(f"{resume}: no {run.ema.file} (the run had no --ema_decay or --swa_start_epoch?); "
+                            "resume with its settings")
+        run.ema.load(resume / run.ema.file)
+    run_id = run.state.run_id
+    run.state = read_state(resume)
+    run.state.run_id = run_id  # (a checkpoint of an older version has none)
+    metrics_file = run.output_dir / "metrics.jsonl"
+    if metrics_file.exists():  # the evaluations this state knows of; later rows (written after it) are redone
+        run.history = [r for r in map(json.loads, metrics_file.read_text().splitlines())
+                       if r["step"] <= run.state.evaluated_step]
+    logger.info("resumed from %s: step %d, epoch %d, batch %d of that epoch, best mean Dice %.4f", resume,
+                run.state.global_step, run.state.epoch + 1, run.state.batches_in_epoch, run.state.best_dice)
 
 
 def launched_without_accelerator() -> bool:

@@ -34,24 +34,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
+from giseg.data.folds import data_changes
 from giseg.training.launch import TRAINER, check_gpus, end_with_parent, trainer_command
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json, atomic_write_text
 from giseg.utils.log import logger
-
-FIGURES = ("dice_mean", "hausdorff", "score")
-PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: slice classifiers' folds
-
-
-def figure_columns(classes: tuple[str, ...], task: str) -> list[str]:
-    """The CV table's columns: per-class Dice and the scores, or a slice classifier's per-class AUC and figures."""
-    if task == "presence":
-        return [*(f"auc_{c}" for c in classes), *PRESENCE_FIGURES]
-    return [*(f"dice_{c}" for c in classes), *FIGURES]
-
 
 def parse_folds(text: str, n_folds: int) -> list[int]:
     if text == "all":
@@ -100,19 +87,62 @@ def fold_command(trainer_args: list[str], fold: int | None, out: Path, gpus: lis
     return [*shlex.split(launcher), *TRAINER, *args] if launcher else trainer_command(args, len(gpus))
 
 
-# the trainers running now, and whether a signal asked the CV to stop (then no further fold starts)
-_LIVE: set[subprocess.Popen] = set()
-_STOPPING = threading.Event()
+class FoldRunner:
+    """Trains folds in child processes, and passes a stop on to them: the trainers running now, and whether a
+    signal asked the CV to stop (then no further fold starts)."""
 
+    def __init__(self) -> None:
+        self.live: set[subprocess.Popen] = set()
+        self.stopping = threading.Event()
 
-def stop_folds(signum: int) -> None:
-    """Pass SIGTERM / SIGINT on to every running trainer (each finishes its step, saves a resumable state and
-    ends) and start no other fold. (The trainers run in sessions of their own: a Ctrl-C reaches them only
-    through this, once.)"""
-    _STOPPING.set()
-    for proc in list(_LIVE):
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signum)
+    def stop(self, signum: int) -> None:
+        """Pass SIGTERM / SIGINT on to every running trainer (each finishes its step, saves a resumable state and
+        ends) and start no other fold. (The trainers run in sessions of their own: a Ctrl-C reaches them only
+        through this, once.)"""
+        self.stopping.set()
+        for proc in list(self.live):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    def run(self, cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
+        """Train one fold in a child process (its output in out/stdout.log); a failure is one line that says
+        whether a rerun can help."""
+        if self.stopping.is_set():
+            return
+        env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
+        out.mkdir(parents=True, exist_ok=True)
+        logger.info("%s: starting%s: %s", name, f" on GPUs {','.join(gpus)}" if gpus else "", shlex.join(cmd))
+        t = time.perf_counter()
+        with open(out / "stdout.log", "ab") as log:
+            # in the user's folder, as giseg train run by hand: relative --data_dir, --base_model and --cache_dir
+            # mean the same
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=end_with_parent)  # (ends if the CV dies)
+            self.live.add(proc)
+            try:
+                code = proc.wait()
+            except BaseException:  # a signal (stop passed it on): the trainer saves its state; wait for it
+                proc.wait()
+                raise
+            finally:
+                self.live.discard(proc)
+        if code == 0:
+            logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
+            return
+        self.failed(code, out, name)
+
+    def failed(self, code: int, out: Path, name: str) -> None:
+        """The one line of a fold that ended with ``code``: stopped (resumable), refused (fix the arguments) or
+        failed (see its log)."""
+        if self.stopping.is_set() or code > 128:
+            raise UserError(f"{name} was stopped (exit {code}) after saving a resumable state; run the same giseg cv "
+                            "command again to resume it")
+        error = last_error_line(out / "stdout.log")
+        if code == 2 and error:  # the trainer refused its arguments or data: the same command would fail again
+            raise UserError(f"{name} refused its settings: {error[len('error: '):]} (a rerun fails the same way: "
+                            f"fix the arguments after --; {out / 'stdout.log'})")
+        raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; once the "
+                        "cause is fixed, run the same giseg cv command again to resume it")
 
 
 def last_error_line(log: Path) -> str:
@@ -123,45 +153,10 @@ def last_error_line(log: Path) -> str:
     return ""
 
 
-def run_fold(cmd: list[str], out: Path, gpus: list[str], name: str) -> None:
-    """Train one fold in a child process (its output in out/stdout.log); a failure is one line that says whether
-    a rerun can help."""
-    if _STOPPING.is_set():
-        return
-    env = {**os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
-    out.mkdir(parents=True, exist_ok=True)
-    logger.info("%s: starting%s: %s", name, f" on GPUs {','.join(gpus)}" if gpus else "", shlex.join(cmd))
-    t = time.perf_counter()
-    with open(out / "stdout.log", "ab") as log:
-        # in the user's folder, as trainer.py run by hand: relative --data_dir, --base_model and --cache_dir mean the same
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                preexec_fn=end_with_parent)  # (ends if the CV dies)
-        _LIVE.add(proc)
-        try:
-            code = proc.wait()
-        except BaseException:  # a signal (stop_folds passed it on): the trainer saves its state; wait for it
-            proc.wait()
-            raise
-        finally:
-            _LIVE.discard(proc)
-    if code == 0:
-        logger.info("%s: done in %.0f s", name, time.perf_counter() - t)
-        return
-    if _STOPPING.is_set() or code > 128:
-        raise UserError(f"{name} was stopped (exit {code}) after saving a resumable state; run the same giseg cv "
-                        "command again to resume it")
-    error = last_error_line(out / "stdout.log")
-    if code == 2 and error:  # the trainer refused its arguments or data: the same command would fail again
-        raise UserError(f"{name} refused its settings: {error[len('error: '):]} (a rerun fails the same way: fix "
-                        f"the arguments after --; {out / 'stdout.log'})")
-    raise UserError(f"{name} failed (exit {code}); see {out / 'train.log'} and {out / 'stdout.log'}; once the cause "
-                    "is fixed, run the same giseg cv command again to resume it")
-
-
 def cv_identity(cfg) -> dict:
     """What every fold of a CV shares: the run identity (training/run_dir.py) of its trainer arguments, without
     the fold and the number of processes."""
-    from giseg.training.run_dir import run_identity
+    from giseg.training.run_dir import run_identity  # torch (2 s): `giseg cv --help` imports this module
 
     return {k: v for k, v in run_identity(cfg, 1).items() if k not in ("fold", "world_size", "output_dir")}
 
@@ -174,8 +169,7 @@ def check_cv_reuse(cv_dir: Path, identity: dict, data: dict, cfg) -> None:
     """A CV folder is continued only with the settings and the data it started with: its cv_config.json (or the
     trainer arguments an earlier version saved there) and each fold's run_config.json must agree, or the rerun is
     refused with one line naming what differs (its finished folds would otherwise be reported as the new CV)."""
-    from giseg.data.folds import data_changes
-    from giseg.training.config import parse_config
+    from giseg.training.config import parse_config  # torch (2 s): `giseg cv --help` imports this module
     from giseg.training.run_dir import resolved
 
     saved_file = cv_dir / "cv_config.json"
@@ -206,106 +200,3 @@ def check_cv_reuse(cv_dir: Path, identity: dict, data: dict, cfg) -> None:
         if differ:
             raise UserError(f"--output_dir {cv_dir}: {fold_dir.name} was trained otherwise ({'; '.join(differ)}); it "
                             "is not a fold of this CV: rerun with its settings, or choose another --output_dir")
-
-
-def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
-    """Each fold's val_scores.json (trainer.py --final_eval), with its fold number."""
-    rows = []
-    for k in folds:
-        path = cv_dir / f"fold_{k}" / "val_scores.json"
-        if not path.is_file():
-            raise UserError(f"{path} missing: fold {k} has not finished with --final_eval")
-        scores = json.loads(path.read_text())
-        rows.append({"fold": k, **{key: v for key, v in scores.items() if not isinstance(v, (list, dict))}})
-    return rows
-
-
-def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None, task: str = "multilabel") -> tuple[dict, str]:
-    """(summary with mean and sd over folds of every figure, Markdown table)."""
-    cols = figure_columns(classes, task)
-    values = np.array([[r[c] for c in cols] for r in rows], dtype=float)
-    mean = values.mean(0)
-    sd = values.std(0, ddof=1) if len(rows) > 1 else np.zeros(len(cols))
-    summary = {"folds": rows, "mean": dict(zip(cols, mean.tolist())), "sd": dict(zip(cols, sd.tolist())),
-               "out_of_fold": oof}
-    lines = ["| fold | slices | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 2)]
-    for r in rows:
-        lines.append(f"| {r['fold']} | {r['n_slices']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
-    lines.append(f"| mean ± sd | {sum(r['n_slices'] for r in rows)} | " +
-                 " | ".join(f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, sd)) + " |")
-    if oof is not None:
-        lines.append(f"| out of fold | {oof['n_slices']} | " + " | ".join(f"{oof[c]:.4f}" for c in cols) + " |")
-    return summary, "\n".join(lines)
-
-
-def presence_out_of_fold(cv_dir: Path, folds: list[int], classes: tuple[str, ...]) -> dict:
-    """A slice classifier CV's out-of-fold figures: every fold's val_presence.csv together (oof_presence.csv)."""
-    from giseg.evaluation.presence import presence_figures
-
-    table = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_presence.csv") for k in folds], ignore_index=True)
-    atomic_write_text(cv_dir / "oof_presence.csv", table.to_csv(index=False))
-    wide = {name: table.pivot(index="id", columns="class", values=name)[list(classes)].to_numpy()
-            for name in ("probability", "predicted", "present")}
-    return presence_figures(wide["probability"], wide["present"] > 0, (0.5,) * len(classes), classes,
-                            wide["predicted"] > 0)
-
-
-def score_out_of_fold(cv_dir: Path, folds: list[int], index: pd.DataFrame, adapter, empty: str) -> dict:
-    """Every fold's validation predictions in one submission, scored against the whole ground truth."""
-    # (the imports of scoring and inference wait until the folds are trained: the CV driver itself only starts
-    # processes until then, and torch's import costs 2 s)
-    from giseg.evaluation.score import score_predictions, submission_to_wide
-
-    sub = pd.concat([pd.read_csv(cv_dir / f"fold_{k}" / "val_submission.csv", dtype=str, keep_default_na=False)
-                     for k in folds], ignore_index=True)
-    atomic_write_text(cv_dir / "oof_submission.csv", sub.to_csv(index=False))
-    overall, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes), empty)
-    return overall
-
-
-def score_ensemble(cv_dirs: list[Path], data_dir: str, out_dir: Path, weights: list[float] | None,
-                   cache_dir: str, num_workers: int, batch_size: int = 16, mixed_precision: str = "no",
-                   allow_bin: bool = False) -> dict:
-    """Out-of-fold figures of the ensemble of several CVs (see the module's doc)."""
-    import torch
-
-    from giseg.data.folds import split_by_case
-    from giseg.data.registry import get_adapter
-    from giseg.evaluation.score import score_predictions, submission_to_wide
-    from giseg.inference.ensemble import Ensemble
-    from giseg.inference.submission import predict_rows
-
-    configs = [json.loads((d / "cv_config.json").read_text()) if (d / "cv_config.json").is_file() else None
-               for d in cv_dirs]
-    missing = [str(d) for d, c in zip(cv_dirs, configs) if c is None]
-    if missing:
-        raise UserError(f"--ensemble {missing[0]}: no cv_config.json; pass folders written by giseg cv")
-    folds = sorted(set.intersection(*(set(c["folds"]) for c in configs)))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    subs, adapter, index = [], None, None
-    for k in folds:
-        model = Ensemble.load([d / f"fold_{k}" / "best" for d in cv_dirs], device, weights, allow_bin)
-        splits = {json.dumps(m.spec.split, sort_keys=True) for m in model.members}
-        if len(splits) != 1:
-            raise UserError(f"fold {k}: the CVs were split differently ({', '.join(sorted(splits))}); an out-of-fold "
-                            "ensemble needs the same --n_folds and --split_seed")
-        if adapter is None:
-            spec = model.spec
-            adapter = get_adapter(spec.dataset).bind(data_dir, spec.dataset_options or {}, spec.classes)
-            index = adapter.build_index(data_dir)
-        s = model.spec.split
-        _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
-        inputs = model.inputs(adapter, index, cache_dir, num_threads=max(1, num_workers))
-        subs.append(predict_rows(model, index, rows, inputs, adapter.volume_columns, batch_size, mixed_precision,
-                                 num_workers=num_workers))
-        logger.info("ensemble: fold %d predicted (%d slices, %d models)", k, len(rows), len(model.members))
-    sub = pd.concat(subs, ignore_index=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "ensemble_submission.csv", sub.to_csv(index=False))
-    overall, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes))
-    atomic_write_json(out_dir / "ensemble_scores.json", {**overall, "cvs": [str(d) for d in cv_dirs],
-                                                         "weights": weights, "folds": folds})
-    logger.info("ensemble of %s, out of fold (%d slices): score %.4f, mean Dice %.4f, Hausdorff %.4f -> %s",
-                ", ".join(map(str, cv_dirs)), overall["n_slices"], overall["score"], overall["dice_mean"],
-                overall["hausdorff"], out_dir / "ensemble_scores.json")
-    return overall

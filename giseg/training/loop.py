@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from giseg.data.dataset import SliceDataset
 from giseg.evaluation.final import final_evaluation, final_presence
 from giseg.evaluation.metrics import describe
 from giseg.evaluation.presence import describe_presence, evaluate_presence, selection_figure
@@ -40,12 +41,11 @@ from giseg.training.ema import WeightSWA, has_batchnorm, recompute_batchnorm
 from giseg.training.meter import LossMeter
 from giseg.training.optim import should_stop_early
 from giseg.training.run_dir import open_output_dir
-from giseg.training.signals import Interrupted, StopSignal, agreed_signal
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
 from giseg.training.tracking import log_record, parse_report_to
 from giseg.training.tracking import start as start_trackers
 from giseg.utils.errors import storage_guard
-from giseg.utils.exits import command
+from giseg.utils.exits import StopSignals, Stopped, command
 from giseg.utils.files import atomic_write_text, json_safe
 from giseg.utils.log import logger, quiet_third_party
 from giseg.utils.memory import keep_freed_memory
@@ -115,7 +115,7 @@ def train_epochs(run: Run) -> dict:
     last = run.history[-1] if run.history else {}
     meter = LossMeter(run.accelerator.device, run.state)
     run.model.train()
-    with StopSignal() as stop_signal:
+    with StopSignals(at_once=False) as stop_signal:
         for epoch in range(run.state.epoch, run.cfg.epochs):
             if run.state.batches_in_epoch < len(run.train_dl) and not run.stop:
                 train_one_epoch(run, epoch, stop_signal, meter)
@@ -127,7 +127,7 @@ def train_epochs(run: Run) -> dict:
     return last
 
 
-def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignal, meter: LossMeter) -> None:
+def train_one_epoch(run: Run, epoch: int, stop_signal: StopSignals, meter: LossMeter) -> None:
     """Train ``epoch`` from where the state stands in it (a resumed run skips the batches already seen) until its
     last batch, or until the run must stop."""
     accelerator, state = run.accelerator, run.state
@@ -195,7 +195,7 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
     return loss.detach()
 
 
-def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignal) -> None:
+def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: StopSignals) -> None:
     """Per-step duties: schedule, logging, periodic saving, and stopping on a signal (state saved first)."""
     cfg, state = run.cfg, run.state
     run.scheduler.step()
@@ -211,11 +211,21 @@ def after_optimizer_step(run: Run, meter: LossMeter, epoch: int, stop_signal: St
     if signum:
         path = save_state(run, meter)
         name = signal.Signals(signum).name
-        logger.warning("stopped by %s after step %d: saved resumable state %s; continue with: giseg train "
-                     "--resume_run %s (or RESUME=%s bash run_train.sh)", name, step, path, run.output_dir,
-                     run.output_dir)
-        raise Interrupted(signum, f"stopped by {name} at step {step}")
+        resume = f"continue with: giseg train --resume_run {run.output_dir} (or RESUME={run.output_dir} bash run_train.sh)"
+        logger.warning("stopped by %s after step %d: saved resumable state %s; %s", name, step, path, resume)
+        raise Stopped(signum, f"saved resumable state {path} at step {step}; {resume}")
     run.stop = step >= run.total_steps
+
+
+def agreed_signal(accelerator, signum: int, step: int, log_every: int) -> int:
+    """The signal every rank acts on: one process decides alone; several agree at each log step (a collective
+    every log interval, not every step), or as soon as one of them has a signal (it waits for the others)."""
+    if accelerator.num_processes == 1:
+        return signum
+    if step % log_every and not signum:
+        return 0
+    flag = torch.tensor(float(signum), device=accelerator.device)
+    return int(accelerator.reduce(flag, "max").item())
 
 
 def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
@@ -306,8 +316,6 @@ def selected(figures: dict, presence: bool) -> tuple[str, float]:
 def swa_snapshot(run: Run, epoch: int) -> None:
     """After the weights of ``epoch`` joined the SWA average: its BatchNorm statistics recomputed on the training
     slices (unaugmented, in order; every rank the same, as the weights are), when the model has BatchNorm."""
-    from giseg.data.dataset import SliceDataset
-
     if not has_batchnorm(run.ema.model):
         logger.info("SWA: epoch %d joined the average (%d epochs averaged)", epoch + 1, run.ema.averaged)
         return
@@ -350,15 +358,14 @@ def model_card(run: Run, tag: str, record: dict, scores: dict | None = None) -> 
 
 @command
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: exit 0 when done, 2 for bad input, 3 for a NaN/inf loss, 128 + N when stopped by signal N."""
+    """The CLI: exit 0 when done, 2 for bad input, 3 for a NaN/inf loss, 128 + N when stopped by signal N (@command:
+    the loop raises Stopped after saving)."""
     cfg = parse_config(argv)
     try:
         train(cfg)
     except FloatingPointError as e:
         logger.error("stopped: %s", e)
         return 3
-    except Interrupted as e:
-        return 128 + e.signum
     return 0
 
 

@@ -1,12 +1,12 @@
-"""How commands end: the @command wrapper (a UserError is one `error:` line and exit 2, a signal 128 + N)
-and stop_on_signals, which turns SIGTERM / SIGINT into Stopped so that clean-ups run."""
+"""How commands end: the @command wrapper (a UserError is one `error:` line and exit 2, a signal 128 + N, the one
+place that maps a signal to an exit status) and StopSignals, which turns SIGTERM / SIGINT into Stopped so that
+clean-ups run (at once, or after the training loop's step and save)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import signal
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 from giseg.utils.errors import UserError, storage_error_message
 from giseg.utils.log import logger
@@ -14,37 +14,59 @@ from giseg.utils.memory import keep_freed_memory
 
 
 class Stopped(Exception):
-    """SIGTERM or SIGINT arrived inside stop_on_signals(); ``note`` says what was kept or cleaned."""
+    """SIGTERM or SIGINT stopped a command; ``note`` says what was kept or cleaned (default: the temporary files
+    went)."""
 
     def __init__(self, signum: int, note: str = ""):
         super().__init__(note)
         self.signum, self.note = signum, note
 
 
-@contextlib.contextmanager
-def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> Iterator[None]:
-    """Within the block, the first SIGTERM or SIGINT calls ``on_stop(signum)`` (e.g. to pass it on to child
-    processes) and raises Stopped, so that every ``finally`` and atomic_dir's cleanup runs (the default SIGTERM
-    would end the process with its temporary folders left behind); later ones are logged and ignored while that
-    cleanup runs. The previous handlers come back at the end. (Main thread only, as Python's signals.)"""
-    seen: list[int] = []
+class StopSignals:
+    """SIGTERM / SIGINT within a ``with`` block, the one design of the package's signal handling.
 
-    def handle(signum, frame) -> None:
-        if seen:
-            logger.warning("received %s again: still stopping (cleaning up)", signal.Signals(signum).name)
+    at_once=True (stop_on_signals): the first signal calls ``on_stop(signum)`` (e.g. to pass it on to child
+    processes) and raises Stopped, so that every ``finally`` and atomic_dir's clean-up runs (the default SIGTERM
+    would end the process with its temporary folders left behind); later ones are logged and ignored while that
+    clean-up runs. at_once=False (the training loop): the first is only remembered in ``signum``, so that the loop
+    finishes its step, saves a resumable state and raises Stopped itself; a second SIGINT (Ctrl-C twice) raises
+    KeyboardInterrupt at once. The previous handlers come back at the end. (Main thread only, as Python's signals.)
+    """
+
+    def __init__(self, on_stop: Callable[[int], None] | None = None, at_once: bool = True):
+        self.on_stop, self.at_once = on_stop, at_once
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            if not self.at_once and signum == signal.SIGINT == self.signum:
+                raise KeyboardInterrupt
+            logger.warning("received %s again: still stopping (%s)", name,
+                           "cleaning up" if self.at_once else "finishing the current step")
             return
-        seen.append(signum)
-        logger.warning("received %s: stopping", signal.Signals(signum).name)
-        if on_stop is not None:
-            on_stop(signum)
+        self.signum = signum
+        if not self.at_once:
+            logger.warning("received %s: finishing the current step, then saving a resumable state", name)
+            return
+        logger.warning("received %s: stopping", name)
+        if self.on_stop is not None:
+            self.on_stop(signum)
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+def stop_on_signals(on_stop: Callable[[int], None] | None = None) -> StopSignals:
+    """Within the block, the first SIGTERM or SIGINT calls ``on_stop(signum)`` and raises Stopped (StopSignals)."""
+    return StopSignals(on_stop, at_once=True)
 
 
 def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
@@ -55,14 +77,14 @@ def command(main: Callable[[list[str] | None], int | None]) -> Callable[[list[st
     def run(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         try:
-            with stop_on_signals():  # (a command's own stop_on_signals, or the trainer's StopSignal, takes over inside)
+            with stop_on_signals():  # (a command's own StopSignals, or the training loop's, takes over inside)
                 return main(argv) or 0
-        except KeyboardInterrupt:  # a second Ctrl-C where a first one is being handled (the trainer's StopSignal)
+        except KeyboardInterrupt:  # a second Ctrl-C where a first one is being handled (the training loop's)
             print("stopped by SIGINT", file=sys.stderr, flush=True)
             return 128 + signal.SIGINT
         except Stopped as e:
-            print(f"stopped by {signal.Signals(e.signum).name}{': ' + e.note if e.note else ''}; temporary files "
-                  "were removed", file=sys.stderr, flush=True)
+            print(f"stopped by {signal.Signals(e.signum).name}; {e.note or 'temporary files were removed'}",
+                  file=sys.stderr, flush=True)
             return 128 + e.signum
         except UserError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -8,7 +8,7 @@ import pytest
 from giseg.data.gi import GI_CLASSES, build_index
 from giseg.data.folds import case_folds, split_by_case
 from giseg.data.volumes import neighbour_table
-from giseg.data.base import read_scan
+from giseg.data.base import ScanFormatWarning, read_scan
 from giseg.data.preprocess import normalise_scan
 from giseg.data.rle import decode_rle, encode_rle
 from giseg.utils.errors import UserError
@@ -136,23 +136,17 @@ def test_corrupt_png_is_named(tmp_path):
 
 
 def test_8bit_scan_is_accepted_with_a_warning(tmp_path):
-    from giseg.data import base as data
-
-    data._warned_formats.discard("8bit")  # warned once per process: forget earlier tests' warning
     path = tmp_path / "s.png"
     cv2.imwrite(str(path), np.full((6, 8), 200, np.uint8))
-    with pytest.warns(UserWarning, match="8-bit"):
+    with pytest.warns(ScanFormatWarning, match="8-bit"):
         img = read_scan(path, 8, 6)
     assert img.shape == (6, 8)
 
 
 def test_rgb_scan_is_converted_to_gray_with_a_warning(tmp_path):
-    from giseg.data import base as data
-
-    data._warned_formats.discard("rgb")
     path = tmp_path / "rgb.png"
     cv2.imwrite(str(path), np.full((6, 8, 3), 90, np.uint8))
-    with pytest.warns(UserWarning, match="colour scan converted to gray"):
+    with pytest.warns(ScanFormatWarning, match="colour scans converted to gray"):
         img = read_scan(path, 8, 6)
     assert img.shape == (6, 8)
 
@@ -189,3 +183,20 @@ def test_a_volume_mixing_scan_sizes_is_named(demo_dir):
     index.loc[3, "width"] += 16
     with pytest.raises(UserError, match=r"demo: 1 volume\(s\) mix scan sizes, e.g. \{'case': .*, 'day': .*\} has"):
         check_volume_sizes(index, ("case", "day"), "demo")
+
+
+def test_a_scan_format_warning_is_shown_once_for_many_slices(tmp_path):
+    """Python's default filter shows a ScanFormatWarning once, not once per slice of an 8-bit dataset."""
+    import warnings
+
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"s{k}.png")
+        cv2.imwrite(str(paths[-1]), np.full((6, 8), 100 + k, np.uint8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for path in paths:
+            read_scan(path, 8, 6)
+    assert [str(w.message) for w in caught if w.category is ScanFormatWarning] == [
+        "8-bit scans (expected 16-bit): intensities are normalised per slice, so they still work"]

@@ -225,6 +225,29 @@ def test_volume_inputs_that_cannot_be_read_get_one_line(tmp_path, series):
         read_dicom_series(gap)
 
 
+def rewrite(path, **attributes):
+    ds = pydicom.dcmread(path)
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_series_that_is_not_one_greyscale_grid_is_refused_naming_the_file(tmp_path):
+    """One slice of another pixel spacing would get the first slice's geometry; an RGB or an enhanced multi-frame
+    image is not one plane of a greyscale volume: each is one line naming the file, not a traceback."""
+    for k, (attributes, message) in enumerate([
+            ({"PixelSpacing": [1.2, 1.2]}, "pixel spacing .* a volume has one pixel spacing"),
+            ({"SamplesPerPixel": 3, "PhotometricInterpretation": "RGB"}, "3 samples per pixel"),
+            ({"NumberOfFrames": 4}, "enhanced \\(multi-frame\\) image of 4 frames")]):
+        folder = tmp_path / f"s{k}"
+        write_series(folder, [np.full((8, 8), 100, np.uint16)] * 3, seed=k)
+        odd = sorted(folder.iterdir())[1]
+        rewrite(odd, **attributes)
+        with pytest.raises(UserError, match=message) as caught:
+            read_dicom_series(folder)
+        assert str(odd) in str(caught.value)
+
+
 def test_predict_takes_data_dir_or_input(saved_model, tmp_path):
     from giseg.commands.predict import main as predict
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from giseg.data.base import DatasetAdapter, hash_files
+from giseg.data.gi import GIAdapter
 from giseg.data.masks import MAX_CLASSES, unpack_masks
 from giseg.data.nnunet.dataset_json import DATASET_JSON, PALETTE, SPLITS, channel_names, label_table, overlap_priority, parse_labels, read_dataset_json
 from giseg.data.nnunet.export import export_nnunet
@@ -125,8 +126,6 @@ class NnUNetAdapter(DatasetAdapter):
         return float(row.spacing_x), float(row.spacing_y)
 
     def make_demo(self, out_dir):
-        from giseg.data.gi import GIAdapter
-
         out = Path(out_dir)
         if not (out / DATASET_JSON).is_file():
             gi = GIAdapter()
