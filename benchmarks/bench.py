@@ -270,7 +270,7 @@ def train_worker(args) -> None:
     from transformers import AutoModelForSemanticSegmentation
 
     from giseg.data.gi import GI_CLASSES
-    from giseg.training.losses import SegmentationLoss
+    from giseg.training.losses import make_loss
     from giseg.inference.segmenter import upsample_like
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters
 
@@ -298,7 +298,7 @@ def train_worker(args) -> None:
         acc = Accelerator()
         model, opt = acc.prepare(model, opt)
         world, rank = acc.num_processes, acc.process_index
-    loss_fn = SegmentationLoss("multilabel", GI_CLASSES)
+    loss_fn = make_loss("bce_dice", "multilabel", GI_CLASSES)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -132,7 +132,7 @@ def stage_train(data_dir: str, cache_dir: str, model_dir: str, steps: int, worke
     import torch
 
     from giseg.data.registry import get_adapter
-    from giseg.training.losses import SegmentationLoss
+    from giseg.training.losses import make_loss
     from giseg.inference.segmenter import upsample_like
     from giseg.training.config import TrainConfig
     from giseg.training.build import build_model, load_data, make_loaders
@@ -154,7 +154,7 @@ def stage_train(data_dir: str, cache_dir: str, model_dir: str, steps: int, worke
         model.to(dev).train()
         train_dl, _ = make_loaders(cfg, data, spec, dev, 1)
         optimizer = make_optimizer(cfg, model, dev)
-        loss_fn = SegmentationLoss(cfg.task, adapter.classes, adapter.priority)
+        loss_fn = make_loss(cfg.loss, cfg.task, adapter.classes, adapter.priority)
         first = None
         images, n = 0, 0
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(

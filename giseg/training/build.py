@@ -24,7 +24,7 @@ from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
 from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
-from giseg.training.losses import PresenceLoss, SegmentationLoss
+from giseg.training.losses import PresenceLoss, SegmentationLoss, make_loss
 from giseg.training.mixing import BatchMixer
 from giseg.training.optim import lr_factor, make_optimizer
 from giseg.training.run_dir import OutputDir, check_output_dir
@@ -239,10 +239,11 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
-    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else SegmentationLoss(
-        cfg.task, adapter.classes, adapter.priority, cfg.pixel_loss_weight, cfg.dice_weight, loss=cfg.loss,
-        focal_gamma=cfg.focal_gamma, tversky_alpha=cfg.tversky_alpha, dice_absent=cfg.dice_absent,
-        lovasz_weight=cfg.lovasz_weight, tversky_beta=cfg.tversky_beta, unlabelled=adapter.may_have_unlabelled)
+    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else make_loss(
+        cfg.loss, cfg.task, adapter.classes, adapter.priority, pixel_weight=cfg.pixel_loss_weight,
+        dice_weight=cfg.dice_weight, lovasz_weight=cfg.lovasz_weight, focal_gamma=cfg.focal_gamma,
+        tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta, dice_absent=cfg.dice_absent,
+        unlabelled=adapter.may_have_unlabelled)
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
     run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)

@@ -27,7 +27,7 @@ from giseg.evaluation.metrics import EMPTY_RULES
 from giseg.inference.spec import spec_flags
 from giseg.models.registry import base_model_help
 from giseg.models.safe import ALLOW_BIN_HELP
-from giseg.training.losses import DICE_ABSENT, LOSSES, LOVASZ
+from giseg.training.losses import DICE_ABSENT, LOSSES, loss_help
 from giseg.training.tracking import parse_report_to
 from giseg.utils.errors import UserError
 from giseg.utils.options import add_options
@@ -162,10 +162,8 @@ class TrainerFlags:
         "identity": True, "group": "optimisation", "card": True})
     # loss and metric
     loss: str = field(default="bce_dice", metadata={
-        "help": "bce_dice (BCE/CE + soft Dice), bce, dice, focal (focal + Dice), tversky (BCE/CE + Tversky), "
-                "lovasz (the Lovász hinge, per class: multilabel) or bce_dice_lovasz (BCE + Dice + --lovasz_weight "
-                "x Lovász)",
-        "identity": True, "group": "loss and metric", "card": True, "choices": LOSSES})
+        "help": loss_help(),  # (the registry's: giseg/training/losses/)
+        "identity": True, "group": "loss and metric", "card": True, "choices": tuple(LOSSES)})
     focal_gamma: float = field(default=2.0, metadata={
         "help": "focal loss gamma",
         "identity": True, "group": "loss and metric"})
@@ -356,8 +354,9 @@ def validate_config(cfg: TrainConfig) -> None:
         (cfg.task != "presence" or (cfg.loss == TrainConfig.loss and not (cfg.cutmix_prob or cfg.mixup_prob)),
          "--task presence trains a slice classifier with binary cross-entropy on each class's presence: leave --loss, "
          "--cutmix_prob and --mixup_prob at their defaults"),
-        (cfg.loss not in LOVASZ or cfg.task == "multilabel",
-         f"--loss {cfg.loss}: the Lovász hinge is per class, multilabel; use --task multilabel or another --loss"),
+        (cfg.task == "presence" or cfg.loss not in LOSSES or cfg.task in LOSSES[cfg.loss].tasks,
+         f"--loss {cfg.loss}: defined for --task {' or '.join(getattr(LOSSES.get(cfg.loss), 'tasks', ()))}, not "
+         f"{cfg.task}; use one of those or another --loss"),
         (cfg.pixel_loss_weight + cfg.dice_weight > 0, "--pixel_loss_weight and --dice_weight cannot both be 0"),
         (0 <= cfg.head_prior < 1, f"--head_prior must be in [0, 1) (0: the library's zero bias), got {cfg.head_prior}"),
         (cfg.empty_slice_fraction == -1 or 0 <= cfg.empty_slice_fraction < 1,

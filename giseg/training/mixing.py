@@ -3,7 +3,7 @@
 Each batch, with probability ``cutmix_prob``, a box of the images and of their masks is replaced by the same box of
 a partner in the batch (a permutation): the masks stay hard. Otherwise, with probability ``mixup_prob``, the images
 are blended, ``lam * x + (1 - lam) * x[partner]``, and the loss sees soft targets, ``lam * y + (1 - lam) *
-y[partner]`` (losses.SegmentationLoss's ``mix``). ``lam`` ~ Beta(alpha, alpha); CutMix's box covers 1 - lam of the
+y[partner]`` (the ``mix`` of losses.SegmentationLoss). ``lam`` ~ Beta(alpha, alpha); CutMix's box covers 1 - lam of the
 image. Every draw is a function of (seed, epoch, batch of the epoch, process) alone, as the augmentation's are: a
 resumed run replays the same mixes. Evaluation never mixes.
 """

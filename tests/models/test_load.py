@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from giseg.training.losses import SegmentationLoss
+from giseg.training.losses import make_loss
 from giseg.inference.segmenter import upsample_like
 from giseg.data.gi import GI_CLASSES as GI
 from giseg.data.gi import GI_PRIORITY
@@ -46,7 +46,7 @@ def test_forward_backward_gives_finite_loss_and_gradients_everywhere(tiny_models
     logits, aux = model(x)
     assert logits.shape[:2] == (2, 3 if task == "multilabel" else 4)
     assert (aux is not None) == (family != "segformer")  # UperNet, DPT, BEiT have an auxiliary head
-    loss_fn = SegmentationLoss(task, GI, GI_PRIORITY)
+    loss_fn = make_loss("bce_dice", task, GI, GI_PRIORITY)
     loss = loss_fn(upsample_like(logits, (64, 64)), packed)
     if aux is not None:
         loss = loss + 0.4 * loss_fn(upsample_like(aux, (64, 64)), packed)

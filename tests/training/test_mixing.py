@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from giseg.training.config import TrainConfig
-from giseg.training.losses import SegmentationLoss, tversky_loss
+from giseg.training.losses import make_loss, tversky_loss
 from giseg.training.mixing import BatchMixer
 from giseg.training.loop import train
 
@@ -61,7 +61,7 @@ def test_mixup_blends_images_and_the_loss_takes_the_blended_masks_as_soft_target
     soft = lam * own + (1 - lam) * other
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft) + tversky_loss(
         torch.sigmoid(logits), soft, 0.5, 0.5)
-    got = SegmentationLoss("multilabel", GI)(logits, masks, (partner, lam))
+    got = make_loss("bce_dice", "multilabel", GI)(logits, masks, (partner, lam))
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
 
 

@@ -223,7 +223,7 @@ def test_evaluate_reports_the_dice_computed_by_hand():
 
     from giseg.inference.spec import InferenceSpec
     from giseg.inference.segmenter import Segmenter
-    from giseg.training.losses import SegmentationLoss
+    from giseg.training.losses import make_loss
     from giseg.evaluation.metrics import describe
     from giseg.evaluation.validation import evaluate
 
@@ -249,7 +249,7 @@ def test_evaluate_reports_the_dice_computed_by_hand():
     spec = InferenceSpec("gi", "multilabel", classes, 32, 1, 2, (0, 0, 0), (1, 1, 1), (0.5, 0.5))
     packed = (truth[:, 0] | (truth[:, 1] << 1)).to(torch.uint8)
     batch = {"pixel_values": torch.zeros(2, 3, 4, 4), "mask": packed, "index": torch.tensor([0, 1])}
-    figures = evaluate(Segmenter(Fixed(), spec), [batch], SegmentationLoss("multilabel", classes), Accelerator(), "1")
+    figures = evaluate(Segmenter(Fixed(), spec), [batch], make_loss("bce_dice", "multilabel", classes), Accelerator(), "1")
     assert figures["val_slices"] == 2
     assert figures["dice_a"] == pytest.approx((0.4 + 1) / 2) and figures["dice_b"] == pytest.approx((1 + 0) / 2)
     assert figures["global_dice_a"] == pytest.approx(2 * 5 / (7 + 6)) and figures["global_dice_b"] == 0
