@@ -172,3 +172,41 @@ def test_every_function_level_import_of_our_code_says_why():
     """A lazy import hides a dependency from the reader: each one says what it avoids (torch for --help, an
     optional extra, transformers for the ONNX backend), or it goes to the top of the module."""
     assert [x for p in package_files() for x in unexplained_lazy_imports(p)] == []
+
+
+def task_name_comparisons(path: Path) -> list[str]:
+    """`x == "presence"` and the like: code that decides by a task's name instead of asking the task."""
+    from giseg.models.tasks import TASKS
+
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            values = [node.left, *node.comparators]
+            names = [v.value for v in values if isinstance(v, ast.Constant) and v.value in TASKS]
+            names += [e.value for v in values if isinstance(v, (ast.Tuple, ast.List, ast.Set)) for e in v.elts
+                      if isinstance(e, ast.Constant) and e.value in TASKS]
+            out += [f"{module_name(path)}:{node.lineno} compares with {n!r}" for n in names]
+    return out
+
+
+def test_no_code_decides_by_a_task_name():
+    """The task (multilabel / multiclass / presence) is one object (giseg/models/tasks.py): its labels, outputs,
+    probabilities, masks and figure. Code asks it (get_task(name).background, .segments ...), so a new task is one
+    entry there, not ~40 checks across 15 files."""
+    assert [x for p in package_files() if p.name != "tasks.py" for x in task_name_comparisons(p)] == []
+
+
+def hand_made_options(path: Path) -> list[str]:
+    """dataclasses.field(metadata={...}) written out: an option declared outside utils.options.flag()."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "field":
+            if any(k.arg == "metadata" and isinstance(k.value, ast.Dict) for k in node.keywords):
+                out.append(f"{module_name(path)}:{node.lineno}")
+    return out
+
+
+def test_every_option_is_declared_with_the_one_flag_helper():
+    """Training, spec, HF, run and scoring options all come from giseg.utils.options.flag() (default, help, section,
+    identity, card and check beside the field): no hand-written metadata dict that could drift from it."""
+    assert [x for p in package_files() for x in hand_made_options(p)] == []

@@ -65,10 +65,12 @@ def score_cv_ensemble(args) -> None:
 def report(cv_dir: Path, folds: list[int], cfg, adapter, index) -> None:
     """The CV table (cv_table.md, cv_scores.json) and its lines in the log."""
     from giseg.evaluation.cv_scores import cv_table, fold_figures, presence_out_of_fold, score_out_of_fold  # torch
+    from giseg.models.tasks import get_task  # (beside it: torch)
 
     rows = fold_figures(cv_dir, folds)
     every = folds == list(range(cfg.n_folds))
-    if cfg.task == "presence":  # slice classifiers: AUC / F1 / empty slices, out of fold from val_presence.csv
+    presence = not get_task(cfg.task).segments
+    if presence:  # slice classifiers: AUC / F1 / empty slices, out of fold from val_presence.csv
         oof = presence_out_of_fold(cv_dir, folds, adapter.classes) if every else None
     else:
         oof = score_out_of_fold(cv_dir, folds, index, adapter, cfg.empty_dice) if every else None
@@ -78,7 +80,7 @@ def report(cv_dir: Path, folds: list[int], cfg, adapter, index) -> None:
     for line in table.splitlines():
         logger.info("cv %s", line)  # (a Markdown row: "cv | fold | ...")
     mean, sd = summary["mean"], summary["sd"]
-    if cfg.task == "presence":
+    if presence:
         logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
                     mean["auc_mean"], sd["auc_mean"], mean["empty_correct"], sd["empty_correct"], len(rows),
                     cv_dir / "cv_table.md")

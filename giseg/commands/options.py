@@ -2,48 +2,35 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from giseg.evaluation.empty_rule import empty_dice_flag
 from giseg.models.safe import ALLOW_BIN_HELP
 from giseg.utils.errors import UserError
-
-
-def _empty_rules() -> tuple[str, ...]:
-    """--empty_dice's choices, read when a parser that has the option is built: evaluation.metrics imports torch
-    (2 s), which `giseg cv --help` (RunOptions only) does not need."""
-    from giseg.evaluation.metrics import EMPTY_RULES  # torch (1 s): every command's --help imports this module
-
-    return EMPTY_RULES
+from giseg.utils.options import at_least, check_options, flag, mixed_precision_flag
 
 
 @dataclass
 class RunOptions:
     """How a command runs models over a data folder: giseg predict, tune and cv --ensemble."""
-    weights: str = field(default="", metadata={
-        "help": "ensemble weights, comma-separated, one per model (or per CV); empty: equal"})
-    cache_dir: str = field(default="cache", metadata={"help": "decode-once cache folder"})
-    batch_size: int = field(default=16, metadata={"help": "slices per forward pass"})
-    mixed_precision: str = field(default="bf16", metadata={
-        "help": "autocast on GPU (ignored on CPU)", "choices": ("no", "fp16", "bf16")})
-    num_workers: int = field(default=2, metadata={"help": "data-loader workers"})
-    allow_bin: bool = field(default=False, metadata={"help": ALLOW_BIN_HELP})
+    weights: str = flag("", "ensemble weights, comma-separated, one per model (or per CV); empty: equal")
+    cache_dir: str = flag("cache", "decode-once cache folder")
+    batch_size: int = flag(16, "slices per forward pass", **at_least(1))
+    mixed_precision: str = mixed_precision_flag("bf16")
+    num_workers: int = flag(2, "data-loader workers", **at_least(0))
+    allow_bin: bool = flag(False, ALLOW_BIN_HELP)
 
 
 @dataclass
 class ScoringOptions:
     """How figures are scored: giseg score and tune."""
-    empty_dice: str = field(default="1", metadata={
-        "help": "Dice of an empty prediction on an empty truth: 1 (the 1st-place solution's rule), 0 (the "
-                "competition text), or skip (left out of the mean)", "choices": _empty_rules})
-    workers: int = field(default=0, metadata={"help": "threads scoring volumes (0: one per core)"})
+    empty_dice: str = empty_dice_flag()
+    workers: int = flag(0, "threads scoring volumes (0: one per core)", **at_least(0))
 
 
 def check_run_options(args) -> None:
-    """One line for a value no run can use."""
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be >= 0, got {args.num_workers}")
+    """One line for a value no run can use (each RunOptions flag's own check)."""
+    check_options(args, RunOptions)
 
 
 def parse_thresholds(text: str | None, classes: tuple[str, ...]) -> tuple[float, ...] | None:

@@ -36,6 +36,7 @@ from giseg.inference.gate import SliceGate
 from giseg.inference.medical import VOLUME_LABELS, claim_names, record_output, write_nifti, write_rtstruct
 from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
+from giseg.models.tasks import get_task
 from giseg.utils.claims import claim_output_dir, claim_output_file, starts_with
 from giseg.utils.errors import UserError
 from giseg.utils.exits import command
@@ -122,7 +123,7 @@ def load_models(args, device) -> Ensemble:
                        list(spec.gate_threshold))
     thresholds = parse_thresholds(args.thresholds, spec.classes)
     if thresholds is not None:
-        if spec.task != "multilabel":
+        if get_task(spec.task).background:
             raise UserError("--thresholds applies to multilabel models; this one is multiclass (argmax)")
         model = model.with_decisions(thresholds=thresholds)
     return model

@@ -10,7 +10,7 @@ from giseg.evaluation import score
 from giseg.evaluation.score import format_table, read_submission, score_predictions
 from giseg.utils.exits import command
 from giseg.utils.files import atomic_write_json
-from giseg.utils.options import add_options
+from giseg.utils.options import add_options, check_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_options(args, ScoringOptions)
     adapter = get_adapter(args.dataset).bind(args.data_dir, dataset_options(args))
     index = adapter.build_index(args.data_dir)
     overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,

@@ -31,7 +31,7 @@ from giseg.utils.errors import UserError
 from giseg.utils.exits import command
 from giseg.utils.files import atomic_write_json, atomic_write_text, json_text, write_beside
 from giseg.utils.log import logger, quiet_third_party, setup_logging
-from giseg.utils.options import add_options
+from giseg.utils.options import add_options, check_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +176,7 @@ def validation_volumes(args, groups, gates, weights, device) -> tuple[list, obje
 
 def tune(args) -> dict:
     check_run_options(args)
+    check_options(args, ScoringOptions)
     check_tune_outputs(args)
     search = parse_search(args)
     folders, groups = model_groups(args)

@@ -16,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from giseg.inference.spec import InferenceSpec
+from giseg.models.tasks import MULTILABEL, get_task
 from giseg.utils.errors import UserError
 
 BUFFERS = (".running_mean", ".running_var", ".num_batches_tracked")  # BatchNorm state: saved, not parameters
@@ -61,7 +62,7 @@ def summarise_run(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not records:
         raise NotComparable("no evaluation yet (metrics.jsonl is empty)")
-    if cfg.get("task") == "presence":
+    if not get_task(cfg.get("task", MULTILABEL.name)).segments:
         raise NotComparable("a slice classifier (--task presence): its figures are AUC and F1, not Dice (its "
                             "metrics.jsonl and val_scores.json have them)")
     best = max(records, key=lambda r: r["dice_mean"] if r["dice_mean"] is not None else -1)
@@ -70,7 +71,7 @@ def summarise_run(run: Path) -> dict:
     except UserError as e:
         raise NotComparable(f"no usable best/ model ({e})") from None
     name = f"{run.parent.name}/{run.name}" if (run.parent / "cv_config.json").is_file() else run.name
-    out = {"run": name, "model": cfg["base_model"], "task": cfg.get("task", "multilabel"),
+    out = {"run": name, "model": cfg["base_model"], "task": cfg.get("task", MULTILABEL.name),
            "params": count_parameters(run / "best"), "epochs": records[-1]["epoch"], "best_epoch": best["epoch"],
            "classes": classes, **{f"dice_{c}": best.get(f"dice_{c}") for c in classes}, "dice_mean": best["dice_mean"],
            "score": None, "images_per_s": None}

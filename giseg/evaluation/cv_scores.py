@@ -16,6 +16,7 @@ from giseg.evaluation.presence import presence_figures
 from giseg.evaluation.score import score_predictions, submission_to_wide
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.submission import predict_rows
+from giseg.models.tasks import MULTILABEL, get_task
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json, atomic_write_text
 from giseg.utils.log import logger
@@ -25,12 +26,9 @@ PRESENCE_FIGURES = ("auc_mean", "f1_mean", "empty_correct")  # --task presence: 
 
 
 def figure_columns(classes: tuple[str, ...], task: str) -> list[str]:
-    """The CV table's columns: per-class Dice and the scores, or a slice classifier's per-class AUC and figures."""
-    if task == "presence":
-        return [*(f"auc_{c}" for c in classes), *PRESENCE_FIGURES]
-    return [*(f"dice_{c}" for c in classes), *FIGURES]
-
-
+    """The CV table's columns: the task's per-class figure (Dice, or a slice classifier's AUC) and its summaries."""
+    t = get_task(task)
+    return [*(f"{t.figure}_{c}" for c in classes), *(FIGURES if t.segments else PRESENCE_FIGURES)]
 
 
 def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
@@ -45,7 +43,8 @@ def fold_figures(cv_dir: Path, folds: list[int]) -> list[dict]:
     return rows
 
 
-def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None, task: str = "multilabel") -> tuple[dict, str]:
+def cv_table(rows: list[dict], classes: tuple[str, ...], oof: dict | None,
+             task: str = MULTILABEL.name) -> tuple[dict, str]:
     """(summary with mean and sd over folds of every figure, Markdown table)."""
     cols = figure_columns(classes, task)
     values = np.array([[r[c] for c in cols] for r in rows], dtype=float)

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-EMPTY_RULES = ("1", "0", "skip")
+from giseg.evaluation.empty_rule import EMPTY_RULES
 
 
 def mask_stats(pred: torch.Tensor | np.ndarray, truth: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

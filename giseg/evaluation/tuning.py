@@ -34,6 +34,7 @@ from giseg.inference.ensemble import Ensemble, group_by_volume
 from giseg.inference.gate import gate_slice
 from giseg.inference.postprocess import apply_rule, gate
 from giseg.inference.spec import InferenceSpec
+from giseg.models.tasks import get_task
 from giseg.utils.errors import UserError
 from giseg.utils.log import logger
 
@@ -77,9 +78,9 @@ def collect_volumes(model: Ensemble, adapter, index: pd.DataFrame, rows: np.ndar
     def close(items):
         rs = np.array([r for r, _ in items])
         probs = np.stack([p for _, p in items])  # (D, K, H, W)
-        cls = probs if task == "multilabel" else probs[:, 1:]
+        cls = get_task(task).class_channels(probs)
         argmax = None
-        if task == "multiclass":
+        if get_task(task).background:
             argmax = probs.argmax(1)[:, None] == np.arange(1, n_classes + 1).reshape(1, -1, 1, 1)
         truth = np.stack([adapter.read_masks(index.iloc[r]).astype(bool) for r in rs])
         ign = [adapter.ignored(index.iloc[r]) for r in rs]
@@ -98,6 +99,7 @@ class Tuner:
     def __init__(self, volumes: list[Volume], task: str, classes: tuple[str, ...], empty: str, workers: int,
                  search: tuple[str, ...] = SEARCH):
         self.volumes, self.task, self.classes, self.empty, self.search_steps = volumes, task, classes, empty, search
+        self.argmax = get_task(task).background  # decided by the argmax over background + classes: no thresholds
         self.pool = ThreadPoolExecutor(max(1, workers))
         self.n_slices = sum(len(v.rows) for v in volumes)
         self.evaluated = 0
@@ -105,7 +107,7 @@ class Tuner:
     def class_masks(self, v: Volume, c: int, d: dict) -> np.ndarray:
         """(D, H, W) masks of class ``c`` of volume ``v`` under decisions ``d`` (one class's values)."""
         p = v.probs[:, c]
-        m = v.argmax[:, c] if self.task == "multiclass" else p > np.float32(d["thresholds"])
+        m = v.argmax[:, c] if self.argmax else p > np.float32(d["thresholds"])
         m = gate(m[:, None], p[:, None], (d["min_area"],), (d["min_prob"],))[:, 0]  # giseg predict's own gate
         if v.presence is not None:  # the slice gate, as Ensemble.iter_masks applies it
             m = gate_slice(m[:, None], v.presence[:, c:c + 1], (d["gate_threshold"],), (d["gate_min_pixels"],))[:, 0]
@@ -138,7 +140,7 @@ class Tuner:
         best = before["score"]
         for c, name in enumerate(self.classes):
             grids = []
-            if self.task == "multilabel" and "thresholds" in self.search_steps:
+            if not self.argmax and "thresholds" in self.search_steps:
                 grids.append([{"thresholds": t} for t in THRESHOLDS])
             if "gates" in self.search_steps:
                 grids.append([{"min_prob": p, "min_area": a} for p in MIN_PROB for a in MIN_AREA])
@@ -159,7 +161,7 @@ class Tuner:
                         best, chosen[c], current[c] = score, trial, figs
             logger.info("tuned %s: threshold %s, min_area %g, min_prob %g, slice gate >= %g and > %d pixels, "
                         "post-processing %s (score %.4f)", name,
-                        chosen[c]["thresholds"] if self.task == "multilabel" else "argmax", chosen[c]["min_area"],
+                        "argmax" if self.argmax else chosen[c]["thresholds"], chosen[c]["min_area"],
                         chosen[c]["min_prob"], chosen[c]["gate_threshold"], chosen[c]["gate_min_pixels"],
                         chosen[c]["postprocess"], best)
         return chosen, before, self.figures(current)
@@ -177,7 +179,7 @@ def as_spec_values(chosen: list[dict], task: str, gated: bool = False) -> dict:
     """Per-class dicts -> the spec's tuples (no thresholds for multiclass; no slice gate (None) unless ``gated``:
     tuned with --gate_model)."""
     values = {k: tuple(d[k] for d in chosen) for k in DECISIONS}
-    if task == "multiclass":
+    if get_task(task).background:
         values["thresholds"] = ()
     if not gated:  # (tuned with a gate, "off" is a decision too: 0 and 0, not None, which means the classifiers' own)
         values["gate_threshold"] = values["gate_min_pixels"] = None
@@ -192,7 +194,7 @@ def report_markdown(classes, chosen: list[dict], before: dict, after: dict, task
         d = chosen[c]
         slice_gate = (f">= {d['gate_threshold']:g}, > {d['gate_min_pixels']} px"
                       if d.get("gate_threshold") or d.get("gate_min_pixels") else "off")
-        lines.append(f"| {name} | {d['thresholds'] if task == 'multilabel' else 'argmax'} | {d['min_area']:g} | "
+        lines.append(f"| {name} | {'argmax' if get_task(task).background else d['thresholds']} | {d['min_area']:g} | "
                      f"{d['min_prob']:g} | {slice_gate} | {d['postprocess']} | {before[f'dice_{name}']:.4f} | {after[f'dice_{name}']:.4f}"
                      f" | {before[f'hausdorff_{name}']:.4f} | {after[f'hausdorff_{name}']:.4f} |")
     lines += ["", f"score {before['score']:.4f} -> {after['score']:.4f}; mean Dice {before['dice_mean']:.4f} -> "

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from giseg.models.tasks import get_task
+
 POSTPROCESS = ("none", "largest", "min:<voxels>")  # the rules, as --help and errors name them
 
 
@@ -26,16 +28,14 @@ def masks_from_probabilities(probs: torch.Tensor | np.ndarray, task: str, thresh
     """(..., K, H, W) probabilities -> (..., C, H, W) bool: p > threshold per class (multilabel), or the argmax
     over background + classes (multiclass: channel c is class c + 1)."""
     p = torch.as_tensor(probs)
-    if task == "multilabel":
-        t = torch.as_tensor(thresholds, dtype=p.dtype if p.is_floating_point() else torch.float32)
-        return (p > t.view(-1, 1, 1)).numpy()
-    labels = p.argmax(-3, keepdim=True)
-    return (labels == torch.arange(1, p.shape[-3]).view(-1, 1, 1)).numpy()
+    t = None if thresholds is None else torch.as_tensor(thresholds, dtype=p.dtype if p.is_floating_point() else
+                                                        torch.float32)
+    return get_task(task).masks(p, t, logits=False).numpy()
 
 
 def class_probabilities(probs: np.ndarray, task: str) -> np.ndarray:
     """(..., K, H, W) -> (..., C, H, W): the classes' channels (multiclass: without the background)."""
-    return probs if task == "multilabel" else probs[..., 1:, :, :]
+    return get_task(task).class_channels(probs)
 
 
 def gate(masks: np.ndarray, probs: np.ndarray, min_area, min_prob) -> np.ndarray:

@@ -31,6 +31,7 @@ from giseg.data.dataset import SliceDataset
 from giseg.data.preprocess import body_box, crop_box, normalise_scan, prepare_scan, to_pixel_values
 from giseg.data.volumes import neighbour_table
 from giseg.inference.spec import SPEC_FILE, InferenceSpec
+from giseg.models.tasks import get_task
 from giseg.utils.errors import UserError
 
 
@@ -39,11 +40,7 @@ def masks_from_logits(logits: torch.Tensor, size: tuple[int, int], task: str,
     """(B, K, h, w) logits -> (B, C, H, W) bool masks at ``size``: logits upsampled bilinearly (as the loss sees
     them; upsampling probabilities instead scored 0.008 lower mean Dice on the demo), then sigmoid > per-class
     threshold (multilabel) or argmax over background + classes (multiclass; channel c is class c + 1)."""
-    logits = upsample_like(logits.float(), tuple(size))
-    if task == "multilabel":
-        return torch.sigmoid(logits) > thresholds.to(logits.device).view(1, -1, 1, 1)
-    labels = logits.argmax(1, keepdim=True)
-    return labels == torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, 1, 1)
+    return get_task(task).masks(upsample_like(logits.float(), tuple(size)), thresholds, logits=True)
 
 
 BACKENDS = ("eager", "compile", "onnxruntime")  # how the forward pass runs (predict --backend)
@@ -81,7 +78,7 @@ class Segmenter:
         from giseg.inference.onnx_model import load_onnx_model  # onnxruntime: optional (the [onnx] extra)
 
         spec = InferenceSpec.load(folder)
-        if spec.task == "presence":
+        if not get_task(spec.task).segments:
             raise UserError(f"--model {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
                             "--gate_model")
         if (folder / "config.json").is_file():
@@ -110,7 +107,7 @@ class Segmenter:
             return upsample_like(logits.float(), size)
         y0, y1, x0, x1 = (int(v) for v in box)
         full = torch.full((logits.shape[0], logits.shape[1], *size), -1e4, device=logits.device)
-        if self.spec.task == "multiclass":
+        if get_task(self.spec.task).background:
             full[:, 0] = 1e4
         full[..., y0:y1, x0:x1] = upsample_like(logits.float(), (y1 - y0, x1 - x0))
         return full
@@ -163,7 +160,7 @@ class Segmenter:
         for r, logits in self._iter_logits(index, rows, cache, neighbours, batch_size, mixed_precision, tta,
                                            num_workers):
             logits = self.paste(logits, (int(heights[r]), int(widths[r])), boxes[r] if boxes is not None else None)
-            probs = torch.sigmoid(logits) if self.spec.task == "multilabel" else torch.softmax(logits, 1)
+            probs = get_task(self.spec.task).probabilities(logits)
             yield r, probs[0].cpu().numpy()
 
 
@@ -172,7 +169,6 @@ def load_trained(folder: Path, flag: str, allow_bin: bool, presence: bool) -> tu
     (models/safe.py), the spec checked against the model's own config, files and input channels. ``presence``: a
     slice classifier is wanted (AutoModelForImageClassification), else a segmenter; the other kind is refused
     with one line saying where it goes."""
-    # transformers (1.8 s): only the commands that load a model pay it
     from giseg.models.families import auto_class  # transformers (2 s): --backend onnxruntime runs without it
     from giseg.models.safe import check_model_folder, loading_kwargs
     from giseg.models.widen import input_channels
@@ -183,10 +179,11 @@ def load_trained(folder: Path, flag: str, allow_bin: bool, presence: bool) -> tu
         raise UserError(f"{flag} {folder}: no config.json; pass a folder written by {kind} (e.g. runs/<name>/best)")
     config = check_model_folder(folder, flag, allow_bin)
     spec = InferenceSpec.load(folder)
-    if presence and spec.task != "presence":
+    segments = get_task(spec.task).segments
+    if presence and segments:
         raise UserError(f"{flag} {folder} is a {spec.task} segmenter, not a slice classifier: train one with "
                         "trainer.py --task presence")
-    if not presence and spec.task == "presence":
+    if not presence and not segments:
         raise UserError(f"{flag} {folder} is a slice classifier (--task presence), not a segmenter: pass it as "
                         "--gate_model to gate a segmenter's masks")
     check_spec_matches_model(spec, config, folder)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 from giseg.data.masks import class_name_problems
 from giseg.inference.postprocess import POSTPROCESS, valid_rule
-from giseg.models.labels import TASKS, task_labels
+from giseg.models.tasks import MULTILABEL, TASKS, get_task
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json
+from giseg.utils.options import flag_metadata
 
 SPEC_FILE = "inference_spec.json"
 SPLIT_KEYS = ("n_folds", "fold", "split_seed")
@@ -28,11 +29,12 @@ def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def flag(default, help: str, check, what: str, **meta) -> dict:
-    """Metadata of a spec field that is also a training flag: TrainConfig (training/config.py) gets --<name> with
-    this default, help and choices; ``check`` (with ``what`` it must be) validates it in the spec and on the CLI."""
-    return {"flag": {"default": default, "help": help, "identity": True, "group": "model and data", "card": True,
-                     **meta}, "check": check, "what": what}
+def spec_flag(default, help: str, check, what: str, **meta) -> dict:
+    """Metadata of a spec field that is also a training flag: utils.options.flag_metadata's (the one declaration
+    of every option) under "flag", with the flag's default, from which TrainConfig (training/config.py) gets
+    --<name>; ``check`` (with ``what`` it must be) validates it in the spec and on the CLI alike."""
+    meta = flag_metadata(help, group="model and data", identity=True, card=True, check=check, what=what, **meta)
+    return {"flag": {**meta, "default": default}, "check": check, "what": what}
 
 
 def model_input_channels(context_slices: int, channels: int = 1) -> int:
@@ -53,23 +55,20 @@ class InferenceSpec:
     dataset: str  # the adapter's name (data/registry.py DATASETS)
     # Fields that are also training flags ("flag": TrainConfig gets each as --<name> with this default and help; the
     # trainer saves its value here). A new one goes at the end of the class with a default (older folders lack it).
-    task: str = field(metadata=flag(
-        "multilabel", "multilabel: a sigmoid channel per class, classes may overlap; multiclass: softmax over "
-        "background + classes, overlaps resolved by the dataset's priority (GI: stomach > large_bowel > small_bowel); "
-        "presence: a slice classifier (is each class on the slice), an image-classification --base_model, for giseg "
-        "predict --gate_model",
-        lambda v: v in TASKS, f"one of {TASKS}", choices=TASKS))
+    task: str = field(metadata=spec_flag(
+        MULTILABEL.name, "; ".join(f"{t.name}: {t.about}" for t in TASKS.values()),
+        lambda v: v in TASKS, f"one of {tuple(TASKS)}", choices=tuple(TASKS)))
     classes: tuple[str, ...]
-    image_size: int = field(metadata=flag(
+    image_size: int = field(metadata=spec_flag(
         288, "square training size in pixels (multiple of 32)",
         lambda v: isinstance(v, int) and v >= 32 and v % 32 == 0, "a positive multiple of 32 (the models "
         "downsample by 32)"))
-    context_slices: int = field(metadata=flag(
+    context_slices: int = field(metadata=spec_flag(
         1, "1: the slice repeated into 3 channels; 3: 2.5D, slices -stride, 0, +stride of the same case-day; 5, 7 "
         "...: more neighbours, the model's first layer widened to take them (its pretrained weights shared out so "
         "that its output is unchanged for the same image in every channel)",
         lambda v: isinstance(v, int) and v >= 1 and v % 2 == 1, "an odd number >= 1 (1, 3, 5 ...)"))
-    context_stride: int = field(metadata=flag(
+    context_stride: int = field(metadata=spec_flag(
         2, "slice distance of the 2.5D neighbours", lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"))
     mean: tuple[float, ...]  # per input channel
     std: tuple[float, ...]
@@ -86,12 +85,12 @@ class InferenceSpec:
     # None: the classifiers' own thresholds and no pixel count (untuned)
     gate_threshold: tuple[float, ...] | None = None
     gate_min_pixels: tuple[int, ...] | None = None
-    body_crop: bool = field(default=False, metadata=flag(
+    body_crop: bool = field(default=False, metadata=spec_flag(
         False, "crop each slice to its body before resizing: the bounding box of the largest bright component "
         "(> 0.1 of the slice's scale; arms and coil rims are smaller ones), the union over the slices of its volume, "
         "grown by --crop_margin and squared; predictions are pasted back at original size (data/preprocess.py)",
         lambda v: isinstance(v, bool), "true or false"))
-    crop_margin: int = field(default=8, metadata=flag(
+    crop_margin: int = field(default=8, metadata=spec_flag(
         8, "--body_crop: pixels of the original slice kept around the body's box",
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"))
 
@@ -141,13 +140,13 @@ class InferenceSpec:
             value = getattr(self, name)
             if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
                 out.append(f"{name}: null or one per class, {what}, got {list(value)}")
-        want = len(self.classes) if self.task != "multiclass" else 0
+        want = TASKS[self.task].n_thresholds(self.classes) if self.task in TASKS else len(self.classes)
         if len(self.thresholds) != want or not all(is_number(t) and 0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")
         return out
 
     def labels(self) -> dict[int, str]:
-        return task_labels(self.task, self.classes)
+        return get_task(self.task).labels(self.classes)
 
     def save(self, folder: str | Path) -> None:
         atomic_write_json(Path(folder) / SPEC_FILE, dataclasses.asdict(self))
@@ -197,9 +196,9 @@ def _legacy_spec(folder: Path) -> dict:
         raise UserError(f"{folder}: no {SPEC_FILE} (and no complete settings of an earlier version: {missing[0]} "
                         "missing); pass a model folder written by trainer.py, e.g. runs/<name>/best")
     labels = tuple(cfg["id2label"][k] for k in sorted(cfg["id2label"], key=int))
-    multiclass = cfg["gi_task"] == "multiclass"
-    classes = labels[1:] if multiclass else labels
+    background = get_task(cfg["gi_task"]).background
+    classes = labels[1:] if background else labels
     return {"dataset": cfg["gi_dataset"], "task": cfg["gi_task"], "classes": classes,
             "image_size": pre["size"].get("height"), "context_slices": cfg["gi_context_slices"],
             "context_stride": cfg["gi_context_stride"], "mean": pre["image_mean"], "std": pre["image_std"],
-            "thresholds": () if multiclass else (0.5,) * len(classes)}  # giseg predict's threshold then
+            "thresholds": () if background else (0.5,) * len(classes)}  # giseg predict's threshold then

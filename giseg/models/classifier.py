@@ -25,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.baselines import BASELINES, build_encoder
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
-from giseg.models.labels import task_labels
+from giseg.models.tasks import PRESENCE
 from giseg.models.safe import loading_kwargs
 from giseg.utils.errors import UserError
 
@@ -74,7 +74,7 @@ AutoModelForImageClassification.register(GIEncoderClassifierConfig, GIEncoderCla
 def load_classifier(base_model: str, classes: tuple[str, ...], allow_bin: bool = False) -> LoadedModel:
     """``base_model`` (an image-classification hub id or folder, or a CNN baseline name) with a fresh multi-label
     classifier for ``classes``."""
-    id2label = task_labels("presence", classes)
+    id2label = PRESENCE.labels(classes)
     label2id = {v: k for k, v in id2label.items()}
     if base_model in BASELINES:
         encoder = BASELINES[base_model]

@@ -31,7 +31,7 @@ from giseg.models.baselines import (  # also registers them with the Auto classe
 from giseg.models.classifier import load_classifier
 from giseg.models.families import FAMILY_STATS, QUERY_FAMILIES, auto_class, make_image_processor
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
-from giseg.models.labels import task_labels
+from giseg.models.tasks import get_task
 from giseg.models.safe import loading_kwargs
 from giseg.models.registry import list_families
 from giseg.models.widen import input_channels, widen_channels, widen_input
@@ -47,11 +47,11 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     widened (widen_input) and its statistics too;
     with ``head_prior`` > 0 the new head's output biases set so that every class starts at that probability
     (set_prior_bias)."""
-    if task == "presence":  # a slice classifier (models/classifier.py)
+    if not get_task(task).segments:  # a slice classifier (models/classifier.py)
         loaded = load_classifier(base_model, classes, allow_bin)
     else:
         loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
-    if head_prior > 0 and task != "presence":
+    if head_prior > 0 and get_task(task).segments:
         for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
             loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} everywhere "
                                         "(--head_prior)")
@@ -68,7 +68,7 @@ def prior_bias(task: str, n_classes: int, prior: float) -> torch.Tensor:
     """The output bias under which every class has probability ``prior`` at every pixel when the features are 0:
     multilabel, log(p / (1 - p)) per sigmoid channel; multiclass, background 0 and each class log(p / (1 - K p)),
     so that the softmax gives each of the K classes p and the background the rest."""
-    if task == "multilabel":
+    if not get_task(task).background:
         return torch.full((n_classes,), math.log(prior / (1 - prior)))
     if n_classes * prior >= 1:
         raise UserError(f"--head_prior {prior:g} x {n_classes} classes leaves no probability for the background: "
@@ -129,7 +129,7 @@ def check_base_model(base_model: str, allow_bin: bool = False) -> str:
 
 def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
                 allow_bin: bool = False) -> LoadedModel:
-    id2label = task_labels(task, classes)
+    id2label = get_task(task).labels(classes)
     if base_model in BASELINES:
         model = build_baseline(base_model, id2label)
         return LoadedModel(model, model.config.model_type,

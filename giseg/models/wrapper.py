@@ -9,6 +9,7 @@ from torch import nn
 
 from giseg.data.masks import multiclass_targets, unpack_targets
 from giseg.models.families import QUERY_FAMILIES
+from giseg.models.tasks import get_task
 from giseg.models.widen import input_channels
 
 
@@ -58,7 +59,7 @@ def query_targets(packed: torch.Tensor, task: str, classes: tuple[str, ...],
                   priority: tuple[str, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A batch's packed masks -> Mask2Former's targets: per image, one mask per label present (multilabel: each
     organ, overlaps kept; multiclass: background and each organ after the priority) and its label."""
-    if task == "multilabel":
+    if not get_task(task).background:
         planes = unpack_targets(packed, len(classes))  # (B, C, H, W)
         labels = torch.arange(len(classes), device=packed.device)
     else:

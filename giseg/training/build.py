@@ -21,6 +21,7 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
 from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
+from giseg.models.tasks import get_task
 from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
@@ -118,7 +119,7 @@ def load_data(cfg: TrainConfig, adapter: DatasetAdapter, accelerator) -> Data:
         raise UserError(f"fold {cfg.fold} leaves the {'validation' if len(val_rows) == 0 else 'training'} set empty")
     # the truth as the evaluation sees it (the cache, at --image_size): the floor is in the log's own terms
     shown = classes_present(cache.masks, val_rows, len(adapter.classes))
-    if cfg.task == "presence":
+    if not get_task(cfg.task).segments:
         logger.info("presence on this validation set: %s; %.1f%% of its slices show no class", ", ".join(
             f"{c} on {100 * shown[:, k].mean():.1f}%" for k, c in enumerate(adapter.classes)),
             100 * (~shown.any(1)).mean())
@@ -164,10 +165,10 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     logger.info("input normalisation: mean %s, std %s (%s)", list(loaded.mean), list(loaded.std), loaded.stats_source)
     spec = InferenceSpec(dataset=adapter.name, classes=adapter.classes, mean=loaded.mean, std=loaded.std,
                          **{f.name: getattr(cfg, f.name) for f in spec_flags()},  # task, image_size, context ...
-                         thresholds=(cfg.threshold,) * len(adapter.classes) if cfg.task != "multiclass" else (),
+                         thresholds=(cfg.threshold,) * get_task(cfg.task).n_thresholds(adapter.classes),
                          split={"n_folds": cfg.n_folds, "fold": cfg.fold, "split_seed": cfg.split_seed},
                          dataset_options=adapter.options or None, channels=adapter.channels)
-    if cfg.task == "multiclass" and cfg.threshold != TrainConfig.threshold:
+    if get_task(cfg.task).background and cfg.threshold != TrainConfig.threshold:
         logger.warning("--threshold %g is ignored: a multiclass model takes the argmax over background and classes",
                        cfg.threshold)
     model = SegmentationModel(loaded.model)
@@ -239,7 +240,7 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     steps_per_epoch = math.ceil(len(train_dl) / cfg.gradient_accumulation_steps)
     total_steps = cfg.max_train_steps or cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg, steps_per_epoch))
-    loss_fn = PresenceLoss(len(adapter.classes)) if cfg.task == "presence" else make_loss(
+    loss_fn = make_loss(
         cfg.loss, cfg.task, adapter.classes, adapter.priority, pixel_weight=cfg.pixel_loss_weight,
         dice_weight=cfg.dice_weight, lovasz_weight=cfg.lovasz_weight, focal_gamma=cfg.focal_gamma,
         tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta, dice_absent=cfg.dice_absent,

@@ -34,6 +34,7 @@ from giseg.evaluation.metrics import describe
 from giseg.evaluation.presence import describe_presence, evaluate_presence, selection_figure
 from giseg.evaluation.validation import evaluate
 from giseg.inference.segmenter import Segmenter, upsample_like
+from giseg.models.tasks import get_task
 from giseg.training.build import Run, build_run, check_run, launched_without_accelerator
 from giseg.training.checkpoints import save_checkpoint
 from giseg.training.config import TrainConfig, parse_config, validate_config
@@ -86,11 +87,11 @@ def train(cfg: TrainConfig) -> dict:
         else:
             best = next((r for r in run.history if r["step"] == run.state.best_step), None)
             logger.info("done: %d steps, best %s %.4f at step %d (%s)", run.state.global_step,
-                        selected(best, cfg.task == "presence")[0] if best else "figure", run.state.best_dice,
+                        selected(best, not get_task(cfg.task).segments)[0] if best else "figure", run.state.best_dice,
                         run.state.best_step, run.output_dir / "best")
         if cfg.final_eval:
             if accelerator.is_main_process:
-                presence = cfg.task == "presence"
+                presence = not get_task(cfg.task).segments
                 final = (final_presence if presence else final_evaluation)(out.path, cfg, run.adapter, run.data,
                                                                            accelerator.device)
                 last = {**last, **{f"final_{k}": v for k, v in final.items()}}
@@ -172,7 +173,7 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
             targets = query_targets(batch["mask"], cfg.task, run.adapter.classes, run.adapter.priority)
             with accelerator.autocast():
                 _, loss = model(pixels, targets)
-        elif cfg.task == "presence":  # a slice classifier: (B, C) logits against the classes each slice shows
+        elif not get_task(cfg.task).segments:  # a slice classifier: (B, C) logits against the classes each slice shows
             with accelerator.autocast():
                 logits, _ = model(pixels)
             loss = run.loss_fn(logits, batch["mask"])
@@ -260,7 +261,7 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
     if isinstance(run.ema, WeightSWA) and whole_epoch and run.ema.end_epoch(run.ema_source, epoch + 1):
         swa_snapshot(run, epoch)
     model = run.ema.model if run.ema is not None else run.model
-    presence = cfg.task == "presence"  # a slice classifier: AUC / F1 / empty slices kept empty, not Dice
+    presence = not get_task(cfg.task).segments  # a slice classifier: AUC / F1 / empty slices kept empty, not Dice
     if run.val_dl is None:
         figures = {}
     elif presence:

@@ -14,6 +14,7 @@ from pathlib import Path
 from giseg.data.registry import DATASETS
 from giseg.models.baselines import BASELINE_FAMILIES
 from giseg.models.families import QUERY_FAMILIES
+from giseg.models.tasks import get_task
 from giseg.training.config import TrainConfig
 from giseg.utils.log import logger
 
@@ -50,7 +51,7 @@ def card_metadata(*, config: dict, spec, family: str, results: list, data_name: 
     """The card's YAML metadata (huggingface_hub's ``ModelCardData``), with a ``model-index`` of ``results``."""
     from huggingface_hub import EvalResult, ModelCardData  # huggingface_hub: only when a model is saved
 
-    task_type, task_name = (("image-classification", "Slice presence (multi-label)") if spec.task == "presence" else
+    task_type, task_name = (("image-classification", "Slice presence (multi-label)") if not get_task(spec.task).segments else
                             ("image-segmentation", "Semantic segmentation"))
     evals = [EvalResult(task_type=task_type, task_name=task_name, dataset_type=spec.dataset,
                         dataset_name=data_name, dataset_split=split, metric_type=kind, metric_name=name,
@@ -75,7 +76,7 @@ masks = seg.masks(seg.logits(seg.prepare([scan])), scan.shape)  # (1, {len(spec.
 
 def card_usage(spec, family: str, repo: str) -> str:
     """The card's "How to use" code: transformers' Auto classes, or the toolkit's Segmenter for a query family."""
-    presence, classes = spec.task == "presence", ", ".join(spec.classes)
+    presence, classes = not get_task(spec.task).segments, ", ".join(spec.classes)
     if family in QUERY_FAMILIES and not presence:  # per-class maps from its queries: the toolkit turns them to masks
         return _query_usage(spec, family, repo)
     if presence:
@@ -90,7 +91,7 @@ def card_usage(spec, family: str, repo: str) -> str:
                     if family in BASELINE_FAMILIES else "")
         auto = "AutoModelForSemanticSegmentation"
         decode = (f"probs = logits.sigmoid()[0]\nmasks = probs > torch.tensor({list(spec.thresholds)}).view(-1, 1, 1)"
-                  f"  # ({len(spec.classes)}, H, W): {classes}" if spec.task == "multilabel" else
+                  f"  # ({len(spec.classes)}, H, W): {classes}" if not get_task(spec.task).background else
                   f"masks = logits.argmax(1)[0]  # (H, W): 0 background, 1.. {classes}")
         outputs = ("    logits = model(**inputs).logits\nlogits = torch.nn.functional.interpolate(logits, "
                    f"size=scan.shape, mode=\"bilinear\", align_corners=False)\n{decode}\n```")
@@ -115,7 +116,7 @@ def card_results_text(spec, record: dict, results: list, scores: dict | None) ->
     if not results:
         return ("## Results\nNone: this model was trained on every case (`--fold -1`), with no validation set; the "
                 "cross-validation of the same settings (giseg cv) gives its expected figures.")
-    presence = spec.task == "presence"
+    presence = not get_task(spec.task).segments
     figures = "\n".join(f"| {name} | {value:.4f} |" for name, _, value in results)
     score_line = (f"Competition score at original sizes (`--final_eval`): **{scores['score']:.4f}** "
                   f"(3D Hausdorff {scores['hausdorff']:.4f})." if scores else
@@ -148,7 +149,7 @@ def card_text(*, config: dict, spec, record: dict, family: str, split_sizes: dic
     meta = card_metadata(config=config, spec=spec, family=family, results=results, data_name=data_name, split=split)
     hp = "\n".join(f"| `--{k}` | {config[k]} |" for k in HYPER_PARAMETERS if k in config)
     thresholds = ", ".join(f"{c} {t}" for c, t in zip(classes, spec.thresholds)) or "argmax"
-    purpose = ("slice presence (is each class on the slice)" if spec.task == "presence" else
+    purpose = ("slice presence (is each class on the slice)" if not get_task(spec.task).segments else
                f"{spec.task} segmentation")
     limits = (adapter.limits if adapter is not None and adapter.limits else
               f"{data_name} only, classes: " + ", ".join(classes) + ".")

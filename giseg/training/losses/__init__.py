@@ -3,6 +3,7 @@ its help is their docstrings). A recipe subclasses base.SegmentationLoss and lis
 terms are in base.py and terms.py. presence.py is --task presence's own loss."""
 from __future__ import annotations
 
+from giseg.models.tasks import get_task
 from giseg.training.losses.base import DICE_ABSENT, SegmentationLoss
 from giseg.training.losses.bce import Bce
 from giseg.training.losses.bce_dice import BceDice
@@ -29,8 +30,11 @@ __all__ = ["DICE_ABSENT", "LOSSES", "PresenceLoss", "SegmentationLoss", "focal_l
 
 
 def make_loss(name: str, task: str, classes: tuple[str, ...], priority: tuple[str, ...] | None = None,
-              **options) -> SegmentationLoss:
-    """The --loss recipe ``name`` for ``task`` (ValueError for a name not registered or a task it does not take)."""
+              **options) -> SegmentationLoss | PresenceLoss:
+    """The --loss recipe ``name`` for ``task`` (ValueError for a name not registered or a task it does not take);
+    a task that does not segment (presence: a slice classifier) has its own loss."""
+    if not get_task(task).segments:
+        return PresenceLoss(len(classes))
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {name!r}")
     return LOSSES[name](task, classes, priority, **options)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from giseg.data.masks import multiclass_targets, unpack_targets, valid_pixels
+from giseg.models.tasks import TASKS, get_task
 from giseg.training.losses.terms import focal_loss, lovasz_hinge, masked_mean, tversky_loss
 
 DICE_ABSENT = ("count", "skip")  # --dice_absent: a class absent from the whole batch counts in the overlap term, or not
@@ -42,7 +43,7 @@ class Batch:
 class SegmentationLoss:
     """A --loss recipe: ``terms`` lists its (weight, term) pairs; a term of weight 0 is not computed."""
     name = ""
-    tasks: tuple[str, ...] = ("multilabel", "multiclass")  # the tasks it is defined for
+    tasks: tuple[str, ...] = tuple(t.name for t in TASKS.values() if t.segments)  # the tasks it is defined for
 
     def __init__(self, task: str, classes: tuple[str, ...], priority: tuple[str, ...] | None = None, *,
                  pixel_weight: float = 1.0, dice_weight: float = 1.0, lovasz_weight: float = 1.0,
@@ -75,7 +76,7 @@ class SegmentationLoss:
         return total
 
     def batch(self, logits: torch.Tensor, packed: torch.Tensor, mix) -> Batch:
-        multiclass = self.task == "multiclass"
+        multiclass = get_task(self.task).background
         valid = valid_pixels(packed) if self.unlabelled else None
         if mix is not None and valid is not None:
             valid = valid & valid_pixels(mix[0])
@@ -87,7 +88,7 @@ class SegmentationLoss:
         return Batch(logits, labels, targets, probs, valid, partner, mix[1] if mix is not None else 1.0, multiclass)
 
     def targets(self, logits: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.task == "multiclass":
+        if get_task(self.task).background:
             labels = multiclass_targets(packed, self.classes, self.priority)
             return labels, F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float()[:, 1:]
         targets = unpack_targets(packed, logits.shape[1])
