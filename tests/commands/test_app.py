@@ -49,7 +49,7 @@ def test_analysis_of_uploaded_16bit_and_8bit_images(model_dir, demo_dir, tmp_pat
     with pytest.warns(UserWarning) as caught:  # the user is told what was converted
         b = analyser.analyse_file(jpg)
     said = " ".join(str(w.message) for w in caught)
-    assert "colour scan converted to gray" in said and "8-bit scan (expected 16-bit)" in said
+    assert "colour scans converted to gray" in said and "8-bit scans (expected 16-bit)" in said
     assert b.overlay.shape == (40, 50, 3) and b.table["area_mm2"].isna().all()
 
 
