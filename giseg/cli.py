@@ -14,7 +14,7 @@ from giseg.commands import COMMANDS
 
 def overview() -> str:
     width = max(map(len, COMMANDS))
-    rows = "\n".join(f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<{width}}  {c.about}" for name, c in COMMANDS.items())
     return (f"usage: giseg <command> [options]   (giseg <command> --help for its options)\n\n"
             f"Fine-tuning toolkit for Hugging Face segmentation models on GI-tract MRI.\n\ncommands:\n{rows}\n\n"
             "a run in the background with a log: bash run_train.sh (see README.md)")
@@ -29,5 +29,5 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"giseg.commands.{COMMANDS[name][0]}")
+    module = importlib.import_module(f"giseg.commands.{COMMANDS[name].module}")
     return module.main(rest) or 0

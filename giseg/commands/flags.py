@@ -10,12 +10,13 @@ import functools
 import importlib
 
 from giseg.commands import COMMANDS
+from giseg.utils.claims import claim_output_file, starts_with
 from giseg.utils.exits import command
 from giseg.utils.files import atomic_write_text
 
 # (what the user types, the module whose build_parser() is its parser): every command of the CLI's own table, so a
 # new command is in the reference (tests/commands/test_cli.py fails for a command without build_parser)
-PARSERS = tuple((f"giseg {name}", f"giseg.commands.{module}") for name, (module, _) in COMMANDS.items())
+PARSERS = tuple((f"giseg {name}", f"giseg.commands.{c.module}") for name, c in COMMANDS.items())
 WIDTH = 100  # the --help of a terminal COLUMNS=102 wide (argparse leaves two columns)
 
 
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 @command
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.out:  # (replaces an earlier reference, never another file)
+        claim_output_file(args.out, "--out", ours=starts_with("# Flag reference"))
     text = reference()
     if args.out:
         atomic_write_text(args.out, text)

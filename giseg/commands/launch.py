@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from giseg.training.launch import check_gpus, physical_gpus, start_background, supervise, trainer_command
+from giseg.utils.claims import claim_output_file
 from giseg.utils.errors import UserError
 from giseg.utils.exits import command
 
@@ -192,6 +194,16 @@ def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str],
     return cmd, check, f"{' '.join(named) or 'none set'}; {how}", log, output_dir
 
 
+def is_run_log(path: Path) -> bool:
+    """ours() for the log: empty, or a log that giseg launch began (its first line: `<time> run settings: ...`)."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(4096)
+    except OSError:
+        return False
+    return not first or re.match(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d run settings: ", first) is not None
+
+
 def lock_log(log: Path) -> int:
     """The log opened for appending and locked (the run holds the lock while it lives): a second launch onto the
     log of a live run is refused instead of interleaving two runs in one file."""
@@ -214,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     nnodes, rank = whole(o["nnodes"][0], 1), whole(o["node_rank"][0], 0)
     gpus = check_places(o, nnodes, rank)
     cmd, check, settings, log, output_dir = plan(o, nnodes, rank, gpus, args.trainer_args, final_model)
+    claim_output_file(log, "--log_file (LOG_FILE)", ours=is_run_log)  # a resume appends to its own log, no other file
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
            **({"CUDA_VISIBLE_DEVICES": ",".join(gpus)} if gpus else {})}
     # everything that can be checked in a few seconds, in the foreground: a mistake is one line here, not in a log

@@ -50,10 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="saved model folder (runs/<name>/best); several: an ensemble that averages their probabilities "
                          "(folds of a run, or different families; each sees its own image size, normalisation and "
                          "2.5D setting), turned into masks by the first one's thresholds, gates and post-processing")
-    ap.add_argument("--data_dir", default=None, help="folder in the model's dataset layout (Kaggle folder, kaggle_3m, "
-                                                     "nnU-Net dataset); or --input")
-    ap.add_argument("--input", default=None, help="instead of --data_dir: a NIfTI file (.nii, .nii.gz), a folder of "
-                                                  "them, or a folder holding one DICOM series")
+    what = ap.add_mutually_exclusive_group(required=True)  # (a submission CSV, or volumes: one of them)
+    what.add_argument("--data_dir", default=None, help="folder in the model's dataset layout (Kaggle folder, "
+                                                       "kaggle_3m, nnU-Net dataset); or --input")
+    what.add_argument("--input", default=None, help="instead of --data_dir: a NIfTI file (.nii, .nii.gz), a folder of "
+                                                    "them, or a folder holding one DICOM series")
     ap.add_argument("--out", default=None, help="submission CSV to write (default submission.csv); with --input, the "
                                                 "folder of the predicted volumes (default predictions)")
     ap.add_argument("--volume_labels", default="map", choices=VOLUME_LABELS,
@@ -89,9 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 def claim_out(args) -> None:
     """--out: a folder of volumes for --input (default predictions/), a submission CSV for --data_dir (default
     submission.csv); claimed, so that it never replaces what another command or the user wrote."""
-    if (args.data_dir is None) == (args.input is None):
-        raise UserError("pass --data_dir (a dataset folder: a submission CSV) or --input (NIfTI / DICOM volumes: NIfTI "
-                        "and RT-Struct files), one of them")
     models = {f"--model {m}": m for m in args.model}
     if args.input is not None:
         for flag, value in (("--fold", args.fold), ("--split", args.split)):

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from giseg.commands.options import ScoringOptions
 from giseg.data.hf.options import HFOptions, dataset_options
 from giseg.data.registry import DATASETS, datasets_help, get_adapter
 from giseg.evaluation import score
 from giseg.evaluation.score import format_table, read_submission, score_predictions
+from giseg.utils.claims import claim_output_file
 from giseg.utils.exits import command
 from giseg.utils.files import atomic_write_json
 from giseg.utils.options import add_options, check_options
@@ -30,10 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def is_score_json(path: Path) -> bool:
+    """ours() for --json: the figures an earlier giseg score wrote (a JSON object with its keys)."""
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(figures, dict) and {"score", "dice_mean", "per_case", "empty_dice"} <= set(figures)
+
+
 @command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_options(args, ScoringOptions)
+    if args.json:  # (an earlier score's figures are replaced; another file, or an input, never)
+        claim_output_file(args.json, "--json", {"--pred": args.pred, "--data_dir": args.data_dir}, ours=is_score_json)
     adapter = get_adapter(args.dataset).bind(args.data_dir, dataset_options(args))
     index = adapter.build_index(args.data_dir)
     overall, per_case = score_predictions(adapter, index, read_submission(args.pred, adapter.classes), args.empty_dice,

@@ -20,8 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import pandas as pd
 from giseg.data.base import DatasetAdapter
 from giseg.data.preprocess import BODY_THRESHOLD, body_box, crop_box, normalise_scan, prepare_scan, resize_mask
 from giseg.utils.errors import UserError, human_bytes
+from giseg.utils.exits import StopSignals, Stopped
 from giseg.utils.files import atomic_dir, recover_replaced
 from giseg.utils.locks import FolderLock
 from giseg.utils.log import logger
@@ -105,25 +104,6 @@ def check_cache(folder: Path, verify: bool = False) -> str | None:
     return None
 
 
-class _SignalsRaise:
-    """While building, SIGTERM raises SystemExit (SIGINT already raises KeyboardInterrupt), so the temporary
-    folder is removed instead of left behind. Only in the main thread, where Python allows handlers."""
-
-    def __enter__(self):
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise SystemExit(128 + signum)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-
-
 def _reserve(path: Path, size: int) -> None:
     """Allocate the file's blocks now: a full disk raises ENOSPC here instead of SIGBUS on a memory-mapped write."""
     fd = os.open(path, os.O_RDWR)
@@ -159,7 +139,6 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
            crop_margin: int | None = None) -> None:
     labelled = adapter.has_labels(index)
     channels = adapter.channels
-    shape = (len(index), image_size, image_size)
     need = len(index) * image_size * image_size * (2 * channels + 1) + 64 * len(index) + (1 << 20)
     free = shutil.disk_usage(folder.parent).free
     if free < need:
@@ -187,7 +166,19 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         return image, resize_mask(np.ascontiguousarray(packed[crop]), image_size)
 
     logger.info("building decode-once cache for %d slices at %dpx in %s", len(index), image_size, folder)
-    with _SignalsRaise(), atomic_dir(folder) as tmp:
+    try:
+        _write_cache(index, folder, channels, image_size, crop_margin, num_threads, decode, prepare, adapter)
+    except Stopped as e:  # (atomic_dir removed the unfinished folder on the way out)
+        raise Stopped(e.signum, f"the cache build of {folder.name} was stopped and its unfinished folder removed; "
+                                "the next run builds it again") from None
+    logger.info("cache ready: %.1f MB", sum(f.stat().st_size for f in folder.iterdir()) / 1e6)
+
+
+def _write_cache(index, folder: Path, channels: int, image_size: int, crop_margin, num_threads: int,
+                 decode, prepare, adapter) -> None:
+    """The cache's files, written into a temporary folder that lands as ``folder`` only when complete."""
+    shape = (len(index), image_size, image_size)
+    with StopSignals(), atomic_dir(folder) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.float16,
                                            (len(index) * channels, image_size, image_size))
         masks = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, shape)
@@ -212,7 +203,6 @@ def _build(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, folder
         del images, masks
         (tmp / "ids.txt").write_text("\n".join(index["id"]) + "\n")
         write_manifest(tmp)  # last: a folder without it is never used
-    logger.info("cache ready: %.1f MB", sum(f.stat().st_size for f in folder.iterdir()) / 1e6)
 
 
 def build_cache(adapter: DatasetAdapter, index: pd.DataFrame, image_size: int, cache_root: str | Path,

@@ -98,7 +98,7 @@ def read_nifti(path: Path) -> Volume:
     arr, img = load_nifti(path)
     if arr.ndim != 3:
         raise UserError(f"{path}: a {arr.ndim}D image {arr.shape}; expected one 3D scan")
-    spacing = voxel_spacing(img.header)
+    spacing = voxel_spacing(img.affine)
     return Volume(volume_name([path]), arr, img.affine, spacing, through_plane_axis(spacing), [path], img.header)
 
 

@@ -28,10 +28,13 @@ def load_nifti(path: str | Path):
     return (arr[..., 0] if arr.ndim == 4 and arr.shape[3] == 1 else arr), img
 
 
-def voxel_spacing(header) -> tuple[float, float, float]:
-    """The voxel spacing of a NIfTI header, in mm. NIfTI stores it as float32: its shortest decimal (1.63, not
-    1.6299999952316284)."""
-    return tuple(float(str(np.float32(z))) for z in header.get_zooms()[:3])
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """The voxel spacing of a NIfTI image in mm, as viewers place its voxels: the lengths of its affine's columns,
+    the affine being the one nibabel resolves (the sform when its code is set, else the qform, else pixdim), not the
+    header's pixdim, which a file may leave disagreeing with the sform. NIfTI stores both as float32: its shortest
+    decimal (1.63, not 1.6299999952316284)."""
+    zooms = np.sqrt((np.asarray(affine, float)[:3, :3] ** 2).sum(0))
+    return tuple(float(str(np.float32(z))) for z in zooms)
 
 
 def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
@@ -46,7 +49,7 @@ def header_of(path: Path) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...
         shape = shape[:3]
     if len(shape) != 3:
         raise UserError(f"{path}: a {len(shape)}D image {shape}; expected a 3D volume (one file per channel)")
-    return shape, img.affine, voxel_spacing(img.header)
+    return shape, img.affine, voxel_spacing(img.affine)
 
 
 def through_plane_axis(spacing: tuple[float, ...]) -> int:

@@ -16,6 +16,7 @@ weights have changed since is refused with the command that exports it again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, weights_digest
+from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, file_digest, weights_digest
 from giseg.inference.segmenter import Segmenter
+from giseg.inference.spec import InferenceSpec
 from giseg.utils.claims import claim_output_dir
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_text
@@ -116,7 +118,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
                               opset_version=opset, dynamo=False)
         proto = onnx.load(str(tmp))
         for key, value in ((WEIGHTS_KEY, weights_digest(folder)), ("giseg_family", family),
-                           ("giseg_image_size", str(size))):
+                           ("giseg_image_size", str(size)), ("giseg_context_slices", str(spec.context_slices))):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
@@ -140,6 +142,8 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
         for name in COPIED:  # written atomically, as every output is (small JSON files)
             if (folder / name).is_file():
                 atomic_write_text(out / name, (folder / name).read_text())
+    # the spec beside model.onnx records that file: the ONNX backend runs no other one under it
+    dataclasses.replace(InferenceSpec.load(out), onnx_sha256=file_digest(out / ONNX_FILE)).save(out)
     return {"path": str(out / ONNX_FILE), "family": family, "image_size": size, "opset": opset,
             "dynamic": list(dynamic.values()), "export_s": seconds, "max_relative_difference": worst,
             "checked_shapes": shapes, "megabytes": (out / ONNX_FILE).stat().st_size / 1e6}

@@ -18,16 +18,20 @@ ONNX_FILE = "model.onnx"
 WEIGHTS_KEY = "giseg_weights_sha256"
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def weights_digest(folder: Path) -> str:
     """sha256 of the folder's weights (model.safetensors, or pytorch_model.bin), '' if it has none."""
     for name in ("model.safetensors", "pytorch_model.bin"):
-        path = folder / name
-        if path.is_file():
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            return h.hexdigest()
+        if (folder / name).is_file():
+            return file_digest(folder / name)
     return ""
 
 
@@ -57,14 +61,35 @@ class OnnxModel:
         return self
 
 
-def load_onnx_model(folder: Path, threads: int = 0) -> OnnxModel:
-    """The folder's model.onnx, refused when missing or exported from other weights than the folder's."""
+def load_onnx_model(folder: Path, spec, threads: int = 0) -> OnnxModel:
+    """The folder's model.onnx, checked against what the folder declares before it runs: the file the spec records
+    (its sha256; a deploy folder has no weights to compare), a readable ONNX model, the image size and input layout
+    it was exported with, and the folder's weights where they are present. Each mismatch is one line."""
     path = folder / ONNX_FILE
+    now = weights_digest(folder)
+    again = (f"export it again: giseg export-onnx --model {folder}" if now else
+             f"export it again: giseg export-onnx --model <the trained model folder> --out {folder}")
     if not path.is_file():
         raise UserError(f"--model {folder}: no {ONNX_FILE} for --backend onnxruntime; export it first: "
                         f"giseg export-onnx --model {folder}")
-    model = OnnxModel(path, threads)
-    exported, now = model.metadata.get(WEIGHTS_KEY, ""), weights_digest(folder)
+    if spec.onnx_sha256 and file_digest(path) != spec.onnx_sha256:
+        raise UserError(f"--model {folder}: {ONNX_FILE} is not the file exported with this spec (sha256 "
+                        f"{file_digest(path)[:12]} on disk, {spec.onnx_sha256[:12]} in {folder.name}/inference_spec.json:"
+                        f" another model's, or damaged); {again}")
+    try:
+        model = OnnxModel(path, threads)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- onnxruntime's own errors: a truncated or foreign file
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise UserError(f"--model {folder}: {ONNX_FILE} is not a readable ONNX model ({type(e).__name__}: {reason}); "
+                        f"{again}") from None
+    for key, want in (("giseg_image_size", spec.image_size), ("giseg_context_slices", spec.context_slices)):
+        got = model.metadata.get(key)
+        if got is not None and got != str(want):
+            raise UserError(f"--model {folder}: {ONNX_FILE} was exported with {key.removeprefix('giseg_')} {got}, the "
+                            f"spec says {want}; the spec is not this model's")
+    exported = model.metadata.get(WEIGHTS_KEY, "")
     if now and exported != now:
         raise UserError(f"--model {folder}: {ONNX_FILE} was exported from other weights than the folder's own "
                         f"(sha256 {exported[:12] or 'not recorded'} vs {now[:12]}); export it again: "

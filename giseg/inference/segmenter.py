@@ -86,7 +86,7 @@ class Segmenter:
                 check_spec_matches_model(spec, json.loads((folder / "config.json").read_text()), folder)
             except ValueError as e:
                 raise UserError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-        return cls(load_onnx_model(folder), spec, torch.device("cpu"))
+        return cls(load_onnx_model(folder, spec), spec, torch.device("cpu"))
 
     def logits(self, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
         """Logits at the model's output size; with ``tta`` averaged with those of the horizontally flipped input."""
@@ -233,6 +233,11 @@ def check_spec_matches_model(spec: InferenceSpec, config: dict, folder: Path) ->
         if labels != list(spec.labels().values()):
             raise UserError(f"{where}: labels {list(spec.labels().values())} ({spec.task}) are not the model's own "
                             f"{labels} (config.json id2label, in output order); the spec is not this model's")
+    for key in ("context_slices", "context_stride"):  # (recorded by models/load.save_model; older folders lack it)
+        theirs = config.get(f"giseg_{key}")
+        if theirs is not None and theirs != getattr(spec, key):
+            raise UserError(f"{where}: {key} {getattr(spec, key)}, but the model was trained with {theirs} (config.json "
+                            f"giseg_{key}); the spec is not this model's")
     proc_file = folder / "preprocessor_config.json"
     if proc_file.is_file():
         try:

@@ -93,6 +93,9 @@ class InferenceSpec:
     crop_margin: int = field(default=8, metadata=spec_flag(
         8, "--body_crop: pixels of the original slice kept around the body's box",
         lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0"))
+    # giseg export-onnx: the sha256 of the model.onnx exported beside this spec (None: never exported); the ONNX
+    # backend runs no other file under this spec (a deploy folder has no weights to check it against)
+    onnx_sha256: str | None = None
 
     def crop(self) -> int | None:
         """The cache's crop margin (data/cache.py build_cache): None without --body_crop."""

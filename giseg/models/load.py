@@ -149,11 +149,19 @@ def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight
     return loaded_model(model, family, info, base_model, mean, std, source)
 
 
+def input_layout(spec) -> dict:
+    """What a model's input channels mean, kept in its config.json (giseg_*): a spec that says otherwise (another
+    --context_slices of the same channel count) is not this model's (inference/segmenter.check_spec_matches_model)."""
+    return {"giseg_context_slices": spec.context_slices, "giseg_context_stride": spec.context_stride}
+
+
 def save_model(hf_model: nn.Module, out_dir: str | Path, spec, state_dict: dict | None = None,
                card: str | None = None) -> None:
     """``save_pretrained`` (safetensors), the image processor, the inference spec and the model card ``card``
     (README.md), written atomically to ``out_dir``. ``state_dict`` overrides the model's own (the gathered one
     under DeepSpeed / FSDP)."""
+    for key, value in input_layout(spec).items():  # the model's own record of what it was trained to see
+        setattr(hf_model.config, key, value)
     with atomic_dir(out_dir) as tmp:
         hf_model.save_pretrained(tmp, state_dict=state_dict)
         make_image_processor(spec.image_size, spec.mean, spec.std).save_pretrained(tmp)

@@ -32,7 +32,7 @@ from giseg.training.run_dir import OutputDir, check_output_dir
 from giseg.utils.claims import check_no_overlap
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json
-from giseg.utils.log import logger
+from giseg.utils.log import logger, wrap
 from giseg.utils.memory import release_memory
 
 
@@ -161,7 +161,8 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     n_params = sum(p.numel() for p in loaded.model.parameters())
     logger.info("model: %s (%s), %.2fM parameters, task %s, labels %s", cfg.base_model, loaded.family, n_params / 1e6,
                 cfg.task, list(loaded.model.config.id2label.values()))
-    logger.info("re-initialised for our labels: %s", "; ".join(loaded.reinitialised) or "nothing (head already fits)")
+    for line in wrap("re-initialised for our labels: ", loaded.reinitialised or ["nothing (head already fits)"], "; "):
+        logger.info("%s", line)
     logger.info("input normalisation: mean %s, std %s (%s)", list(loaded.mean), list(loaded.std), loaded.stats_source)
     spec = InferenceSpec(dataset=adapter.name, classes=adapter.classes, mean=loaded.mean, std=loaded.std,
                          **{f.name: getattr(cfg, f.name) for f in spec_flags()},  # task, image_size, context ...

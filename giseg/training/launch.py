@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from giseg.utils.errors import UserError
+from giseg.utils.log import flag_groups, wrap
 
 TRAINER = ("-m", "giseg", "train")  # the installed package's trainer: no checkout needed
 ACCELERATE = ("-m", "accelerate.commands.launch")
@@ -94,8 +95,10 @@ def supervise(cmd: list[str], settings: str, env: dict, tee: Path | None = None,
                 stream.flush()
 
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    say(stamp(f"run settings: {settings}"))
-    say(stamp(f"run start: {f'CUDA_VISIBLE_DEVICES={visible} ' if visible else ''}{' '.join(cmd)}"))
+    for line in wrap("run settings: ", settings.split("; "), "; "):
+        say(stamp(line))
+    for line in wrap("run start: ", flag_groups([*([f"CUDA_VISIBLE_DEVICES={visible}"] if visible else []), *cmd])):
+        say(stamp(line))
     sys.stdout.flush()
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=end_with_parent, stdout=subprocess.PIPE if log else None,

@@ -22,7 +22,8 @@ from giseg.utils.claims import check_no_overlap
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json, recover_replaced
 from giseg.utils.locks import FolderLock
-from giseg.utils.log import logger, setup_logging
+from giseg.utils.log import flag_groups, logger, setup_logging, wrap
+from giseg.utils.provenance import code_digest
 
 # What a resume must share with the run it continues: everything that changes what is trained, on which slices,
 # in which order, or how it is scored (the fields declared with "identity": True, and the number of processes). The
@@ -31,7 +32,18 @@ RUN_IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metada
 MAY_CHANGE_ON_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["identity"])
 # what a run writes into its output_dir: a fresh start clears these and nothing else
 RUN_ARTEFACTS = ("run_config.json", RESUMABLE_MARK, "metrics.jsonl", "train.log", "best", "last", "checkpoints",
-                 TRACKER_FOLDER, "val_submission.csv", "val_scores.json")
+                 TRACKER_FOLDER, "val_submission.csv", "val_scores.json", "val_presence.csv")
+BESIDE_A_RUN = ("stdout.log",)  # what giseg cv writes into a fold's folder before its trainer starts
+
+
+def check_only_ours(output_dir: Path) -> None:
+    """A folder a run may write into holds nothing but runs' files (and hidden ones: its lock, interrupted saves):
+    a folder of the user's (data, notes, another tool's outputs) is refused before anything is written to it."""
+    foreign = sorted(p.name for p in output_dir.iterdir()
+                     if not p.name.startswith(".") and p.name not in RUN_ARTEFACTS + BESIDE_A_RUN)
+    if foreign:
+        raise UserError(f"--output_dir {output_dir} already holds files that giseg train did not write (e.g. "
+                        f"{foreign[0]}); nothing was changed: choose a new or empty folder")
 
 
 def resolved(values: dict) -> dict:
@@ -84,6 +96,7 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, no
     """(checkpoint to resume or None, run id, saved run_config or None): a resume checked against the saved run,
     a refusal, or a fresh start in a cleared folder. Main process only, with the output_dir lock held. ``dry``
     (--check_only): the same decision and refusals with nothing changed on disk (world_size None: the saved run's)."""
+    check_only_ours(output_dir)
     if not dry:
         notes += recover_replaced(output_dir) + recover_replaced(output_dir / "checkpoints")
     resume = None
@@ -94,12 +107,16 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, no
     if explicit and saved is None:
         raise UserError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: --output_dir {output_dir} holds "
                         "no run (no run_config.json); resume in the run's own output_dir")
+    before = len(notes)
     found = (find_checkpoint(output_dir, cfg.resume_from_checkpoint if explicit else "latest", run_id, notes)
              if saved else None)
     resumable = found is not None
     if saved and not resumable and (output_dir / RESUMABLE_MARK).exists() and not cfg.overwrite_output_dir:
-        raise UserError(f"--output_dir {output_dir} holds a run whose checkpoints are gone (deleted?); nothing to "
-                        "resume. Pass --overwrite_output_dir to start over, or choose another --output_dir")
+        refused = [n.removeprefix("skipped checkpoint ") for n in notes[before:]]
+        what = (f"no usable checkpoint ({'; '.join(refused)})" if refused else
+                f"no checkpoint left ({output_dir / 'checkpoints'} is empty or missing)")
+        raise UserError(f"--output_dir {output_dir} holds a run with {what}; nothing to resume. Pass "
+                        "--overwrite_output_dir to start over, or choose another --output_dir")
     if cfg.resume_from_checkpoint and resumable:
         size = world_size if world_size is not None else resolved(saved).get("world_size", 1)
         check_resume_matches(saved, run_identity(cfg, size), output_dir)
@@ -139,6 +156,7 @@ def check_output_dir(cfg: TrainConfig) -> str:
         raise UserError(f"--output_dir {output_dir} is a file; pass a folder")
     if not output_dir.is_dir():
         return "output_dir new"
+    check_only_ours(output_dir)
     if (output_dir / ".lock").exists():
         lock_output_dir(output_dir).release()
     resume, _, _ = _decide_start(cfg, output_dir, None, [], dry=True)
@@ -164,6 +182,8 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
     notes: list[str] = []
     resume, run_id, lock, saved = None, "", None, None
     if accelerator.is_main_process:
+        if output_dir.is_dir():
+            check_only_ours(output_dir)  # (before its lock file is made there)
         output_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(output_dir, os.W_OK | os.X_OK):
             raise UserError(f"--output_dir {output_dir} is not writable; fix its permissions or choose another folder")
@@ -175,15 +195,20 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
             raise
     accelerator.wait_for_everyone()
     setup_logging(accelerator.is_main_process, output_dir / "train.log")
-    logger.info("start: %s", " ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    for line in wrap("start: ", flag_groups([Path(sys.argv[0]).name] + sys.argv[1:])):
+        logger.info("%s", line)
     for note in notes:
         logger.info("output_dir: %s", note)
     logger.info("config: every argument in %s", output_dir / "run_config.json")
     source = defaults_source(cfg)
     given = [f"--{k} {getattr(cfg, k)}" for k, where in source.items() if where == "given"]
     preset = [f"--{k} {getattr(cfg, k)}" for k, where in source.items() if where == "preset"]
-    logger.info("settings: %s%s; everything else is trainer.py's default (python trainer.py --help)",
-                " ".join(given) or "none given", f"; from --preset {cfg.preset}: {' '.join(preset)}" if preset else "")
+    items = given or ["none given"]
+    if preset:
+        items = [*items[:-1], f"{items[-1]};", f"from --preset {cfg.preset}:", *preset]
+    items = [*items[:-1], f"{items[-1]};", "everything else is giseg train's default (giseg train --help)"]
+    for line in wrap("settings: ", items):  # (several lines where the flags do not fit in one)
+        logger.info("%s", line)
     logger.info("world size %d, device %s, mixed precision %s, torch %s", accelerator.num_processes,
                 accelerator.device, accelerator.mixed_precision, torch.__version__)
     logger.info("Dice rule: an empty prediction on an empty truth scores %s (--empty_dice)",
@@ -191,7 +216,7 @@ def open_output_dir(cfg: TrainConfig, accelerator) -> OutputDir:
     if accelerator.is_main_process:
         identity = run_identity(cfg, accelerator.num_processes)
         record = {**dataclasses.asdict(cfg), "world_size": accelerator.num_processes, "run_id": run_id,
-                  "resolved": {k: identity[k] for k in ("base_model", "data_dir")}}
+                  "resolved": {k: identity[k] for k in ("base_model", "data_dir")}, "code_sha256": code_digest()}
         if saved is not None:  # a resume: the identity stays, the rest is what this start runs with
             if "data" in saved:  # what it was trained on (build.check_data_unchanged compares it)
                 record["data"] = saved["data"]

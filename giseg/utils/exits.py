@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import signal
 import sys
+import threading
 from typing import Callable
 
 from giseg.utils.errors import UserError, storage_error_message
@@ -39,7 +40,8 @@ class StopSignals:
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if threading.current_thread() is threading.main_thread():  # (elsewhere Python has no signal handlers)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,6 +8,35 @@ from pathlib import Path
 
 
 logger = logging.getLogger("gi_seg")
+LINE = 160  # a log line's most characters, timestamp and level included (a terminal beside an editor)
+MESSAGE = LINE - len("2026-12-04 19:53:57 WARNING ")  # what is left for the message
+
+
+def flag_groups(tokens: list[str]) -> list[str]:
+    """Command-line tokens with each ``--flag`` kept together with its value(s)."""
+    groups: list[str] = []
+    for token in tokens:
+        if groups and not token.startswith("--") and groups[-1].startswith("--"):
+            groups[-1] = f"{groups[-1]} {token}"
+        else:
+            groups.append(token)
+    return groups
+
+
+def wrap(head: str, items: list[str], sep: str = " ", width: int = MESSAGE) -> list[str]:
+    """``head`` + ``items`` (joined by ``sep``) as lines of at most ``width`` characters (an item longer than that
+    alone on its line): the first starts with ``head``, the next ones with ``<head> (continued):``, so that a long
+    event still reads one line at a time under `tail -f` and every line says what it continues."""
+    heads = (head, f"{head.rstrip(': ')} (continued): ")
+    lines, current = [], ""
+    for item in items:
+        if current and len(heads[bool(lines)]) + len(current) + len(sep) + len(item) > width:
+            lines.append(current)
+            current = item
+        else:
+            current = f"{current}{sep}{item}" if current else item
+    lines.append(current)
+    return [heads[k > 0] + text for k, text in enumerate(lines)]
 
 
 def setup_logging(is_main_process: bool = True, log_file: str | Path | None = None) -> logging.Logger:

@@ -22,7 +22,7 @@ def test_every_command_of_the_table_has_a_parser_and_a_main_and_is_in_the_flag_r
 
     from giseg.commands.flags import PARSERS
 
-    module = importlib.import_module(f"giseg.commands.{COMMANDS[name][0]}")
+    module = importlib.import_module(f"giseg.commands.{COMMANDS[name].module}")
     assert callable(module.build_parser) and callable(module.main)
     parser = module.build_parser()
     assert parser.prog == f"giseg {name}"

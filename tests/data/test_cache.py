@@ -91,6 +91,7 @@ import sys, time
 from giseg.data.registry import DATASETS
 from giseg.data.cache import build_cache
 from giseg.data.gi import build_index
+from giseg.utils.exits import command
 from giseg.utils.log import setup_logging
 setup_logging()
 gi = DATASETS["gi"]
@@ -98,7 +99,7 @@ class Slow(type(gi)):
     def read_image(self, row):
         time.sleep({delay})
         return super().read_image(row)
-build_cache(Slow(), build_index({data!r}), 64, {cache!r}, num_threads=1)
+sys.exit(command(lambda argv: build_cache(Slow(), build_index({data!r}), 64, {cache!r}, num_threads=1) and 0)())
 """
 
 
@@ -124,9 +125,10 @@ def test_sigterm_during_the_build_leaves_no_temporary_folder(demo_dir, tmp_path)
         time.sleep(0.05)
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=60)
+    out = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM
     assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []  # used to stay forever
+    assert "stopped by SIGTERM; the cache build of " in out and "unfinished folder removed" in out  # (was silent)
 
 
 def test_giseg_cache_lists_the_caches_and_clears_only_its_own_unused_ones(demo_dir, tmp_path, capsys):
@@ -154,3 +156,24 @@ def test_giseg_cache_lists_the_caches_and_clears_only_its_own_unused_ones(demo_d
     assert f"kept {busy}: a run is building it" in capsys.readouterr().out
     assert not new.exists() and busy.exists() and (tmp_path / "notes" / "manifest.json").is_file()
     build_cache(GI, index, 48, tmp_path)  # a cleared cache is rebuilt by the next run
+
+
+def test_a_stop_during_the_cache_build_says_what_it_removed_and_leaves_no_folder(demo_dir, tmp_path):
+    """SIGTERM while the cache is being written: the one-line stop (utils/exits.Stopped, exit 128 + 15 through
+    @command) names the cache build and what went, and no half-written folder stays (it used to exit 143 silently)."""
+    from giseg.data.gi import GIAdapter
+    from giseg.utils.exits import Stopped
+
+    class StoppedMidway(GIAdapter):
+        def read_image(self, row):
+            if row.Index == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)
+            return super().read_image(row)
+
+    adapter = StoppedMidway()
+    index = build_index(demo_dir)
+    with pytest.raises(Stopped, match="the cache build of .* was stopped and its unfinished folder removed") as e:
+        build_cache(adapter, index, 32, tmp_path / "cache", num_threads=1)
+    assert e.value.signum == signal.SIGTERM
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []

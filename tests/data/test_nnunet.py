@@ -164,6 +164,47 @@ def test_bad_nnunet_input_gets_one_line_naming_the_file(tmp_path, damage, messag
         assert str(root) in str(err.value)
 
 
+@pytest.mark.parametrize("meta, raw, message", [
+    ({"slice_axis": 2.0}, None, '"slice_axis" must be 0, 1 or 2'),
+    ({"labels": {"background": 0, "organ": 1, "tumour": 1}}, None, "labels 'organ' and 'tumour' are both [1]"),
+    ({"labels": {"background": 0, "organ": 10 ** 12}}, None, "label 'organ' is 1000000000000; a label is an integer"),
+    ({"labels": {"background": 0, "organ": 1, "ignore": 1}}, None, "the 'ignore' label (1) must be the highest"),
+    ({"case_pattern": r"^(?P<day>[a-z])(?P<case>\d)$"}, None, "the day group must match digits"),
+    (None, '{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "organ": 1, "organ": 2}}',
+     "the key 'organ' is given 2 times in one object"),
+])
+def test_dataset_json_meanings_are_checked_not_taken_silently(tmp_path, meta, raw, message):
+    """dataset.json fields of the wrong type or range, a repeated key (JSON keeps the last, silently), one value
+    under two class names, a non-numeric day group: one line each (some were tracebacks, the huge label value a
+    931 GiB allocation; issue #38)."""
+    root = make_dataset(tmp_path / "d", cases=("a1", "b2"))
+    if raw is not None:
+        (root / "dataset.json").write_text(raw)
+    else:
+        base = json.loads((root / "dataset.json").read_text())
+        (root / "dataset.json").write_text(json.dumps({**base, **meta}))
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        nn = adapter(root)
+        nn.build_index(root)
+    assert "\n" not in str(err.value) and "dataset.json" in str(err.value)
+
+
+def test_the_nnunet_ignore_label_is_unlabelled_pixels_not_a_class(tmp_path):
+    """nnU-Net v2's "ignore" label was trained as an organ named "ignore": its pixels are now the unlabelled ones
+    (the ignore bit of the packed masks, which the loss and the metrics leave out), as nnU-Net treats them."""
+    def with_ignored(lab):
+        lab[0:2, :, :] = 2  # the first rows: not annotated
+        return lab
+
+    root = make_dataset(tmp_path / "d", labels={"background": 0, "organ": 1, "ignore": 2}, label_fn=with_ignored)
+    nn = adapter(root)
+    assert nn.classes == ("organ",) and nn.may_have_unlabelled
+    row = next(nn.build_index(root).itertuples())
+    ignored = nn.ignored(row)
+    assert ignored.sum() == 2 * 10 and not nn.read_masks(row)[0][ignored].any()
+    assert nn.read_masks(row)[0].sum() == 16
+
+
 def test_an_image_without_its_label_is_fine_for_prediction(tmp_path):
     root = make_dataset(tmp_path / "d")
     (root / "labelsTr" / "b.nii.gz").unlink()

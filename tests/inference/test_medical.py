@@ -248,13 +248,31 @@ def test_a_series_that_is_not_one_greyscale_grid_is_refused_naming_the_file(tmp_
         assert str(odd) in str(caught.value)
 
 
-def test_predict_takes_data_dir_or_input(saved_model, tmp_path):
+def test_predict_takes_data_dir_or_input(saved_model, tmp_path, capsys):
     from giseg.commands.predict import main as predict
 
-    for argv, message in ((["--model", str(saved_model)], "pass --data_dir"),
+    for argv, message in ((["--model", str(saved_model)], "one of the arguments --data_dir --input is required"),
                           (["--model", str(saved_model), "--data_dir", str(tmp_path), "--input", str(tmp_path)],
-                           "one of them"),
-                          (["--model", str(saved_model), "--input", str(tmp_path), "--fold", "0"],
-                           "--fold applies to --data_dir")):
-        with pytest.raises(UserError, match=message):
-            predict.__wrapped__(argv)
+                           "argument --input: not allowed with argument --data_dir")):
+        with pytest.raises(SystemExit):  # (argparse's own refusal: exit 2)
+            predict(argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(UserError, match="--fold applies to --data_dir"):
+        predict.__wrapped__(["--model", str(saved_model), "--input", str(tmp_path), "--fold", "0"])
+
+
+def test_a_nifti_is_sliced_along_the_axis_its_sform_says_not_its_stale_pixdim(tmp_path):
+    """A file whose sform and pixdim disagree: viewers (and nibabel's img.affine) follow the sform, so the slices
+    are cut across the axis whose sform column is longest (it was the pixdim's, a wrong slicing of the volume)."""
+    import nibabel as nib
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    img = nib.Nifti1Image(np.zeros((8, 6, 4), np.int16), affine)
+    img.header.set_sform(affine, code=1)
+    img.header.set_qform(affine, code=0)
+    img.header["pixdim"][1:4] = (3.0, 1.5, 1.5)  # stale: says the first axis is the 3 mm one
+    path = tmp_path / "scan.nii.gz"
+    nib.save(img, str(path))
+    assert tuple(nib.load(str(path)).header.get_zooms()) == (3.0, 1.5, 1.5)  # (the file really disagrees)
+    volume = read_nifti(path)
+    assert volume.spacing == (1.5, 1.5, 3.0) and volume.axis == 2

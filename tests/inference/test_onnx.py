@@ -77,7 +77,11 @@ def test_an_export_elsewhere_carries_the_spec_and_predicts_without_the_weights(s
     assert sorted(p.name for p in out.iterdir()) == [".giseg-output", "config.json", "inference_spec.json", ONNX_FILE,
                                                      "preprocessor_config.json"]  # (the mark: export-onnx's folder)
     seg = Segmenter.load(out, backend="onnxruntime")
-    assert seg.spec == Segmenter.load(saved_model).spec and seg.device.type == "cpu"
+    import dataclasses
+
+    assert seg.spec.onnx_sha256  # the deploy folder's spec records the file it runs (the rest is the model's)
+    assert dataclasses.replace(seg.spec, onnx_sha256=None) == Segmenter.load(saved_model).spec
+    assert seg.device.type == "cpu"
 
 
 def test_a_missing_or_stale_export_is_refused_with_the_command_that_makes_it(saved_model, tmp_path):
@@ -107,3 +111,40 @@ def test_export_onnx_command_writes_the_model_and_reports_the_parity(saved_model
     meta = json.loads((tmp_path / "o" / "inference_spec.json").read_text())
     assert meta["image_size"] == 64
     assert np.isfinite(float(out.split("max difference ")[1].split()[0]))
+
+
+def test_a_deploy_folder_runs_only_the_onnx_file_its_spec_records_and_a_damaged_one_is_one_line(
+        saved_model, tiny_models, tmp_path):
+    """A deploy folder (no weights) ran whatever model.onnx lay in it, and a truncated one was a traceback (issue
+    #38): the spec records the exported file's sha256, and anything else is refused naming both sides."""
+    import shutil
+
+    deploy, other = tmp_path / "deploy", tmp_path / "other"
+    export_onnx(saved_model, deploy)
+    Segmenter.load(deploy, backend="onnxruntime")  # its own file runs
+    export_onnx(_model_folder(base_model("unet", tiny_models, tmp_path), tmp_path / "unet"), other)
+    original = (deploy / ONNX_FILE).read_bytes()
+    shutil.copy(other / ONNX_FILE, deploy / ONNX_FILE)  # another model's export, dropped in
+    with pytest.raises(UserError, match=f"{ONNX_FILE} is not the file exported with this spec .*another model's"):
+        Segmenter.load(deploy, backend="onnxruntime")
+    spec = json.loads((deploy / "inference_spec.json").read_text())
+    (deploy / "inference_spec.json").write_text(json.dumps({**spec, "onnx_sha256": None}))  # (an older export)
+    (deploy / ONNX_FILE).write_bytes(original[:len(original) // 2])
+    with pytest.raises(UserError, match=f"{ONNX_FILE} is not a readable ONNX model .*export it again"):
+        Segmenter.load(deploy, backend="onnxruntime")
+
+
+def test_a_spec_edited_to_another_input_layout_of_the_same_channel_count_is_refused(saved_model, tmp_path):
+    """context_slices 1 and 3 both feed 3 channels: an edited spec was accepted and scored lower (issue #38). The
+    model's config records the layout it was trained with, and the ONNX export records it too."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    export_onnx(folder)
+    spec = json.loads((folder / "inference_spec.json").read_text())
+    assert spec["context_slices"] == 1
+    (folder / "inference_spec.json").write_text(json.dumps({**spec, "context_slices": 3}))
+    for backend in ("eager", "onnxruntime"):
+        with pytest.raises(UserError, match="context_slices 3, but the model was trained with 1"):
+            Segmenter.load(folder, backend=backend)

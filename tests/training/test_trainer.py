@@ -2,6 +2,8 @@ import dataclasses
 import json
 import math
 import re
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -299,13 +301,22 @@ def test_save_last_false_and_one_state_keep_a_run_small_on_disk(demo_dir, tiny_m
     assert len(list((out / "checkpoints").glob("step_*"))) == 1
 
 
-def test_the_log_names_the_settings_that_differ_from_the_defaults(demo_dir, tiny_models, tmp_path):
+def test_the_log_names_the_settings_that_differ_from_the_defaults(demo_dir, tiny_models, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    train(_cfg(demo_dir, tiny_models["segformer"], out, tmp_path, max_train_steps=1))
-    settings = next(line for line in (out / "train.log").read_text().splitlines() if " settings: " in line)
-    given = settings.split(" settings: ")[1].split(";")[0].split(" --")
-    assert {"epochs 1", "image_size 64", "max_train_steps 1"} <= set(given)
-    assert "--optimizer" not in settings and "everything else is trainer.py's default" in settings
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, max_train_steps=1)
+    monkeypatch.setattr(sys, "argv", ["giseg", "train", "--base_model", cfg.base_model, "--data_dir", cfg.data_dir,
+                                      "--output_dir", cfg.output_dir, "--cache_dir", cfg.cache_dir])
+    train(cfg)
+    lines = (out / "train.log").read_text().splitlines()
+    settings = " ".join(line.split(": ", 1)[1] for line in lines if " settings: " in line or " settings (continued): "
+                        in line)
+    given = settings.split(";")[0].split(" --")
+    assert {"epochs 1", "image_size 64", "max_train_steps 1"} <= {g.removeprefix("--") for g in given}
+    assert "--optimizer" not in settings and "everything else is giseg train's default" in settings
+    # one-off lines too (the command, the settings, the re-initialised layers) fit 160 columns: long ones continue
+    # on lines that say so (the paths here are pytest's, ~60 characters each)
+    assert max(map(len, lines)) <= 160, max(lines, key=len)
+    assert any(" start (continued): " in line for line in lines)
     floor = next(line for line in (out / "train.log").read_text().splitlines() if "floor:" in line)
     assert "predicting nothing scores mean Dice" in floor
 
@@ -354,3 +365,19 @@ def test_a_compiled_run_saves_plain_models_and_resumes_with_or_without_compile(d
     log = (split / "train.log").read_text()
     assert "resumed from" in log and log.count("torch.compile: backend eager, mode default") == 2
     assert json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
+
+
+def test_a_run_whose_only_checkpoint_is_refused_says_why_not_that_it_was_deleted(demo_dir, tiny_models, tmp_path):
+    """The refusal named a damaged checkpoint "gone (deleted?)" (issue #38): it now says which checkpoint was
+    refused and why, and only says that none is left when the folder holds none."""
+    out = tmp_path / "run"
+    cfg = _cfg(demo_dir, tiny_models["segformer"], out, tmp_path, max_train_steps=2, save_total_limit=1)
+    train(cfg)
+    (step,) = (out / "checkpoints").iterdir()
+    weights = next(p for p in step.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=f"holds a run with no usable checkpoint \\({re.escape(str(step))}: "):
+        train(cfg)
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(UserError, match="holds a run with no checkpoint left"):
+        train(cfg)

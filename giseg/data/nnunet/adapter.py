@@ -11,8 +11,18 @@ import numpy as np
 
 from giseg.data.base import DatasetAdapter, hash_files
 from giseg.data.gi import GIAdapter
-from giseg.data.masks import MAX_CLASSES, unpack_masks
-from giseg.data.nnunet.dataset_json import DATASET_JSON, PALETTE, SPLITS, channel_names, label_table, overlap_priority, parse_labels, read_dataset_json
+from giseg.data.masks import IGNORE_BIT, MAX_CLASSES, unpack_masks
+from giseg.data.nnunet.dataset_json import (
+    DATASET_JSON,
+    PALETTE,
+    SPLITS,
+    channel_names,
+    ignore_value,
+    label_table,
+    overlap_priority,
+    parse_labels,
+    read_dataset_json,
+)
 from giseg.data.nnunet.export import export_nnunet
 from giseg.data.nnunet.index import build_nnunet_index, channel_path
 from giseg.data.nifti import cut, load_nifti
@@ -49,15 +59,15 @@ class NnUNetAdapter(DatasetAdapter):
     volume_columns = ("case", "day")
 
     def __init__(self, root: Path | None = None, meta: dict | None = None, classes=None, values=None, priority=None,
-                 channels: int = 1):
-        self.root, self.meta, self.channels = root, meta or {}, channels
+                 channels: int = 1, ignore: int | None = None):
+        self.root, self.meta, self.channels, self.ignore = root, meta or {}, channels, ignore
         self.values = values or ()
         if classes:
             self.classes = tuple(classes)
             self.priority = tuple(priority or classes)
             self.colours = dict(zip(self.classes, PALETTE * (1 + len(self.classes) // len(PALETTE))))
             self.title = self.meta.get("name", "") or ""
-        self._lut = label_table(self.values) if self.values else None
+        self._lut = label_table(self.values, ignore) if self.values else None
         self._images, self._labels = VolumeMemo(3 * channels), VolumeMemo()
 
     def bind(self, data_dir, options=None, classes=None):
@@ -71,7 +81,7 @@ class NnUNetAdapter(DatasetAdapter):
         if classes is not None and tuple(classes) != names:
             raise UserError(f"{root / DATASET_JSON}: its classes {list(names)} are not the model's {list(classes)}")
         return NnUNetAdapter(root, meta, names, values, overlap_priority(names, values),
-                             len(channel_names(meta)))
+                             len(channel_names(meta)), ignore_value(meta["labels"], str(root / DATASET_JSON)))
 
     def _bound(self, data_dir=None) -> Path:
         if self.root is None:
@@ -108,6 +118,15 @@ class NnUNetAdapter(DatasetAdapter):
 
     def read_masks(self, row):
         return unpack_masks(self.read_packed(row), len(self.classes))
+
+    @property
+    def may_have_unlabelled(self):
+        return self.ignore is not None  # dataset.json's "ignore" label (nnU-Net v2)
+
+    def ignored(self, row):
+        if self.ignore is None:
+            return None
+        return ((self.read_packed(row) >> IGNORE_BIT) & 1).astype(bool)
 
     def has_labels(self, index):
         return "label_path" in index

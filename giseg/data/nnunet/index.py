@@ -36,7 +36,12 @@ def case_numbers(names: list[str], pattern: str | None, where: str) -> tuple[lis
     if None in found:
         raise UserError(f'{where}: "case_pattern" {pattern!r} does not match the case {names[found.index(None)]!r}')
     cases = [m.group("case") for m in found]
-    days = [int(m.group("day")) if "day" in rx.groupindex and m.group("day") else 0 for m in found]
+    days = [m.group("day") if "day" in rx.groupindex and m.group("day") else "0" for m in found]
+    bad = next((n for n, d in zip(names, days) if not d.isdigit()), None)
+    if bad is not None:
+        raise UserError(f'{where}: "case_pattern" {pattern!r} gives the case {bad!r} the day '
+                        f"{days[names.index(bad)]!r}; the day group must match digits, e.g. (?P<day>\\d+)")
+    days = [int(d) for d in days]
     if all(c.isdigit() for c in cases):
         return [int(c) for c in cases], days
     order = {c: i for i, c in enumerate(sorted(set(cases)))}
