@@ -227,3 +227,22 @@ def test_keep_freed_memory_fixes_mallocs_thresholds_unless_the_user_set_them(mon
     assert out == ("True" if sys.platform == "linux" else "False")
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert keep_freed_memory() is False
+
+
+def test_a_long_log_message_goes_on_in_timestamped_lines_that_fit_160_columns():
+    """Path-heavy lines reached 181 characters (issue #43): the formatter breaks them between words, each line with
+    its timestamp and level, the continuations starting with '... ', and nothing of the message lost."""
+    import logging
+
+    from giseg.utils.log import LINE, FittingFormatter
+
+    fmt = FittingFormatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    message = "model: " + "/tmp/pytest-of-root/pytest-49/models0/tiny-segformer " * 5 + "(segformer), 0.52M parameters"
+    record = logging.LogRecord("gi_seg", logging.INFO, __file__, 1, message, None, None)
+    lines = fmt.format(record).splitlines()
+    assert len(lines) > 1 and max(map(len, lines)) <= LINE
+    assert all(" INFO " in line for line in lines) and all(" INFO ... " in line for line in lines[1:])
+    words = " ".join(line.split(" INFO ", 1)[1].removeprefix("... ") for line in lines)
+    assert words == message
+    short = logging.LogRecord("gi_seg", logging.INFO, __file__, 1, "eval epoch 1 | loss 0.5", None, None)
+    assert fmt.format(short).endswith(" INFO eval epoch 1 | loss 0.5")

@@ -53,8 +53,7 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
         loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
     if head_prior > 0 and get_task(task).segments:
         for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
-            loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} everywhere "
-                                        "(--head_prior)")
+            loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} (--head_prior)")
     if in_channels != 3 and input_channels(loaded.model) != in_channels:
         layer = widen_input(loaded.model, in_channels, modalities)
         loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "

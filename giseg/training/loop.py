@@ -304,7 +304,8 @@ def end_epoch(run: Run, epoch: int, meter: LossMeter) -> dict:
         atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_safe(r)) + "\n" for r in run.history))
     log_record(run.accelerator, run.trackers, record)
     path = save_state(run, meter)
-    logger.info("saved %sresumable state %s", f"{out / 'last'} and " if cfg.save_last else "", path)
+    logger.info("saved %sresumable state %s in %s", "last/ and " if cfg.save_last else "", path.relative_to(out)
+                if path.is_relative_to(out) else path, out)  # (the run's folder once: the line fits 160 columns)
     return record
 
 

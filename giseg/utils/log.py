@@ -39,9 +39,33 @@ def wrap(head: str, items: list[str], sep: str = " ", width: int = MESSAGE) -> l
     return [heads[k > 0] + text for k, text in enumerate(lines)]
 
 
+class FittingFormatter(logging.Formatter):
+    """`<time> <LEVEL> <message>`, in lines of at most LINE characters: a longer message (a path-heavy one) goes on
+    as timestamped lines that start with `... `, broken between words (a word longer than a line keeps its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if all(len(line) <= LINE for line in text.splitlines()):
+            return text
+        head = text[:len(text) - len(record.getMessage())] if text.endswith(record.getMessage()) else ""
+        if not head:
+            return text
+        lines = []
+        for part in record.getMessage().splitlines() or [""]:
+            current = ""
+            for word in part.split(" "):
+                if current and len(head) + len(current) + 1 + len(word) > LINE:
+                    lines.append(current)
+                    current = f"... {word}"
+                else:
+                    current = f"{current} {word}" if current else word
+            lines.append(current)
+        return "\n".join(head + line for line in lines)
+
+
 def setup_logging(is_main_process: bool = True, log_file: str | Path | None = None) -> logging.Logger:
     """One timestamped line per event on stdout (and ``log_file``); non-main ranks log warnings only."""
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    fmt = FittingFormatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main_process else logging.WARNING)

@@ -1,7 +1,10 @@
 """One output contract, over the CLI's own table: every flag that says where a command writes is declared in
 COMMANDS, and each one, pointed at a folder or a file of the user's, is refused with one line and leaves it as it
 was (export-onnx replaced another model's spec, predict overwrote a patient's files: issue #38)."""
+import contextlib
 import importlib
+import os
+import signal
 
 import pytest
 
@@ -38,7 +41,7 @@ def dummy_arguments(name, skip: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("name, flag, kind", WRITERS, ids=[f"{n} {f}" for n, f, _ in WRITERS])
 def test_a_writer_refuses_a_folder_or_file_it_did_not_write_and_leaves_it_as_it_was(name, flag, kind, tmp_path,
-                                                                                   monkeypatch, capsys):
+                                                                                   monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)  # (defaults such as demo/data point nowhere here)
     if kind == DIR:
         target = tmp_path / "users-folder"
@@ -48,7 +51,12 @@ def test_a_writer_refuses_a_folder_or_file_it_did_not_write_and_leaves_it_as_it_
         target = tmp_path / "users-file.json"
         target.write_text('{"the user\'s": "own file"}\n')
     before = {p: p.read_bytes() for p in ([target] if kind != DIR else target.iterdir())}
-    code = main([name, *dummy_arguments(name, flag, tmp_path), flag, str(target)])
-    err = capsys.readouterr().err
+    try:
+        code = main([name, *dummy_arguments(name, flag, tmp_path), flag, str(target)])
+    finally:  # a launch that was not refused started a run in the background: it must not outlive the test
+        for pid_file in (tmp_path / "logs").glob("*.pid"):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    err = capfd.readouterr().err  # (the foreground check of giseg launch is a child process)
     assert code == 2 and any(r in err for r in REFUSED), err[-1500:]
     assert {p: p.read_bytes() for p in ([target] if kind != DIR else target.iterdir())} == before
