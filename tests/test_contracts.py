@@ -62,7 +62,8 @@ print("STEP card 0", flush=True)
 
 @pytest.fixture(scope="module")
 def trained(demo_dir, tiny_models, tmp_path_factory) -> dict:
-    """A tiny run per registered segmenter family: two steps at 32 px (64 for Mask2Former), best/ with its card."""
+    """A tiny run per registered segmenter family: two steps at 32 px (or the family's min_size), best/ with its
+    card."""
     from giseg.training.config import TrainConfig
     from giseg.training.loop import train
 
@@ -72,8 +73,7 @@ def trained(demo_dir, tiny_models, tmp_path_factory) -> dict:
     runs = {}
     for family in SEGMENTERS:
         out = root / family
-        # (Mask2Former at 32 px has a 1 x 1 deepest map, which its GroupNorm cannot normalise for one slice: the app)
-        size = 64 if FAMILIES[family].query else 32
+        size = max(32, FAMILIES[family].min_size)  # (the registry's: Mask2Former needs 64)
         train(TrainConfig(base_model=base_model(family, tiny_models, root), data_dir=str(demo_dir),
                           output_dir=str(out), image_size=size, epochs=1, max_train_steps=2, train_batch_size=4,
                           eval_batch_size=16, lr=1e-3, num_workers=0, n_folds=3, cache_dir=str(root / "cache")))

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, file_digest, weights_digest
 from giseg.inference.segmenter import Segmenter
 from giseg.inference.spec import InferenceSpec
+from giseg.models.registry import FAMILIES
 from giseg.utils.claims import claim_output_dir
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_text
 
 PARITY_TOLERANCE = 1e-4  # relative to max(1, the largest |logit|)
-DYNAMIC_SIZE_FAMILIES = ("segformer",)  # exported with dynamic height and width (checked at export)
+DYNAMIC_SIZE_FAMILIES = tuple(f.model_type for f in FAMILIES.values() if f.dynamic_size)  # (the registry's)
 COPIED = ("inference_spec.json", "config.json", "preprocessor_config.json")  # what a separate --out needs
 
 

@@ -25,11 +25,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATIO
 from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from giseg.models.baselines import BASELINES, build_encoder
 from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_errors
-from giseg.models.tasks import PRESENCE
+from giseg.models.registry import FAMILIES, IMAGENET
 from giseg.models.safe import loading_kwargs
+from giseg.models.tasks import PRESENCE
 from giseg.utils.errors import UserError
 
-IMAGENET_FAMILIES = ("convnext", "convnextv2", "swin", "efficientnet", "segformer", "gi_encoder")  # else (0.5, 0.5)
+# pretrained with ImageNet's statistics (else (0.5, 0.5)): the registry's families, and hub classifiers of other
+# model types that share a registered backbone (ConvNeXt V2) or our CNN encoder
+IMAGENET_FAMILIES = (*(f.model_type for f in FAMILIES.values() if f.stats == IMAGENET), "convnextv2", "gi_encoder")
 
 
 class GIEncoderClassifierConfig(PretrainedConfig):

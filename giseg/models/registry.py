@@ -33,6 +33,8 @@ class Family:
     tiny: str = ""  # "module:function" building a small random config (hub, classifier)
     encoder: str = ""  # a baseline's encoder
     query: bool = False  # mask classification: a mask per object query, its own matched loss (Mask2Former)
+    min_size: int = 32  # the smallest --image_size it handles (Mask2Former: 64; its deepest map is 1 x 1 at 32)
+    dynamic_size: bool = False  # exported to ONNX with dynamic height and width (checked at export)
 
     def tiny_config(self, id2label: dict, width: int = 1):
         """The small random config of this family (giseg make-tiny)."""
@@ -43,14 +45,14 @@ class Family:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("segformer", "hub", "segformer", IMAGENET, "SegFormer (nvidia/segformer-b0-finetuned-ade-512-512 ...)",
-           tiny="giseg.models.tiny:tiny_segformer"),
+           tiny="giseg.models.tiny:tiny_segformer", dynamic_size=True),
     Family("upernet", "hub", "upernet", IMAGENET, "UperNet-ConvNeXt (openmmlab/upernet-convnext-small ...)",
            tiny="giseg.models.tiny:tiny_upernet"),
     Family("dpt", "hub", "dpt", HALF, "DPT (Intel/dpt-large-ade ...)", tiny="giseg.models.tiny:tiny_dpt"),
     Family("beit", "hub", "beit", HALF, "BEiT (microsoft/beit-base-finetuned-ade-640-640 ...)",
            tiny="giseg.models.tiny:tiny_beit"),
     Family("mask2former", "hub", "mask2former", IMAGENET, "Mask2Former (mask classification, its matched loss)",
-           tiny="giseg.models.tiny:tiny_mask2former", query=True),
+           tiny="giseg.models.tiny:tiny_mask2former", query=True, min_size=64),
     Family("unet", "baseline", "gi_unet", IMAGENET, "U-Net, plain encoder (models/baselines.py)", encoder="plain"),
     Family("unet-resnet34", "baseline", "gi_unet", IMAGENET, "U-Net, ResNet-34 encoder", encoder="resnet34"),
     Family("unet-resnext50", "baseline", "gi_unet", IMAGENET, "U-Net, ResNeXt-50 encoder", encoder="resnext50_32x4d"),
