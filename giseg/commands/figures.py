@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from giseg.evaluation.figures import save_all
-from giseg.utils.claims import claim_output_dir
+from giseg.utils.claims import claim_output_dir, hold_output
 from giseg.utils.exits import command
 from giseg.utils.log import quiet_third_party
 
@@ -30,5 +30,6 @@ def main(argv: list[str] | None = None) -> None:
     claim_output_dir(args.out, "--out", "figures", {"--data_dir": args.data_dir},
                      ours=lambda p: all(f.suffix == ".png" for f in p.iterdir()))
     quiet_third_party()
-    for path in save_all(args.run_dir, args.out, args.data_dir, args.max_slices):
-        print(path)
+    with hold_output(args.out, "--out"):  # (a second figures into the same --out is refused while this one draws)
+        for path in save_all(args.run_dir, args.out, args.data_dir, args.max_slices):
+            print(path)

@@ -37,7 +37,7 @@ from giseg.inference.medical import VOLUME_LABELS, claim_names, record_output, w
 from giseg.inference.segmenter import BACKENDS
 from giseg.inference.submission import SUBMISSION_HEADER, predict_rows, write_submission
 from giseg.models.tasks import get_task
-from giseg.utils.claims import claim_output_dir, claim_output_file, starts_with
+from giseg.utils.claims import claim_output_dir, claim_output_file, hold_output, starts_with
 from giseg.utils.errors import UserError
 from giseg.utils.exits import command
 from giseg.utils.log import logger, quiet_third_party, setup_logging
@@ -180,19 +180,27 @@ def predict_volumes(model: Ensemble, args, device) -> int:
     data = get_adapter(spec.dataset, f"--model {args.model[0]}").bind(None, spec.dataset_options or {}, spec.classes)
     out = Path(args.out)
     inputs = find_inputs(args.input, spec.channels)
+    with hold_output(out, "--out"):  # (a second predict into the same --out is refused while this one writes)
+        write_volumes(model, args, device, data, out, inputs)
+    return 0
+
+
+def write_volumes(model: Ensemble, args, device, data, out: Path, inputs: list) -> None:
+    """Each input volume predicted and written (NIfTI; RT-Struct for DICOM), its name recorded in --out."""
+    spec = model.spec
     names = iter(claim_names(out, inputs).items())
     for paths in inputs:
         path = paths[0]
         volume = read_volume(paths)
         adapter = VolumeAdapter(volume, spec.classes, spec.channels)
         index = adapter.build_index()
-        inputs = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
+        cached = model.inputs(adapter, index, args.cache_dir, num_threads=max(1, args.num_workers))
         logger.info("predicting %s: %d slices of %s across axis %d (spacing %s mm) with %d model(s) on %s (%s)",
                     path, len(index), "x".join(map(str, volume.array.shape)), volume.axis,
                     "x".join(f"{s:g}" for s in volume.spacing), len(model.members), device, args.backend)
         masks = np.zeros((len(spec.classes), *volume.array.shape), bool)
         where = [slice(None)] * 4
-        for r, m in model.iter_masks(index, np.arange(len(index)), inputs, adapter.volume_columns, args.batch_size,
+        for r, m in model.iter_masks(index, np.arange(len(index)), cached, adapter.volume_columns, args.batch_size,
                                      args.mixed_precision, args.tta, args.num_workers):
             where[1 + volume.axis] = r
             masks[tuple(where)] = m.transpose(0, 2, 1)  # (C, H, W) -> the volume's (C, in-plane axes)
@@ -202,4 +210,3 @@ def predict_volumes(model: Ensemble, args, device) -> int:
         record_output(out, *next(names))
         logger.info("wrote %s: %s voxels per class", ", ".join(str(p) for p in written),
                     ", ".join(f"{c} {int(masks[k].sum())}" for k, c in enumerate(spec.classes)))
-    return 0

@@ -2,16 +2,19 @@
 never what another command wrote)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_write_json
+from giseg.utils.locks import FolderLock
 
 
 OUTPUT_MARK = ".giseg-output"  # in every output folder a command creates: {"kind": <command>}
+OUTPUT_LOCK = ".giseg-output.lock"  # held by the command writing the folder (hold_output)
 
 
 def check_no_overlap(out: Path, inputs: dict[str, str | Path | None], flag: str) -> None:
@@ -57,6 +60,23 @@ def claim_output_dir(path: str | Path, flag: str, kind: str, inputs: dict | None
         out.mkdir(parents=True, exist_ok=True)
         write_output_mark(out, kind)
     return out
+
+
+@contextlib.contextmanager
+def hold_output(folder: str | Path, flag: str) -> Iterator[FolderLock]:
+    """Within the block, the writer's lock on its claimed output folder (OUTPUT_LOCK inside it), taken without
+    waiting: a second command filling the same folder at the same time is refused with one line, instead of both
+    reporting success over each other's files."""
+    lock = FolderLock(Path(folder) / OUTPUT_LOCK, wait=False)
+    try:
+        lock.acquire()
+    except BlockingIOError:
+        raise UserError(f"{flag} {folder} is being written by another giseg command (pid {lock.holder()}); wait for "
+                        f"it to end, or choose another {flag}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def write_output_mark(folder: str | Path, kind: str) -> None:

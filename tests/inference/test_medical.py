@@ -276,3 +276,22 @@ def test_a_nifti_is_sliced_along_the_axis_its_sform_says_not_its_stale_pixdim(tm
     assert tuple(nib.load(str(path)).header.get_zooms()) == (3.0, 1.5, 1.5)  # (the file really disagrees)
     volume = read_nifti(path)
     assert volume.spacing == (1.5, 1.5, 3.0) and volume.axis == 2
+
+
+def test_a_second_predict_into_an_out_folder_being_written_is_refused(tracked_run, series, tmp_path):
+    """Two `giseg predict --input ... --out P` at once both reported success over each other's files (issue #38):
+    the writer holds the folder's lock while it writes, and the second is one line, its files untouched."""
+    from giseg.commands.predict import main as predict
+    from giseg.utils.claims import OUTPUT_LOCK
+    from giseg.utils.locks import FolderLock
+
+    folder, _, _ = series
+    out = tmp_path / "out"
+    common = ["--model", str(tracked_run / "best"), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"]
+    assert predict([*common, "--input", str(folder), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != OUTPUT_LOCK}
+    with FolderLock(out / OUTPUT_LOCK):  # another predict, writing there now
+        with pytest.raises(UserError, match="is being written by another giseg command"):
+            predict.__wrapped__([*common, "--input", str(folder), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != OUTPUT_LOCK} == before
+    assert predict([*common, "--input", str(folder), "--out", str(out)]) == 0  # once it ended, a rerun is fine
