@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, file_digest, weights_digest
+from giseg.inference.onnx_model import ONNX_FILE, WEIGHTS_KEY, OnnxModel, weights_digest
 from giseg.inference.segmenter import Segmenter
 from giseg.inference.spec import InferenceSpec
 from giseg.models.registry import FAMILIES
 from giseg.utils.claims import claim_output_dir
 from giseg.utils.errors import UserError
-from giseg.utils.files import atomic_write_text
+from giseg.utils.files import atomic_write_text, file_sha256
 
 PARITY_TOLERANCE = 1e-4  # relative to max(1, the largest |logit|)
 DYNAMIC_SIZE_FAMILIES = tuple(f.model_type for f in FAMILIES.values() if f.dynamic_size)  # (the registry's)
@@ -144,7 +144,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
             if (folder / name).is_file():
                 atomic_write_text(out / name, (folder / name).read_text())
     # the spec beside model.onnx records that file: the ONNX backend runs no other one under it
-    dataclasses.replace(InferenceSpec.load(out), onnx_sha256=file_digest(out / ONNX_FILE)).save(out)
+    dataclasses.replace(InferenceSpec.load(out), onnx_sha256=file_sha256(out / ONNX_FILE)).save(out)
     return {"path": str(out / ONNX_FILE), "family": family, "image_size": size, "opset": opset,
             "dynamic": list(dynamic.values()), "export_s": seconds, "max_relative_difference": worst,
             "checked_shapes": shapes, "megabytes": (out / ONNX_FILE).stat().st_size / 1e6}

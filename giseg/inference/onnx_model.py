@@ -6,32 +6,23 @@ The export itself (giseg export-onnx) is inference/export.py.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from giseg.utils.errors import UserError
+from giseg.utils.files import file_sha256
 
 ONNX_FILE = "model.onnx"
 WEIGHTS_KEY = "giseg_weights_sha256"
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_digest(folder: Path) -> str:
     """sha256 of the folder's weights (model.safetensors, or pytorch_model.bin), '' if it has none."""
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
-            return file_digest(folder / name)
+            return file_sha256(folder / name)
     return ""
 
 
@@ -72,9 +63,9 @@ def load_onnx_model(folder: Path, spec, threads: int = 0) -> OnnxModel:
     if not path.is_file():
         raise UserError(f"--model {folder}: no {ONNX_FILE} for --backend onnxruntime; export it first: "
                         f"giseg export-onnx --model {folder}")
-    if spec.onnx_sha256 and file_digest(path) != spec.onnx_sha256:
+    if spec.onnx_sha256 and file_sha256(path) != spec.onnx_sha256:
         raise UserError(f"--model {folder}: {ONNX_FILE} is not the file exported with this spec (sha256 "
-                        f"{file_digest(path)[:12]} on disk, {spec.onnx_sha256[:12]} in {folder.name}/inference_spec.json:"
+                        f"{file_sha256(path)[:12]} on disk, {spec.onnx_sha256[:12]} in {folder.name}/inference_spec.json:"
                         f" another model's, or damaged); {again}")
     try:
         model = OnnxModel(path, threads)

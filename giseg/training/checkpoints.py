@@ -9,7 +9,6 @@ silently, and the resume would not be exact)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from giseg.training.ema import WeightEMA, WeightSWA
 from giseg.utils.errors import UserError, storage_guard
-from giseg.utils.files import atomic_write_json, atomic_write_text, replace_dir
+from giseg.utils.files import atomic_write_json, atomic_write_text, file_sha256, replace_dir
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -45,14 +44,6 @@ def _step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_problem(path: Path, run_id: str, verify: bool = False) -> str | None:
     """None when ``path`` is a complete checkpoint of run ``run_id``, else what is wrong with it. ``verify`` also
     compares every file with its checksum (done before a state is loaded)."""
@@ -77,7 +68,7 @@ def checkpoint_problem(path: Path, run_id: str, verify: bool = False) -> str | N
         return f"it belongs to run {raw.get('run_id') or '(unknown)'}, not to run {run_id} of this output_dir"
     if verify:
         for name, meta in files.items():
-            if sha256_of(path / name) != meta["sha256"]:
+            if file_sha256(path / name) != meta["sha256"]:
                 return f"{name} does not match its checksum (changed or damaged since it was saved)"
     return None
 
@@ -130,7 +121,7 @@ def save_checkpoint(accelerator, output_dir: Path, state: TrainState, keep: int,
             ema.save(tmp / ema.file)
         if scheduler is not None:
             atomic_write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_of(f)}
+        files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
                  for f in sorted(tmp.rglob("*")) if f.is_file()}
         atomic_write_json(tmp / STATE_FILE, {**dataclasses.asdict(state), "files": files})
         replace_dir(tmp, final)

@@ -3,6 +3,7 @@ strict JSON, the umask's modes, CSVs read as strings."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -148,3 +149,12 @@ def read_csv_strings(path: str | Path, name: str, needs: str):
         raise UserError(f"{name} is empty (0 bytes); it needs {needs}") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{name}: not a readable CSV ({e})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 4 MiB blocks (checkpoint manifests, ONNX exports and the weights they came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
