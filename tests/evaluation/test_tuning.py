@@ -51,3 +51,13 @@ def test_keeping_the_largest_component_is_adopted_only_where_it_helps():
     chosen, before, after = tuner.search(_start())
     assert chosen[0]["postprocess"] == "largest" and chosen[1]["postprocess"] == "none"
     assert after["dice_a"] == 1.0 and after["score"] > before["score"]
+
+
+def test_a_bad_search_is_refused_before_any_model_is_loaded_or_predicts(tmp_path, capsys):
+    """--search was checked only after every validation slice had been predicted (issue #38): now it is the first
+    thing, before the models are even looked for (the folders here do not exist)."""
+    from giseg.commands.tune import main as tune_main
+
+    assert tune_main(["--model", str(tmp_path / "no-model"), "--data_dir", str(tmp_path / "no-data"), "--search",
+                      "thresholds,colours"]) == 2
+    assert "--search takes steps of" in capsys.readouterr().err
