@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,22 @@ from giseg.models.registry import list_families  # noqa: E402  (light: no transf
 
 FAMILIES = ("segformer", "upernet", "dpt", "beit")  # the semantic-segmentation hub families of tiny_models
 SEGMENTERS = list_families("hub") + list_families("baseline")  # every family a segmenter is trained from
+
+
+def log_events(text: str) -> list[str]:
+    """A log's events, one line each: the continuation lines of a long one (`... ` or `<head> (continued): `, which
+    keep lines within 160 columns) joined back to the line they continue."""
+    out: list[str] = []
+    for line in text.splitlines():
+        m = re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (?:[A-Z]+ )?(.*)$", line)
+        message = m.group(1) if m else ""
+        if out and message.startswith("... "):
+            out[-1] += " " + message[4:]
+        elif out and re.match(r"[\w -]+ \(continued\): ", message):
+            out[-1] += " " + message.split("(continued): ", 1)[1]
+        else:
+            out.append(line)
+    return out
 
 
 def base_model(family: str, tiny_models: dict, tmp_path: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, log_events
 
 pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
 
@@ -27,12 +27,13 @@ def test_foreground_run_logs_start_command_dice_and_exit_status(demo_dir, tiny_m
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     log = (tmp_path / "logs" / "run.log").read_text()
-    assert "run start:" in log and "-m giseg train --base_model" in log
+    start = next(e for e in log_events(log) if " run start: " in e)  # (the command, its continuation lines joined)
+    assert "-m giseg train --base_model" in start
     assert "dice large_bowel" in log and "run end: exit status 0" in log.splitlines()[-1]
     # a user's model on data: only what was set is passed, trainer.py's defaults (lr 6e-5) do the rest
     assert "run settings: EPOCHS=1 IMAGE_SIZE=64 REPORT_TO=tensorboard; giseg train's defaults for what is not set" in log
     assert list((tmp_path / "out" / "trackers").rglob("events.out.tfevents.*"))
-    assert "--lr" not in log.split("run start:")[1].splitlines()[0]
+    assert "--lr" not in start
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["lr"] == 6e-05  # trainer.py's default
     assert "trackers: tensorboard, files under" in log and max(map(len, log.splitlines())) < 600
     assert (tmp_path / "out" / "best" / "config.json").is_file()
@@ -82,7 +83,7 @@ def test_an_accelerate_config_file_is_what_the_run_is_launched_with(demo_dir, ti
                       "mixed_precision: 'no'\nuse_cpu: true\n")
     res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=120)
     log = (tmp_path / "logs" / "run.log").read_text()
-    assert f"-m accelerate.commands.launch --config_file {config} -m giseg train" in log
+    assert f"-m accelerate.commands.launch --config_file {config} -m giseg train" in "\n".join(log_events(log))
     assert "run end: exit status 0" in log and res.returncode == 0
 
 
@@ -238,7 +239,7 @@ def test_the_printed_pid_stops_the_run_cleanly_and_resume_appends_to_its_log(dem
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     text = log.read_text()  # one log for the whole run: the first start, the stop, the resume
     assert text.count("run start:") == 2 and "resumed from" in text and text.rstrip().endswith("run end: exit status 0")
-    assert "--resume_run" in text.split("run start:")[2].splitlines()[0]
+    assert "--resume_run" in [e for e in log_events(text) if " run start: " in e][1]
     assert sorted(p.name for p in (tmp_path / "logs").glob("*.log")) == ["run.log"]
 
 

@@ -210,7 +210,7 @@ def _edit_spec(folder, tmp_path, **change):
     (dict(task="multiclass", thresholds=[]), r"labels \['background', .*\(multiclass\) are not the model's own"),
     (dict(image_size=96), r"image_size 96, but the model was saved for 64"),
     (dict(mean=[0.4, 0.4, 0.4]), r"mean \[0.4, 0.4, 0.4\], but the model was saved with"),
-    (dict(context_slices=5, mean=[0.5] * 5, std=[0.5] * 5), r"the model takes 3 input channels but its spec prepares 5"),
+    (dict(context_slices=5, mean=[0.5] * 5, std=[0.5] * 5), r"context_slices 5, but the model was trained with 1"),
 ])
 def test_a_spec_that_does_not_describe_its_model_is_refused(saved_model, tmp_path, change, message):
     with pytest.raises(UserError, match=message):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import SEGMENTERS, base_model
+from conftest import SEGMENTERS, base_model, log_events
 
 
 def _records(run):
@@ -62,7 +62,7 @@ def test_a_hub_base_model_is_named_in_the_metadata(tracked_run):
 
 def test_push_to_hub_with_the_hub_unreachable_finishes_the_run_and_says_how_to_push_later(tracked_run):
     log = (tracked_run / "train.log").read_text()
-    lines = [line for line in log.splitlines() if "push to the Hub failed" in line]
+    lines = [line for line in log_events(log) if "push to the Hub failed" in line]
     assert len(lines) == 1 and f"hf upload me/gi-test {tracked_run / 'best'} ." in lines[0]
     assert "Traceback" not in log and (tracked_run / "best" / "model.safetensors").is_file()
     assert "done:" in log and " INFO final eval | case | slices |" in log and "final eval | |" not in log
