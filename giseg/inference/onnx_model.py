@@ -63,9 +63,10 @@ def load_onnx_model(folder: Path, spec, threads: int = 0) -> OnnxModel:
     if not path.is_file():
         raise UserError(f"--model {folder}: no {ONNX_FILE} for --backend onnxruntime; export it first: "
                         f"giseg export-onnx --model {folder}")
-    if spec.onnx_sha256 and file_sha256(path) != spec.onnx_sha256:
+    on_disk = file_sha256(path) if spec.onnx_sha256 else ""
+    if on_disk != (spec.onnx_sha256 or ""):
         raise UserError(f"--model {folder}: {ONNX_FILE} is not the file exported with this spec (sha256 "
-                        f"{file_sha256(path)[:12]} on disk, {spec.onnx_sha256[:12]} in {folder.name}/inference_spec.json:"
+                        f"{on_disk[:12]} on disk, {spec.onnx_sha256[:12]} in {folder.name}/inference_spec.json:"
                         f" another model's, or damaged); {again}")
     try:
         model = OnnxModel(path, threads)
@@ -83,6 +84,5 @@ def load_onnx_model(folder: Path, spec, threads: int = 0) -> OnnxModel:
     exported = model.metadata.get(WEIGHTS_KEY, "")
     if now and exported != now:
         raise UserError(f"--model {folder}: {ONNX_FILE} was exported from other weights than the folder's own "
-                        f"(sha256 {exported[:12] or 'not recorded'} vs {now[:12]}); export it again: "
-                        f"giseg export-onnx --model {folder}")
+                        f"(sha256 {exported[:12] or 'not recorded'} vs {now[:12]}); {again}")
     return model

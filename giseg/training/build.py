@@ -151,7 +151,6 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     """The checkpoint with a new head for the adapter's classes, wrapped to return (logits, aux), the inference
     spec saved with it, and its family. Under DDP (``processes`` > 1) gradients are put in their parameters'
     layout."""
-    # transformers (1.8 s): not imported for --help or a rejected argument
     from giseg.models.load import load_model  # transformers (2 s): not for a refused argument
     from giseg.models.wrapper import SegmentationModel, freeze_unused_parameters, match_gradient_layout
 

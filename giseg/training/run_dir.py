@@ -95,8 +95,8 @@ def _read_json(path: Path) -> dict:
 def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, notes: list[str], dry: bool = False):
     """(checkpoint to resume or None, run id, saved run_config or None): a resume checked against the saved run,
     a refusal, or a fresh start in a cleared folder. Main process only, with the output_dir lock held. ``dry``
-    (--check_only): the same decision and refusals with nothing changed on disk (world_size None: the saved run's)."""
-    check_only_ours(output_dir)
+    (--check_only): the same decision and refusals with nothing changed on disk (world_size None: the saved run's).
+    Its callers have refused a folder of the user's (check_only_ours) before they took its lock."""
     if not dry:
         notes += recover_replaced(output_dir) + recover_replaced(output_dir / "checkpoints")
     resume = None
@@ -139,12 +139,9 @@ def _decide_start(cfg: TrainConfig, output_dir: Path, world_size: int | None, no
 
 def lock_output_dir(output_dir: Path) -> FolderLock:
     """The output folder's lock, taken without waiting: a folder a live run holds is refused with one line."""
-    lock = FolderLock(output_dir / ".lock", wait=False)
-    try:
-        return lock.acquire()
-    except BlockingIOError:
-        raise UserError(f"--output_dir {output_dir} is in use by a live run (pid {lock.holder()}); wait for it to "
-                        "end, stop it, or choose another --output_dir") from None
+    return FolderLock(output_dir / ".lock", wait=False).acquire_or_refuse(
+        f"--output_dir {output_dir} is in use by a live run (pid {{pid}}); wait for it to end, stop it, or choose "
+        "another --output_dir")
 
 
 def check_output_dir(cfg: TrainConfig) -> str:

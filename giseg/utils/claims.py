@@ -67,12 +67,9 @@ def hold_output(folder: str | Path, flag: str) -> Iterator[FolderLock]:
     """Within the block, the writer's lock on its claimed output folder (OUTPUT_LOCK inside it), taken without
     waiting: a second command filling the same folder at the same time is refused with one line, instead of both
     reporting success over each other's files."""
-    lock = FolderLock(Path(folder) / OUTPUT_LOCK, wait=False)
-    try:
-        lock.acquire()
-    except BlockingIOError:
-        raise UserError(f"{flag} {folder} is being written by another giseg command (pid {lock.holder()}); wait for "
-                        f"it to end, or choose another {flag}") from None
+    lock = FolderLock(Path(folder) / OUTPUT_LOCK, wait=False).acquire_or_refuse(
+        f"{flag} {folder} is being written by another giseg command (pid {{pid}}); wait for it to end, or choose "
+        f"another {flag}")
     try:
         yield lock
     finally:

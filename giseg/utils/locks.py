@@ -6,6 +6,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from giseg.utils.errors import UserError
+
 
 class FolderLock:
     """An exclusive advisory lock (flock) on ``<folder>/<name>``, held while the object lives in a ``with`` or
@@ -26,6 +28,14 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return self
+
+    def acquire_or_refuse(self, refusal: str) -> "FolderLock":
+        """acquire() without waiting; when another process holds the lock, UserError(``refusal``) with ``{pid}``
+        replaced by the holder's pid."""
+        try:
+            return self.acquire()
+        except BlockingIOError:
+            raise UserError(refusal.format(pid=self.holder())) from None
 
     def holder(self) -> str:
         """The pid written by the process that holds (or last held) the lock."""

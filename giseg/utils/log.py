@@ -23,19 +23,26 @@ def flag_groups(tokens: list[str]) -> list[str]:
     return groups
 
 
-def wrap(head: str, items: list[str], sep: str = " ", width: int = MESSAGE) -> list[str]:
-    """``head`` + ``items`` (joined by ``sep``) as lines of at most ``width`` characters (an item longer than that
-    alone on its line): the first starts with ``head``, the next ones with ``<head> (continued):``, so that a long
-    event still reads one line at a time under `tail -f` and every line says what it continues."""
-    heads = (head, f"{head.rstrip(': ')} (continued): ")
+def pack(items: list[str], sep: str, first: int, rest: int) -> list[str]:
+    """``items`` joined by ``sep`` into lines of at most ``first`` characters (the first line) and ``rest`` (the
+    others), greedily; an item longer than its line stays whole on a line of its own."""
     lines, current = [], ""
     for item in items:
-        if current and len(heads[bool(lines)]) + len(current) + len(sep) + len(item) > width:
+        if current and len(current) + len(sep) + len(item) > (rest if lines else first):
             lines.append(current)
             current = item
         else:
             current = f"{current}{sep}{item}" if current else item
     lines.append(current)
+    return lines
+
+
+def wrap(head: str, items: list[str], sep: str = " ", width: int = MESSAGE) -> list[str]:
+    """``head`` + ``items`` (joined by ``sep``) as lines of at most ``width`` characters (an item longer than that
+    alone on its line): the first starts with ``head``, the next ones with ``<head> (continued):``, so that a long
+    event still reads one line at a time under `tail -f` and every line says what it continues."""
+    heads = (head, f"{head.rstrip(': ')} (continued): ")
+    lines = pack(items, sep, width - len(heads[0]), width - len(heads[1]))
     return [heads[k > 0] + text for k, text in enumerate(lines)]
 
 
@@ -50,16 +57,11 @@ class FittingFormatter(logging.Formatter):
         head = text[:len(text) - len(record.getMessage())] if text.endswith(record.getMessage()) else ""
         if not head:
             return text
+        room = LINE - len(head)
         lines = []
         for part in record.getMessage().splitlines() or [""]:
-            current = ""
-            for word in part.split(" "):
-                if current and len(head) + len(current) + 1 + len(word) > LINE:
-                    lines.append(current)
-                    current = f"... {word}"
-                else:
-                    current = f"{current} {word}" if current else word
-            lines.append(current)
+            packed = pack(part.split(" "), " ", room, room - len("... "))
+            lines += [packed[0], *(f"... {line}" for line in packed[1:])]
         return "\n".join(head + line for line in lines)
 
 
