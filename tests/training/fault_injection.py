@@ -10,11 +10,12 @@ as an uninterrupted one.
 A reference run (2 epochs, a resumable state every 2 steps and at each epoch end, --save_total_limit 1, so
 the epoch-end save replaces the step save of the same number) is traced with strace to list its commit points:
 every rename(2) (each temp-file-and-rename write, each folder replace) and unlinkat(2) (checkpoint rotation,
-clean-up). For each point N, a fresh run is started under `strace -e inject=<syscall>:signal=SIGKILL:when=N`,
-so it dies just before its N-th call of that syscall; it is then rerun as a scheduler would
-(`--resume_from_checkpoint latest`) without faults. A point passes when the rerun exits 0, metrics.jsonl has
-every epoch exactly once with the reference's step, train loss and Dice (within 1e-5), and best/ and last/
-load. For export: the rerun exits 0, the folder loads with the reference's rows and classes, the data folder is
+clean-up). For each point N, a fresh run is started so that it dies by SIGKILL just before its N-th call of that
+syscall (through Python's audit hooks, kill_at.py, which checks it dies at the call strace listed; or with
+--kill_by strace under `strace -e inject=<syscall>:signal=SIGKILL:when=N`, 4x slower); it is then rerun as a
+scheduler would (`--resume_from_checkpoint latest`) without faults. A point passes when the rerun exits 0,
+metrics.jsonl has every epoch exactly once with the reference's step, train loss and Dice (within 1e-5), and best/
+and last/ load. For export: the rerun exits 0, the folder loads with the reference's rows and classes, the data folder is
 untouched and no temporary folder is left. For cv: the rerun exits 0 with the reference's CV figures (every fold,
 the mean and the out-of-fold row, within 1e-5) and no trainer of the killed CV is left running. Needs strace
 (apt-get install strace).
@@ -141,27 +142,48 @@ def loadable(folder: Path) -> str:
     return ""
 
 
-def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path, target: str = "train") -> Outcome:
+def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path, target: str = "train",
+              by: str = "audit") -> Outcome:
+    """Kill a fresh run at ``point`` (through Python's audit hooks, kill_at.py, or strace's injection with
+    by="strace"), rerun it plainly, and compare the rerun's output with the reference's."""
     trial = Path(tempfile.mkdtemp(prefix=f"{target}-{point.syscall}-{point.n}-", dir=work))
     spec = TARGETS[target]
     args, out = spec.command(data, model, trial)
-    inject = f"inject={point.syscall}:signal=SIGKILL:when={point.n}"
-    # only the command's own process is traced (and killed): the trainers a CV starts are not
-    faulty = subprocess.run(["strace", *(["-f"] if spec.follow else []), "-qq", "-o", "/dev/null", "-e",
-                             f"trace={point.syscall}", "-e", inject, *args], capture_output=True, text=True,
-                            env=environment(), cwd=ROOT)
+    if by == "strace":  # only the command's own process is traced (and killed): the trainers a CV starts are not
+        inject = f"inject={point.syscall}:signal=SIGKILL:when={point.n}"
+        faulty_args = ["strace", *(["-f"] if spec.follow else []), "-qq", "-o", "/dev/null", "-e",
+                       f"trace={point.syscall}", "-e", inject, *args]
+    else:
+        kill_at = str(Path(__file__).with_name("kill_at.py"))
+        faulty_args = [args[0], kill_at, point.syscall, str(point.n), "--", *args[1:]]
+    faulty = subprocess.run(faulty_args, capture_output=True, text=True, env=environment(), cwd=ROOT)
     killed = faulty.returncode in (-9, 137)
+    same = by == "strace" or not killed  # (kill_at.py says where it killed: the call strace listed?)
+    detail = "" if same else _same_call(point, faulty.stderr, work / f"reference-{target}", trial)
     spec.settle(trial)
     rerun = subprocess.run(args, capture_output=True, text=True, env=environment(), cwd=ROOT)
-    detail = ""
-    if rerun.returncode != 0:
+    if not detail and rerun.returncode != 0:
         tail = (rerun.stderr.strip() or rerun.stdout.strip()).splitlines()[-1:]
         detail = f"rerun exited {rerun.returncode}: {tail}"
-    else:
-        detail = spec.compare(out, reference, data)
+    detail = detail or spec.compare(out, reference, data)
     if not detail:
         shutil.rmtree(trial, ignore_errors=True)
     return Outcome(point, killed, not detail, detail or "identical")
+
+
+def _same_call(point: Point, stderr: str, reference_base: Path, trial: Path) -> str:
+    """'' when the call kill_at.py died at is the one strace listed as ``point`` (paths taken relative to their run's
+    folder, temporary files' random parts set aside); what differs otherwise."""
+    said = [line for line in stderr.splitlines() if line.startswith("kill_at: ")]
+    if not said:
+        return "killed, but not by kill_at.py"
+
+    def shape(paths: list[str], base: Path) -> list[str]:
+        return [re.sub(r"\.[a-z0-9_]{8}\.(work\.)?tmp", ".*.tmp", p.replace(str(base), "<base>")) for p in paths]
+
+    got = shape(re.findall(r"'([^']*)'", said[-1]), trial)
+    want = shape(re.findall(r'"([^"]*)"', point.what), reference_base)
+    return "" if got == want else f"kill_at.py died at {got}, strace listed {want} as #{point.n}"
 
 
 # ---------------------------------------------------------------- what each target runs and how its result is compared
@@ -256,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="working folder (default: a new temporary one)")
     ap.add_argument("--target", default="train", choices=tuple(TARGETS),
                     help="what is killed: trainer.py (default), giseg export-hf, or giseg cv")
+    ap.add_argument("--kill_by", default="audit", choices=("audit", "strace"),
+                    help="how: Python's audit hooks (kill_at.py, default) or strace's syscall injection")
     args = ap.parse_args(argv)
     if shutil.which("strace") is None:
         print("error: strace not found; install it (apt-get install strace)", file=sys.stderr)
@@ -268,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(points)} kill points in the reference run ({', '.join(f'{sum(p.syscall == s for p in points)} {s}' for s in SYSCALLS)}); trying {len(chosen)}", flush=True)
     outcomes = []
     for point in chosen:
-        o = try_point(point, work, data, model, reference, args.target)
+        o = try_point(point, work, data, model, reference, args.target, args.kill_by)
         outcomes.append(o)
         print(f"{point.syscall} #{point.n:<3} {'killed' if o.killed else 'not reached'} | "
               f"{'ok' if o.ok else 'FAILED'}: {o.detail} | {point.what[:110]}", flush=True)

@@ -89,3 +89,16 @@ def test_a_kill_of_export_at_a_commit_point_then_a_rerun_ends_as_an_uninterrupte
     outcome = fi.try_point(point, work, data, model, ref, target)
     assert outcome.killed, f"{point} was not reached"
     assert outcome.ok, f"{target}, {what}: {outcome.detail}"
+
+
+def test_a_kill_counts_as_the_point_only_at_the_call_strace_listed(tmp_path):
+    """kill_at.py (Python's audit hooks) stands in for strace's injection: the call it died at must be the one the
+    reference's strace listed at that number, paths taken relative to each run and temporary names' random parts
+    aside; any other call is a finding, not a pass."""
+    ref, trial = tmp_path / "reference-train", tmp_path / "train-rename-7-x"
+    point = fi.Point("rename", 7, f'rename("{ref}/run/.best.ab12cd34.tmp", "{ref}/run/best")')
+    said = f"kill_at: rename('{trial}/run/.best.zz_9yx0w.tmp', '{trial}/run/best')\n"
+    assert fi._same_call(point, said, ref, trial) == ""
+    other = f"kill_at: rename('{trial}/run/.last.zz_9yx0w.tmp', '{trial}/run/last')\n"
+    assert "strace listed" in fi._same_call(point, other, ref, trial)
+    assert fi._same_call(point, "Traceback ...", ref, trial) == "killed, but not by kill_at.py"

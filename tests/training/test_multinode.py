@@ -42,7 +42,8 @@ def _two_machines(demo_dir, model, tmp_path, caches, strace_node1: bool = False)
             EXTRA_ARGS=" ".join([*DDP_ARGS, "--cache_dir", str(cache), "--trace_rows", str(trace)]))
         cmd = ["bash", str(ROOT / "run_train.sh")]
         if rank == 1 and strace_node1:
-            cmd = ["strace", "-f", "-qq", "-o", str(tmp_path / "node1.strace"),
+            # (--seccomp-bpf: the process stops only at the traced calls, not at each of its imports' stats)
+            cmd = ["strace", "-f", "--seccomp-bpf", "-qq", "-o", str(tmp_path / "node1.strace"),
                    "-e", "trace=openat,creat,mkdir,mkdirat,rename,renameat,renameat2,unlink,unlinkat", *cmd]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
