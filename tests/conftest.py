@@ -32,6 +32,16 @@ def log_events(text: str) -> list[str]:
     return out
 
 
+@pytest.fixture(scope="session")
+def fresh_python():
+    """Fresh interpreters without torch's import each time (tests/fresh_python.py)."""
+    from fresh_python import FreshPython
+
+    helper = FreshPython()
+    yield helper
+    helper.close()
+
+
 def base_model(family: str, tiny_models: dict, tmp_path: Path) -> str:
     """--base_model for a registered ``family``: its tiny checkpoint (a hub family: tiny_models, else made in
     ``tmp_path``) or a baseline's name."""

@@ -12,11 +12,10 @@ tests/inference/test_onnx.py exports every family's untrained folder in CI).
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, SEGMENTERS, base_model
+from conftest import SEGMENTERS, base_model
 
 pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part)
 
@@ -81,11 +80,11 @@ def trained(demo_dir, tiny_models, tmp_path_factory) -> dict:
     return runs
 
 
-def _drive(run, data, out, steps) -> subprocess.CompletedProcess:
+def _drive(fresh_python, run, data, out, steps) -> subprocess.CompletedProcess:
+    """The DRIVER in a fresh interpreter (tests/fresh_python.py: none of our modules imported beforehand)."""
     fill = {"best": str(run / "best"), "run": str(run), "data": str(data), "out": str(out)}
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-c", DRIVER, json.dumps(fill), json.dumps(steps)], cwd=out, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return fresh_python.run(DRIVER, [json.dumps(fill), json.dumps(steps)], cwd=out, env=env, timeout=600)
 
 
 def _steps_ran(res, steps) -> None:
@@ -97,29 +96,30 @@ def _steps_ran(res, steps) -> None:
 
 @pytest.mark.parametrize("family", SEGMENTERS)
 def test_a_trained_family_loads_in_predict_score_the_app_the_notebook_and_its_card(family, trained, demo_dir,
-                                                                                   tmp_path):
-    _steps_ran(_drive(trained[family], demo_dir, tmp_path, LOADERS), LOADERS)
+                                                                                   tmp_path, fresh_python):
+    _steps_ran(_drive(fresh_python, trained[family], demo_dir, tmp_path, LOADERS), LOADERS)
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert 0 <= scores["dice_mean"] <= 1 and 0 <= scores["score"] <= 1
 
 
 @pytest.mark.parametrize("family", [f if f in ("segformer", "unet") else pytest.param(f, marks=NIGHTLY)
                                     for f in SEGMENTERS])
-def test_a_trained_family_goes_through_every_command_that_reads_a_model(family, trained, demo_dir, tmp_path):
-    _steps_ran(_drive(trained[family], demo_dir, tmp_path, READERS), READERS)
+def test_a_trained_family_goes_through_every_command_that_reads_a_model(family, trained, demo_dir, tmp_path,
+                                                                         fresh_python):
+    _steps_ran(_drive(fresh_python, trained[family], demo_dir, tmp_path, READERS), READERS)
     assert (tmp_path / "val.csv").read_text().count("\n") == (tmp_path / "tuned.csv").read_text().count("\n")
     assert any(p.suffix == ".png" for p in (tmp_path / "figures").iterdir())
 
 
 @NIGHTLY
 @pytest.mark.parametrize("family", SEGMENTERS)
-def test_a_trained_family_exports_to_onnx_and_predicts_the_same_masks_with_onnxruntime(family, trained, demo_dir,
+def test_a_trained_family_exports_to_onnx_and_predicts_the_same_masks_with_onnxruntime(family, trained, demo_dir, fresh_python,
                                                                                       tmp_path):
     steps = [["export-onnx", "--model", "{best}", "--out", "{out}/deploy"],
              ["predict", "--model", "{best}", "--data_dir", "{data}", "--fold", "0", "--out", "{out}/eager.csv",
               "--num_workers", "0"],
              ["predict", "--model", "{out}/deploy", "--data_dir", "{data}", "--fold", "0", "--out", "{out}/onnx.csv",
               "--backend", "onnxruntime", "--num_workers", "0"]]
-    res = _drive(trained[family], demo_dir, tmp_path, steps)
+    res = _drive(fresh_python, trained[family], demo_dir, tmp_path, steps)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert (tmp_path / "eager.csv").read_text() == (tmp_path / "onnx.csv").read_text()

@@ -48,9 +48,8 @@ def test_an_unknown_command_is_one_line_and_exit_2(capsys):
     (["export-hf", "--data_dir", ".", "--out", "."], "error: --out"),
     (["make-tiny", "--family", "segformer", "--out", "."], "is the current folder"),
 ])
-def test_bad_input_to_a_command_is_one_line_and_exit_2(argv, message, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "giseg", *argv], capture_output=True, text=True, cwd=tmp_path,
-                         timeout=120)
+def test_bad_input_to_a_command_is_one_line_and_exit_2(argv, message, tmp_path, fresh_python):
+    res = fresh_python.run_module("giseg", argv, cwd=tmp_path, timeout=120)  # `python -m giseg ...`
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
 

@@ -76,35 +76,43 @@ def test_push_to_hub_without_a_repo_id_is_refused_at_the_start():
         validate_config(TrainConfig(push_to_hub=True))
 
 
-@pytest.mark.parametrize("family", SEGMENTERS)
-def test_the_cards_usage_code_loads_the_folder_for_every_family(family, tiny_models, tmp_path):
-    """Each family's card shows code that loads its own folder: run in a fresh interpreter (so nothing this test
-    process registered helps it), it must give masks at the scan's size. The CNN baselines' model types (gi_unet,
-    gi_unext) need their registration import, Mask2Former the toolkit's query post-processing."""
+@pytest.fixture(scope="module")
+def card_code_runs(tiny_models, fresh_python, tmp_path_factory) -> dict:
+    """Each family's best/ folder with its card, and the card's usage code run in a fresh interpreter (none of our
+    modules imported beforehand: tests/fresh_python.py)."""
     import dataclasses
-    import subprocess
-    import sys
 
-    from conftest import ROOT
     from giseg.inference.spec import InferenceSpec
     from giseg.models.load import load_model, save_model
     from giseg.training.config import TrainConfig
     from giseg.training.model_card import card_text
 
-    classes = ("large_bowel", "small_bowel", "stomach")
-    base = base_model(family, tiny_models, tmp_path)
-    loaded = load_model(base, "multilabel", classes)
-    spec = InferenceSpec(dataset="gi", task="multilabel", classes=classes, image_size=64, context_slices=1,
-                         context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
-    folder = tmp_path / "best"
-    config = dataclasses.asdict(TrainConfig(base_model=base, output_dir=str(tmp_path), image_size=64))
-    card = card_text(config=config, spec=spec, record={"step": 1, "epoch": 1}, family=loaded.family,
-                     split_sizes={"slices": 1, "cases": 1, "train": 1, "val": 1}, scores=None, repo=str(folder),
-                     what="best")
-    save_model(loaded.model, folder, spec, card=card)
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    res = subprocess.run([sys.executable, "-c", code + "\nprint('MASKS', tuple(masks.shape), masks.dtype)"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    classes, codes = ("large_bowel", "small_bowel", "stomach"), {}
+    for family in SEGMENTERS:
+        tmp_path = tmp_path_factory.mktemp(family)
+        base = base_model(family, tiny_models, tmp_path)
+        loaded = load_model(base, "multilabel", classes)
+        spec = InferenceSpec(dataset="gi", task="multilabel", classes=classes, image_size=64, context_slices=1,
+                             context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
+        folder = tmp_path / "best"
+        config = dataclasses.asdict(TrainConfig(base_model=base, output_dir=str(tmp_path), image_size=64))
+        card = card_text(config=config, spec=spec, record={"step": 1, "epoch": 1}, family=loaded.family,
+                         split_sizes={"slices": 1, "cases": 1, "train": 1, "val": 1}, scores=None,
+                         repo=str(folder), what="best")
+        save_model(loaded.model, folder, spec, card=card)
+        code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+        codes[family] = code + "\nprint('MASKS', tuple(masks.shape), masks.dtype)"
+    from conftest import ROOT
+
+    return {family: fresh_python.run(code, cwd=ROOT, timeout=120) for family, code in codes.items()}
+
+
+@pytest.mark.parametrize("family", SEGMENTERS)
+def test_the_cards_usage_code_loads_the_folder_for_every_family(family, card_code_runs):
+    """Each family's card shows code that loads its own folder: run in a fresh interpreter (so nothing this test
+    process registered helps it), it must give masks at the scan's size. The CNN baselines' model types (gi_unet,
+    gi_unext) need their registration import, Mask2Former the toolkit's query post-processing."""
+    res = card_code_runs[family]
     assert res.returncode == 0, res.stderr[-2000:]
     shape = "(1, 3, 266, 266)" if family == "mask2former" else "(3, 266, 266)"
     assert f"MASKS {shape} torch.bool" in res.stdout
