@@ -11,7 +11,7 @@ A reference run (2 epochs, a resumable state every 2 steps and at each epoch end
 the epoch-end save replaces the step save of the same number) is traced with strace to list its commit points:
 every rename(2) (each temp-file-and-rename write, each folder replace) and unlinkat(2) (checkpoint rotation,
 clean-up). For each point N, a fresh run is started so that it dies by SIGKILL just before its N-th call of that
-syscall (through Python's audit hooks, kill_at.py, which checks it dies at the call strace listed; or with
+syscall (through Python's audit hooks, kill_at.py, at the call of the same paths' shape and occurrence; or with
 --kill_by strace under `strace -e inject=<syscall>:signal=SIGKILL:when=N`, 4x slower); it is then rerun as a
 scheduler would (`--resume_from_checkpoint latest`) without faults. A point passes when the rerun exits 0,
 metrics.jsonl has every epoch exactly once with the reference's step, train loss and Dice (within 1e-5), and best/
@@ -33,6 +33,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).parent))
+import kill_at  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSCALLS = ("rename", "unlinkat")
@@ -142,10 +145,10 @@ def loadable(folder: Path) -> str:
     return ""
 
 
-def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path, target: str = "train",
-              by: str = "audit") -> Outcome:
-    """Kill a fresh run at ``point`` (through Python's audit hooks, kill_at.py, or strace's injection with
-    by="strace"), rerun it plainly, and compare the rerun's output with the reference's."""
+def try_point(point: Point, points: list[Point], work: Path, data: Path, model: Path, reference: Path,
+              target: str = "train", by: str = "audit") -> Outcome:
+    """Kill a fresh run at ``point`` of the reference's ``points`` (through Python's audit hooks, kill_at.py, or
+    strace's injection with by="strace"), rerun it plainly, and compare the rerun's output with the reference's."""
     trial = Path(tempfile.mkdtemp(prefix=f"{target}-{point.syscall}-{point.n}-", dir=work))
     spec = TARGETS[target]
     args, out = spec.command(data, model, trial)
@@ -153,13 +156,13 @@ def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path
         inject = f"inject={point.syscall}:signal=SIGKILL:when={point.n}"
         faulty_args = ["strace", *(["-f"] if spec.follow else []), "-qq", "-o", "/dev/null", "-e",
                        f"trace={point.syscall}", "-e", inject, *args]
-    else:
-        kill_at = str(Path(__file__).with_name("kill_at.py"))
-        faulty_args = [args[0], kill_at, point.syscall, str(point.n), "--", *args[1:]]
+    else:  # the same call (its paths' shape, and which occurrence of that shape), through Python's audit hooks
+        want, occurrence = point_shape(point, work / f"reference-{target}", points)
+        faulty_args = [args[0], str(Path(__file__).with_name("kill_at.py")), point.syscall, json.dumps(want),
+                       str(occurrence), str(trial), "--", *args[1:]]
     faulty = subprocess.run(faulty_args, capture_output=True, text=True, env=environment(), cwd=ROOT)
-    killed = faulty.returncode in (-9, 137)
-    same = by == "strace" or not killed  # (kill_at.py says where it killed: the call strace listed?)
-    detail = "" if same else _same_call(point, faulty.stderr, work / f"reference-{target}", trial)
+    killed = faulty.returncode in (-9, 137) and (by == "strace" or "kill_at: " in faulty.stderr)
+    detail = ""
     spec.settle(trial)
     rerun = subprocess.run(args, capture_output=True, text=True, env=environment(), cwd=ROOT)
     if not detail and rerun.returncode != 0:
@@ -171,19 +174,14 @@ def try_point(point: Point, work: Path, data: Path, model: Path, reference: Path
     return Outcome(point, killed, not detail, detail or "identical")
 
 
-def _same_call(point: Point, stderr: str, reference_base: Path, trial: Path) -> str:
-    """'' when the call kill_at.py died at is the one strace listed as ``point`` (paths taken relative to their run's
-    folder, temporary files' random parts set aside); what differs otherwise."""
-    said = [line for line in stderr.splitlines() if line.startswith("kill_at: ")]
-    if not said:
-        return "killed, but not by kill_at.py"
+def point_shape(point: Point, base: Path, points: list[Point]) -> tuple[list[str], int]:
+    """The point's paths as kill_at.shape() writes them, and which occurrence of that shape it is in ``points``."""
+    def of(p: Point) -> list[str]:
+        return kill_at.shape(re.findall(r'"([^"]*)"', p.what), str(base))
 
-    def shape(paths: list[str], base: Path) -> list[str]:
-        return [re.sub(r"\.[a-z0-9_]{8}\.(work\.)?tmp", ".*.tmp", p.replace(str(base), "<base>")) for p in paths]
-
-    got = shape(re.findall(r"'([^']*)'", said[-1]), trial)
-    want = shape(re.findall(r'"([^"]*)"', point.what), reference_base)
-    return "" if got == want else f"kill_at.py died at {got}, strace listed {want} as #{point.n}"
+    want = of(point)
+    same = [p for p in points if p.syscall == point.syscall and of(p) == want]
+    return want, next(i for i, p in enumerate(same, 1) if p is point)
 
 
 # ---------------------------------------------------------------- what each target runs and how its result is compared
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(points)} kill points in the reference run ({', '.join(f'{sum(p.syscall == s for p in points)} {s}' for s in SYSCALLS)}); trying {len(chosen)}", flush=True)
     outcomes = []
     for point in chosen:
-        o = try_point(point, work, data, model, reference, args.target, args.kill_by)
+        o = try_point(point, points, work, data, model, reference, args.target, args.kill_by)
         outcomes.append(o)
         print(f"{point.syscall} #{point.n:<3} {'killed' if o.killed else 'not reached'} | "
               f"{'ok' if o.ok else 'FAILED'}: {o.detail} | {point.what[:110]}", flush=True)
