@@ -1,7 +1,7 @@
 """Kill the trainer (or giseg export-hf, or giseg cv) at its rename and delete points, rerun it, and check it ends
 as an uninterrupted one.
 
-    python tests/training/fault_injection.py                 every kill point (about 80; ~25 min on 2 CPU cores)
+    python tests/training/fault_injection.py                 every kill point (about 80)
     python tests/training/fault_injection.py --sample 4      4 points spread over the run (what CI runs)
     python tests/training/fault_injection.py --target export every point of `giseg export-hf` of the demo data
     python tests/training/fault_injection.py --target cv     every point of a 2-fold `giseg cv` (its own saves; its

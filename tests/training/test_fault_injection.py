@@ -50,7 +50,8 @@ def test_a_kill_at_a_commit_point_resumes_to_the_uninterrupted_result(reference,
     assert outcome.ok, f"{what}: {outcome.detail}"
 
 
-@pytest.mark.skipif(os.environ.get("FAULT_INJECTION") != "all", reason="every point: FAULT_INJECTION=all (about 80 runs and reruns)")
+@pytest.mark.skipif(os.environ.get("FAULT_INJECTION") != "all",
+                    reason="every point: FAULT_INJECTION=all (about 80 runs and reruns)")
 def test_every_commit_point(reference, command_references):
     work, data, model, points, ref = reference
     failed = [o for o in (fi.try_point(p, points, work, data, model, ref) for p in points) if not (o.ok and o.killed)]
