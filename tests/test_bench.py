@@ -88,22 +88,6 @@ def test_gpu_utilisation_is_the_mean_of_nvidia_smi_samples(tmp_path, monkeypatch
     assert util.mean is None
 
 
-def test_gpu_sections_flow_and_tables_on_the_cpu(demo_dir):
-    """Section 5 as it runs on a GPU, but on the CPU: every variant runs and the ratios refer to fp32."""
-    import bench
-
-    rows = bench.bench_gpu_training(["tiny-upernet"], 32, 2, 2, 1, device="cpu")
-    assert [r[2] for r in rows] == ["fp32", "bf16", "bf16 + channels_last"]
-    assert rows[0][4] == "1.00x" and all(r[7] == "n/a" for r in rows)  # no nvidia-smi reading on the CPU
-    base = float(rows[0][3])
-    for r in rows[1:]:  # the printed ratio agrees with the printed rates, whatever their rounding (1 decimal)
-        rate, ratio = float(r[3]), float(r[4].rstrip("x"))
-        lowest = (rate - 0.05) / (base + 0.05)
-        highest = (rate + 0.05) / (base - 0.05) if base > 0.05 else float("inf")
-        assert lowest - 0.005 <= ratio <= highest + 0.005, (rate, base, ratio)
-    # (section 6, trainer.py against the bare loop, runs in the quick run above, in fp32)
-
-
 def test_learning_efficiency_counts_runs_off_the_floor_and_their_first_step():
     import learning_efficiency as le
 
@@ -154,7 +138,17 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert results["smoke"] and len(results["models"]) == 2 and len(results["trainer"]) == 3
+    assert results["smoke"] and len(results["trainer"]) == 2
+    # section 4 as it runs on a GPU: every variant runs, the ratios refer to fp32, no nvidia-smi reading on the CPU
+    rows = results["models"]
+    assert [r[2] for r in rows][:2] == ["fp32", "bf16"]  # (+ channels_last for the convolutional families)
+    assert rows[0][4] == "1.00x" and all(r[7] == "n/a" for r in rows)
+    base = float(rows[0][3])
+    for r in rows[1:]:  # the printed ratio agrees with the printed rates, whatever their rounding (1 decimal)
+        rate, ratio = float(r[3]), float(r[4].rstrip("x"))
+        lowest = (rate - 0.05) / (base + 0.05)
+        highest = (rate + 0.05) / (base - 0.05) if base > 0.05 else float("inf")
+        assert lowest - 0.005 <= ratio <= highest + 0.005, (rate, base, ratio)
     assert results["fp16"]["finite"] and results["fp16"]["losses"] and results["predict"]["slices"] > 0
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "3. giseg predict" in text and "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
