@@ -32,6 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from giseg.data.demo_hard import HardKnobs, case_anatomy, day_state, draw_hard_slice
 from giseg.data.rle import encode_rle
 from giseg.utils.files import atomic_write_text
 
@@ -47,8 +48,8 @@ PIXEL_SPACING = {(266, 266): 1.50, (234, 234): 1.63, (360, 310): 1.50, (276, 276
 # the competition's training set by scan size: (W, H), case-days, slices per case-day
 COMPETITION_SIZES = (((266, 266), 180, 144), ((360, 310), 78, 144), ((276, 276), 15, 80), ((234, 234), 1, 144))
 COMPETITION_CASES = 85
-SIZES = {"demo": 0, "10x": 2160, "full": 38496}
-ANATOMIES = ("real", "large")  # --size -> slices of the competition layout (0: DEMO_CASES)
+SIZES = {"demo": 0, "10x": 2160, "full": 38496}  # --size -> slices of the competition layout (0: DEMO_CASES)
+ANATOMIES = ("real", "large", "hard")  # hard: data/demo_hard.py (giseg demo-data --difficulty hard)
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -172,10 +173,15 @@ def competition_layout(seed: int = 0) -> list[tuple[int, int, int, tuple[int, in
 
 
 def _write_case_day(out: Path, seed: int, case: int, day: int, n_slices: int, size: tuple[int, int],
-                    anatomy_kind: str = "large") -> list[str]:
+                    anatomy_kind: str = "large", knobs: HardKnobs | None = None) -> list[str]:
     """Draw one case-day's scans into ``out``; return its train.csv rows."""
     w, h = size
     rng = np.random.default_rng([seed, case, day])
+    if anatomy_kind == "hard":  # the case's anatomy is its days' (drawn from the case alone); the day's own state
+        knobs = knobs or HardKnobs()
+        shared, today = case_anatomy(np.random.default_rng([seed, case])), day_state(rng, knobs)
+        return _write_slices(out, case, day, n_slices, (w, h), lambda k, z: draw_hard_slice(
+            rng, (h, w), z, k, shared, today, knobs))
     anatomy = {"dy": rng.uniform(-0.04, 0.04), "dx": rng.uniform(-0.04, 0.04), "lb_gap": rng.uniform(-0.6, 0.6),
                "sb_loops": [(0.13 * np.sin(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03),
                              0.15 * np.cos(0.5 + k * 2.1) + rng.uniform(-0.03, 0.03)) for k in range(3)]}
@@ -189,12 +195,19 @@ def _write_case_day(out: Path, seed: int, case: int, day: int, n_slices: int, si
                                  (0.02 + jitter(), 0.12 + jitter()), (0.11, -0.23)]  # the last on the colon's edge
         anatomy["st_centre"] = (-0.13 + jitter(), 0.17 + jitter())
         draw = _draw_realistic_slice
+    return _write_slices(out, case, day, n_slices, (w, h), lambda k, z: draw(rng, (h, w), z, anatomy))
+
+
+def _write_slices(out: Path, case: int, day: int, n_slices: int, size: tuple[int, int], draw) -> list[str]:
+    """Write a case-day's slices, ``draw(k, z)`` -> (16-bit image, masks) for slice k at relative depth z; return
+    its train.csv rows."""
+    w, h = size
     scans = out / "train" / f"case{case}" / f"case{case}_day{day}" / "scans"
     scans.mkdir(parents=True, exist_ok=True)
     px = PIXEL_SPACING[(w, h)]
     rows = []
     for k in range(1, n_slices + 1):
-        img, masks = draw(rng, (h, w), k / (n_slices + 1), anatomy)
+        img, masks = draw(k, k / (n_slices + 1))
         name = f"slice_{k:04d}_{w}_{h}_{px:.2f}_{px:.2f}.png"
         if not cv2.imwrite(str(scans / name), img):
             raise OSError(f"could not write {scans / name}")
@@ -204,12 +217,13 @@ def _write_case_day(out: Path, seed: int, case: int, day: int, n_slices: int, si
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, slices_per_day: int = SLICES_PER_DAY, size: str = "demo",
-                   workers: int = 1, anatomy: str | None = None) -> Path:
+                   workers: int = 1, anatomy: str | None = None, knobs: HardKnobs | None = None) -> Path:
     """Write the demo dataset (``size`` "demo") or one of the competition's shape ("10x", "full"; see the module
     docstring) to ``out_dir``, drawing case-days in ``workers`` processes; skipped when its train.csv already
     exists. ``anatomy``: "real" (organs of the real data's size, organ-free volume ends; the demo's default) or
     "large" (organs 3-5 times larger, on almost every slice: what the tests train on in a few steps, and the
-    competition-sized sets, which are for speed and memory). Returns the path."""
+    competition-sized sets, which are for speed and memory) or "hard" (the real data's sizes and what makes its
+    scans hard, by ``knobs``: data/demo_hard.py). Returns the path."""
     anatomy = anatomy or ("real" if size == "demo" else "large")
     if anatomy not in ANATOMIES:
         raise ValueError(f"anatomy must be one of {ANATOMIES}, got {anatomy!r}")
@@ -219,11 +233,11 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, slices_per_day: int = SLI
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
     if not SIZES[size]:
-        jobs = [(case, day, slices_per_day, wh, anatomy) for case, days, wh in DEMO_CASES for day in days]
+        jobs = [(case, day, slices_per_day, wh, anatomy, knobs) for case, days, wh in DEMO_CASES for day in days]
     else:  # the first case-days of the layout that hold at least that many slices
         layout = competition_layout(seed)
         total = np.cumsum([n for _, _, n, _ in layout])
-        jobs = [(*job, anatomy) for job in layout[:int(np.searchsorted(total, SIZES[size])) + 1]]
+        jobs = [(*job, anatomy, knobs) for job in layout[:int(np.searchsorted(total, SIZES[size])) + 1]]
     rows = ["id,class,segmentation"]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
