@@ -67,8 +67,9 @@ def verdict(runs: list[dict]) -> list[str]:
     """Whether the mean over seeds meets each calibration target."""
     mean = {k: statistics.mean(r[k] for r in runs) for k in FIGURES}
     organs = {o: mean[f"dice_{o}"] for o in ORGANS}
-    return [f"mean Dice {mean['dice_mean']:.4f}: {'inside' if TARGET[0] <= mean['dice_mean'] <= TARGET[1] else 'OUTSIDE'}"
-            f" the target {TARGET[0]:.2f}-{TARGET[1]:.2f}",
+    inside = TARGET[0] <= mean["dice_mean"] <= TARGET[1]
+    return [f"mean Dice {mean['dice_mean']:.4f}: {'inside' if inside else 'OUTSIDE'} the target "
+            f"{TARGET[0]:.2f}-{TARGET[1]:.2f}",
             f"hardest organ: {min(organs, key=organs.get)} (target: small_bowel)",
             f"easiest organ: {max(organs, key=organs.get)} {max(organs.values()):.4f}: "
             f"{'below' if max(organs.values()) < EASY else 'NOT below'} {EASY}"]
@@ -80,8 +81,8 @@ def render(recording: dict) -> str:
     head = ("| seed | Dice large bowel | small bowel | stomach | mean Dice | 3D Hausdorff | competition score | "
             "best/ at step |")
     lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in FIGURES) + f" | {r['best_step']} of {r['steps']} |"
-              for r in runs]
+    lines += [f"| {r['seed']} | " + " | ".join(f"{r[k]:.4f}" for k in FIGURES)
+              + f" | {r['best_step']} of {r['steps']} |" for r in runs]
     if len(runs) > 1:
         lines.append("| mean ± sd | " + " | ".join(
             f"{statistics.mean(r[k] for r in runs):.4f} ± {statistics.stdev(r[k] for r in runs):.4f}"

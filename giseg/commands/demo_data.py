@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "organs 3-5x larger on almost every slice (default for 10x and full)")
     ap.add_argument("--difficulty", default="default", choices=("default", "hard"),
                     help="default: the demo as it is (every recipe scores 0.95-0.97 there); hard: the real data's "
-                         "organ sizes and what makes its scans hard (overlapping intensities, bias field, Rician noise, "
-                         "thin small-bowel loops across slices, motion, partial volume, days that differ, organ-like "
-                         "tissue), each a knob (--hard_knobs): the demo that ranks techniques (docs/hard-demo.md)")
+                         "organ sizes and what makes its scans hard (overlapping intensities, bias field, Rician "
+                         "noise, thin small-bowel loops across slices, motion, partial volume, days that differ, "
+                         "organ-like tissue), each a knob (--hard_knobs): the demo that ranks techniques "
+                         "(docs/hard-demo.md)")
     ap.add_argument("--hard_knobs", default="", metavar="NAME=VALUE,...",
                     help="with --difficulty hard: knobs to change, e.g. noise=0,motion=1 (0 turns one off). "
                          + knob_help())

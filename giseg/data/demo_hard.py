@@ -8,36 +8,42 @@ A case's anatomy is shared by its days; intensities, filling, position and noise
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from giseg.utils.options import at_least, flag
 
-
-def _knob(default: float, why: str) -> float:
-    return field(default=default, metadata={"why": why})
 
 
 @dataclass(frozen=True)
 class HardKnobs:
     """What makes the hard demo hard; 0 turns a knob off (`--hard_knobs noise=0,motion=0`)."""
-    overlap: float = _knob(0.5, "organ intensities overlap their surroundings by this share of their contrast: MRI "
-                                "has no fixed intensity scale, and the bowel's contents (air, fluid, food) vary")
-    bias: float = _knob(0.35, "amplitude of a smooth multiplicative bias field (coil sensitivity): the same tissue "
-                              "is brighter on one side of the body than on the other")
-    noise: float = _knob(0.055, "Rician noise, as a share of the soft tissue's intensity: magnitude images of "
-                               "complex Gaussian noise, biased upwards in dark regions")
-    tortuous: float = _knob(1.0, "the small bowel as thin tortuous loops that run across slices and touch the "
-                                 "large bowel (1), instead of round blobs (0)")
-    motion: float = _knob(2.0, "slice-to-slice motion in pixels (breathing and peristalsis): an organ is not where "
-                               "it was on the neighbouring slice")
-    partial_volume: float = _knob(1.0, "edges as the share of each pixel an organ covers (1), not hard steps (0): "
-                                       "thick slices average tissues at boundaries")
-    day_change: float = _knob(1.0, "how much the days of one case differ (filling, position, contrast): the same "
-                                   "patient scanned again is not the same image")
-    confounders: float = _knob(1.0, "organ-like tissue that is not an organ: liver beside the stomach, fluid-filled "
-                                    "loops outside the small bowel's masks, kidneys")
+    overlap: float = flag(
+        0.5, "organ intensities overlap their surroundings by this share of their contrast: MRI has no fixed "
+        "intensity scale, and the bowel's contents (air, fluid, food) vary", **at_least(0))
+    bias: float = flag(
+        0.35, "amplitude of a smooth multiplicative bias field (coil sensitivity): the same tissue is brighter on "
+        "one side of the body than on the other", **at_least(0))
+    noise: float = flag(
+        0.055, "Rician noise, as a share of the soft tissue's intensity: magnitude images of complex Gaussian noise, "
+        "biased upwards in dark regions", **at_least(0))
+    tortuous: float = flag(
+        1.0, "the small bowel as thin tortuous loops that run across slices and touch the large bowel (1), instead "
+        "of round blobs (0)", **at_least(0))
+    motion: float = flag(
+        2.0, "slice-to-slice motion in pixels (breathing and peristalsis): an organ is not where it was on the "
+        "neighbouring slice", **at_least(0))
+    partial_volume: float = flag(
+        1.0, "edges as the share of each pixel an organ covers (1), not hard steps (0): thick slices average "
+        "tissues at boundaries", **at_least(0))
+    day_change: float = flag(
+        1.0, "how much the days of one case differ (filling, position, contrast): the same patient scanned again "
+        "is not the same image", **at_least(0))
+    confounders: float = flag(
+        1.0, "organ-like tissue that is not an organ: liver beside the stomach, fluid-filled loops outside the "
+        "small bowel's masks, kidneys", **at_least(0))
 
     @classmethod
     def parse(cls, text: str) -> "HardKnobs":
@@ -52,13 +58,14 @@ class HardKnobs:
                 values[name] = float(value)
             except ValueError:
                 raise ValueError(f"knob {name}={value!r}: expected a number") from None
-            if values[name] < 0:
-                raise ValueError(f"knob {name}={value}: must be >= 0")
+            meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+            if not meta["check"](values[name]):
+                raise ValueError(f"knob {name}={value}: must be {meta['what']}")
         return cls(**values)
 
 
 def knob_help() -> str:
-    return "; ".join(f"{f.name} (default {f.default}): {f.metadata['why']}" for f in dataclasses.fields(HardKnobs))
+    return "; ".join(f"{f.name} (default {f.default}): {f.metadata['help']}" for f in dataclasses.fields(HardKnobs))
 
 
 # ------------------------------------------------------------------ per case, per day
