@@ -35,6 +35,7 @@ class Family:
     query: bool = False  # mask classification: a mask per object query, its own matched loss (Mask2Former)
     min_size: int = 32  # the smallest --image_size it handles (Mask2Former: 64; its deepest map is 1 x 1 at 32)
     dynamic_size: bool = False  # exported to ONNX with dynamic height and width (checked at export)
+    graph_breaks: str = ""  # why its training step cannot compile as one graph ("": it does; tests/training/test_compile)
 
     def tiny_config(self, id2label: dict, width: int = 1):
         """The small random config of this family (giseg make-tiny)."""
@@ -52,7 +53,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("beit", "hub", "beit", HALF, "BEiT (microsoft/beit-base-finetuned-ade-640-640 ...)",
            tiny="giseg.models.tiny:tiny_beit"),
     Family("mask2former", "hub", "mask2former", IMAGENET, "Mask2Former (mask classification, its matched loss)",
-           tiny="giseg.models.tiny:tiny_mask2former", query=True, min_size=64),
+           tiny="giseg.models.tiny:tiny_mask2former", query=True, min_size=64,
+           graph_breaks="its forward branches on the data and its matched loss pairs masks on the host"),
     Family("unet", "baseline", "gi_unet", IMAGENET, "U-Net, plain encoder (models/baselines.py)", encoder="plain"),
     Family("unet-resnet34", "baseline", "gi_unet", IMAGENET, "U-Net, ResNet-34 encoder", encoder="resnet34"),
     Family("unet-resnext50", "baseline", "gi_unet", IMAGENET, "U-Net, ResNeXt-50 encoder", encoder="resnext50_32x4d"),
@@ -65,6 +67,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("efficientnet-classifier", "classifier", "efficientnet", IMAGENET, "EfficientNet image classifier",
            tiny="giseg.models.tiny:tiny_efficientnet"),
 )}
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
+
+
+def compile_refusal(model_type: str, mode: str) -> str:
+    """'' when --torch_compile_mode ``mode`` suits a model of ``model_type``; else the line that refuses it: CUDA
+    graphs need a step that compiles whole."""
+    family = next((f for f in FAMILIES.values() if f.model_type == model_type), None)
+    if family is None or not family.graph_breaks or mode not in CUDA_GRAPH_MODES:
+        return ""
+    return (f"--torch_compile_mode {mode} captures CUDA graphs, which need a training step that compiles whole; "
+            f"{family.name}'s does not ({family.graph_breaks}): use --torch_compile_mode default")
 
 
 def list_families(kind: str | None = None, tiny: bool | None = None) -> list[str]:

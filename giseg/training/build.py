@@ -21,6 +21,7 @@ from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes, neighbour_table
 from giseg.evaluation.metrics import summarise
 from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
+from giseg.models.registry import compile_refusal
 from giseg.models.tasks import get_task
 from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
@@ -181,11 +182,33 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
         match_gradient_layout(model)
     if cfg.torch_compile:  # in place (nn.Module.compile): the state's keys stay the plain model's, no "_orig_mod."
+        refusal = compile_refusal(loaded.family, cfg.torch_compile_mode)
+        if refusal:
+            raise UserError(refusal)
+        install_output_hooks(model, spec.input_channels(), cfg.image_size)
         model.compile(backend=cfg.torch_compile_backend,
                       mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
         logger.info("torch.compile: backend %s, mode %s (the first steps compile)", cfg.torch_compile_backend,
                     cfg.torch_compile_mode)
     return model, spec, loaded.family
+
+
+def install_output_hooks(model: torch.nn.Module, channels: int, size: int) -> None:
+    """One forward of a blank image, in eval mode without gradients (no running statistic moves): transformers
+    installs its hidden-state hooks on a model's first forward, under a lock that torch.compile cannot trace (a graph
+    break in every SegFormer, DPT and BEiT step); done here, the compiled step has none."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, channels, size, size))
+    model.train(was_training)
+
+
+def compiled_loss(loss_fn, cfg: TrainConfig):
+    """The loss compiled like the model (--torch_compile): the step's forward and loss, and their backward, run as
+    compiled graphs (tests/training/test_compile.py: no graph break in any family's but Mask2Former's)."""
+    return torch.compile(loss_fn.__call__, backend=cfg.torch_compile_backend,
+                         mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
 
 
 def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int,
@@ -245,9 +268,12 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
         dice_weight=cfg.dice_weight, lovasz_weight=cfg.lovasz_weight, focal_gamma=cfg.focal_gamma,
         tversky_alpha=cfg.tversky_alpha, tversky_beta=cfg.tversky_beta, dice_absent=cfg.dice_absent,
         unlabelled=adapter.may_have_unlabelled)
+    query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
+    if cfg.torch_compile and not query_based:
+        loss_fn = compiled_loss(loss_fn, cfg)
     run = Run(cfg, accelerator, out.path, adapter, data, spec, model, optimizer, scheduler, train_dl, val_dl, loss_fn,
               total_steps, state=TrainState(run_id=out.run_id))
-    run.query_based = getattr(accelerator.unwrap_model(model), "query_based", False)
+    run.query_based = query_based
     run.family = family
     add_mixing(run, cfg)
     add_weight_average(run, cfg, total_steps)

@@ -221,7 +221,7 @@ class TrainerFlags:
         False, ALLOW_BIN_HELP + " (model code from a folder or the Hub never runs)",
         group="running", identity=False)
     torch_compile: bool = flag(
-        False, "torch.compile the model (saved models stay plain; a run resumes with or without it)",
+        False, "torch.compile the model and the loss (saved models stay plain; a run resumes with or without it)",
         group="running", identity=False)
     torch_compile_mode: str = flag(
         "default", "torch.compile's mode with --torch_compile: reduce-overhead uses CUDA graphs (for GPUs that wait on "
