@@ -1,6 +1,7 @@
 """Building a run: data (index, split, cache), model with its spec, loaders, optimizer, schedule, loss, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from giseg.evaluation.metrics import summarise
 from giseg.inference.spec import InferenceSpec, model_input_channels, spec_flags
 from giseg.models.registry import compile_refusal
 from giseg.models.tasks import get_task
+from giseg.training import batch_size
 from giseg.training.checkpoints import SCHEDULER_FILE, TrainState, read_state
 from giseg.training.config import TrainConfig
 from giseg.training.ema import WeightEMA, WeightSWA, has_batchnorm
@@ -181,16 +183,19 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
         model = model.to(memory_format=torch.channels_last)
     if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
         match_gradient_layout(model)
-    if cfg.torch_compile:  # in place (nn.Module.compile): the state's keys stay the plain model's, no "_orig_mod."
-        refusal = compile_refusal(loaded.family, cfg.torch_compile_mode)
-        if refusal:
-            raise UserError(refusal)
-        install_output_hooks(model, spec.input_channels(), cfg.image_size)
-        model.compile(backend=cfg.torch_compile_backend,
-                      mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
-        logger.info("torch.compile: backend %s, mode %s (the first steps compile)", cfg.torch_compile_backend,
-                    cfg.torch_compile_mode)
     return model, spec, loaded.family
+
+
+def compile_model(cfg: TrainConfig, model: torch.nn.Module, family: str, spec: InferenceSpec) -> None:
+    """--torch_compile, in place (nn.Module.compile): the state's keys stay the plain model's, no "_orig_mod."."""
+    refusal = compile_refusal(family, cfg.torch_compile_mode)
+    if refusal:
+        raise UserError(refusal)
+    install_output_hooks(model, spec.input_channels(), cfg.image_size)
+    model.compile(backend=cfg.torch_compile_backend,
+                  mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
+    logger.info("torch.compile: backend %s, mode %s (the first steps compile)", cfg.torch_compile_backend,
+                cfg.torch_compile_mode)
 
 
 def install_output_hooks(model: torch.nn.Module, channels: int, size: int) -> None:
@@ -253,6 +258,12 @@ def build_run(cfg: TrainConfig, accelerator, out: OutputDir) -> Run:
     data = load_data(cfg, adapter, accelerator)
     check_data_unchanged(out, data_record(data.index, data.train_rows, data.val_rows), accelerator.is_main_process)
     model, spec, family = build_model(cfg, adapter, accelerator.num_processes)
+    if cfg.auto_batch_size:  # (before compiling: the search's batch sizes would each compile)
+        shape = (spec.input_channels(), cfg.image_size, cfg.image_size)
+        batch, lr = batch_size.resolve(cfg, model, accelerator, out.path, shape, len(data.train_rows))
+        cfg = dataclasses.replace(cfg, train_batch_size=batch, lr=lr)
+    if cfg.torch_compile:
+        compile_model(cfg, model, family, spec)
     train_dl, val_dl = make_loaders(cfg, data, spec, accelerator.device, accelerator.num_processes,
                                     adapter.may_have_unlabelled)
     optimizer = make_optimizer(cfg, model, accelerator.device)

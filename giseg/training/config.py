@@ -28,6 +28,7 @@ from giseg.inference.spec import spec_flags
 from giseg.models.tasks import TASKS
 from giseg.models.registry import base_model_help
 from giseg.models.safe import ALLOW_BIN_HELP
+from giseg.training.batch_size import RULES
 from giseg.training.losses import DICE_ABSENT, LOSSES, loss_help
 from giseg.training.tracking import parse_report_to
 from giseg.utils.errors import UserError
@@ -112,6 +113,14 @@ class TrainerFlags:
     train_batch_size: int = flag(
         8, "batch size per process",
         group="optimisation", identity=True, card=True, **at_least(1))
+    auto_batch_size: bool = flag(
+        False, "on a GPU, train with the largest batch that fits (a search of training steps on blank batches from "
+        "--train_batch_size up, less a 10%% margin) and --lr scaled to it by --lr_scaling; kept in auto_batch.json for "
+        "a resume; on a CPU the batch stays --train_batch_size", group="optimisation", identity=True, card=True)
+    lr_scaling: str = flag(
+        "sqrt", "with --auto_batch_size: how --lr follows the batch from --train_batch_size: sqrt (lr x sqrt(batch / "
+        "reference): AdamW's), linear (Goyal et al.'s rule for SGD) or none", group="optimisation", identity=True,
+        card=True, choices=RULES, check=lambda v: v in RULES, what=f"one of {RULES}")
     eval_batch_size: int = flag(
         16, "validation batch size per process",
         group="optimisation", identity=False, **at_least(1))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from giseg.training.batch_size import FILE as AUTO_BATCH_FILE
 from giseg.training.checkpoints import RESUMABLE_MARK, find_checkpoint
 from giseg.training.config import SAVED_WITHOUT, TrainConfig, defaults_source
 from giseg.training.tracking import LOG_FOLDER as TRACKER_FOLDER
@@ -32,7 +33,7 @@ RUN_IDENTITY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metada
 MAY_CHANGE_ON_RESUME = tuple(f.name for f in dataclasses.fields(TrainConfig) if not f.metadata["identity"])
 # what a run writes into its output_dir: a fresh start clears these and nothing else
 RUN_ARTEFACTS = ("run_config.json", RESUMABLE_MARK, "metrics.jsonl", "train.log", "best", "last", "checkpoints",
-                 TRACKER_FOLDER, "val_submission.csv", "val_scores.json", "val_presence.csv")
+                 TRACKER_FOLDER, "val_submission.csv", "val_scores.json", "val_presence.csv", AUTO_BATCH_FILE)
 BESIDE_A_RUN = ("stdout.log",)  # what giseg cv writes into a fold's folder before its trainer starts
 
 
