@@ -138,7 +138,9 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
-    assert results["smoke"] and len(results["trainer"]) == 2
+    assert results["smoke"] and len(results["trainer"]) == 2 and results["skipped"] == []  # the bare loop + 1 variant
+    assert results["trainer"][1][0] == "batch auto, reduce-overhead, bf16 (batch 16)"  # (a CPU keeps the batch)
+    assert results["loader"][0][1] > 0 and results["predict"]["model_only_slices_s"] > 0
     # section 4 as it runs on a GPU: every variant runs, the ratios refer to fp32, no nvidia-smi reading on the CPU
     rows = results["models"]
     assert [r[2] for r in rows][:2] == ["fp32", "bf16"]  # (+ channels_last for the convolutional families)
@@ -151,7 +153,19 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
         assert lowest - 0.005 <= ratio <= highest + 0.005, (rate, base, ratio)
     assert results["fp16"]["finite"] and results["fp16"]["losses"] and results["predict"]["slices"] > 0
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
-    assert "3. giseg predict" in text and "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
+    assert "2. the training loader alone" in text and "3. giseg predict: the model alone" in text
+    assert "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
+
+
+def test_the_gpu_checks_variants_put_the_issues_questions_first_and_cover_the_whole_matrix():
+    import gpu_check
+
+    assert gpu_check.VARIANTS[:3] == [(16, "eager", "bf16"), (64, "eager", "bf16"), (64, "reduce-overhead", "bf16")]
+    matrix = {(b, m, p) for b in (16, 64, "auto") for m in ("eager", "compile", "reduce-overhead")
+              for p in ("bf16", "no")}
+    assert set(gpu_check.VARIANTS) == matrix and len(gpu_check.VARIANTS) == len(matrix)
+    assert gpu_check.variant_flags("auto", "reduce-overhead") == (16, ["--torch_compile", "--torch_compile_mode",
+                                                                      "reduce-overhead", "--auto_batch_size"])
 
 
 def test_backends_benchmark_smoke_runs_the_three_backends_and_compares_their_masks(tmp_path):

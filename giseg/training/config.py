@@ -240,6 +240,10 @@ class TrainerFlags:
         "inductor", "torch.compile's backend with --torch_compile: inductor generates kernels; aot_eager and eager trace "
         "without generating any (a quick check that the model traces)",
         group="running", identity=False, choices=("inductor", "aot_eager", "eager"))
+    tf32: bool = flag(
+        True, "on a GPU of the Ampere generation or newer, float32 matmuls and convolutions in TF32 on the tensor "
+        "cores (10-bit mantissa inputs, float32 sums): what --mixed_precision no runs at; false: full float32",
+        group="running", identity=False)
     channels_last: bool = flag(
         False, "channels-last memory format for model and inputs (often faster for ConvNeXt/UperNet on GPU)",
         group="running", identity=False)

@@ -74,6 +74,8 @@ def train(cfg: TrainConfig) -> dict:
                                   project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / TRACKER_FOLDER))
                               if trackers else None)
     out = open_output_dir(cfg, accelerator)
+    if accelerator.device.type == "cuda" and cfg.tf32:  # float32 matmuls and convolutions on tensor cores (Ampere+)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         set_seed(cfg.seed)
         run = build_run(cfg, accelerator, out)
@@ -237,9 +239,11 @@ def log_progress(run: Run, meter: LossMeter, epoch: int) -> None:
         raise FloatingPointError(f"loss became NaN/inf between step {step - meter.running_n + 1} and {step}; "
                                  "best/ and the last checkpoint hold the last good model. Lower --lr or use "
                                  "--mixed_precision bf16 instead of fp16")
-    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s | %s", epoch + 1, step,
+    device = run.accelerator.device  # (the allocator's peak: a host-side counter, no device sync)
+    memory = f" | peak GPU {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB" if device.type == "cuda" else ""
+    logger.info("epoch %d step %d/%d | train_loss %.4f | lr %.3g | %.1f img/s | %s%s", epoch + 1, step,
                 run.total_steps, mean_loss, run.scheduler.get_last_lr()[0], meter.bank(),
-                meter.eta(step, run.total_steps))
+                meter.eta(step, run.total_steps), memory)
     meter.running.zero_()
     meter.running_n = 0
 
