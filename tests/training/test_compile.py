@@ -7,6 +7,7 @@ import torch
 from conftest import SEGMENTERS, base_model
 from giseg.models.registry import FAMILIES
 
+pytestmark = pytest.mark.slow  # (bash run_tests.sh -m "not slow": the quick part; tracing every family takes 25 s)
 CLASSES = ("large_bowel", "small_bowel", "stomach")
 
 
