@@ -58,9 +58,10 @@ def run(cmd: list[str]) -> None:
 
 
 def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path | None, cache_dir: Path,
-                 rows_of: str = "validation", gates: list[Path] | None = None) -> list[dict]:
+                 rows_of: str = "validation", gates: list[Path] | None = None, tta: bool = False) -> list[dict]:
     """Figures of each fold's model(s) (averaged when several) on its own validation cases ("validation") or on
-    every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own)."""
+    every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own), with or without
+    test-time augmentation (``tta``: the flips predict uses with --tta)."""
 
     from giseg.data.folds import split_by_case
     from giseg.data.registry import get_adapter
@@ -85,7 +86,7 @@ def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path 
             _, rows = split_by_case(index, s["fold"], s["n_folds"], s["split_seed"])
         else:
             rows = np.arange(len(index))
-        sub = predict_rows(ens, index, rows, ens.inputs(adapter, index, cache_dir), adapter.volume_columns)
+        sub = predict_rows(ens, index, rows, ens.inputs(adapter, index, cache_dir), adapter.volume_columns, tta=tta)
         figures, _ = score_predictions(adapter, index, submission_to_wide(sub, classes=adapter.classes))
         out.append(figures)
     return out
