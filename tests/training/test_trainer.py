@@ -341,7 +341,7 @@ def test_the_training_process_keeps_no_run_length_codes_once_the_cache_holds_the
 
 
 def test_a_compiled_run_saves_plain_models_and_resumes_with_or_without_compile(demo_dir, tiny_models, tmp_path):
-    """--torch_compile compiles the model in place (torch.compile's wrapper would put "_orig_mod." in its keys):
+    """--torch_compile (with EMA and gradient accumulation) compiles the model in place (torch.compile's wrapper would put "_orig_mod." in its keys):
     what the run saves stays plain, and its resumable state loads into the plain model and back. The eager backend traces the model with dynamo
     without generating kernels (the inductor's logits are pinned in tests/models/test_compile.py)."""
     from safetensors.torch import load_file
@@ -349,19 +349,20 @@ def test_a_compiled_run_saves_plain_models_and_resumes_with_or_without_compile(d
 
     compiled = dict(torch_compile=True, torch_compile_backend="eager")
     whole, split = tmp_path / "whole", tmp_path / "split"
-    train(_cfg(demo_dir, tiny_models["segformer"], whole, tmp_path, epochs=2, scheduler_name="constant"))
-    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, scheduler_name="constant",
-               max_train_steps=3, save_every_steps=3, **compiled))
+    both = dict(scheduler_name="constant", ema_decay=0.9, gradient_accumulation_steps=2)  # (EMA, accumulation: #40)
+    train(_cfg(demo_dir, tiny_models["segformer"], whole, tmp_path, epochs=2, **both))
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, max_train_steps=3, save_every_steps=3,
+               **both, **compiled))
     for tag in ("best", "last"):
         assert not [k for k in load_file(split / tag / "model.safetensors") if "_orig_mod" in k]
         AutoModelForSemanticSegmentation.from_pretrained(split / tag)
-    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, scheduler_name="constant",
-               resume_from_checkpoint="latest"))  # compiled, then resumed without
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=2, resume_from_checkpoint="latest",
+               **both))  # compiled, then resumed without
     a = AutoModelForSemanticSegmentation.from_pretrained(whole / "last").state_dict()
     b = AutoModelForSemanticSegmentation.from_pretrained(split / "last").state_dict()
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the uncut run's weights
-    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=3, scheduler_name="constant",
-               resume_from_checkpoint="latest", **compiled))  # plain state, resumed compiled
+    train(_cfg(demo_dir, tiny_models["segformer"], split, tmp_path, epochs=3, resume_from_checkpoint="latest",
+               **both, **compiled))  # plain state, resumed compiled
     log = (split / "train.log").read_text()
     assert "resumed from" in log and log.count("torch.compile: backend eager, mode default") == 2
     assert json.loads((split / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 3
