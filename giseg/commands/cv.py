@@ -80,13 +80,14 @@ def report(cv_dir: Path, folds: list[int], cfg, adapter, index) -> None:
     for line in table.splitlines():
         logger.info("cv %s", line)  # (a Markdown row: "cv | fold | ...")
     mean, sd = summary["mean"], summary["sd"]
+    folds = f"{len(rows)} fold{'' if len(rows) == 1 else 's'}"  # ("over 1 folds" was the log's)
     if presence:
-        logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %d folds -> %s",
-                    mean["auc_mean"], sd["auc_mean"], mean["empty_correct"], sd["empty_correct"], len(rows),
+        logger.info("cv: mean AUC %.4f ± %.4f, empty slices called empty %.4f ± %.4f over %s -> %s",
+                    mean["auc_mean"], sd["auc_mean"], mean["empty_correct"], sd["empty_correct"], folds,
                     cv_dir / "cv_table.md")
     else:
-        logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %d folds -> %s", mean["score"], sd["score"],
-                    mean["dice_mean"], sd["dice_mean"], len(rows), cv_dir / "cv_table.md")
+        logger.info("cv: score %.4f ± %.4f, mean Dice %.4f ± %.4f over %s -> %s", mean["score"], sd["score"],
+                    mean["dice_mean"], sd["dice_mean"], folds, cv_dir / "cv_table.md")
 
 
 def parse_trainer_args(trainer_args: list[str]):
