@@ -115,7 +115,9 @@ def resolve(cfg, model: torch.nn.Module, accelerator, out: Path, shape: tuple[in
         return cfg.train_batch_size, cfg.lr
     found, tried = search(model.to(device), shape, device, accelerator.autocast, cfg.train_batch_size,
                           min(CAP, max(cfg.train_batch_size, n_train)))
-    found = int(accelerator.reduce(torch.tensor(found, device=device), "min").item())  # every rank's GPU must fit it
+    # every rank's GPU must fit it: the minimum over ranks, as minus the maximum of minus (Accelerate's reduce has
+    # "max", "sum" and "mean"; another name sums)
+    found = -int(accelerator.reduce(torch.tensor(-found, device=device), "max").item())
     if found == 0:
         raise MemoryError(f"--auto_batch_size: not even --train_batch_size {cfg.train_batch_size} fits this GPU")
     batch = max(cfg.train_batch_size, int(found * MARGIN)) if found > cfg.train_batch_size else found
