@@ -27,6 +27,7 @@ CAP = 1024
 MARGIN = 0.9
 RULES = ("sqrt", "linear", "none")
 FILE = "auto_batch.json"
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # (torch.OutOfMemoryError: 2.5+)
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, cap: int) -> tuple[int, list[int]]:
@@ -71,7 +72,7 @@ def step_fits(model: torch.nn.Module, loss: Callable[[torch.Tensor], torch.Tenso
             loss(out).backward()
             optimizer.step()
             return True
-        except torch.OutOfMemoryError:
+        except OUT_OF_MEMORY:
             return False
         finally:
             optimizer.zero_grad(set_to_none=True)
