@@ -23,7 +23,8 @@ Rows, each alone on top of the baseline (untuned unless said):
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
 ± sd over them, and the difference of the competition score from the baseline's (the tuned rows: from the tuned
 baseline's), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Writes <out>/hard_ablation.json
-and prints the table with the command; benchmarks/hard_ablation_cpu.json is the recording docs/hard-demo.md quotes.
+and prints the table with the command; with --record also benchmarks/hard_ablation_cpu.json, the recording whose
+table docs/hard-demo.md shows.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+RECORDING = ROOT / "benchmarks" / "hard_ablation_cpu.json"
+DOC = ROOT / "docs" / "hard-demo.md"
+START, END = ("<!-- hard-ablation: start (python benchmarks/hard_ablation.py --record) -->",
+              "<!-- hard-ablation: end -->")
 
 from ablation import COLUMNS, fold_figures, paired, run, summary  # noqa: E402
 
@@ -56,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="42,1,2", help="training seeds (default 42,1,2)")
     ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3: two of the demo's six cases each)")
     ap.add_argument("--smoke", action="store_true", help="2 folds, the first seed, 1 epoch: checks that it runs")
+    ap.add_argument("--record", action="store_true", help=f"also keep the result as {RECORDING.relative_to(ROOT)} "
+                    f"and write its table into {DOC.relative_to(ROOT)} (between its markers)")
+    ap.add_argument("--render", action="store_true", help="only rewrite the docs' table from the recording")
     args = ap.parse_args(argv)
+    if args.render:
+        write_docs(json.loads(RECORDING.read_text()))
+        return 0
     from giseg.data.demo import make_demo_data
     from giseg.models.tiny import make_tiny
 
@@ -110,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     rows["+ tuned gates and post-processing"] = (
         figures(base, tuned("all", "thresholds,gates,postprocess")), "baseline, tuned thresholds (out of fold)")
     presence = lambda s: cv("presence", "classifier", s, "--task", "presence")  # noqa: E731
-    gated = lambda s: tune(base(s), f"baseline-slice-gate-seed{s}", "thresholds,gates,postprocess,slice_gate",  # noqa: E731
-                           "--gate_model", str(presence(s)))
+    def gated(s: int) -> Path:
+        return tune(base(s), f"baseline-slice-gate-seed{s}", "thresholds,gates,postprocess,slice_gate",
+                    "--gate_model", str(presence(s)))
+
     rows["+ slice-classifier gate (tuned out of fold)"] = (figures(base, gated, presence),
                                                           "+ tuned gates and post-processing")
     command = " ".join(["python", "benchmarks/hard_ablation.py", *(argv if argv is not None else sys.argv[1:])])
@@ -119,9 +132,24 @@ def main(argv: list[str] | None = None) -> int:
                  "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), Python {platform.python_version()}",
                  "wall_s": round(time.time() - t0), "rows": {k: {"figures": f, "reference": ref}
                                                             for k, (f, ref) in rows.items()}}
-    (out / "hard_ablation.json").write_text(json.dumps(recording, indent=1, default=float) + "\n")
+    text = json.dumps(recording, indent=1, default=float) + "\n"
+    (out / "hard_ablation.json").write_text(text)
+    if args.record and not args.smoke:
+        RECORDING.write_text(text)
+        write_docs(json.loads(text))
     print(table(recording))
     return 0
+
+
+def write_docs(recording: dict) -> None:
+    """The recording's table between the markers of docs/hard-demo.md (added at its end the first time)."""
+    doc = DOC.read_text()
+    block = f"{START}\n{table(recording)}\n{END}"
+    if START in doc:
+        doc = doc[:doc.index(START)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    DOC.write_text(doc)
 
 
 def table(recording: dict) -> str:
