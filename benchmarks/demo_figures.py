@@ -86,7 +86,7 @@ def figures_of(out: Path, data: Path, work: Path, train_s: float, load: tuple[fl
             "best_step": best["step"], "final_dice_small_bowel": rows[-1]["dice_small_bowel"],
             "score_dice_mean": scores["dice_mean"], "score_hausdorff": scores["hausdorff"],
             "score_score": scores["score"], "train_s": train_s, "load": load,
-            "epochs": rows[-1]["epoch"], "steps": rows[-1]["step"]}
+            "epochs": rows[-1]["epoch"], "steps": rows[-1]["step"], "scores": scores}
 
 
 # (row label, the KEYS the row states)

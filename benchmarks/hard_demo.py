@@ -32,34 +32,24 @@ ORGANS = ("large_bowel", "small_bowel", "stomach")
 FIGURES = (*(f"dice_{o}" for o in ORGANS), "dice_mean", "hausdorff", "score")
 TARGET = (0.80, 0.88)  # mean Dice: the competition's range
 EASY = 0.92  # no organ at or above this
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from demo_figures import figures_of, run  # noqa: E402
 
 
-def run(cmd: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-
-
-def measure(work: Path, seed: int, flags: list[str] = ()) -> dict:
-    """One seed of the default recipe (plus ``flags``) on the hard demo in ``work``: `giseg score`'s figures of
-    best/ on the validation fold, the log's best step and the training time."""
+def measure(work: Path, seed: int) -> dict:
+    """One seed of the default recipe on the hard demo in ``work``: `giseg score`'s figures of best/ on the
+    validation fold (the demo's own predict and score: demo_figures.figures_of), its best step and training time."""
     py, data, model, out = sys.executable, work / "data", work / "model", work / f"run-{seed}"
     if not (data / "train.csv").is_file():
-        run([py, "-m", "giseg", "demo-data", "--difficulty", "hard", "--out", str(data)])
-        run([py, "-m", "giseg", "make-tiny", "--family", "segformer", "--width", "2", "--out", str(model)])
+        run([py, "-m", "giseg", "demo-data", "--difficulty", "hard", "--out", str(data)], ROOT)
+        run([py, "-m", "giseg", "make-tiny", "--family", "segformer", "--width", "2", "--out", str(model)], ROOT)
     t = time.perf_counter()
     run([py, "trainer.py", "--preset", "demo", "--base_model", str(model), "--data_dir", str(data), "--output_dir",
-         str(out), "--cache_dir", str(work / "cache"), "--seed", str(seed), *flags])
+         str(out), "--cache_dir", str(work / "cache"), "--seed", str(seed)], ROOT)
     train_s = time.perf_counter() - t
-    run([py, "-m", "giseg", "predict", "--model", str(out / "best"), "--data_dir", str(data), "--fold", "0", "--out",
-         str(out / "val.csv"), "--cache_dir", str(work / "cache"), "--num_workers", "0"])
-    run([py, "-m", "giseg", "score", "--pred", str(out / "val.csv"), "--data_dir", str(data), "--json",
-         str(out / "scores.json")])
-    scores = json.loads((out / "scores.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    best = max(rows, key=lambda r: r["dice_mean"])
-    return {"seed": seed, **{k: scores[k] for k in FIGURES}, "best_step": best["step"], "steps": rows[-1]["step"],
+    f = figures_of(out, data, work, train_s, (0.0, 0.0))
+    return {"seed": seed, **{k: f["scores"][k] for k in FIGURES}, "best_step": f["best_step"], "steps": f["steps"],
             "train_s": round(train_s, 1)}
 
 

@@ -16,7 +16,6 @@ import numpy as np
 from giseg.utils.options import at_least, flag
 
 
-
 @dataclass(frozen=True)
 class HardKnobs:
     """What makes the hard demo hard; 0 turns a knob off (`--hard_knobs noise=0,motion=0`)."""
@@ -48,17 +47,17 @@ class HardKnobs:
     @classmethod
     def parse(cls, text: str) -> "HardKnobs":
         """'noise=0,motion=1.5' -> HardKnobs with those values (the rest at their defaults)."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        knobs = {f.name: f.metadata for f in dataclasses.fields(cls)}
         values = {}
         for item in filter(None, (s.strip() for s in text.split(","))):
             name, _, value = item.partition("=")
-            if name not in names:
-                raise ValueError(f"unknown knob {name!r} (knobs: {', '.join(sorted(names))})")
+            if name not in knobs:
+                raise ValueError(f"unknown knob {name!r} (knobs: {', '.join(sorted(knobs))})")
             try:
                 values[name] = float(value)
             except ValueError:
                 raise ValueError(f"knob {name}={value!r}: expected a number") from None
-            meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == name)
+            meta = knobs[name]
             if not meta["check"](values[name]):
                 raise ValueError(f"knob {name}={value}: must be {meta['what']}")
         return cls(**values)

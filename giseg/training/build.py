@@ -192,28 +192,32 @@ def compile_model(cfg: TrainConfig, model: torch.nn.Module, family: str, spec: I
     if refusal:
         raise UserError(refusal)
     install_output_hooks(model, spec.input_channels(), cfg.image_size)
-    model.compile(backend=cfg.torch_compile_backend,
-                  mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
+    model.compile(**compile_options(cfg))
     logger.info("torch.compile: backend %s, mode %s (the first steps compile)", cfg.torch_compile_backend,
                 cfg.torch_compile_mode)
+
+
+def compile_options(cfg: TrainConfig) -> dict:
+    """torch.compile's backend and mode for --torch_compile_backend and --torch_compile_mode."""
+    return {"backend": cfg.torch_compile_backend,
+            "mode": None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode}
 
 
 def install_output_hooks(model: torch.nn.Module, channels: int, size: int) -> None:
     """One forward of a blank image, in eval mode without gradients (no running statistic moves): transformers
     installs its hidden-state hooks on a model's first forward, under a lock that torch.compile cannot trace (a graph
     break in every SegFormer, DPT and BEiT step); done here, the compiled step has none."""
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device  # (on the GPU after --auto_batch_size)
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, channels, size, size))
+        model(torch.zeros(1, channels, size, size, device=device))
     model.train(was_training)
 
 
 def compiled_loss(loss_fn, cfg: TrainConfig):
     """The loss compiled like the model (--torch_compile): the step's forward and loss, and their backward, run as
     compiled graphs (tests/training/test_compile.py: no graph break in any family's but Mask2Former's)."""
-    return torch.compile(loss_fn.__call__, backend=cfg.torch_compile_backend,
-                         mode=None if cfg.torch_compile_mode == "default" else cfg.torch_compile_mode)
+    return torch.compile(loss_fn.__call__, **compile_options(cfg))
 
 
 def make_loaders(cfg: TrainConfig, data: Data, spec: InferenceSpec, device: torch.device, processes: int,

@@ -8,6 +8,7 @@ from typing import Callable
 
 from giseg.utils.errors import UserError
 
+
 def flag_metadata(help, *, group: str | None = None, identity: bool | None = None, card: bool = False,
                   check: Callable[[object], bool] | None = None, what: str = "", choices=None, aliases=(),
                   metavar: str | None = None) -> dict:

@@ -15,10 +15,10 @@ syscall (through Python's audit hooks, kill_at.py, at the call of the same paths
 --kill_by strace under `strace -e inject=<syscall>:signal=SIGKILL:when=N`, 4x slower); it is then rerun as a
 scheduler would (`--resume_from_checkpoint latest`) without faults. A point passes when the rerun exits 0,
 metrics.jsonl has every epoch exactly once with the reference's step, train loss and Dice (within 1e-5), and best/
-and last/ load. For export: the rerun exits 0, the folder loads with the reference's rows and classes, the data folder is
-untouched and no temporary folder is left. For cv: the rerun exits 0 with the reference's CV figures (every fold,
-the mean and the out-of-fold row, within 1e-5) and no trainer of the killed CV is left running. Needs strace
-(apt-get install strace).
+and last/ load. For export: the rerun exits 0, the folder loads with the reference's rows and classes, the data
+folder is untouched and no temporary folder is left. For cv: the rerun exits 0 with the reference's CV figures
+(every fold, the mean and the out-of-fold row, within 1e-5) and no trainer of the killed CV is left running. Needs
+strace (apt-get install strace).
 """
 from __future__ import annotations
 
@@ -162,13 +162,13 @@ def try_point(point: Point, points: list[Point], work: Path, data: Path, model: 
                        str(occurrence), str(trial), "--", *args[1:]]
     faulty = subprocess.run(faulty_args, capture_output=True, text=True, env=environment(), cwd=ROOT)
     killed = faulty.returncode in (-9, 137) and (by == "strace" or "kill_at: " in faulty.stderr)
-    detail = ""
     spec.settle(trial)
     rerun = subprocess.run(args, capture_output=True, text=True, env=environment(), cwd=ROOT)
-    if not detail and rerun.returncode != 0:
+    if rerun.returncode != 0:
         tail = (rerun.stderr.strip() or rerun.stdout.strip()).splitlines()[-1:]
         detail = f"rerun exited {rerun.returncode}: {tail}"
-    detail = detail or spec.compare(out, reference, data)
+    else:
+        detail = spec.compare(out, reference, data)
     if not detail:
         shutil.rmtree(trial, ignore_errors=True)
     return Outcome(point, killed, not detail, detail or "identical")
