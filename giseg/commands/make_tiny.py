@@ -19,8 +19,10 @@ from giseg.utils.log import quiet_third_party
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(allow_abbrev=False, prog="giseg make-tiny", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", required=True, choices=sorted(list_families("hub", tiny=True)) + sorted(list_families("classifier", tiny=True)),
-                    help="architecture family (*-classifier: an image classifier, for --task presence)")
+    ap.add_argument("--family", required=True, choices=[name for kind in ("hub", "classifier", "volume")
+                                                        for name in sorted(list_families(kind, tiny=True))],
+                    help="architecture family (*-classifier: an image classifier, for --task presence; *3d: a 3D "
+                    "network, the [3d] extra)")
     ap.add_argument("--out", required=True, help="folder to write")
     ap.add_argument("--width", type=int, default=1, help="channel multiplier (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")

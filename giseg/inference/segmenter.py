@@ -89,7 +89,12 @@ class Segmenter:
         return cls(load_onnx_model(folder, spec), spec, torch.device("cpu"))
 
     def logits(self, pixel_values: torch.Tensor, tta: bool = False) -> torch.Tensor:
-        """Logits at the model's output size; with ``tta`` averaged with those of the horizontally flipped input."""
+        """Logits at the model's output size; with ``tta`` averaged with those of the horizontally flipped input.
+        A 3D model's (1, C, D, S, S) volume gives (D, K, S, S): its slices' logits (inference/volume.py)."""
+        if self.spec.patch() is not None:
+            from giseg.inference.volume import sliding_logits  # (MONAI: only for a 3D model)
+
+            return sliding_logits(self.model, pixel_values, self.spec.patch(), self.spec.sw_overlap, tta)
         logits = self.model(pixel_values)[0]
         if tta:
             logits = 0.5 * (logits.float() + self.model(pixel_values.flip(-1))[0].float().flip(-1))
@@ -131,8 +136,13 @@ class Segmenter:
     @torch.no_grad()
     def _iter_logits(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray, batch_size: int,
                      mixed_precision: str, tta: bool, num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(row, its (1, K, h, w) logits) for ``rows``, in order, batched."""
+        """(row, its (1, K, h, w) logits) for ``rows``, in order, batched (a 3D model: volume by volume)."""
         self.model.eval()
+        if self.spec.patch() is not None:
+            from giseg.inference.volume import iter_volume_logits  # (MONAI: only for a 3D model)
+
+            yield from iter_volume_logits(self, index, rows, cache, mixed_precision, tta)
+            return
         for batch_rows, logits in iter_batches(lambda x: self.logits(x, tta), self.spec, self.device, rows, cache,
                                                neighbours, batch_size, mixed_precision, num_workers):
             for k, r in enumerate(batch_rows):

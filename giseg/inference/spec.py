@@ -44,6 +44,14 @@ def model_input_channels(context_slices: int, channels: int = 1) -> int:
     return 3 if total == 1 else total
 
 
+def parse_patch(text: str) -> tuple[int, int, int] | None:
+    """ "D,H,W" -> (D, H, W) of positive integers; None when it is not that."""
+    parts = text.split(",") if isinstance(text, str) else []
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
 def spec_flags() -> list[dataclasses.Field]:
     """The spec fields that are training flags."""
     return [f for f in dataclasses.fields(InferenceSpec) if "flag" in f.metadata]
@@ -96,12 +104,29 @@ class InferenceSpec:
     # giseg export-onnx: the sha256 of the model.onnx exported beside this spec (None: never exported); the ONNX
     # backend runs no other file under this spec (a deploy folder has no weights to check it against)
     onnx_sha256: str | None = None
+    # a 3D model (models/volume.py): the patch it trains on, and how inference covers a volume with such patches
+    patch_size: str = field(default="", metadata=spec_flag(
+        "", "3D models only (--base_model segresnet3d, swinunetr3d): the training patch as D,H,W (slices, rows, "
+        "columns of the --image_size grid), each a multiple of the network's (SegResNet 8, SwinUNETR 32); slices "
+        "keep their spacing (the slice axis is not resampled: masks are per slice), only rows and columns are "
+        "resized to --image_size. Empty: 16 (SwinUNETR: 32) slices by the whole --image_size slice",
+        lambda v: v == "" or parse_patch(v) is not None, "empty, or three positive integers D,H,W"))
+    sw_overlap: float = field(default=0.5, metadata=spec_flag(
+        0.5, "3D models only: how much neighbouring windows of the sliding-window inference overlap (MONAI's "
+        "sliding_window_inference, Gaussian-weighted blending), in [0, 1)",
+        lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"))
+
+    def patch(self) -> tuple[int, int, int] | None:
+        """A 3D model's patch (D, H, W); None for a 2D model."""
+        return parse_patch(self.patch_size) if self.patch_size else None
 
     def crop(self) -> int | None:
         """The cache's crop margin (data/cache.py build_cache): None without --body_crop."""
         return self.crop_margin if self.body_crop else None
 
     def input_channels(self) -> int:
+        if self.patch_size:  # a 3D network takes the image's own channels
+            return self.channels
         return model_input_channels(self.context_slices, self.channels)
 
     def __post_init__(self) -> None:
@@ -143,6 +168,12 @@ class InferenceSpec:
             value = getattr(self, name)
             if value is not None and (len(value) != len(self.classes) or not all(map(ok, value))):
                 out.append(f"{name}: null or one per class, {what}, got {list(value)}")
+        patch = self.patch() if isinstance(self.patch_size, str) else None
+        if patch and isinstance(self.image_size, int) and max(patch[1:]) > self.image_size:
+            out.append(f"patch_size: rows and columns at most --image_size {self.image_size}, got {self.patch_size}")
+        if patch and self.context_slices != 1:
+            out.append(f"context_slices: 1 for a 3D model (it sees the neighbouring slices itself), got "
+                       f"{self.context_slices}")
         want = TASKS[self.task].n_thresholds(self.classes) if self.task in TASKS else len(self.classes)
         if len(self.thresholds) != want or not all(is_number(t) and 0 < t < 1 for t in self.thresholds):
             out.append(f"thresholds: {want} value(s) in (0, 1) for task {self.task}, got {list(self.thresholds)}")

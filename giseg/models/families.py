@@ -14,6 +14,7 @@ from transformers import (
 
 import giseg.models.baselines  # noqa: F401  (registers gi_unet and gi_unext with the Auto classes)
 import giseg.models.classifier  # noqa: F401  (registers gi_encoder with the Auto classes)
+import giseg.models.volume  # noqa: F401  (registers gi_volume with the Auto classes; MONAI only when one is built)
 from giseg.models.registry import FAMILIES
 
 # the hub families' input statistics, by model_type (used when a checkpoint has no preprocessor config), and the

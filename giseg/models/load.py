@@ -34,6 +34,7 @@ from giseg.models.hub import LoadedModel, loaded_model, read_config, weights_err
 from giseg.models.tasks import get_task
 from giseg.models.safe import loading_kwargs
 from giseg.models.registry import list_families
+from giseg.models.volume import VOLUMES, build_volume
 from giseg.models.widen import input_channels, widen_channels, widen_input
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_dir
@@ -50,11 +51,14 @@ def load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight:
     if not get_task(task).segments:  # a slice classifier (models/classifier.py)
         loaded = load_classifier(base_model, classes, allow_bin)
     else:
-        loaded = _load_model(base_model, task, classes, aux_weight, allow_bin)
+        loaded = _load_model(base_model, task, classes, aux_weight, allow_bin, modalities)
     if head_prior > 0 and get_task(task).segments:
         for name in set_prior_bias(loaded.model, loaded.reinitialised, task, len(classes), head_prior):
             loaded.reinitialised.append(f"{name}: bias set for a class probability of {head_prior:g} (--head_prior)")
-    if in_channels != 3 and input_channels(loaded.model) != in_channels:
+    if loaded.family == "gi_volume":  # a 3D network: its input is the image's channels, with its own statistics
+        loaded.mean, loaded.std = (0.5,) * modalities, (0.5,) * modalities
+        loaded.stats_source = "a 3D network's own: scans in [0, 1] to [-1, 1]"
+    elif in_channels != 3 and input_channels(loaded.model) != in_channels:
         layer = widen_input(loaded.model, in_channels, modalities)
         loaded.reinitialised.append(f"{layer}: widened to {in_channels} input channels (pretrained weights shared "
                                     "out; same output for the same image in every channel)")
@@ -86,11 +90,12 @@ def set_prior_bias(model: nn.Module, reinitialised: list[str], task: str, n_clas
         return []
     bias = prior_bias(task, n_classes, prior)
     fresh = {line.split(":")[0] for line in reinitialised}
-    everything = any(line.startswith("all weights") for line in reinitialised)  # a CNN baseline
+    everything = any(line.startswith("all weights") for line in reinitialised)  # a CNN baseline, a 3D network
+    output = getattr(model, "output_bias", "head.bias")
     done = []
     for name, param in model.named_parameters():
         if name.endswith(".bias") and param.shape == bias.shape and (
-                name in fresh or (everything and name == "head.bias")):
+                name in fresh or (everything and name == output)):
             with torch.no_grad():
                 param.copy_(bias)
             done.append(name)
@@ -103,9 +108,11 @@ def load_config(base_model: str, allow_bin: bool = False):
     running its own code (and, for a folder, without unpickling: check_model_folder)."""
     config = read_config(base_model, allow_bin)
     family = config.model_type
-    if family not in (*MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, *BASELINE_FAMILIES, *QUERY_FAMILIES):
+    if family not in (*MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES, *BASELINE_FAMILIES, *QUERY_FAMILIES,
+                      "gi_volume"):
         raise UserError(f"--base_model {base_model!r} is a {family!r} model, not a semantic-segmentation model; "
-                        f"tested families: {sorted(list_families('hub'))}, baselines: {sorted(BASELINES)}")
+                        f"tested families: {sorted(list_families('hub'))}, baselines: {sorted(BASELINES)}, 3D: "
+                        f"{sorted(VOLUMES)}")
     return config
 
 
@@ -114,6 +121,8 @@ def check_base_model(base_model: str, allow_bin: bool = False) -> str:
     segmentation model's, or a hub id (its files are fetched when the run starts). A UserError line otherwise."""
     if base_model in BASELINES:
         return f"{base_model} (a CNN baseline, random weights)"
+    if base_model in VOLUMES:
+        return f"{base_model} (a 3D network, random weights)"
     if Path(base_model).exists():
         if not (Path(base_model) / "config.json").is_file():
             raise UserError(f"--base_model {base_model}: a local path with no config.json; pass a model folder "
@@ -127,8 +136,11 @@ def check_base_model(base_model: str, allow_bin: bool = False) -> str:
 
 
 def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight: float = 0.4,
-                allow_bin: bool = False) -> LoadedModel:
+                allow_bin: bool = False, modalities: int = 1) -> LoadedModel:
     id2label = get_task(task).labels(classes)
+    if base_model in VOLUMES:
+        model = build_volume(base_model, id2label, modalities)
+        return LoadedModel(model, "gi_volume", ["all weights (a 3D network starts from random weights)"], (), (), "")
     if base_model in BASELINES:
         model = build_baseline(base_model, id2label)
         return LoadedModel(model, model.config.model_type,
@@ -139,6 +151,8 @@ def _load_model(base_model: str, task: str, classes: tuple[str, ...], aux_weight
     kwargs = {}
     if hasattr(config, "use_auxiliary_head") and aux_weight <= 0:
         kwargs["use_auxiliary_head"] = False  # no aux loss: drop the head, or DDP would see unused parameters
+    if family == "gi_volume":  # (an input layer of another width is re-initialised, like the head)
+        kwargs["num_channels"] = modalities
     with weights_errors(base_model, allow_bin):
         model, info = auto_class(family).from_pretrained(
             base_model, id2label=id2label, label2id={v: k for k, v in id2label.items()}, ignore_mismatched_sizes=True,

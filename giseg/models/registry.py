@@ -6,6 +6,8 @@ module and one line here, and the tests parametrised over ``list_families()`` co
     baseline     a CNN trained from scratch (--base_model <name>): ``encoder`` is its GIUNetConfig encoder (UNeXt
                  its own architecture)
     classifier   an image-classification family for slice classifiers (--task presence); ``tiny`` as for hub
+    volume       a 3D network of MONAI trained from scratch on patches of volumes (--base_model <name>; the [3d]
+                 extra): ``encoder`` is its GIVolumeConfig architecture (models/volume.py); ``tiny`` as for hub
 
 Light: nothing here imports transformers (a ``tiny`` builder is named as "module:function" and imported when a
 tiny model is made), so the flags' --help can list the families.
@@ -20,18 +22,18 @@ from giseg.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
-KINDS = ("hub", "baseline", "classifier")
+KINDS = ("hub", "baseline", "classifier", "volume")
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str  # what a user types: make-tiny --family (hub, classifier) or --base_model (baseline)
+    name: str  # what a user types: make-tiny --family (hub, classifier, volume) or --base_model (baseline, volume)
     kind: str  # one of KINDS
     model_type: str  # config.json's model_type of a model of this family
     stats: tuple[tuple[float, ...], tuple[float, ...]]  # input mean, std it was pretrained with (random: ImageNet's)
     about: str  # one line for --help and the docs
     tiny: str = ""  # "module:function" building a small random config (hub, classifier)
-    encoder: str = ""  # a baseline's encoder
+    encoder: str = ""  # a baseline's encoder; a volume family's architecture
     query: bool = False  # mask classification: a mask per object query, its own matched loss (Mask2Former)
     min_size: int = 32  # the smallest --image_size it handles (Mask2Former: 64; its deepest map is 1 x 1 at 32)
     dynamic_size: bool = False  # exported to ONNX with dynamic height and width (checked at export)
@@ -66,6 +68,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            tiny="giseg.models.tiny:tiny_swin"),
     Family("efficientnet-classifier", "classifier", "efficientnet", IMAGENET, "EfficientNet image classifier",
            tiny="giseg.models.tiny:tiny_efficientnet"),
+    Family("segresnet3d", "volume", "gi_volume", HALF, "SegResNet, 3D (MONAI; models/volume.py)", encoder="segresnet",
+           tiny="giseg.models.volume:tiny_segresnet"),
+    Family("swinunetr3d", "volume", "gi_volume", HALF, "SwinUNETR, 3D (MONAI; models/volume.py)", encoder="swinunetr",
+           tiny="giseg.models.volume:tiny_swinunetr"),
 )}
 
 
@@ -93,4 +99,6 @@ def base_model_help() -> str:
     hub = ", ".join(FAMILIES[f].about.split(" (")[0] for f in list_families("hub"))
     return (f"hub id (e.g. nvidia/segformer-b0-finetuned-ade-512-512) or local folder of a {hub} checkpoint (or any "
             "AutoModelForSemanticSegmentation family); its decode/auxiliary/class heads are replaced. Or a CNN "
-            f"baseline trained from scratch: {', '.join(list_families('baseline'))} (models/baselines.py, unext.py)")
+            f"baseline trained from scratch: {', '.join(list_families('baseline'))} (models/baselines.py, unext.py). "
+            f"Or a 3D network trained from scratch on patches of volumes (MONAI, the [3d] extra; --patch_size): "
+            f"{', '.join(list_families('volume'))}, or a folder of one (giseg make-tiny)")

@@ -20,6 +20,7 @@ from transformers import (
 
 from giseg.models.families import auto_class, make_image_processor
 from giseg.models.registry import FAMILIES, list_families
+from giseg.models.volume import require_monai
 from giseg.utils.claims import claim_output_dir, write_output_mark
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_dir
@@ -91,6 +92,8 @@ def make_tiny(family: str, out_dir: str | Path, width: int = 1, seed: int = 0) -
         config.label2id = {v: k for k, v in config.id2label.items()}
         model = AutoModelForImageClassification.from_config(config)
     else:
+        if spec.kind == "volume":
+            require_monai(f"--family {family}")
         config = spec.tiny_config(ADE_LIKE_LABELS, width)
         config.label2id = {v: k for k, v in config.id2label.items()}
         model = auto_class(config.model_type).from_config(config)

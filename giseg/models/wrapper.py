@@ -80,7 +80,7 @@ def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> 
     model.eval()  # eval: batch-norm running statistics stay untouched; gradients flow all the same
     model.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
-    logits, aux = model(torch.zeros(1, input_channels(model.hf), image_size, image_size, device=device))
+    logits, aux = model(blank_input(model.hf, image_size, device))
     (logits.float().sum() + (aux.float().sum() if aux is not None else 0)).backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for n, p in model.named_parameters():
@@ -89,6 +89,13 @@ def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> 
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return unused
+
+
+def blank_input(hf_model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zero input the model takes: (1, C, S, S), or for a 3D network (1, C, 32, 32, 32) (a patch of any of
+    them: 32 is a multiple of every 3D family's)."""
+    shape = (32, 32, 32) if hf_model.config.model_type == "gi_volume" else (image_size, image_size)
+    return torch.zeros(1, input_channels(hf_model), *shape, device=device)
 
 
 def _in_parameter_layout(grad: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

@@ -166,7 +166,9 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
     """Forward, loss (plus the auxiliary head's), backward, clipping and the optimizer step of one batch."""
     cfg, accelerator, model = run.cfg, run.accelerator, run.model
     pixels = batch["pixel_values"]
-    if cfg.channels_last:
+    if pixels.ndim == 5:  # a 3D model's patches, in its weights' layout (training/volume.py)
+        pixels = pixels.contiguous(memory_format=torch.channels_last_3d)
+    elif cfg.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
     with accelerator.accumulate(model):
         if run.query_based:  # Mask2Former: its own Hungarian-matched loss on one mask per present label
@@ -186,6 +188,8 @@ def training_step(run: Run, batch: dict) -> torch.Tensor:
                                                accelerator.process_index)
             with accelerator.autocast():
                 logits, aux = model(pixels)
+            if logits.ndim == 5:  # a 3D model's (B, K, d, h, w) patches: the loss sees their B x d slices
+                logits, masks = logits.transpose(1, 2).flatten(0, 1), masks.flatten(0, 1)
             size = masks.shape[-2:]
             loss = run.loss_fn(upsample_like(logits, size), masks, mix)
             if aux is not None and cfg.aux_weight > 0:

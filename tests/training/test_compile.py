@@ -22,7 +22,7 @@ def _step(family, tiny_models, tmp_path):
     torch.manual_seed(0)
     model = SegmentationModel(load_model(base_model(family, tiny_models, tmp_path), "multilabel", CLASSES).model)
     size = max(32, FAMILIES[family].min_size)
-    install_output_hooks(model, 3, size)
+    install_output_hooks(model, size)
     model.train()
     loss_fn = make_loss("bce_dice", "multilabel", CLASSES)
 

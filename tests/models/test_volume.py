@@ -1,0 +1,178 @@
+"""3D models (models/volume.py, the [3d] extra): patches from the cache, training through the same trainer, exact
+resume, and inference by sliding window whose slices are what predict writes."""
+import dataclasses
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from giseg.data.cache import SliceCache
+from giseg.data.patches import PatchDataset, pad_to, patch_start, volume_rows
+from giseg.utils.errors import UserError
+
+PATCH = "8,32,32"  # the demo fixture's case-days have 8 slices; tiny SegResNet's sides are multiples of 4
+
+
+def test_volume_rows_puts_each_volume_in_slice_order():
+    index = pd.DataFrame({"case": [1, 1, 2, 1, 2, 1], "day": [1, 1, 1, 2, 1, 1], "slice": [3, 1, 2, 1, 1, 2]})
+    got = volume_rows(index, np.arange(6), ("case", "day"))
+    assert [list(v) for v in got] == [[1, 5, 0], [4, 2], [3]]
+    assert [list(v) for v in volume_rows(index, np.array([2, 5, 0]), ("case", "day"))] == [[2], [5, 0]]
+
+
+def _cache(depth: int = 10, size: int = 16) -> SliceCache:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((depth, size, size), np.uint8)
+    masks[6, 3:5, 9:11] = 0b10  # one small organ of class 1 on one slice
+    return SliceCache(rng.random((depth, size, size)).astype(np.float16), masks, path=None)
+
+
+def test_a_patch_is_a_function_of_seed_epoch_and_item():
+    ds = PatchDataset(_cache(), [np.arange(10)], (4, 8, 8), 1, 3, (0.5,), (0.5,), seed=3, length=4)
+    a, b = ds[1], ds[1]
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["mask"], b["mask"])
+    assert a["pixel_values"].shape == (1, 4, 8, 8) and a["mask"].shape == (4, 8, 8)
+    ds.set_epoch(1)  # another epoch, another patch or augmentation
+    assert not torch.equal(a["pixel_values"], ds[1]["pixel_values"])
+
+
+def test_foreground_sampling_centres_patches_on_the_organ_even_when_it_is_tiny():
+    masks = _cache().masks
+    rng = np.random.default_rng(0)
+    starts = [patch_start(masks, (4, 8, 8), rng, 1.0, 3) for _ in range(20)]
+    assert all(masks[s[0]:s[0] + 4, s[1]:s[1] + 8, s[2]:s[2] + 8].any() for s in starts)
+    plain = [patch_start(masks, (4, 8, 8), rng, 0.0, 3) for _ in range(200)]
+    assert 0 < sum(masks[s[0]:s[0] + 4, s[1]:s[1] + 8, s[2]:s[2] + 8].any() for s in plain) < 200
+
+
+def test_a_volume_smaller_than_the_patch_is_padded_with_background():
+    image = np.ones((1, 3, 4, 4), np.float32)
+    out = pad_to(image, (5, 4, 6), np.array([-1.0], np.float32))
+    assert out.shape == (1, 5, 4, 6) and out[0, :3, :, :4].min() == 1 and out[0, 3:].max() == -1
+
+
+def test_without_monai_a_3d_model_is_one_line_naming_the_extra(monkeypatch):
+    from giseg.models.volume import require_monai
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai now raises ImportError
+    with pytest.raises(UserError, match=r"needs the \[3d\] extra.*pip install 'giseg\[3d\]'"):
+        require_monai("--base_model segresnet3d")
+
+
+def _cfg(demo_dir, tmp_path, **kw):
+    from giseg.training.config import TrainConfig
+
+    base = dict(base_model="segresnet3d", data_dir=str(demo_dir), output_dir=str(tmp_path / "run"),
+                cache_dir=str(tmp_path.parent / "cache3d"), image_size=32, patch_size=PATCH, epochs=2,
+                train_batch_size=2, num_workers=0, lr=2e-3, save_every_steps=3, log_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_volume_model(tmp_path_factory):
+    from giseg.models.tiny import make_tiny
+
+    return make_tiny("segresnet3d", tmp_path_factory.mktemp("tiny3d") / "tiny-segresnet3d")
+
+
+@pytest.fixture(scope="module")
+def volume_run(demo_dir, tiny_volume_model, tmp_path_factory):
+    """Two epochs of the tiny SegResNet on the demo fixture, checkpoints every 3 steps."""
+    from giseg.training.loop import train
+
+    cfg = _cfg(demo_dir, tmp_path_factory.mktemp("v3d"), base_model=str(tiny_volume_model))
+    train(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(context_slices=3), "--context_slices does not apply to a 3D model"),
+    (dict(cutmix_prob=0.5), "--cutmix_prob / --mixup_prob does not apply to a 3D model"),
+    (dict(patch_size="6,32,32"), "--patch_size 6,32,32: three integers D,H,W, each a multiple of 4"),
+    (dict(patch_size="8,64,64"), "rows and columns at most --image_size 32"),
+])
+def test_flags_a_3d_model_cannot_honour_are_one_line(demo_dir, tiny_volume_model, tmp_path, flags, message):
+    from giseg.training.loop import train
+
+    with pytest.raises(UserError, match=message):
+        train(_cfg(demo_dir, tmp_path, base_model=str(tiny_volume_model), **flags))
+
+
+def test_patch_size_on_a_2d_model_is_refused(demo_dir, tiny_models, tmp_path):
+    from giseg.training.loop import train
+
+    with pytest.raises(UserError, match="--patch_size 8,32,32: only for a 3D model"):
+        train(_cfg(demo_dir, tmp_path, base_model=str(tiny_models["segformer"])))
+
+
+def test_a_3d_run_scores_whole_volumes_per_slice_and_saves_a_loadable_folder(volume_run):
+    import json
+    from pathlib import Path
+
+    from giseg.inference.spec import InferenceSpec
+
+    out = Path(volume_run.output_dir)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(r["val_slices"] == records[0]["val_slices"] > 0 for r in records)  # every validation slice, once
+    spec = InferenceSpec.load(out / "best")
+    assert spec.patch_size == PATCH and spec.mean == (0.5,) and spec.input_channels() == 1
+
+
+def test_a_3d_run_that_dies_after_a_checkpoint_resumes_to_the_uninterrupted_weights(volume_run, tmp_path,
+                                                                                    monkeypatch):
+    import giseg.training.loop as loop
+
+    real = loop.save_state
+
+    def die_after_first(run, meter):
+        path = real(run, meter)
+        raise RuntimeError("killed")
+
+    cfg = dataclasses.replace(volume_run, output_dir=str(tmp_path / "crashed"))
+    monkeypatch.setattr(loop, "save_state", die_after_first)
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.train(cfg)
+    monkeypatch.setattr(loop, "save_state", real)
+    loop.train(dataclasses.replace(cfg, resume_from_checkpoint="latest"))
+    a = load_file(f"{volume_run.output_dir}/last/model.safetensors")
+    b = load_file(f"{cfg.output_dir}/last/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_writes_the_slices_of_the_sliding_window_probabilities(volume_run, tmp_path):
+    from pathlib import Path
+
+    from giseg.data.cache import build_cache
+    from giseg.data.patches import read_volume
+    from giseg.data.registry import get_adapter
+    from giseg.data.rle import decode_rle
+    from giseg.inference.segmenter import Segmenter
+    from giseg.inference.volume import sliding_logits
+
+    seg = Segmenter.load(Path(volume_run.output_dir) / "best")
+    adapter = get_adapter("gi")
+    index = adapter.build_index(volume_run.data_dir)
+    cache = build_cache(adapter, index, seg.spec.image_size, tmp_path / "cache")
+    sub = tmp_path / "sub.csv"
+    from giseg.commands.predict import main as predict
+
+    predict(["--model", str(Path(volume_run.output_dir) / "best"), "--data_dir", volume_run.data_dir, "--out",
+             str(sub), "--cache_dir", str(tmp_path / "cache")])
+    rows = pd.read_csv(sub).fillna("")
+    first = volume_rows(index, np.arange(len(index)), adapter.volume_columns)[0]
+    x = torch.from_numpy(read_volume(cache, first, 1, seg.spec.mean, seg.spec.std))[None]
+    with torch.no_grad():
+        probs = torch.sigmoid(sliding_logits(seg.model, x, seg.spec.patch(), seg.spec.sw_overlap))  # (D, K, S, S)
+    for j, r in enumerate(first):
+        h, w = int(index["height"].iloc[r]), int(index["width"].iloc[r])
+        up = torch.nn.functional.interpolate(torch.logit(probs[j:j + 1].clamp(1e-7, 1 - 1e-7)), size=(h, w),
+                                             mode="bilinear", align_corners=False)
+        want = (torch.sigmoid(up)[0] > 0.5).numpy()
+        for k, c in enumerate(seg.spec.classes):
+            code = rows[(rows["id"] == index["id"].iloc[r]) & (rows["class"] == c)]["predicted"].iloc[0]
+            got = decode_rle(code, (h, w)) if code else np.zeros((h, w), np.uint8)
+            assert np.array_equal(got.astype(bool), want[k]), (index["id"].iloc[r], c)
