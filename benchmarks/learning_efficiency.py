@@ -129,13 +129,15 @@ def table(results: dict[str, dict], classes: tuple[str, ...], n_runs: int) -> st
     return "\n".join(lines)
 
 
-def curve_table(curves: dict[str, list[dict]], classes: tuple[str, ...]) -> str:
-    """Per recipe and evaluation step: each class's Dice, mean over the runs (the runs evaluate at the same steps)."""
+def curve_table(curves: dict[str, list[dict]], classes: tuple[str, ...], kind: str = "dice_") -> str:
+    """Per recipe and evaluation step: each class's Dice, mean over the runs (the runs evaluate at the same steps);
+    kind "global_dice_": the Dice of all the fold's pixels at once (false positives on organ-free slices cost only
+    their pixels there, where the per-slice Dice scores such a slice 0)."""
     lines = ["| recipe | step | " + " | ".join(c.replace("_", " ") for c in classes) + " |",
              "|" + " --- |" * (len(classes) + 2)]
     for name, runs in curves.items():
         for i, point in enumerate(runs[0]["curve"]):
-            cells = [f"{statistics.mean(r['curve'][i][f'dice_{c}'] for r in runs):.3f}" for c in classes]
+            cells = [f"{statistics.mean(r['curve'][i][f'{kind}{c}'] for r in runs):.3f}" for c in classes]
             lines.append(f"| {name} | {point['step']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 curve = run_once(data, model, work, VARIANTS[name], seed, fold, setting)
                 setup_logging()  # (the run's log file handler is closed: back to stdout only)
                 runs.append({"seed": seed, "fold": fold, "floors": floor, "curve": [
-                    {k: v for k, v in e.items() if k == "step" or k.startswith("dice_")} for e in curve]})
+                    {k: v for k, v in e.items() if k == "step" or "dice_" in k} for e in curve]})
         results[name], curves[name] = summarise(runs, GI_CLASSES, args.margin), runs
     wall = time.perf_counter() - start
     n_runs = len(seeds) * len(folds)
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, GI_CLASSES, n_runs))
     print("\nPer-class Dice by step, mean over the runs:\n")
     print(curve_table(curves, GI_CLASSES))
+    print("\nPer-class global Dice by step (all the fold's pixels at once), mean over the runs:\n")
+    print(curve_table(curves, GI_CLASSES, "global_dice_"))
     print(f"\ncommand: {command.strip()}\nmachine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
           f"{__import__('torch').get_num_threads()}; wall {wall:.0f} s")
     if args.out:

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from giseg.models.registry import list_families  # noqa: E402  (light: no transformers)
 
 FAMILIES = ("segformer", "upernet", "dpt", "beit")  # the semantic-segmentation hub families of tiny_models
-SEGMENTERS = list_families("hub") + list_families("baseline")  # every family a segmenter is trained from
+SEGMENTERS = list_families("hub") + list_families("baseline") + list_families("volume")  # every segmenter family
 
 
 def log_events(text: str) -> list[str]:
@@ -44,7 +44,7 @@ def fresh_python():
 
 def base_model(family: str, tiny_models: dict, tmp_path: Path) -> str:
     """--base_model for a registered ``family``: its tiny checkpoint (a hub family: tiny_models, else made in
-    ``tmp_path``) or a baseline's name."""
+    ``tmp_path``; a 3D family's too) or a baseline's name."""
     from giseg.models.registry import FAMILIES as REGISTRY
     from giseg.models.tiny import make_tiny
 

@@ -5,7 +5,7 @@ Each family's commands run in a fresh interpreter, one per family, as users run 
 registered with the Auto classes in this process would hide a loader that forgets to (a trained U-Net was refused
 by predict, tune, export-onnx and figures that way). The runs are shared by the tests (a module fixture) and tiny
 (32 px, two steps). In CI every family goes through the loaders (predict, score, the app, the notebook, the model
-card's snippet) and one hub family and one baseline through every command; the other families' remaining
+card's snippet) and one hub family, one baseline and one 3D family through every command; the other families' remaining
 commands and the ONNX export of every trained family are the nightly part (GISEG_NIGHTLY=1;
 tests/inference/test_onnx.py exports every family's untrained folder in CI).
 """
@@ -102,7 +102,7 @@ def test_a_trained_family_loads_in_predict_score_the_app_the_notebook_and_its_ca
     assert 0 <= scores["dice_mean"] <= 1 and 0 <= scores["score"] <= 1
 
 
-@pytest.mark.parametrize("family", [f if f in ("segformer", "unet") else pytest.param(f, marks=NIGHTLY)
+@pytest.mark.parametrize("family", [f if f in ("segformer", "unet", "segresnet3d") else pytest.param(f, marks=NIGHTLY)
                                     for f in SEGMENTERS])
 def test_a_trained_family_goes_through_every_command_that_reads_a_model(family, trained, demo_dir, tmp_path,
                                                                          fresh_python):

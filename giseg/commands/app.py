@@ -58,11 +58,16 @@ class Analyser:
         shown = self.adapter.presence(self.index).sum(axis=1).to_numpy()
         return list(self.index["id"].to_numpy()[np.argsort(-shown, kind="stable")][:limit])
 
-    def predict(self, raw_channels: list[np.ndarray]) -> np.ndarray:
-        """Raw (H, W) scans of one slice (itself, or its 2.5D neighbours) -> (C, H, W) bool masks at that size."""
-        box = self.segmenter.body_box(raw_channels[len(raw_channels) // 2])  # (--body_crop: this slice's own box)
+    def predict(self, raw_channels: list[np.ndarray], at: int = 0) -> np.ndarray:
+        """Raw (H, W) scans of one slice (itself, or its 2.5D neighbours; a 3D model: its volume's slices, ``at``
+        the one shown) -> (C, H, W) bool masks at that size."""
+        m = self.spec.channels
+        box = self.segmenter.body_box(raw_channels[at * m])  # (--body_crop: the shown slice's own box)
         with torch.no_grad():
-            logits = self.segmenter.logits(self.segmenter.prepare(raw_channels, box))
+            if self.spec.patch() is not None:
+                logits = self.segmenter.logits(self.segmenter.prepare_volume(raw_channels, box))[at:at + 1]
+            else:
+                logits = self.segmenter.logits(self.segmenter.prepare(raw_channels, box))
         size = raw_channels[0].shape
         return self.segmenter.masks(self.segmenter.paste(logits, size, box), size)[0].cpu().numpy()
 
@@ -81,17 +86,24 @@ class Analyser:
         row = next(self.index.loc[[slice_id]].itertuples())
         keys = list(self.adapter.volume_columns)
         vol = self.index[(self.index[keys] == self.index.loc[slice_id, keys]).all(axis=1)].reset_index(drop=True)
-        nb = neighbour_table(vol, self.spec.context_slices, self.spec.context_stride, self.adapter.volume_columns)
-        images = [self.adapter.read_image(next(vol.iloc[[int(k)]].itertuples()))
-                  for k in nb[int(np.flatnonzero(vol["id"] == slice_id)[0])]]
+        here = int(np.flatnonzero(vol["id"] == slice_id)[0])
+        if self.spec.patch() is not None:  # a 3D model sees the whole volume, in slice order
+            order = np.argsort(vol["slice"].to_numpy(), kind="stable")
+            chosen, centre = order, int(np.flatnonzero(order == here)[0])
+        else:
+            chosen = neighbour_table(vol, self.spec.context_slices, self.spec.context_stride,
+                                     self.adapter.volume_columns)[here]
+            centre = len(chosen) // 2
+        images = [self.adapter.read_image(next(vol.iloc[[int(k)]].itertuples())) for k in chosen]
         chans = [c for img in images for c in (img if img.ndim == 3 else [img])]  # each slice's image channels
         truth = self.adapter.read_masks(row).astype(bool) if self.adapter.has_labels(self.index) else None
-        return self._analyse(chans, truth, self.adapter.pixel_spacing(row))
+        return self._analyse(chans, truth, self.adapter.pixel_spacing(row), centre)
 
-    def _analyse(self, raw_channels: list[np.ndarray], truth: np.ndarray | None, spacing) -> Analysis:
-        masks = self.predict(raw_channels)
-        m = self.spec.channels  # (the centre slice's first image channel)
-        centre = normalise_scan(raw_channels[(len(raw_channels) // m // 2) * m])
+    def _analyse(self, raw_channels: list[np.ndarray], truth: np.ndarray | None, spacing,
+                 at: int = 0) -> Analysis:
+        masks = self.predict(raw_channels, at)
+        m = self.spec.channels  # (the shown slice's first image channel)
+        centre = normalise_scan(raw_channels[at * m])
         dice = dice_from_stats(mask_stats(masks, truth), "1") if truth is not None else None
         rows = []
         for c, name in enumerate(self.spec.classes):

@@ -8,7 +8,7 @@ Every family exports with the TorchScript-based exporter (``dynamo=False``: a se
 and failures on BEiT and DPT for the dynamo exporter here); the batch dimension is dynamic. SegFormer takes any
 image size (checked); the other families are exported at the spec's size, which is the only size the Segmenter
 feeds them (at other sizes DPT's position-embedding grid and Mask2Former's Swin windows failed, and UperNet's and
-BEiT's pyramid pooling is exported as fixed slices). The export is refused when ONNX Runtime's logits
+BEiT's pyramid pooling is exported as fixed slices); a 3D model at its patch, the window its sliding window feeds. The export is refused when ONNX Runtime's logits
 differ from PyTorch's by more than ``PARITY_TOLERANCE`` x max(1, the largest |logit|) on a random batch of another
 size than the one traced. ``model.onnx`` records the sha256 of the weights it was exported from; a folder whose
 weights have changed since is refused with the command that exports it again.
@@ -104,6 +104,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
     spec, family = segmenter.spec, segmenter.model.hf.config.model_type
     model = _Logits(segmenter.model).eval()
     channels, size = len(spec.mean), spec.image_size
+    sample = (channels, *spec.patch()) if spec.patch() else (channels, size, size)  # a 3D model: its patch
     dynamic = {0: "batch"}
     if family in DYNAMIC_SIZE_FAMILIES:
         dynamic = {0: "batch", 2: "height", 3: "width"}
@@ -114,7 +115,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
     tmp = Path(tmp_name)
     try:
         with _exportable_pooling(), torch.no_grad(), _quiet_exporter():
-            torch.onnx.export(model, (torch.zeros(2, channels, size, size),), str(tmp), input_names=["pixel_values"],
+            torch.onnx.export(model, (torch.zeros(2, *sample),), str(tmp), input_names=["pixel_values"],
                               output_names=["logits"], dynamic_axes={"pixel_values": dynamic, "logits": dynamic},
                               opset_version=opset, dynamo=False)
         proto = onnx.load(str(tmp))
@@ -125,7 +126,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
         onnx.save(proto, str(tmp))
         seconds = time.perf_counter() - start
         runtime = OnnxModel(tmp)
-        shapes = [(3, channels, size, size)]  # another batch than the traced one
+        shapes = [(3, *sample)]  # another batch than the traced one
         if family in DYNAMIC_SIZE_FAMILIES:
             shapes.append((1, channels, size + 32, size - 32 if size > 32 else size + 64))
         worst = 0.0

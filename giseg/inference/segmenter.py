@@ -133,6 +133,17 @@ class Segmenter:
         image = images[0] if len(images) == 1 else images.transpose(1, 2, 0)
         return torch.from_numpy(to_pixel_values(image, self.spec.mean, self.spec.std))[None].to(self.device)
 
+    def prepare_volume(self, raw_slices: list[np.ndarray], box=None) -> torch.Tensor:
+        """A 3D model's input: the raw (H, W) scans of a volume in slice order (with several image channels, each
+        slice's in turn) -> (1, C, D, S, S) on the device, prepared as the cache prepares each slice."""
+        crop = None if box is None else (slice(box[0], box[1]), slice(box[2], box[3]))
+        images = np.stack([prepare_scan(raw, self.spec.image_size, crop) for raw in raw_slices]).astype(np.float32)
+        m, size = self.spec.channels, self.spec.image_size
+        volume = images.reshape(-1, m, size, size).transpose(1, 0, 2, 3)
+        mean = np.asarray(self.spec.mean, np.float32)[:, None, None, None]
+        std = np.asarray(self.spec.std, np.float32)[:, None, None, None]
+        return torch.from_numpy(np.ascontiguousarray((volume - mean) / std))[None].to(self.device)
+
     @torch.no_grad()
     def _iter_logits(self, index: pd.DataFrame, rows: np.ndarray, cache, neighbours: np.ndarray, batch_size: int,
                      mixed_precision: str, tta: bool, num_workers: int) -> Iterator[tuple[int, torch.Tensor]]:

@@ -71,7 +71,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("segresnet3d", "volume", "gi_volume", HALF, "SegResNet, 3D (MONAI; models/volume.py)", encoder="segresnet",
            tiny="giseg.models.volume:tiny_segresnet"),
     Family("swinunetr3d", "volume", "gi_volume", HALF, "SwinUNETR, 3D (MONAI; models/volume.py)", encoder="swinunetr",
-           tiny="giseg.models.volume:tiny_swinunetr"),
+           tiny="giseg.models.volume:tiny_swinunetr", min_size=64),
 )}
 
 

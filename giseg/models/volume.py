@@ -45,12 +45,14 @@ def require_monai(what: str) -> None:
                             f"{EXTRA}") from None
 
 
-def patch_multiple(config: "GIVolumeConfig") -> int:
-    """What every side of an input patch must be a multiple of: SegResNet halves it once per level after the
-    first; SwinUNETR's patch embedding and four merges divide it by 32."""
+def patch_multiple(config: "GIVolumeConfig") -> tuple[int, int]:
+    """What every side of an input patch must be a multiple of, and at least: SegResNet halves it once per level
+    after the first; SwinUNETR's patch embedding and four merges divide it by 32, and its instance norms need
+    more than one voxel there (64)."""
     if config.architecture == "swinunetr":
-        return 32
-    return 2 ** (len(config.net["blocks_down"]) - 1)
+        return 32, 64
+    multiple = 2 ** (len(config.net["blocks_down"]) - 1)
+    return multiple, multiple
 
 
 class GIVolumeConfig(PretrainedConfig):

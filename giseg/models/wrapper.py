@@ -10,6 +10,7 @@ from torch import nn
 from giseg.data.masks import multiclass_targets, unpack_targets
 from giseg.models.families import QUERY_FAMILIES
 from giseg.models.tasks import get_task
+from giseg.models.volume import patch_multiple
 from giseg.models.widen import input_channels
 
 
@@ -92,9 +93,10 @@ def freeze_unused_parameters(model: SegmentationModel, image_size: int = 64) -> 
 
 
 def blank_input(hf_model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A zero input the model takes: (1, C, S, S), or for a 3D network (1, C, 32, 32, 32) (a patch of any of
-    them: 32 is a multiple of every 3D family's)."""
-    shape = (32, 32, 32) if hf_model.config.model_type == "gi_volume" else (image_size, image_size)
+    """A zero input the model takes: (1, C, S, S), or for a 3D network its smallest patch, a cube."""
+    shape = (image_size, image_size)
+    if hf_model.config.model_type == "gi_volume":
+        shape = (patch_multiple(hf_model.config)[1],) * 3
     return torch.zeros(1, input_channels(hf_model), *shape, device=device)
 
 

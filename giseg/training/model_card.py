@@ -74,11 +74,28 @@ masks = seg.masks(seg.logits(seg.prepare([scan])), scan.shape)  # (1, {len(spec.
 ```"""
 
 
+def _volume_usage(spec, family: str, repo: str) -> str:
+    classes = ", ".join(spec.classes)
+    return f"""```python
+import numpy as np
+from giseg.inference.segmenter import Segmenter  # pip install -e '<this toolkit>[3d]'; a hub repo: snapshot_download
+
+seg = Segmenter.load("{repo}")  # the 3D model with its inference spec (patch {spec.patch_size})
+rng = np.random.default_rng(0)
+volume = [rng.random((266, 266), dtype=np.float32) for _ in range(40)]  # a scan's raw slices, in slice order
+logits = seg.logits(seg.prepare_volume(volume))  # (40, K, S, S): MONAI's sliding window over the whole volume
+masks = seg.masks(logits, volume[0].shape)  # (40, {len(spec.classes)}, H, W) bool, per slice: {classes}
+```"""
+
+
 def card_usage(spec, family: str, repo: str) -> str:
-    """The card's "How to use" code: transformers' Auto classes, or the toolkit's Segmenter for a query family."""
+    """The card's "How to use" code: transformers' Auto classes, or the toolkit's Segmenter for a query family
+    or a 3D model (its sliding window)."""
     presence, classes = not get_task(spec.task).segments, ", ".join(spec.classes)
     if family in QUERY_FAMILIES and not presence:  # per-class maps from its queries: the toolkit turns them to masks
         return _query_usage(spec, family, repo)
+    if spec.patch_size:
+        return _volume_usage(spec, family, repo)
     if presence:
         register = ("import giseg.models.classifier  # registers the CNN encoder classifier with the Auto classes\n"
                     if family == "gi_encoder" else "")

@@ -18,7 +18,7 @@ from giseg.training.config import TrainConfig
 from giseg.utils.errors import UserError
 from giseg.utils.log import logger
 
-DEPTH = 16  # the default patch's slices (SwinUNETR: its multiple, 32)
+DEPTH = 16  # the default patch's slices (SwinUNETR: its least side, 64)
 
 
 def is_volume_model(hf_model: torch.nn.Module) -> bool:
@@ -44,15 +44,20 @@ def check_flags(cfg: TrainConfig, volume: bool) -> None:
 
 
 def resolve_patch(cfg: TrainConfig, hf_model: torch.nn.Module) -> str:
-    """The run's patch as "D,H,W": --patch_size, checked against the network's multiple and --image_size, or the
-    default (DEPTH slices, or the network's multiple if larger, by the whole --image_size slice)."""
-    multiple = patch_multiple(hf_model.config)
+    """The run's patch as "D,H,W": --patch_size, checked against the network's multiple and least side and
+    --image_size, or the default (DEPTH slices, or the network's least side if larger, by the whole --image_size
+    slice)."""
+    multiple, least = patch_multiple(hf_model.config)
     if not cfg.patch_size:
-        return f"{max(DEPTH, multiple)},{cfg.image_size},{cfg.image_size}"
+        if cfg.image_size < least:
+            raise UserError(f"--image_size {cfg.image_size}: a {hf_model.config.architecture} patch needs rows and "
+                            f"columns of at least {least}")
+        return f"{max(DEPTH, least)},{cfg.image_size},{cfg.image_size}"
     patch = parse_patch(cfg.patch_size)
-    if patch is None or any(p % multiple for p in patch) or max(patch[1:]) > cfg.image_size:
-        raise UserError(f"--patch_size {cfg.patch_size}: three integers D,H,W, each a multiple of {multiple} "
-                        f"({hf_model.config.architecture}), rows and columns at most --image_size {cfg.image_size}")
+    if patch is None or any(p % multiple or p < least for p in patch) or max(patch[1:]) > cfg.image_size:
+        raise UserError(f"--patch_size {cfg.patch_size}: three integers D,H,W, each a multiple of {multiple} and at "
+                        f"least {least} ({hf_model.config.architecture}), rows and columns at most --image_size "
+                        f"{cfg.image_size}")
     return cfg.patch_size
 
 

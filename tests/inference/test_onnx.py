@@ -24,7 +24,8 @@ def _model_folder(base: str, out, task: str = "multilabel"):
     loaded = load_model(base, task, GI_CLASSES)
     spec = InferenceSpec(dataset="gi", task=task, classes=GI_CLASSES, image_size=64, context_slices=1,
                          context_stride=2, mean=loaded.mean, std=loaded.std,
-                         thresholds=(0.5,) * 3 if task == "multilabel" else ())
+                         thresholds=(0.5,) * 3 if task == "multilabel" else (),
+                         patch_size="32,64,64" if loaded.family == "gi_volume" else "")
     save_model(loaded.model, out, spec)
     return out
 
@@ -43,7 +44,9 @@ def test_every_family_exports_and_onnx_runtime_gives_pytorchs_logits(base, tiny_
     assert report["max_relative_difference"] <= PARITY_TOLERANCE and (folder / ONNX_FILE).is_file()
     assert report["dynamic"] == (["batch", "height", "width"] if base == "segformer" else ["batch"])
     eager, onnx = Segmenter.load(folder), Segmenter.load(folder, backend="onnxruntime")
-    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # a batch size never traced
+    # a batch size never traced; a 3D model: a volume of 40 slices (its sliding window: 2 windows, 1 batch of them)
+    shape = (1, 1, 40, 64, 64) if eager.spec.patch_size else (5, 3, 64, 64)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, got = eager.logits(x, tta=True).float(), onnx.logits(x, tta=True)
     assert got.shape == ref.shape

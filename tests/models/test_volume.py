@@ -91,7 +91,7 @@ def volume_run(demo_dir, tiny_volume_model, tmp_path_factory):
 @pytest.mark.parametrize("flags, message", [
     (dict(context_slices=3), "--context_slices does not apply to a 3D model"),
     (dict(cutmix_prob=0.5), "--cutmix_prob / --mixup_prob does not apply to a 3D model"),
-    (dict(patch_size="6,32,32"), "--patch_size 6,32,32: three integers D,H,W, each a multiple of 4"),
+    (dict(patch_size="6,32,32"), "--patch_size 6,32,32: three integers D,H,W, each a multiple of 4 and at least 4"),
     (dict(patch_size="8,64,64"), "rows and columns at most --image_size 32"),
 ])
 def test_flags_a_3d_model_cannot_honour_are_one_line(demo_dir, tiny_volume_model, tmp_path, flags, message):

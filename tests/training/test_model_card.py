@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import SEGMENTERS, base_model, log_events
+from giseg.models.registry import FAMILIES as REGISTRY
 
 
 def _records(run):
@@ -93,7 +94,8 @@ def card_code_runs(tiny_models, fresh_python, tmp_path_factory) -> dict:
         base = base_model(family, tiny_models, tmp_path)
         loaded = load_model(base, "multilabel", classes)
         spec = InferenceSpec(dataset="gi", task="multilabel", classes=classes, image_size=64, context_slices=1,
-                             context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3)
+                             context_stride=2, mean=loaded.mean, std=loaded.std, thresholds=(0.5,) * 3,
+                             patch_size="32,64,64" if REGISTRY[family].kind == "volume" else "")
         folder = tmp_path / "best"
         config = dataclasses.asdict(TrainConfig(base_model=base, output_dir=str(tmp_path), image_size=64))
         card = card_text(config=config, spec=spec, record={"step": 1, "epoch": 1}, family=loaded.family,
@@ -111,8 +113,10 @@ def card_code_runs(tiny_models, fresh_python, tmp_path_factory) -> dict:
 def test_the_cards_usage_code_loads_the_folder_for_every_family(family, card_code_runs):
     """Each family's card shows code that loads its own folder: run in a fresh interpreter (so nothing this test
     process registered helps it), it must give masks at the scan's size. The CNN baselines' model types (gi_unet,
-    gi_unext) need their registration import, Mask2Former the toolkit's query post-processing."""
+    gi_unext) need their registration import, Mask2Former the toolkit's query post-processing, a 3D model the
+    toolkit's sliding window over a volume."""
     res = card_code_runs[family]
     assert res.returncode == 0, res.stderr[-2000:]
-    shape = "(1, 3, 266, 266)" if family == "mask2former" else "(3, 266, 266)"
+    shape = {"mask2former": "(1, 3, 266, 266)", "volume": "(40, 3, 266, 266)"}.get(
+        "volume" if REGISTRY[family].kind == "volume" else family, "(3, 266, 266)")
     assert f"MASKS {shape} torch.bool" in res.stdout
