@@ -60,13 +60,14 @@ def run(cmd: list[str]) -> None:
 def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path | None, cache_dir: Path,
                  rows_of: str = "validation", gates: list[Path] | None = None, tta: bool = False) -> list[dict]:
     """Figures of each fold's model(s) (averaged when several) on its own validation cases ("validation") or on
-    every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own), with or without
+    every slice of ``data_dir`` ("all"), with the decisions of ``tuned`` (None: the models' own) and its weights (a
+    2D + 3D blend; none: equal), with or without
     test-time augmentation (``tta``: the flips predict uses with --tta)."""
 
     from giseg.data.folds import split_by_case
     from giseg.data.registry import get_adapter
     from giseg.evaluation.score import score_predictions, submission_to_wide
-    from giseg.evaluation.tuning import read_tuned
+    from giseg.evaluation.tuning import read_tuned, read_tuned_weights
     from giseg.inference.ensemble import Ensemble
     from giseg.inference.submission import predict_rows
 
@@ -74,7 +75,7 @@ def fold_figures(models_per_fold: list[list[Path]], data_dir: Path, tuned: Path 
     index = adapter.build_index(data_dir)
     out = []
     for k, models in enumerate(models_per_fold):
-        ens = Ensemble.load(models)
+        ens = Ensemble.load(models, weights=read_tuned_weights(tuned) if tuned is not None else None)
         if tuned is not None:
             ens = ens.with_decisions(**read_tuned(tuned))
         if gates is not None:  # fold k's slice classifier

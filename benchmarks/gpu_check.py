@@ -17,7 +17,9 @@ and collected in gpu_check.json, in the order of what the issue asks:
    to end (the command, start-up included);
 4. bench.py's bare loop for SegFormer-b0/b2, UperNet-ConvNeXt-small, DPT-base and BEiT-base shapes (random weights,
    the hub checkpoints' shapes), fp32 vs bf16, with what time is left;
-5. fp16 autocast with loss scaling on the model of 1: whether every logged loss stays finite.
+5. fp16 autocast with loss scaling on the model of 1: whether every logged loss stays finite;
+6. a 3D model's training step (issue #42; benchmarks/volume_step.py): SegResNet at its --base_model size on patches
+   of 80 x 160 x 160 (batch 2), patches/s and peak memory, in both memory formats (needs MONAI: carry its wheel).
 With --smoke every model is the tiny SegFormer, sizes, caps and variants are toy, the device is the CPU, fp16 is
 replaced by bf16 and torch.compile is disabled (TORCH_COMPILE_DISABLE=1): it checks that every line runs, not speed.
 """
@@ -276,17 +278,42 @@ def section_fp16(s: dict, budget: Budget, results: dict, save) -> None:
           f"{cell(losses[-1], '{:.4f}')}), {cell(half['img_s'])} images/s", flush=True)
 
 
+def section_volume(s: dict, budget: Budget, results: dict, save) -> None:
+    """6. a 3D model's training step (benchmarks/volume_step.py), with what time is left."""
+    import contextlib
+    import io
+
+    import volume_step
+
+    from giseg.utils.errors import UserError
+
+    if budget.left() < s["cap_volume"]:
+        print("\n6. 3D training step: skipped for time", flush=True)
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            volume_step.main(s["volume_args"])
+    except UserError as e:  # (no MONAI on the machine)
+        buf.write(f"skipped: {e}")
+    results["volume"] = buf.getvalue().strip().splitlines()
+    save()
+    print("\n6. " + buf.getvalue().strip(), flush=True)
+
+
 def settings(smoke: bool, work: Path) -> dict:
     """Sizes, caps and time shares: the GPU's, or toy ones on the CPU (--smoke)."""
     if smoke:
         return dict(smoke=True, device="cpu", model="tiny-segformer", size=64, steps=4, bare_batch=4, bare_steps=4,
                     window=1, variants=SMOKE_VARIANTS, cap_eager=0, cap_compile=0, first_extra=0, reserve=-1e9,
                     workers=(0,), cap_loader=2, loader_batch=4, predict_repeats=2, models=["tiny-segformer"], g_steps=2,
-                    per_model=0, reserve_models=-1e9, fp16="bf16", work=work, total=1e9)
+                    per_model=0, reserve_models=-1e9, fp16="bf16", work=work, total=1e9, cap_volume=0,
+                    volume_args=["--smoke", "--patch", "8,32,32", "--batch", "1"])
     return dict(smoke=False, device="cuda", model="segformer-b2", size=288, steps=2000, bare_batch=64, bare_steps=60,
                 window=10, variants=VARIANTS, cap_eager=40, cap_compile=150, first_extra=60, reserve=150,
                 workers=(8, 16), cap_loader=20, loader_batch=64, predict_repeats=20, models=bench.GPU_MODELS, g_steps=5,
-                per_model=35, reserve_models=45, fp16="fp16", work=work, total=470)
+                per_model=35, reserve_models=45, fp16="fp16", work=work, total=470, cap_volume=25,
+                volume_args=["--full", "--patch", "80,160,160", "--batch", "2", "--steps", "5"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     section_predict(s, results, save)
     section_models(s, budget, results, save)
     section_fp16(s, budget, results, save)
+    section_volume(s, budget, results, save)
     shutil.rmtree(s["work"], ignore_errors=True)
     print(f"\nwritten: {out / 'gpu_check.json'}")
     return 0

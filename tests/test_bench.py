@@ -155,6 +155,7 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "2. the training loader alone" in text and "3. giseg predict: the model alone" in text
     assert "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
+    assert "6. 3D training step: segresnet3d (tiny" in text and any("| channels_last_3d |" in r for r in results["volume"])
 
 
 def test_the_gpu_checks_variants_put_the_issues_questions_first_and_cover_the_whole_matrix():
@@ -210,3 +211,13 @@ def test_the_docs_figures_block_states_each_figure_with_its_range_and_the_check_
     assert outside(want, inside, 0.005) == {}
     assert outside(want, {**inside, "epoch3_dice_mean": 0.9451}, 0.005) == {"epoch3_dice_mean": (0.90, 0.94, 0.9451)}
     assert outside(want, {**inside, "final_dice_mean": 0.8949}, 0.005) == {"final_dice_mean": (0.90, 0.94, 0.8949)}
+
+
+def test_volume_step_smoke_times_both_memory_formats(capsys):
+    """benchmarks/volume_step.py --smoke: one training step of the tiny SegResNet in each layout, with the command."""
+    import volume_step
+
+    assert volume_step.main(["--smoke", "--patch", "8,32,32", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| contiguous |" in out and "| channels_last_3d |" in out
+    assert "command: python benchmarks/volume_step.py --smoke --patch 8,32,32 --batch 1" in out

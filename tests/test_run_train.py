@@ -149,7 +149,7 @@ def test_default_demo_run_builds_its_data_and_model_without_network_and_gives_th
     assert (proj / "demo" / "data" / "train.csv").is_file()
     assert (proj / "demo" / "models" / "tiny-segformer" / "config.json").is_file()
     text = log.read_text()
-    assert "eval epoch 1" in text and "demo preset (neither BASE_MODEL nor DATA_DIR set)" in text
+    assert "eval epoch 1" in text and "demo preset (DATA_DIR not set: the demo data)" in text
     assert "--lr 0.002" in text  # the preset, stated in the trainer's settings line
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_figures.py"), "--check", "--from_run",
                           str(run), "--data_dir", str(proj / "demo" / "data")], cwd=ROOT, capture_output=True,

@@ -164,7 +164,7 @@ def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str],
          final_model: bool) -> tuple[list, list, str, Path, str]:
     """(the command, giseg train's arguments for its check, the settings line, the log, the output folder)."""
     flags, named = trainer_settings(extra)
-    resume, demo = o["resume"][0].rstrip("/"), not (o["resume"][0] or o["data_dir"][0] or o["base_model"][0])
+    resume, demo = o["resume"][0].rstrip("/"), not (o["resume"][0] or o["data_dir"][0])  # the demo data
     if resume:
         output_dir, name, args = resume, Path(resume).name, ["--resume_run", resume, *flags]
         how = f"resuming {resume} with its saved settings (giseg train --resume_run) for what is not set"
@@ -174,7 +174,7 @@ def plan(o: dict, nnodes: int, rank: int, gpus: list[str], extra: list[str],
         output_dir = o["output_dir"][0] or f"runs/{name}"
         args = ["--base_model", base_model, "--data_dir", data_dir, "--output_dir", output_dir,
                 *(["--preset", "demo"] if demo else []), *flags]
-        how = ("demo preset (neither BASE_MODEL nor DATA_DIR set): giseg train --preset demo for what is not set"
+        how = ("demo preset (DATA_DIR not set: the demo data): giseg train --preset demo for what is not set"
                if demo else "giseg train's defaults for what is not set")
     if nnodes > 1:
         name = f"{Path(o['output_dir'][0].rstrip('/')).name}-node{rank}"

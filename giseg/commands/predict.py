@@ -30,7 +30,7 @@ from giseg.data.folds import split_by_case
 from giseg.data.medical import VolumeAdapter, find_inputs, read_volume
 from giseg.data.registry import get_adapter
 from giseg.data.volumes import check_volume_sizes
-from giseg.evaluation.tuning import read_tuned
+from giseg.evaluation.tuning import read_tuned, read_tuned_weights
 from giseg.inference.ensemble import Ensemble
 from giseg.inference.gate import SliceGate
 from giseg.inference.medical import VOLUME_LABELS, claim_names, record_output, write_nifti, write_rtstruct
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-class probability thresholds of a multilabel model, comma-separated in the order of its "
                          "classes, e.g. 0.5,0.4,0.5 (default: the ones saved with the model; overrides --tuned's)")
     ap.add_argument("--tuned", default=None,
-                    help="thresholds, gates and post-processing from a giseg tune --out file (an ensemble's); default: "
-                         "the first model's spec (tuned by giseg tune, or the training threshold)")
+                    help="thresholds, gates and post-processing from a giseg tune --out file (an ensemble's), and "
+                         "its weights (a blend of 2D and 3D members) unless --weights; default: the first model's "
+                         "spec (tuned by giseg tune, or the training threshold)")
     ap.add_argument("--gate_model", nargs="+", default=None,
                     help="slice classifiers (trainer.py --task presence; several: their probabilities averaged): a "
                          "class is emptied on a slice the gate calls absent (below the gate threshold: giseg tune's, "
@@ -104,8 +105,13 @@ def claim_out(args) -> None:
 
 def load_models(args, device) -> Ensemble:
     """The --model(s) with --weights, --tuned decisions, the --gate_model slice gate and --thresholds."""
-    model = Ensemble.load(args.model, device, parse_weights(args.weights, len(args.model)), args.allow_bin,
-                          args.backend)  # a wrong --model fails first
+    weights = parse_weights(args.weights, len(args.model))
+    if weights is None and args.tuned:  # the blend giseg tune chose for 2D and 3D members
+        weights = read_tuned_weights(args.tuned)
+        if weights is not None and len(weights) != len(args.model):
+            raise UserError(f"--tuned {args.tuned} holds weights for {len(weights)} models (its ensemble's), got "
+                            f"{len(args.model)} --model; pass them in the tuned ensemble's order, or --weights")
+    model = Ensemble.load(args.model, device, weights, args.allow_bin, args.backend)  # a wrong --model fails first
     if args.tuned:
         model = model.with_decisions(**read_tuned(args.tuned))
     spec = model.spec

@@ -18,6 +18,8 @@ from giseg.evaluation.tuning import (
     SEARCH,
     Tuner,
     as_spec_values,
+    blend_volumes,
+    choose_blend,
     collect_volumes,
     cv_folds,
     report_markdown,
@@ -174,6 +176,22 @@ def validation_volumes(args, groups, gates, weights, device) -> tuple[list, obje
     return volumes, spec
 
 
+def blended_volumes(args, groups, gates, deep: list[bool], device) -> tuple[list, object, list[float], dict]:
+    """An ensemble of 2D and 3D members: each kind's predictions of the validation cases, blended with the 2D share
+    that scores best out of fold (evaluation/tuning.py BLEND, from the UW-Madison winner's 0.6). Returns (volumes,
+    spec, the members' weights, the blend's record)."""
+    pick = lambda want: [[f for f, d in zip(g, deep) if d == want] for g in groups]  # noqa: E731
+    flat, spec = validation_volumes(args, pick(False), gates, None, device)
+    volumes3d, _ = validation_volumes(args, pick(True), gates, None, device)
+    share, scores = choose_blend(flat, volumes3d, spec, args.empty_dice, args.workers or os.cpu_count() or 1)
+    logger.info("blend of the 2D and the 3D members (untuned decisions, out of fold): 2D share %g (%s)", share,
+                ", ".join(f"{k:g}: score {v:.4f}" for k, v in scores.items()))
+    n3d = sum(deep)
+    weights = [(1 - share) / n3d if d else share / (len(deep) - n3d) for d in deep]
+    return blend_volumes(flat, volumes3d, share, spec.task), spec, weights, {
+        "share_2d": share, "scores": {f"{k:g}": v for k, v in scores.items()}}
+
+
 def tune(args) -> dict:
     check_run_options(args)
     check_options(args, ScoringOptions)
@@ -183,13 +201,19 @@ def tune(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gates = gate_groups(args, len(groups), device)
     weights = parse_weights(args.weights, len(groups[0])) if args.weights else None
-    volumes, spec = validation_volumes(args, groups, gates, weights, device)
+    deep = [bool(InferenceSpec.load(f).patch_size) for f in groups[0]]  # 3D members (per position in a group)
+    blend = None
+    if "blend" in search and weights is None and any(deep) and not all(deep):
+        volumes, spec, weights, blend = blended_volumes(args, groups, gates, deep, device)
+    else:
+        volumes, spec = validation_volumes(args, groups, gates, weights, device)
     tuner = Tuner(volumes, spec.task, spec.classes, args.empty_dice, args.workers or os.cpu_count() or 1, search)
     chosen, before, after = tuner.search(start_decisions(spec))
     values = as_spec_values(chosen, spec.task, gated=bool(args.gate_model))
     source = (f"out-of-fold validation of {', '.join(args.cv)}" if args.cv else
               f"validation of {', '.join(map(str, folders))}")
-    report = {"source": source, "models": [str(f) for f in folders], "weights": weights, "decisions": values,
+    report = {"source": source, "models": [str(f) for f in folders], "weights": weights, "blend": blend,
+              "decisions": values,
               "gate_models": args.gate_model, "search": list(search), "before": before, "after": after,
               "candidates_scored": tuner.evaluated, "empty_dice": args.empty_dice}
     if args.out:

@@ -14,6 +14,10 @@ volume's 3D connected components: keep the largest, or drop those of fewer than 
 (threshold as saved, no gates, no post-processing) and adopts a change only when it raises the score (nnU-Net's
 rule for post-processing), so the result never scores below the start on the data it was tuned on.
 
+An ensemble of 2D and 3D members (without --weights) gets its blend first: the 2D members' share of the average,
+from the UW-Madison winner's 0.6 (0.4 for its 3D models), another of 0.3-0.8 adopted only when it scores higher
+under the untuned decisions; the weights go into --out, and giseg predict --tuned averages with them.
+
 The choices go into the inference spec of every tuned model folder (giseg predict, the app and evaluation/figures.py use them;
 giseg predict --thresholds still overrides), or into --out for an ensemble (giseg predict --tuned). tuning.json and
 tuning.md (before/after, per class) are written beside them.
@@ -45,8 +49,11 @@ MIN_VOXELS = (100, 500, 2000)  # "min:<N>": drop 3D components smaller than this
 GATE_THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the slice gate (--gate_model): classifier probability
 GATE_MIN_PIXELS = (0, 12, 50, 200)  # ... and more than this many predicted pixels at original size
 DECISIONS = ("thresholds", "min_area", "min_prob", "postprocess", "gate_threshold", "gate_min_pixels")
-SEARCH = ("thresholds", "gates", "slice_gate", "postprocess")  # the steps of the search, in order; slice_gate:
-# with --gate_model only
+SEARCH = ("blend", "thresholds", "gates", "slice_gate", "postprocess")  # the steps of the search, in order; blend:
+# an ensemble of 2D and 3D members without --weights only; slice_gate: with --gate_model only
+# the 2D (and 2.5D) members' share of an ensemble with 3D members; the first, the UW-Madison winner's 0.6 (with 0.4
+# for its 3D models), is the start: another share is adopted only when it scores higher
+BLEND = (0.6, 0.3, 0.4, 0.5, 0.7, 0.8)
 
 
 @dataclasses.dataclass
@@ -167,6 +174,36 @@ class Tuner:
         return chosen, before, self.figures(current)
 
 
+def blend_volumes(flat: list[Volume], deep: list[Volume], share: float, task: str) -> list[Volume]:
+    """The 2D members' volumes and the 3D members' (the same volumes, in the same order) blended: ``share`` x the 2D
+    probabilities + (1 - ``share``) x the 3D ones (multiclass: the argmax over the blended background, 1 - the
+    classes' sum, and classes)."""
+    out = []
+    for a, b in zip(flat, deep):
+        probs = (np.float32(share) * a.probs + np.float32(1 - share) * b.probs).astype(np.float32)
+        argmax = None
+        if get_task(task).background:
+            full = np.concatenate([1 - probs.sum(1, keepdims=True), probs], axis=1)
+            argmax = full.argmax(1)[:, None] == np.arange(1, probs.shape[1] + 1).reshape(1, -1, 1, 1)
+        out.append(dataclasses.replace(a, probs=probs, argmax=argmax))
+    return out
+
+
+def choose_blend(flat: list[Volume], deep: list[Volume], spec: InferenceSpec, empty: str,
+                 workers: int) -> tuple[float, dict[float, float]]:
+    """(the 2D members' share, the score of every share of BLEND) under the untuned decisions: BLEND's first unless
+    another scores higher."""
+    start, scores = start_decisions(spec), {}
+    for share in BLEND:
+        tuner = Tuner(blend_volumes(flat, deep, share, spec.task), spec.task, spec.classes, empty, workers, ())
+        scores[share] = tuner.figures([tuner.class_figures(c, d) for c, d in enumerate(start)])["score"]
+    best = BLEND[0]
+    for share in BLEND[1:]:
+        if scores[share] > scores[best] + 1e-12:
+            best = share
+    return best, scores
+
+
 def start_decisions(spec: InferenceSpec) -> list[dict]:
     """The untuned decisions of a spec: its thresholds (0.5 for multiclass, unused), no gates, no post-processing."""
     n = len(spec.classes)
@@ -219,3 +256,12 @@ def read_tuned(path: str | Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--tuned {path}: not a giseg tune --out file ({e})") from None
     return {k: tuple(values[k]) for k in DECISIONS if values.get(k) is not None}
+
+
+def read_tuned_weights(path: str | Path) -> list[float] | None:
+    """The ensemble weights a giseg tune --out file chose (a 2D + 3D blend) or was given; None: equal."""
+    try:
+        weights = json.loads(Path(path).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"--tuned {path}: not a giseg tune --out file ({e})") from None
+    return list(weights) if weights else None

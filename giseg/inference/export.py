@@ -105,9 +105,7 @@ def export_onnx(folder: str | Path, out: str | Path | None = None, opset: int = 
     model = _Logits(segmenter.model).eval()
     channels, size = len(spec.mean), spec.image_size
     sample = (channels, *spec.patch()) if spec.patch() else (channels, size, size)  # a 3D model: its patch
-    dynamic = {0: "batch"}
-    if family in DYNAMIC_SIZE_FAMILIES:
-        dynamic = {0: "batch", 2: "height", 3: "width"}
+    dynamic = {0: "batch", 2: "height", 3: "width"} if family in DYNAMIC_SIZE_FAMILIES else {0: "batch"}
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     fd, tmp_name = tempfile.mkstemp(prefix=".model-", suffix=".onnx.tmp", dir=out)

@@ -185,7 +185,7 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
     if frozen:
         logger.info("frozen %d parameter tensors the architecture never uses: %s", len(frozen),
                     ", ".join(n.removeprefix("hf.") for n in frozen[:4]) + (" ..." if len(frozen) > 4 else ""))
-    if cfg.channels_last or volume:  # (3D: channels_last_3d, whose convolution backward is ~3x faster on a CPU)
+    if cfg.channels_last or volume:  # (3D: channels_last_3d, faster 3D convolutions: benchmarks/volume_step.py)
         model = model.to(memory_format=torch.channels_last_3d if volume else torch.channels_last)
     if processes > 1:  # only DDP compares layouts; one process needs no hook per parameter per step
         match_gradient_layout(model)

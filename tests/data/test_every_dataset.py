@@ -1,6 +1,7 @@
 """Every registered dataset (giseg/data/registry.py ADAPTERS, not a hand-made list) goes the whole way on its own
-demo: giseg demo-data's folder, the index, a 2-step training run at 32 px, predict and score. A new dataset module
-and its registry line are covered with no new test."""
+demo: giseg demo-data's folder, the index, a 2-step training run at 32 px of a 2D and of a 3D model (its volumes:
+the adapter's volume_columns), predict and score. A new dataset module and its registry line are covered with no
+new test."""
 import json
 
 import pandas as pd
@@ -11,8 +12,16 @@ from giseg.data.registry import ADAPTERS, DATASETS
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def tiny_volume(tmp_path_factory):
+    from giseg.models.tiny import make_tiny
+
+    return make_tiny("segresnet3d", tmp_path_factory.mktemp("tiny3d") / "tiny-segresnet3d")
+
+
+@pytest.mark.parametrize("model", ["segformer", "segresnet3d"])
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
-def test_a_registered_dataset_trains_predicts_and_scores_on_its_demo(name, tiny_models, tmp_path):
+def test_a_registered_dataset_trains_predicts_and_scores_on_its_demo(name, model, tiny_models, tiny_volume, tmp_path):
     from giseg.commands.predict import main as predict_main
     from giseg.commands.score import main as score_main
     from giseg.training.loop import main as train_main
@@ -26,7 +35,8 @@ def test_a_registered_dataset_trains_predicts_and_scores_on_its_demo(name, tiny_
     index = adapter.build_index(data)
     assert len(index) and index["id"].is_unique and {"case", "slice", "width", "height"} <= set(index)
     run, cache = tmp_path / "run", tmp_path / "cache"
-    assert train_main(["--dataset", name, "--data_dir", str(data), "--base_model", str(tiny_models["segformer"]),
+    base = str(tiny_volume if model == "segresnet3d" else tiny_models[model])
+    assert train_main(["--dataset", name, "--data_dir", str(data), "--base_model", base,
                        "--output_dir", str(run), "--image_size", "32", "--epochs", "1", "--max_train_steps", "2",
                        "--train_batch_size", "4", "--eval_batch_size", "32", "--n_folds", "2", "--num_workers", "0",
                        "--cache_dir", str(cache)]) == 0

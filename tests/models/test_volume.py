@@ -176,3 +176,32 @@ def test_predict_writes_the_slices_of_the_sliding_window_probabilities(volume_ru
             code = rows[(rows["id"] == index["id"].iloc[r]) & (rows["class"] == c)]["predicted"].iloc[0]
             got = decode_rle(code, (h, w)) if code else np.zeros((h, w), np.uint8)
             assert np.array_equal(got.astype(bool), want[k]), (index["id"].iloc[r], c)
+
+
+def test_a_2d_and_3d_ensemble_gets_its_blend_out_of_fold_and_predict_uses_it(volume_run, demo_dir, tiny_models,
+                                                                              tmp_path):
+    import json
+
+    from giseg.commands.predict import build_parser, load_models
+    from giseg.commands.predict import main as predict
+    from giseg.commands.tune import main as tune
+    from giseg.evaluation.tuning import BLEND
+    from giseg.training.loop import train
+
+    flat = dataclasses.replace(volume_run, base_model=str(tiny_models["segformer"]), patch_size="",
+                               output_dir=str(tmp_path / "flat"), max_train_steps=2)
+    train(flat)
+    models = [f"{flat.output_dir}/best", f"{volume_run.output_dir}/best"]
+    common = ["--data_dir", str(demo_dir), "--cache_dir", str(tmp_path / "cache"), "--num_workers", "0"]
+    assert tune(["--model", *models, "--out", str(tmp_path / "ens.json"), "--search", "blend,thresholds",
+                 *common]) == 0
+    report = json.loads((tmp_path / "ens.json").read_text())
+    scores = {float(k): v for k, v in report["blend"]["scores"].items()}
+    assert sorted(scores) == sorted(BLEND)
+    better = [s for s in BLEND[1:] if scores[s] > scores[BLEND[0]] + 1e-12]
+    share = max(better, key=lambda s: (scores[s], -BLEND.index(s))) if better else BLEND[0]  # the start, unless beaten
+    assert report["blend"]["share_2d"] == share and report["weights"] == pytest.approx([share, 1 - share])
+    argv = ["--model", *models, "--tuned", str(tmp_path / "ens.json"), "--out", str(tmp_path / "sub.csv"), *common]
+    assert load_models(build_parser().parse_args(argv), "cpu").weights == pytest.approx([share, 1 - share])
+    assert predict(argv) == 0 and (tmp_path / "sub.csv").read_text().count("\n") == 1 + 3 * len(
+        pd.read_csv(demo_dir / "train.csv")) // 3
