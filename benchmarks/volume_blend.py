@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     deep = lambda s: cv("segresnet3d", "segresnet3d", s, "--patch_size", "16,96,96")  # noqa: E731
     rows = {"2.5D (3 slices)": [], "3D (SegResNet)": [], "blend (2D share chosen out of fold)": []}
     shares = {}
+    for seed in seeds:  # the 3D CVs first: --reuse's 2.5D ones may still be training
+        deep(seed)
     for seed in seeds:
         per_fold = lambda *cvs: [[c / f"fold_{k}" / "best" for c in cvs] for k in range(folds)]  # noqa: E731
         rows["2.5D (3 slices)"] += fold_figures(per_fold(flat(seed)), data, None, cache)
