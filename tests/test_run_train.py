@@ -266,3 +266,21 @@ def test_the_foreground_check_refuses_what_the_run_itself_would_refuse(tracked_r
         assert res.returncode == 2 and message in res.stderr, (settings, res.stderr[-2000:])
         assert "started" not in res.stdout and not (tmp_path / "logs" / "run.log").exists()
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_a_3d_family_trains_on_an_nnunet_dataset_through_run_train_sh(tmp_path):
+    """BASE_MODEL=segresnet3d (a registered 3D family by name: random weights, the [3d] extra) on an nnU-Net
+    dataset (giseg demo-data --dataset nnunet), through the launcher as users start runs."""
+    from giseg.data.registry import DATASETS
+
+    data = DATASETS["nnunet"].make_demo(tmp_path / "nnunet")
+    env = _env(tmp_path, FOREGROUND="1", DATA_DIR=str(data), DATASET="nnunet", BASE_MODEL="segresnet3d",
+               IMAGE_SIZE="32", EXTRA_ARGS=f"--num_workers 0 --n_folds 3 --cache_dir {tmp_path / 'cache'} "
+                                           "--patch_size 8,32,32 --max_train_steps 2")
+    res = subprocess.run(["bash", str(ROOT / "run_train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    log = "\n".join(log_events((tmp_path / "logs" / "run.log").read_text()))
+    assert "model: segresnet3d (gi_volume)" in log and "3D: patches of 8x32x32" in log and "(nnunet)" in log
+    assert "eval epoch 1 | loss" in log and "run end: exit status 0" in log
+    spec = json.loads((tmp_path / "out" / "best" / "inference_spec.json").read_text())
+    assert spec["patch_size"] == "8,32,32" and spec["dataset"] == "nnunet"

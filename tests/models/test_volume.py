@@ -205,3 +205,31 @@ def test_a_2d_and_3d_ensemble_gets_its_blend_out_of_fold_and_predict_uses_it(vol
     assert load_models(build_parser().parse_args(argv), "cpu").weights == pytest.approx([share, 1 - share])
     assert predict(argv) == 0 and (tmp_path / "sub.csv").read_text().count("\n") == 1 + 3 * len(
         pd.read_csv(demo_dir / "train.csv")) // 3
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_validation_volumes_and_score_each_slice_once(demo_dir, tiny_volume_model, tmp_path):
+    """Under DDP each process scores its share of the validation volumes (not Accelerate's even batches, which
+    would repeat one): the gathered evaluation counts every validation slice exactly once."""
+    import json
+    import subprocess
+
+    from conftest import ACCELERATE_CONFIG, ROOT, distributed_env, free_port
+
+    from giseg.data.folds import split_by_case
+    from giseg.data.registry import get_adapter
+
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(ACCELERATE_CONFIG.format(port=free_port()))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(ROOT / "trainer.py"),
+           "--base_model", str(tiny_volume_model), "--data_dir", str(demo_dir), "--output_dir", str(out),
+           "--cache_dir", str(tmp_path / "cache"), "--image_size", "32", "--patch_size", PATCH, "--epochs", "1",
+           "--train_batch_size", "2", "--n_folds", "3", "--num_workers", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT, env=distributed_env())
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    index = get_adapter("gi").build_index(demo_dir)
+    _, val = split_by_case(index, 0, 3)
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "world size 2" in (out / "train.log").read_text()
+    assert record["val_slices"] == len(val) and 0 <= record["dice_mean"] <= 1
