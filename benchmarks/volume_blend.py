@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for the data, CVs, tunings and the table (reused)")
     ap.add_argument("--reuse", default="", help="a hard_ablation.py --out folder whose 2.5D CVs (context3-seed<S>) "
-                    "and data stand in for this script's own")
+                    "and data stand in for this script's own (waited for while that script trains them)")
     ap.add_argument("--seeds", default="42,1,2", help="training seeds (default 42,1,2)")
     ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3)")
     ap.add_argument("--smoke", action="store_true", help="2 folds, the first seed, 1 epoch: checks that it runs")
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def cv(name: str, model: str, seed: int, *extra: str) -> Path:
         folder = out / f"{name}-seed{seed}"
-        if name == "context3" and reuse and (reuse / folder.name / "cv_scores.json").is_file():
+        if name == "context3" and reuse:  # hard_ablation.py's own: waited for while it trains (never twice)
+            while not (reuse / folder.name / "cv_scores.json").is_file():
+                time.sleep(60)
             return reuse / folder.name
         if not (folder / "cv_scores.json").is_file():
             run([py, "-m", "giseg", "cv", "--output_dir", str(folder), "--", "--base_model", str(models[model]),
