@@ -22,21 +22,19 @@ import torch
 from giseg.data.cache import SliceCache
 
 FOREGROUND = 1 / 3  # share of patches centred on an organ (nnU-Net's oversample_foreground_percent)
+LOCATIONS = 10_000  # voxels kept per volume and class to centre patches on (nnU-Net keeps 10,000 too)
 
 
 def volume_rows(index: pd.DataFrame, rows: np.ndarray, volume_columns: tuple[str, ...]) -> list[np.ndarray]:
     """The volumes that ``rows`` of ``index`` belong to, each as its rows of ``rows`` in slice order, in the order
     of their first row."""
     rows = np.asarray(rows, dtype=np.int64)
+    if not len(rows):
+        return []
     part = index.iloc[rows]
-    keys = part[list(volume_columns)].astype(str).agg("/".join, axis=1).to_numpy()
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    slices = part["slice"].to_numpy()
-    out = []
-    for k in np.argsort(first, kind="stable"):
-        members = rows[inverse == k]
-        out.append(members[np.argsort(slices[inverse == k], kind="stable")])
-    return out
+    keys = part.groupby(list(volume_columns), sort=False).ngroup().to_numpy()  # numbered by first appearance
+    order = np.lexsort((part["slice"].to_numpy(), keys))  # by volume, then slice (stable)
+    return np.split(rows[order], np.flatnonzero(np.diff(keys[order])) + 1)
 
 
 def read_volume(cache: SliceCache, rows: np.ndarray, channels: int, mean, std) -> np.ndarray:
@@ -76,6 +74,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.mean, self.std, self.seed, self.length = mean, std, seed, length
         self.augment, self.foreground = augment, foreground
         self.epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._where: dict[int, list[np.ndarray]] = {}  # per volume and class, voxels to centre on (per process)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch.fill_(epoch)
@@ -85,12 +84,13 @@ class PatchDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(self.epoch), i, 0x3D]))
-        rows = self.volumes[i % len(self.volumes)]
-        masks = np.asarray(self.cache.masks[rows])  # (D, S, S) packed
-        start = patch_start(masks, self.patch, rng, self.foreground, self.n_classes)
+        v = i % len(self.volumes)
+        rows = self.volumes[v]
+        shape = (len(rows), *self.cache.masks.shape[1:])
+        start = patch_start(shape, self.locations(v), self.patch, rng, self.foreground)
         window = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
         image = read_volume(self.cache, rows[window[0]], self.channels, self.mean, self.std)[:, :, window[1], window[2]]
-        mask = masks[window]
+        mask = np.asarray(self.cache.masks[rows[window[0]]])[:, window[1], window[2]]
         blank = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)  # a scan's 0, normalised
         image, mask = pad_to(image, self.patch, blank), pad_to(mask, self.patch, 0)
         if self.augment:
@@ -101,19 +101,28 @@ class PatchDataset(torch.utils.data.Dataset):
                 "index": torch.from_numpy(np.pad(index, (0, self.patch[0] - len(index)), constant_values=-1))}
 
 
-def patch_start(masks: np.ndarray, patch: tuple[int, int, int], rng: np.random.Generator, foreground: float,
-                n_classes: int) -> tuple[int, ...]:
-    """The patch's first voxel: centred on a random voxel of a random class present (probability ``foreground``),
-    else uniform; kept inside the volume where it fits (a volume smaller than the patch starts at 0 and is
-    padded)."""
-    shape = masks.shape
+    def locations(self, v: int) -> list[np.ndarray]:
+        """Volume ``v``'s voxels of each class (flat indices; at most LOCATIONS, a sample drawn from (seed, v)),
+        read from its masks once per process."""
+        if v not in self._where:
+            masks = np.asarray(self.cache.masks[self.volumes[v]])
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, v, 0x10C]))
+            where = [np.flatnonzero(masks & (1 << c)) for c in range(self.n_classes)]
+            self._where[v] = [np.sort(rng.choice(w, LOCATIONS, replace=False)) if len(w) > LOCATIONS else w
+                              for w in where]
+        return self._where[v]
+
+
+def patch_start(shape: tuple[int, int, int], locations: list[np.ndarray], patch: tuple[int, int, int],
+                rng: np.random.Generator, foreground: float) -> tuple[int, ...]:
+    """The first voxel of a patch of a volume of ``shape``: centred on a random voxel of ``locations`` (per class,
+    flat indices) of a random class the volume shows (probability ``foreground``), else uniform; kept inside the
+    volume where it fits (a volume smaller than the patch starts at 0 and is padded)."""
     high = [max(0, n - p) for n, p in zip(shape, patch)]
     if rng.random() < foreground:
-        shown = int(np.bitwise_or.reduce(masks, axis=None)) & ((1 << n_classes) - 1)
-        present = [c for c in range(n_classes) if shown >> c & 1]
+        present = [w for w in locations if len(w)]
         if present:
-            bit = 1 << present[rng.integers(len(present))]
-            voxels = np.flatnonzero(masks & bit)
+            voxels = present[rng.integers(len(present))]
             centre = np.unravel_index(voxels[rng.integers(len(voxels))], shape)
             return tuple(int(min(max(0, c - p // 2), h)) for c, p, h in zip(centre, patch, high))
     return tuple(int(rng.integers(h + 1)) for h in high)

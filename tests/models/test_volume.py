@@ -40,11 +40,13 @@ def test_a_patch_is_a_function_of_seed_epoch_and_item():
 
 
 def test_foreground_sampling_centres_patches_on_the_organ_even_when_it_is_tiny():
-    masks = _cache().masks
+    ds = PatchDataset(_cache(), [np.arange(10)], (4, 8, 8), 1, 3, (0.5,), (0.5,), seed=3, length=4)
+    masks, where = ds.cache.masks, ds.locations(0)
+    assert [len(w) for w in where] == [0, 4, 0]  # the organ's 4 voxels, class 1
     rng = np.random.default_rng(0)
-    starts = [patch_start(masks, (4, 8, 8), rng, 1.0, 3) for _ in range(20)]
+    starts = [patch_start(masks.shape, where, (4, 8, 8), rng, 1.0) for _ in range(20)]
     assert all(masks[s[0]:s[0] + 4, s[1]:s[1] + 8, s[2]:s[2] + 8].any() for s in starts)
-    plain = [patch_start(masks, (4, 8, 8), rng, 0.0, 3) for _ in range(200)]
+    plain = [patch_start(masks.shape, where, (4, 8, 8), rng, 0.0) for _ in range(200)]
     assert 0 < sum(masks[s[0]:s[0] + 4, s[1]:s[1] + 8, s[2]:s[2] + 8].any() for s in plain) < 200
 
 
