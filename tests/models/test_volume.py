@@ -235,3 +235,33 @@ def test_two_processes_share_the_validation_volumes_and_score_each_slice_once(de
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert "world size 2" in (out / "train.log").read_text()
     assert record["val_slices"] == len(val) and 0 <= record["dice_mean"] <= 1
+
+
+def test_a_3d_model_predicts_a_nifti_volume_slice_by_slice_from_its_sliding_window(volume_run, tmp_path):
+    """giseg predict --input with a 3D model: the label map on the scan's grid has a class wherever the
+    sliding-window masks of the whole volume (Segmenter.prepare_volume, the model card's path) have one."""
+    from pathlib import Path
+
+    nib = pytest.importorskip("nibabel", reason="the [medical] extra (part of the dev install)")
+    from giseg.commands.predict import main as predict
+    from giseg.data.nifti import cut
+    from giseg.inference.segmenter import Segmenter, upsample_like
+
+    scan = np.random.default_rng(0).integers(0, 3000, (40, 36, 12)).astype(np.int16)
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])  # slices 3 mm apart along the last axis
+    src = tmp_path / "in" / "pat_001_0000.nii.gz"
+    src.parent.mkdir()
+    nib.save(nib.Nifti1Image(scan, affine), src)
+    best = Path(volume_run.output_dir) / "best"
+    seg = Segmenter.load(best)
+    slices = [cut(scan, 2, k).astype(np.float32) for k in range(scan.shape[2])]
+    with torch.no_grad():  # (12, 3, H, W) probabilities at the scan's size
+        probs = torch.sigmoid(upsample_like(seg.logits(seg.prepare_volume(slices)), slices[0].shape)).numpy()
+    # thresholds at each class's median (rounded): about half the voxels on, so the comparison cannot pass empty
+    thresholds = [round(float(np.median(probs[:, c])), 3) for c in range(probs.shape[1])]
+    assert predict(["--model", str(best), "--input", str(src.parent), "--out", str(tmp_path / "out"),
+                    "--cache_dir", str(tmp_path / "cache"), "--thresholds", ",".join(map(str, thresholds))]) == 0
+    pred = np.asanyarray(nib.load(tmp_path / "out" / "pat_001.nii.gz").dataobj)
+    want = (probs > np.array(thresholds, np.float32)[None, :, None, None]).any(1)
+    assert pred.shape == scan.shape and 0.2 < want.mean() < 0.99
+    assert all(np.array_equal(cut(pred, 2, k) > 0, want[k]) for k in range(scan.shape[2]))
