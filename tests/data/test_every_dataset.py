@@ -1,8 +1,9 @@
 """Every registered dataset (giseg/data/registry.py ADAPTERS, not a hand-made list) goes the whole way on its own
-demo: giseg demo-data's folder, the index, a 2-step training run at 32 px of a 2D and of a 3D model (its volumes:
-the adapter's volume_columns), predict and score. A new dataset module and its registry line are covered with no
-new test."""
+demo: giseg demo-data's folder, the index, a 2-step training run at 32 px of a 2D and (nightly) of a 3D model (its
+volumes: the adapter's volume_columns), predict and score. A new dataset module and its registry line are covered
+with no new test."""
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -19,7 +20,13 @@ def tiny_volume(tmp_path_factory):
     return make_tiny("segresnet3d", tmp_path_factory.mktemp("tiny3d") / "tiny-segresnet3d")
 
 
-@pytest.mark.parametrize("model", ["segformer", "segresnet3d"])
+NIGHTLY = pytest.mark.skipif(os.environ.get("GISEG_NIGHTLY") != "1",
+                             reason="nightly: GISEG_NIGHTLY=1 python -m pytest tests/data/test_every_dataset.py")
+
+
+# a 3D model on every dataset is the nightly part (CI: tests/test_run_train.py trains one on the nnU-Net demo through
+# run_train.sh, tests/models/test_volume.py on the GI demo)
+@pytest.mark.parametrize("model", ["segformer", pytest.param("segresnet3d", marks=NIGHTLY)])
 @pytest.mark.parametrize("name", sorted(ADAPTERS))
 def test_a_registered_dataset_trains_predicts_and_scores_on_its_demo(name, model, tiny_models, tiny_volume, tmp_path):
     from giseg.commands.predict import main as predict_main
