@@ -71,17 +71,25 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("segresnet3d", "volume", "gi_volume", HALF, "SegResNet, 3D (MONAI; models/volume.py)", encoder="segresnet",
            tiny="giseg.models.volume:tiny_segresnet"),
     Family("swinunetr3d", "volume", "gi_volume", HALF, "SwinUNETR, 3D (MONAI; models/volume.py)", encoder="swinunetr",
-           tiny="giseg.models.volume:tiny_swinunetr", min_size=64),
+           tiny="giseg.models.volume:tiny_swinunetr", min_size=64,
+           graph_breaks="MONAI's SwinUNETR builds its shifted-window attention mask with numpy in the forward"),
 )}
 
 
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile's modes that capture CUDA graphs
 
 
-def compile_refusal(model_type: str, mode: str) -> str:
-    """'' when --torch_compile_mode ``mode`` suits a model of ``model_type``; else the line that refuses it: CUDA
-    graphs need a step that compiles whole."""
-    family = next((f for f in FAMILIES.values() if f.model_type == model_type), None)
+def family_of(model_type: str, variant: str = "") -> Family | None:
+    """The family of a model: by its config's model_type, and where families share one (the U-Nets, the 3D
+    networks) by ``variant``, the config's encoder or architecture."""
+    matches = [f for f in FAMILIES.values() if f.model_type == model_type]
+    return next((f for f in matches if f.encoder == variant), matches[0] if matches else None)
+
+
+def compile_refusal(model_type: str, mode: str, variant: str = "") -> str:
+    """'' when --torch_compile_mode ``mode`` suits a model of ``model_type`` (and ``variant``: family_of); else the
+    line that refuses it: CUDA graphs need a step that compiles whole."""
+    family = family_of(model_type, variant)
     if family is None or not family.graph_breaks or mode not in CUDA_GRAPH_MODES:
         return ""
     return (f"--torch_compile_mode {mode} captures CUDA graphs, which need a training step that compiles whole; "

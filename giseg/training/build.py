@@ -194,7 +194,9 @@ def build_model(cfg: TrainConfig, adapter: DatasetAdapter, processes: int) -> tu
 
 def compile_model(cfg: TrainConfig, model: torch.nn.Module, family: str, spec: InferenceSpec) -> None:
     """--torch_compile, in place (nn.Module.compile): the state's keys stay the plain model's, no "_orig_mod."."""
-    refusal = compile_refusal(family, cfg.torch_compile_mode)
+    config = model.hf.config
+    refusal = compile_refusal(family, cfg.torch_compile_mode, getattr(config, "architecture", "") or getattr(
+        config, "encoder", ""))
     if refusal:
         raise UserError(refusal)
     install_output_hooks(model, cfg.image_size)

@@ -15,7 +15,7 @@ def _step(family, tiny_models, tmp_path):
     """(the trainer's forward + loss of one batch as a function, its inputs, the model) for ``family``."""
     from giseg.inference.segmenter import upsample_like
     from giseg.models.load import load_model
-    from giseg.models.wrapper import SegmentationModel
+    from giseg.models.wrapper import SegmentationModel, blank_input
     from giseg.training.build import install_output_hooks
     from giseg.training.losses import make_loss
 
@@ -28,11 +28,14 @@ def _step(family, tiny_models, tmp_path):
 
     def step(pixels, masks):
         logits, aux = model(pixels)
+        if logits.ndim == 5:  # a 3D model: the loss sees the patch's slices (training/loop.py)
+            logits, masks = logits.transpose(1, 2).flatten(0, 1), masks.flatten(0, 1)
         loss = loss_fn(upsample_like(logits, masks.shape[-2:]), masks, None)
         return loss if aux is None else loss + 0.4 * loss_fn(upsample_like(aux, masks.shape[-2:]), masks, None)
 
-    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
-    masks = torch.randint(0, 8, (2, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    shape = tuple(blank_input(model.hf, size).shape[2:])  # (S, S), or a 3D model's smallest patch
+    pixels = torch.randn(2, blank_input(model.hf, size).shape[1], *shape, generator=torch.Generator().manual_seed(1))
+    masks = torch.randint(0, 8, (2, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     return step, (pixels, masks), model
 
 
@@ -72,7 +75,8 @@ def test_cuda_graph_modes_are_refused_in_one_line_for_a_step_with_graph_breaks()
     breaks = [f for f in FAMILIES.values() if f.graph_breaks]
     assert breaks  # (Mask2Former's)
     for family in breaks:
-        line = compile_refusal(family.model_type, "reduce-overhead")
+        line = compile_refusal(family.model_type, "reduce-overhead", family.encoder)
         assert "captures CUDA graphs" in line and family.name in line and "\n" not in line
-        assert compile_refusal(family.model_type, "default") == ""
+        assert compile_refusal(family.model_type, "default", family.encoder) == ""
     assert compile_refusal("segformer", "reduce-overhead") == ""
+    assert compile_refusal("gi_volume", "reduce-overhead", "segresnet") == ""  # (a model_type two families share)
