@@ -108,7 +108,8 @@ def table(recording: dict) -> str:
     rows, first = recording["rows"], next(iter(recording["rows"]))
     lines = [f"{len(recording['seeds'])} seeds x {recording['folds']} folds, `giseg score` at the scans' sizes; "
              f"command: `{recording['command']}` ({recording['machine']}, {recording['wall_s']} s)", "",
-             "| row | " + " | ".join(COLUMNS) + f" | score minus {first}'s, paired |", "|" + " --- |" * (len(COLUMNS) + 2)]
+             "| row | " + " | ".join(COLUMNS) + f" | score minus {first}'s, paired |",
+             "|" + " --- |" * (len(COLUMNS) + 2)]
     for name, figures in rows.items():
         s = summary(figures)
         diff = "" if name == first else paired(figures, rows[first])

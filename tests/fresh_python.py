@@ -1,6 +1,6 @@
 """Fresh interpreters for the tests, without paying torch's and transformers' import each time (~2 s apiece).
 
-A helper process imports torch and transformers (third-party code only: none of ours, no registration) and then
+A helper process imports torch, transformers and MONAI (third-party code only: none of ours, no registration), then
 only forks: each job runs in a child of it, with its own argv, folder and environment, as `python -c code` would.
 To the job it is a fresh interpreter as far as this project goes (a loader that forgets to register its model type
 still fails), at a fraction of the start-up. conftest.py's `fresh_python` fixture holds one for the whole session.
@@ -19,6 +19,10 @@ from pathlib import Path
 HELPER = r"""
 import json, os, sys, traceback
 import torch, transformers  # noqa: F401  (third party only: imported once for every job)
+try:  # MONAI (the [3d] extra; ~6 s to import): the 3D families' jobs
+    import monai.inferers, monai.networks.nets  # noqa: F401
+except ImportError:
+    pass
 for line in sys.stdin:
     job = json.loads(line)
     pid = os.fork()

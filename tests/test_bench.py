@@ -155,7 +155,8 @@ def test_gpu_check_smoke_runs_every_section_on_the_cpu(tmp_path):
     text = (tmp_path / "out" / "gpu_check.txt").read_text()
     assert "2. the training loader alone" in text and "3. giseg predict: the model alone" in text
     assert "4. bare training loop" in text and "torch 2." in (tmp_path / "out" / "env.txt").read_text()
-    assert "6. 3D training step: segresnet3d (tiny" in text and any("| channels_last_3d |" in r for r in results["volume"])
+    assert "6. 3D training step: segresnet3d (tiny" in text
+    assert any("| channels_last_3d |" in r for r in results["volume"])
 
 
 def test_the_gpu_checks_variants_put_the_issues_questions_first_and_cover_the_whole_matrix():

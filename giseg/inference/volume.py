@@ -27,7 +27,7 @@ def sliding_logits(model: torch.nn.Module, pixel_values: torch.Tensor, patch: tu
     require_monai("a 3D model's sliding-window inference")
     from monai.inferers.utils import sliding_window_inference  # MONAI (the [3d] extra): only for a 3D model
 
-    def forward(window: torch.Tensor) -> torch.Tensor:  # (channels_last_3d, the trainer's layout: benchmarks/volume_step.py)
+    def forward(window: torch.Tensor) -> torch.Tensor:  # (channels_last_3d, the trainer's: benchmarks/volume_step.py)
         return model(window.contiguous(memory_format=torch.channels_last_3d))[0]
 
     def run(x: torch.Tensor) -> torch.Tensor:
