@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{PARTS.relative_to(ROOT)}; another folder measures anew); a present part is not measured again")
     ap.add_argument("--seeds", default="42,1,2", help="training seeds (default 42,1,2), measured one after another")
     ap.add_argument("--folds", type=int, default=3, help="CV folds (default 3: two of the demo's six cases each)")
+    ap.add_argument("--rows", default=":", help="only these rows, a Python slice of the table's rows, e.g. 0:7 or 7: "
+                    "(two processes measure one seed, each its rows, with --out folders of their own)")
     ap.add_argument("--smoke", action="store_true", help="2 folds, the first seed, 1 epoch, parts under --out: "
                     "checks that it runs")
     ap.add_argument("--record", action="store_true", help=f"also keep the result as {RECORDING.relative_to(ROOT)} "
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Ablation(Path(args.out), 2 if args.smoke else args.folds, args.smoke)
     parts = Path(args.out) / "parts" if args.smoke else ROOT / args.parts
     for seed in seeds:
-        for label, reference, measure in bench.rows(seed):
+        chosen = slice(*(int(i) if i else None for i in args.rows.split(":")))
+        for label, reference, measure in bench.rows(seed)[chosen]:
             path = part_path(parts, label, seed)
             if path.is_file():
                 continue
@@ -94,8 +97,15 @@ def main(argv: list[str] | None = None) -> int:
                               "commit": commit(), "machine": MACHINE, "wall_s": round(time.time() - t0)})
             print(f"{time.strftime('%H:%M:%S')} {label}, seed {seed}: score {summary(figures)['mean']['score']:.4f}"
                   f" ({round(time.time() - t0)} s) -> {path}", flush=True)
-    command = " ".join(["python", "benchmarks/hard_ablation.py", *(argv if argv is not None else sys.argv[1:])])
-    recording = assemble(parts, [label for label, _, _ in bench.rows(seeds[0])], seeds, bench.folds, command)
+    labels = [label for label, _, _ in bench.rows(seeds[0])]
+    missing = [part_path(parts, label, seed).name for seed in seeds for label in labels
+               if not part_path(parts, label, seed).is_file()]
+    if missing:
+        print(f"{len(labels) * len(seeds) - len(missing)} of {len(labels) * len(seeds)} parts under {parts}; the "
+              f"table comes when the rest are there ({', '.join(missing)})")
+        return 0
+    command = "python benchmarks/hard_ablation.py --out runs/hard-ablation" + (" --smoke" if args.smoke else "")
+    recording = assemble(parts, labels, seeds, bench.folds, command)
     text = json.dumps(recording, indent=1, default=float) + "\n"
     write_json(Path(args.out) / "hard_ablation.json", recording)
     if args.record and not args.smoke:
@@ -208,8 +218,8 @@ def table(recording: dict) -> str:
     """The Markdown table of a recording: each row's mean ± sd over (seed, fold) and its paired difference."""
     rows = recording["rows"]
     lines = [f"{len(recording['seeds'])} seeds x {recording['folds']} folds, `giseg score` at the scans' sizes; "
-             f"command: `{recording['command']}` ({recording['machine']}; commit {', '.join(recording.get('commits', []))}; "
-             f"{recording['wall_s']} s of measurement)", "",
+             f"command: `{recording['command']}` ({recording['machine']}; commit "
+             f"{', '.join(recording.get('commits', []))}; {recording['wall_s']} s of measurement)", "",
              "| row | " + " | ".join(COLUMNS) + " | score minus the reference's, paired (reference) |",
              "|" + " --- |" * (len(COLUMNS) + 2)]
     for name, row in rows.items():

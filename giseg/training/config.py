@@ -41,6 +41,18 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20}}  # a tiny random model, on a CPU
 
 
+def preset_values(names: str) -> dict:
+    """The defaults of --preset: one name, or several comma-separated, merged left to right (``demo,competition``:
+    the demo's budget with the competition's techniques)."""
+    values = {}
+    for name in filter(None, names.split(",")):
+        if name not in PRESETS:
+            raise UserError(f"--preset {names}: no preset {name!r}; the presets: {', '.join(PRESETS)} (several "
+                            "comma-separated combine, e.g. demo,competition)")
+        values.update(PRESETS[name])
+    return values
+
+
 # the inference spec's fields that are training flags (task, image_size, context_slices, context_stride ...): declared
 # once, in inference/spec.py, with their defaults, help and checks; the trainer copies them into every saved spec
 SpecFlags = dataclasses.make_dataclass("SpecFlags", [(f.name, f.type, dataclasses.field(
@@ -258,7 +270,9 @@ class TrainerFlags:
         "", "a named set of defaults, for the flags not given: demo = "
         + ", ".join(f"--{k} {v}" for k, v in PRESETS["demo"].items())
         + " (bash run_train.sh's demo: a tiny random model on the demo data, on a CPU)",
-        group="running", identity=False, choices=("", *PRESETS), metavar="{demo}")
+        group="running", identity=False, metavar="{" + ",".join(PRESETS) + "}",
+        check=lambda v: all(name in PRESETS for name in filter(None, v.split(","))),
+        what=f"preset names among {', '.join(PRESETS)}, comma-separated")
     resume_run: str = flag(
         "", "continue the run in this folder from its latest checkpoint, with the settings saved in its "
         "run_config.json (flags given as well change what may change on a resume, e.g. --epochs)",
@@ -309,7 +323,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     the fields' defaults."""
     ap = build_parser()
     known = ap.parse_known_args(argv)[0]
-    defaults = dict(PRESETS.get(known.preset, {}))
+    defaults = preset_values(known.preset)
     if known.resume_run:
         defaults = saved_settings(known.resume_run)
         if known.output_dir not in (TrainConfig.output_dir, known.resume_run):
@@ -340,7 +354,7 @@ def saved_settings(run_dir: str) -> dict:
 
 def defaults_source(cfg: TrainConfig) -> dict[str, str]:
     """For each flag whose value is not the field's default: where it came from (the command line or --preset)."""
-    preset = PRESETS.get(cfg.preset, {})
+    preset = preset_values(cfg.preset)
     return {f.name: ("preset" if f.name in preset and getattr(cfg, f.name) == preset[f.name] else "given")
             for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default}
 

@@ -50,8 +50,18 @@ def test_a_preset_fills_only_the_flags_not_given():
     assert {k: getattr(demo, k) for k in PRESETS["demo"]} == PRESETS["demo"]
     mine = parse_config(["--preset", "demo", "--epochs", "3"])
     assert mine.epochs == 3 and mine.lr == PRESETS["demo"]["lr"]
-    with pytest.raises(SystemExit):
-        parse_config(["--preset", "nonsense"])
+    with pytest.raises(UserError, match=r"--preset demo,nonsense: no preset 'nonsense'; the presets: demo"):
+        parse_config(["--preset", "demo,nonsense"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_combine_left_to_right_and_each_sets_only_real_flags(name):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(PRESETS[name]) <= set(fields) and PRESETS[name], name
+    both = parse_config(["--preset", f"demo,{name}"])
+    assert {k: getattr(both, k) for k in PRESETS[name]} == PRESETS[name]
+    assert all(getattr(both, k) == v for k, v in PRESETS["demo"].items() if k not in PRESETS[name])
+    validate_config(both)
 
 
 def test_the_parser_has_one_option_per_field_in_its_section():
