@@ -3,6 +3,7 @@
     python benchmarks/learning_efficiency.py                                  # the default recipe
     python benchmarks/learning_efficiency.py --variants default,plain,wd1e-4  # recipes side by side
     python benchmarks/learning_efficiency.py --data real                      # the demo's real anatomy
+    python benchmarks/learning_efficiency.py --data hard --variants default,competition   # the hard demo
     python benchmarks/learning_efficiency.py --smoke                          # 1 seed, 1 fold, 1 epoch (the test)
 
 The setting of the equal-budget issue: the 216-slice demo with large organs (9 case-days x 24 slices; --data real:
@@ -40,6 +41,7 @@ VARIANTS = {
     "step": ["--scheduler_name", "MultiStepLR", "--lr_milestones", "2"],
     "plain": ["--task", "multiclass", "--weight_decay", "1e-4", "--scheduler_name", "MultiStepLR", "--lr_milestones", "2"],
     "dice-skip": ["--dice_absent", "skip"],
+    "competition": ["--preset", "competition"],  # the techniques of --preset competition (the setting keeps its budget)
     # the zero-bias head with one other candidate cause changed (the screening of docs/performance.md)
     "no-prior-no-clip": ["--head_prior", "0", "--max_grad_norm", "0"],
     "no-prior-dice": ["--head_prior", "0", "--loss", "dice"],
@@ -62,7 +64,7 @@ def prepare(work: Path, data: str) -> tuple[Path, Path]:
         if data == "large":
             make_demo_data(folder, slices_per_day=24, anatomy="large")
         else:
-            make_demo_data(folder)
+            make_demo_data(folder, anatomy=data)  # "real" or "hard" (giseg demo-data --difficulty hard)
     model = work / "tiny-segformer"
     if not (model / "config.json").exists():
         make_tiny("segformer", model)
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default="default", help=f"comma-separated recipes of {list(VARIANTS)}")
     ap.add_argument("--seeds", default="42,1,2,3", help="training seeds (default 42,1,2,3)")
     ap.add_argument("--folds", default="0,1", help="validation folds of the 5-fold split (default 0,1)")
-    ap.add_argument("--data", default="large", choices=("large", "real"), help="the demo data set (default large)")
+    ap.add_argument("--data", default="large", choices=("large", "real", "hard"),
+                    help="the demo data set (default large; hard: giseg demo-data --difficulty hard)")
     ap.add_argument("--margin", type=float, default=0.01, help="Dice above the floor that counts as off it")
     ap.add_argument("--work", default="bench-work/learning", help="data, model, cache and runs (kept between calls)")
     ap.add_argument("--out", default=None, help="also write every run's curve (per-class Dice by step) as JSON")

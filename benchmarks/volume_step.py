@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(args.batch, 1, d, h, w, device=device)
         masks = torch.randint(0, 8, (args.batch, d, h, w), dtype=torch.uint8, device=device)
         if layout == "channels_last_3d":
-            layout = torch.channels_last_3d
-            model, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
+            model = model.to(memory_format=torch.channels_last_3d)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(model, x, masks, make_loss("bce_dice", "multilabel", classes), steps, warmup, device)
