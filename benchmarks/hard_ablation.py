@@ -21,6 +21,8 @@ Rows, each alone on top of the baseline (untuned unless said):
   + slice-classifier gate     a CV of tiny ConvNeXt slice classifiers (--task presence), tuned out of fold with
                               the thresholds and gates (tune --cv --gate_model)
   + second family, ensemble   the fold-by-fold average with a tiny UperNet-ConvNeXt CV of the same settings
+  --preset competition        the combination chosen on the rows above (giseg/training/config.py PRESETS; on top of
+                              --preset demo's budget), with the steps after training of PRESET_TUNE and PRESET_TTA
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
 ± sd over them, and the difference of the competition score from the baseline's (the tuned rows: from the tuned
 baseline's), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it
@@ -61,6 +63,20 @@ TRAINED = (("+ EMA (--ema_decay 0.99)", "ema", ["--ema_decay", "0.99"]),
            ("+ CutMix / MixUp (0.25 each)", "cutmix-mixup", ["--cutmix_prob", "0.25", "--mixup_prob", "0.25"]),
            ("+ SWA (the last 5 epochs' average: --swa_start_epoch 10)", "swa", ["--swa_start_epoch", "10"]),
            ("+ body crop (--body_crop)", "body-crop", ["--body_crop"]))
+
+# what the competition recipe adds after training, chosen on the rows above: giseg tune --cv's search (empty: none)
+# and predict --tta
+PRESET_TUNE, PRESET_TTA = "thresholds,gates,postprocess", False
+
+
+def preset_label() -> str:
+    """The preset's row, named by what it runs: the flags of --preset competition as they are now, then the steps
+    after training."""
+    from giseg.training.config import PRESETS
+
+    flags = " ".join(f"--{k} {v}" for k, v in PRESETS["competition"].items())
+    return (f"--preset competition ({flags})" + (f", tuned out of fold ({PRESET_TUNE})" if PRESET_TUNE else "")
+            + (", TTA" if PRESET_TTA else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,6 +208,9 @@ class Ablation:
         presence = lambda: self.cv("presence", "classifier", seed, "--task", "presence")  # noqa: E731
         gated = lambda: self.tune(base(), f"baseline-slice-gate-seed{seed}",  # noqa: E731
                                   "thresholds,gates,postprocess,slice_gate", "--gate_model", str(presence()))
+        trained = lambda: [self.cv("competition", "segformer", seed, "--preset", "demo,competition")]  # noqa: E731
+        preset = lambda: self.figures(trained(), tta=PRESET_TTA, tuned=self.tune(  # noqa: E731
+            trained(), f"competition-tuned-seed{seed}", PRESET_TUNE) if PRESET_TUNE else None)
         return rows + [
             ("+ TTA (flips, predict --tta)", "baseline", lambda: self.figures(base(), tta=True)),
             ("+ second family (UperNet-ConvNeXt), fold ensemble", "baseline",
@@ -200,7 +219,8 @@ class Ablation:
             ("+ tuned gates and post-processing", "baseline, tuned thresholds (out of fold)",
              lambda: self.figures(base(), tuned_all())),
             ("+ slice-classifier gate (tuned out of fold)", "+ tuned gates and post-processing",
-             lambda: self.figures(base(), gated(), presence()))]
+             lambda: self.figures(base(), gated(), presence())),
+            (preset_label(), "baseline", preset)]
 
 
 def write_docs(recording: dict) -> None:

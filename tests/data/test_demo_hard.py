@@ -94,3 +94,30 @@ def test_the_docs_state_every_knob_and_the_recorded_calibration():
     block = doc[doc.index(hard_demo.START):doc.index(hard_demo.END) + len(hard_demo.END)]
     assert block == hard_demo.render(recording)  # (python benchmarks/hard_demo.py --render rewrites it)
     assert len(recording["runs"]) >= 3
+
+
+def test_the_docs_ablation_table_is_the_recording_of_its_parts_and_the_preset_is_its_best_row():
+    """docs/hard-demo.md's technique table is benchmarks/hard_ablation_cpu.json's, which is its parts' (each (row,
+    seed) as measured: benchmarks/hard_ablation_parts/), over 3 folds and at least 3 seeds; --preset competition is
+    the row with the best competition score, and its flags are the preset's."""
+    import sys
+
+    from giseg.training.config import PRESETS
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import hard_ablation
+    from ablation import summary
+
+    recording = json.loads(hard_ablation.RECORDING.read_text())
+    doc = (ROOT / "docs" / "hard-demo.md").read_text()
+    block = doc[doc.index(hard_ablation.START):doc.index(hard_ablation.END) + len(hard_ablation.END)]
+    assert block == f"{hard_ablation.START}\n{hard_ablation.table(recording)}\n{hard_ablation.END}"
+    seeds, rows = recording["seeds"], recording["rows"]
+    assert len(seeds) >= 3 and recording["folds"] == 3
+    assert all(len(row["figures"]) == len(seeds) * 3 for row in rows.values())
+    again = hard_ablation.assemble(hard_ablation.PARTS, list(rows), seeds, 3, recording["command"])
+    assert again["rows"] == rows and again["commits"] == recording["commits"]
+    scores = {name: summary(row["figures"])["mean"]["score"] for name, row in rows.items()}
+    best = max(scores, key=scores.get)
+    assert best == hard_ablation.preset_label(), scores  # (named by the preset's flags as they are now)
+    assert all(f"--{k} {v}" in best for k, v in PRESETS["competition"].items())
