@@ -21,6 +21,7 @@ Rows, each alone on top of the baseline (untuned unless said):
   + slice-classifier gate     a CV of tiny ConvNeXt slice classifiers (--task presence), tuned out of fold with
                               the thresholds and gates (tune --cv --gate_model)
   + second family, ensemble   the fold-by-fold average with a tiny UperNet-ConvNeXt CV of the same settings
+                              (untuned, then tuned out of fold: thresholds, gates, post-processing)
   --preset competition        the combination chosen on the rows above (giseg/training/config.py PRESETS; on top of
                               --preset demo's budget), with the steps after training of PRESET_TUNE and PRESET_TTA
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
@@ -206,6 +207,9 @@ class Ablation:
         thresholds = lambda: self.tune(base(), f"baseline-thresholds-seed{seed}", "thresholds")  # noqa: E731
         tuned_all = lambda: self.tune(base(), f"baseline-all-seed{seed}", "thresholds,gates,postprocess")  # noqa
         presence = lambda: self.cv("presence", "classifier", seed, "--task", "presence")  # noqa: E731
+        upernet = lambda: self.cv("upernet", "upernet", seed)  # noqa: E731
+        tuned_pair = lambda: self.tune(base() + [upernet()], f"two-families-all-seed{seed}",  # noqa: E731
+                                       "thresholds,gates,postprocess")
         gated = lambda: self.tune(base(), f"baseline-slice-gate-seed{seed}",  # noqa: E731
                                   "thresholds,gates,postprocess,slice_gate", "--gate_model", str(presence()))
         trained = lambda: [self.cv("competition", "segformer", seed, "--preset", "demo,competition")]  # noqa: E731
@@ -214,12 +218,14 @@ class Ablation:
         return rows + [
             ("+ TTA (flips, predict --tta)", "baseline", lambda: self.figures(base(), tta=True)),
             ("+ second family (UperNet-ConvNeXt), fold ensemble", "baseline",
-             lambda: self.figures(base() + [self.cv("upernet", "upernet", seed)])),
+             lambda: self.figures(base() + [upernet()])),
             ("baseline, tuned thresholds (out of fold)", "baseline", lambda: self.figures(base(), thresholds())),
             ("+ tuned gates and post-processing", "baseline, tuned thresholds (out of fold)",
              lambda: self.figures(base(), tuned_all())),
             ("+ slice-classifier gate (tuned out of fold)", "+ tuned gates and post-processing",
              lambda: self.figures(base(), gated(), presence())),
+            ("+ second family, the ensemble tuned out of fold (thresholds, gates, post-processing)",
+             "+ tuned gates and post-processing", lambda: self.figures(base() + [upernet()], tuned_pair())),
             (preset_label(), "baseline", preset)]
 
 
