@@ -20,10 +20,11 @@ Rows, each alone on top of the baseline (untuned unless said):
   + thresholds, gates, post-processing   tune --cv --search thresholds,gates,postprocess
   + slice-classifier gate     a CV of tiny ConvNeXt slice classifiers (--task presence), tuned out of fold with
                               the thresholds and gates (tune --cv --gate_model)
-  + second family, ensemble   the fold-by-fold average with a tiny UperNet-ConvNeXt CV of the same settings
-                              (untuned, then tuned out of fold: thresholds, gates, post-processing)
-  --preset competition        the combination chosen on the rows above (giseg/training/config.py PRESETS; on top of
-                              --preset demo's budget), with the steps after training of PRESET_TUNE and PRESET_TTA
+  + second family, ensemble   the fold-by-fold average with a tiny UperNet-ConvNeXt CV of the same settings (untuned)
+  + Lovász, tuned             the Lovász CV tuned out of fold (thresholds, gates, post-processing): does the one
+                              trained technique that did not lose add to tuning?
+  --preset competition        giseg cv --preset competition (giseg/commands/cv.py CV_PRESETS: the recipe chosen on
+                              the rows above): the folds of both families, the ensemble tuned out of fold
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
 ± sd over them, and the difference of the competition score from the baseline's (the tuned rows: from the tuned
 baseline's), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it
@@ -65,19 +66,14 @@ TRAINED = (("+ EMA (--ema_decay 0.99)", "ema", ["--ema_decay", "0.99"]),
            ("+ SWA (the last 5 epochs' average: --swa_start_epoch 10)", "swa", ["--swa_start_epoch", "10"]),
            ("+ body crop (--body_crop)", "body-crop", ["--body_crop"]))
 
-# what the competition recipe adds after training, chosen on the rows above: giseg tune --cv's search (empty: none)
-# and predict --tta
-PRESET_TUNE, PRESET_TTA = "thresholds,gates,postprocess", False
-
 
 def preset_label() -> str:
-    """The preset's row, named by what it runs: the flags of --preset competition as they are now, then the steps
-    after training."""
-    from giseg.training.config import PRESETS
+    """The preset's row, named by what it runs as giseg cv's CV_PRESETS says now (a changed preset is a new row)."""
+    from giseg.commands.cv import CV_PRESETS
 
-    flags = " ".join(f"--{k} {v}" for k, v in PRESETS["competition"].items())
-    return (f"--preset competition ({flags})" + (f", tuned out of fold ({PRESET_TUNE})" if PRESET_TUNE else "")
-            + (", TTA" if PRESET_TTA else ""))
+    p = CV_PRESETS["competition"]
+    return ("giseg cv --preset competition (" + ("a second family, UperNet-ConvNeXt; " if p.second_family else "")
+            + (f"tuned out of fold: {p.tune}" if p.tune else "untuned") + ")")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +193,18 @@ class Ablation:
         return fold_figures([[c / f"fold_{k}" / "best" for c in cvs] for k in range(self.folds)], self.data,
                             tuned, self.cache, gates=gate_models, tta=tta)
 
+    def preset(self, seed: int) -> list[dict]:
+        """giseg cv --preset competition as a user runs it (the second family: the tiny UperNet-ConvNeXt)."""
+        from giseg.commands.cv import CV_PRESETS
+
+        folder, p = self.out / f"preset-competition-seed{seed}", CV_PRESETS["competition"]
+        if not (folder / "preset.json").is_file() or not (folder / "tuned.json").is_file() and p.tune:
+            run([self.py, "-m", "giseg", "cv", "--output_dir", str(folder), "--preset", "competition",
+                 "--second_model", str(self.models["upernet"]), "--", "--base_model", str(self.models["segformer"]),
+                 *self.common, "--seed", str(seed)])
+        cvs = [folder / "first"] + ([folder / "second"] if p.second_family else [])
+        return self.figures(cvs, folder / "tuned.json" if p.tune else None)
+
     def rows(self, seed: int) -> list[tuple]:
         """(label, reference row, a function measuring the row's figures for ``seed``): the CVs train on demand."""
         base = lambda: [self.cv("baseline", "segformer", seed)]  # noqa: E731
@@ -208,13 +216,10 @@ class Ablation:
         tuned_all = lambda: self.tune(base(), f"baseline-all-seed{seed}", "thresholds,gates,postprocess")  # noqa
         presence = lambda: self.cv("presence", "classifier", seed, "--task", "presence")  # noqa: E731
         upernet = lambda: self.cv("upernet", "upernet", seed)  # noqa: E731
-        tuned_pair = lambda: self.tune(base() + [upernet()], f"two-families-all-seed{seed}",  # noqa: E731
-                                       "thresholds,gates,postprocess")
+        lovasz = lambda: [self.cv("lovasz", "segformer", seed, "--loss", "bce_dice_lovasz")]  # noqa: E731
         gated = lambda: self.tune(base(), f"baseline-slice-gate-seed{seed}",  # noqa: E731
                                   "thresholds,gates,postprocess,slice_gate", "--gate_model", str(presence()))
-        trained = lambda: [self.cv("competition", "segformer", seed, "--preset", "demo,competition")]  # noqa: E731
-        preset = lambda: self.figures(trained(), tta=PRESET_TTA, tuned=self.tune(  # noqa: E731
-            trained(), f"competition-tuned-seed{seed}", PRESET_TUNE) if PRESET_TUNE else None)
+        preset = lambda: self.preset(seed)  # noqa: E731
         return rows + [
             ("+ TTA (flips, predict --tta)", "baseline", lambda: self.figures(base(), tta=True)),
             ("+ second family (UperNet-ConvNeXt), fold ensemble", "baseline",
@@ -224,8 +229,9 @@ class Ablation:
              lambda: self.figures(base(), tuned_all())),
             ("+ slice-classifier gate (tuned out of fold)", "+ tuned gates and post-processing",
              lambda: self.figures(base(), gated(), presence())),
-            ("+ second family, the ensemble tuned out of fold (thresholds, gates, post-processing)",
-             "+ tuned gates and post-processing", lambda: self.figures(base() + [upernet()], tuned_pair())),
+            ("+ Lovász, tuned out of fold (thresholds, gates, post-processing)", "+ tuned gates and post-processing",
+             lambda: self.figures(lovasz(), self.tune(lovasz(), f"lovasz-all-seed{seed}",
+                                                      "thresholds,gates,postprocess"))),
             (preset_label(), "baseline", preset)]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from giseg.commands.options import RunOptions, check_run_options, parse_weights
@@ -35,8 +36,31 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ensemble", nargs="+", default=None,
                     help="no training: score the out-of-fold ensemble of these finished CV folders")
     ap.add_argument("--data_dir", default=None, help="--ensemble: the data the CVs were trained on")
+    ap.add_argument("--preset", default=None, choices=sorted(CV_PRESETS), metavar="{" + ",".join(CV_PRESETS) + "}",
+                    help="a recipe around the folds, chosen on the hard demo's ablation (docs/hard-demo.md): "
+                    + "; ".join(f"{name} = {p.note}" for name, p in CV_PRESETS.items())
+                    + ". The folds go to output_dir/first (and output_dir/second), the tuned decisions to "
+                    "output_dir/tuned.json, and the log ends with the giseg predict command that uses them")
+    ap.add_argument("--second_model", default=None,
+                    help="--preset: the second family's --base_model (hub id or folder, e.g. "
+                         "openmmlab/upernet-convnext-small), trained with the same flags")
     add_options(ap.add_argument_group("--ensemble: how the CVs' models run"), RunOptions)
     return ap
+
+
+@dataclass(frozen=True)
+class CvPreset:
+    """What giseg cv --preset runs around the folds of --base_model."""
+    second_family: bool  # the folds of --second_model too, with the same flags, ensembled fold by fold
+    tune: str  # giseg tune --cv's --search over the CV(s), out of fold (empty: none)
+    note: str
+
+
+# each choice justified by its row of the hard demo's ablation (benchmarks/hard_ablation.py, docs/hard-demo.md)
+CV_PRESETS = {"competition": CvPreset(
+    True, "thresholds,gates,postprocess",
+    "the trainer's own defaults (no trained technique beat the baseline beyond one sd there), the folds of a second "
+    "family, and the two families' ensemble with its thresholds, gates and post-processing tuned out of fold")}
 
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -107,9 +131,53 @@ def parse_trainer_args(trainer_args: list[str]):
 def main(argv: list[str] | None = None) -> int:
     own, trainer_args = split_argv(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(own)
+    if args.ensemble and args.preset:
+        raise UserError("--ensemble scores finished CVs and --preset trains them: pass one of the two")
     if args.ensemble:
         score_cv_ensemble(args)
         return 0
+    if args.preset:
+        return run_preset(args, trainer_args)
+    if args.second_model:
+        raise UserError("--second_model goes with --preset (the second family of its recipe)")
+    train_cv(args, trainer_args)
+    return 0
+
+
+def run_preset(args, trainer_args: list[str]) -> int:
+    """--preset: the folds of --base_model (and of --second_model) under output_dir/first and /second, then giseg
+    tune --cv over them out of fold into output_dir/tuned.json; a rerun resumes (finished folds are kept)."""
+    from giseg.commands import tune  # (torch, 2 s: not for --help)
+
+    preset = CV_PRESETS[args.preset]
+    if preset.second_family and not args.second_model:
+        raise UserError(f"--preset {args.preset} needs --second_model: the second family's --base_model (hub id or "
+                        "folder, e.g. openmmlab/upernet-convnext-small)")
+    cfg = parse_trainer_args(trainer_args)
+    out = claim_output_dir(args.output_dir, "--output_dir", "cv --preset", {"--data_dir": cfg.data_dir},
+                           ours=lambda p: (p / "preset.json").is_file())
+    atomic_write_json(out / "preset.json", {"preset": args.preset, "second_model": args.second_model,
+                                            "trainer_args": trainer_args})
+    cvs = [out / "first"] + ([out / "second"] if preset.second_family else [])
+    for folder, extra in zip(cvs, ([], ["--base_model", str(args.second_model)])):
+        args.output_dir = str(folder)
+        train_cv(args, trainer_args + extra)  # (a later --base_model wins)
+    tuned = []
+    if preset.tune:
+        tuned = ["--tuned", str(out / "tuned.json")]
+        status = tune.main(["--cv", *map(str, cvs), "--data_dir", cfg.data_dir, "--search", preset.tune,
+                            "--out", tuned[1], "--cache_dir", cfg.cache_dir, "--num_workers", str(cfg.num_workers)])
+        if status:
+            return status
+    models = " ".join(str(c / "fold_*" / "best") for c in cvs)
+    setup_logging(True, out / "preset.log")
+    logger.info("--preset %s: done; predict with: giseg predict --model %s %s--data_dir <test data> --out <file>",
+                args.preset, models, " ".join(tuned) + " " if tuned else "")
+    return 0
+
+
+def train_cv(args, trainer_args: list[str]) -> None:
+    """The folds of one model into args.output_dir, then the CV table (and --final_model)."""
     cfg = parse_trainer_args(trainer_args)
     folds = parse_folds(args.folds, cfg.n_folds)
     if args.parallel < 1:
@@ -146,4 +214,3 @@ def main(argv: list[str] | None = None) -> int:
         out = cv_dir / "final"  # (a finished one is resumed at its last step: nothing to do)
         with stop_on_signals(runner.stop):
             runner.run(fold_command(trainer_args, None, out, groups[0], args.launcher), out, groups[0], "final model")
-    return 0

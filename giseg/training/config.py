@@ -38,21 +38,21 @@ OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 # named sets of defaults (--preset); flags given on the command line win over them
-PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20},  # a tiny random model, on a CPU
-           "competition": {"loss": "bce_dice_lovasz"}}
-PRESET_NOTES = {"demo": "bash run_train.sh's demo: a tiny random model on the demo data, on a CPU",
-                "competition": "the techniques that the hard demo's ablation supports, docs/hard-demo.md; the budget "
-                               "stays yours, then giseg tune --cv chooses thresholds, gates and post-processing"}
+# (the competition recipe is giseg cv --preset competition: on the hard demo no trained technique beat the trainer's
+# defaults, docs/hard-demo.md, so it adds a second family and tuning out of fold instead of flags)
+PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20}}  # a tiny random model, on a CPU
+PRESET_NOTES = {"demo": "bash run_train.sh's demo: a tiny random model on the demo data, on a CPU"}
 
 
 def preset_values(names: str) -> dict:
-    """The defaults of --preset: one name, or several comma-separated, merged left to right (``demo,competition``:
-    the demo's budget with the competition's techniques)."""
+    """The defaults of --preset: one name, or several comma-separated, merged left to right (a later one's values
+    win)."""
     values = {}
     for name in filter(None, names.split(",")):
         if name not in PRESETS:
             raise UserError(f"--preset {names}: no preset {name!r}; the presets: {', '.join(PRESETS)} (several "
-                            "comma-separated combine, e.g. demo,competition)")
+                            "comma-separated combine)" + ("; the competition recipe is giseg cv --preset competition"
+                                                          if name == "competition" else ""))
         values.update(PRESETS[name])
     return values
 
@@ -273,7 +273,8 @@ class TrainerFlags:
     preset: str = flag(
         "", "a named set of defaults, for the flags not given; several comma-separated combine, left to right: "
         + "; ".join(f"{name} = " + ", ".join(f"--{k} {v}" for k, v in values.items()) + f" ({PRESET_NOTES[name]})"
-                    for name, values in PRESETS.items()),
+                    for name, values in PRESETS.items())
+        + " (the competition recipe, a second family and tuning out of fold, is giseg cv --preset competition)",
         group="running", identity=False, metavar="{" + ",".join(PRESETS) + "}",
         check=lambda v: all(name in PRESETS for name in filter(None, v.split(","))),
         what=f"preset names among {', '.join(PRESETS)}, comma-separated")

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -274,3 +275,28 @@ def test_a_presence_cv_scores_its_folds_out_of_fold_and_gates_the_segmenter_cv_i
     report = json.loads((tmp_path / "gate.json").read_text())
     assert report["gate_models"] == [str(tmp_path / "pcv")] and report["after"]["score"] >= report["before"]["score"]
     assert report["before"]["n_slices"] == n_slices
+
+
+def test_the_competition_preset_trains_both_families_and_tunes_their_ensemble_out_of_fold(cv_run, tiny_models,
+                                                                                           tmp_path, capsys):
+    """giseg cv --preset competition: the folds of --base_model and of --second_model with the same flags, then the
+    pair's thresholds, gates and post-processing tuned out of fold into tuned.json; the log names the predict command."""
+    cv, args = cv_run
+    trainer_args, out = args[args.index("--") + 1:], tmp_path / "preset"
+    assert cv_main(["--output_dir", str(out), "--preset", "competition", "--", *trainer_args]) == 2
+    assert "--preset competition needs --second_model" in capsys.readouterr().err and not out.exists()
+    preset = ["--output_dir", str(out), "--preset", "competition", "--second_model", str(tiny_models["upernet"])]
+    assert cv_main([*preset, "--", *trainer_args]) == 0
+    # the first family's folds are the plain CV's run again (same flags and seed: the same figures, on a CPU)
+    first, plain = (json.loads((c / "cv_scores.json").read_text()) for c in (out / "first", cv))
+    assert first["mean"] == pytest.approx(plain["mean"], abs=1e-6)
+    second = json.loads((out / "second" / "fold_0" / "run_config.json").read_text())
+    assert second["base_model"] == str(tiny_models["upernet"])
+    report = json.loads((out / "tuned.json").read_text())
+    assert report["source"] == f"out-of-fold validation of {out / 'first'}, {out / 'second'}"
+    assert report["after"]["score"] >= report["before"]["score"]
+    log = re.sub(r"\n\S+ \S+ INFO \.\.\. ", " ", (out / "preset.log").read_text())  # (its lines joined again)
+    assert f"predict with: giseg predict --model {out / 'first'}" in log and f"--tuned {out / 'tuned.json'}" in log
+    # a plain CV folder is not taken for the recipe's (a rerun's resume: test_a_second_start_keeps_the_finished_folds)
+    assert cv_main([*preset[:1], str(cv), *preset[2:], "--", *trainer_args]) == 2
+    assert "giseg cv --preset did not write" in capsys.readouterr().err
