@@ -3,7 +3,7 @@
     python benchmarks/learning_efficiency.py                                  # the default recipe
     python benchmarks/learning_efficiency.py --variants default,plain,wd1e-4  # recipes side by side
     python benchmarks/learning_efficiency.py --data real                      # the demo's real anatomy
-    python benchmarks/learning_efficiency.py --data hard --variants default,competition   # the hard demo
+    python benchmarks/learning_efficiency.py --data hard                      # the hard demo
     python benchmarks/learning_efficiency.py --smoke                          # 1 seed, 1 fold, 1 epoch (the test)
 
 The setting of the equal-budget issue: the 216-slice demo with large organs (9 case-days x 24 slices; --data real:
@@ -41,7 +41,6 @@ VARIANTS = {
     "step": ["--scheduler_name", "MultiStepLR", "--lr_milestones", "2"],
     "plain": ["--task", "multiclass", "--weight_decay", "1e-4", "--scheduler_name", "MultiStepLR", "--lr_milestones", "2"],
     "dice-skip": ["--dice_absent", "skip"],
-    "competition": ["--preset", "competition"],  # the techniques of --preset competition (the setting keeps its budget)
     # the zero-bias head with one other candidate cause changed (the screening of docs/performance.md)
     "no-prior-no-clip": ["--head_prior", "0", "--max_grad_norm", "0"],
     "no-prior-dice": ["--head_prior", "0", "--loss", "dice"],

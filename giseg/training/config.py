@@ -37,22 +37,17 @@ from giseg.utils.options import above, add_options, at_least, between, check_opt
 OPTIMIZERS = ("AdamW", "Adam", "SGD")
 SCHEDULERS = ("MultiStepLR", "cosine", "poly", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-# named sets of defaults (--preset); flags given on the command line win over them
-# (the competition recipe is giseg cv --preset competition: on the hard demo no trained technique beat the trainer's
-# defaults, docs/hard-demo.md, so it adds a second family and tuning out of fold instead of flags)
-PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20}}  # a tiny random model, on a CPU
+PRESETS = {"demo": {"epochs": 14, "lr": 2e-3, "image_size": 96, "warmup_steps": 20}}  # --preset: given flags win
 PRESET_NOTES = {"demo": "bash run_train.sh's demo: a tiny random model on the demo data, on a CPU"}
 
 
 def preset_values(names: str) -> dict:
-    """The defaults of --preset: one name, or several comma-separated, merged left to right (a later one's values
-    win)."""
+    """The defaults of --preset: one name, or several comma-separated, merged left to right."""
     values = {}
     for name in filter(None, names.split(",")):
         if name not in PRESETS:
             raise UserError(f"--preset {names}: no preset {name!r}; the presets: {', '.join(PRESETS)} (several "
-                            "comma-separated combine)" + ("; the competition recipe is giseg cv --preset competition"
-                                                          if name == "competition" else ""))
+                            "comma-separated combine; the competition recipe is giseg cv --preset competition)")
         values.update(PRESETS[name])
     return values
 
