@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from giseg.data import demo
-from giseg.data.demo import ANATOMIES, SIZES, SLICES_PER_DAY, make_demo_data
+from giseg.data.demo import SIZES, SLICES_PER_DAY, make_demo_data
 from giseg.data.demo_hard import HardKnobs, knob_help
 from giseg.data.lgg import make_lgg_demo
 from giseg.utils.claims import claim_output_dir

@@ -28,7 +28,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,6 @@ from pathlib import Path
 from giseg.data.folds import data_changes
 from giseg.training.launch import TRAINER, check_gpus, end_with_parent, trainer_command
 from giseg.utils.errors import UserError
-from giseg.utils.files import atomic_write_json, atomic_write_text
 from giseg.utils.log import logger
 
 def parse_folds(text: str, n_folds: int) -> list[int]:

@@ -131,7 +131,7 @@ def test_a_3d_run_that_dies_after_a_checkpoint_resumes_to_the_uninterrupted_weig
     real = loop.save_state
 
     def die_after_first(run, meter):
-        path = real(run, meter)
+        real(run, meter)
         raise RuntimeError("killed")
 
     cfg = dataclasses.replace(volume_run, output_dir=str(tmp_path / "crashed"))

@@ -186,7 +186,7 @@ def test_every_registered_loss_is_a_module_of_its_own_and_a_documented_choice_of
     """A recipe is one module and one registry line: --loss offers it, with its docstring as its help."""
     import inspect
 
-    from giseg.training.config import TrainConfig, build_parser
+    from giseg.training.config import build_parser
 
     cls = LOSSES[name]
     assert cls.name == name and inspect.getmodule(cls).__name__ == f"giseg.training.losses.{name}"

@@ -2,7 +2,6 @@
 id / case / day / slice / spacing: the Layout a dataset is read with."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np

@@ -8,7 +8,7 @@ import numpy as np
 
 from giseg.data.base import DatasetAdapter
 from giseg.data.masks import pack_masks
-from giseg.data.nnunet.dataset_json import DATASET_JSON, ENDING, channel_names
+from giseg.data.nnunet.dataset_json import DATASET_JSON, ENDING
 from giseg.data.nifti import import_nibabel
 from giseg.utils.errors import UserError
 from giseg.utils.files import atomic_dir
