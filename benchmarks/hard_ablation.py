@@ -26,8 +26,8 @@ Rows, each alone on top of the baseline (untuned unless said):
   --preset competition        giseg cv --preset competition (giseg/commands/cv.py CV_PRESETS: the recipe chosen on
                               the rows above): the folds of both families, the ensemble tuned out of fold
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
-± sd over them, and the difference of the competition score from the baseline's (the tuned rows: from the tuned
-baseline's), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it
+± sd over them, and the difference of the competition score from its reference row's (the baseline; the tuned rows:
+the less tuned baseline; the preset: the untuned two-family ensemble, so what its tuning adds), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it
 is measured, with its commit and time, as one file under --parts (benchmarks/hard_ablation_parts/: the recording in
 progress, so that a run cut off keeps its figures); when every part is there, it writes <out>/hard_ablation.json
 and prints the table with the command; with --record also benchmarks/hard_ablation_cpu.json, the recording whose
@@ -232,7 +232,7 @@ class Ablation:
             ("+ Lovász, tuned out of fold (thresholds, gates, post-processing)", "+ tuned gates and post-processing",
              lambda: self.figures(lovasz(), self.tune(lovasz(), f"lovasz-all-seed{seed}",
                                                       "thresholds,gates,postprocess"))),
-            (preset_label(), "baseline", preset)]
+            (preset_label(), "+ second family (UperNet-ConvNeXt), fold ensemble", preset)]  # (what tuning adds)
 
 
 def write_docs(recording: dict) -> None:
