@@ -27,9 +27,10 @@ Rows, each alone on top of the baseline (untuned unless said):
                               the rows above): the folds of both families, the ensemble tuned out of fold
 Each row: `giseg score`'s figures of every (seed, fold) on the fold's own validation cases at the scans' sizes, mean
 ± sd over them, and the difference of the competition score from its reference row's (the baseline; the tuned rows:
-the less tuned baseline; the preset: the untuned two-family ensemble, so what its tuning adds), paired by (seed, fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it
-is measured, with its commit and time, as one file under --parts (benchmarks/hard_ablation_parts/: the recording in
-progress, so that a run cut off keeps its figures); when every part is there, it writes <out>/hard_ablation.json
+the less tuned baseline; the preset: the untuned two-family ensemble, so what its tuning adds), paired by (seed,
+fold), mean ± sd: "noise" when within one sd of zero. Each (row, seed) is kept as it is measured, with its commit
+and time, as one file under --parts (benchmarks/hard_ablation_parts/: the recording in progress, so that a run cut
+off keeps its figures); when every part is there, it writes <out>/hard_ablation.json
 and prints the table with the command; with --record also benchmarks/hard_ablation_cpu.json, the recording whose
 table docs/hard-demo.md shows.
 """

@@ -50,7 +50,8 @@ def test_a_preset_fills_only_the_flags_not_given():
     assert {k: getattr(demo, k) for k in PRESETS["demo"]} == PRESETS["demo"]
     mine = parse_config(["--preset", "demo", "--epochs", "3"])
     assert mine.epochs == 3 and mine.lr == PRESETS["demo"]["lr"]
-    with pytest.raises(UserError, match=r"--preset demo,nonsense: no preset .nonsense.; the presets: demo .* giseg cv --preset competition"):
+    with pytest.raises(UserError, match=r"--preset demo,nonsense: no preset .nonsense.; the presets: demo .* "
+                                         r"giseg cv --preset competition"):
         parse_config(["--preset", "demo,nonsense"])
 
 

@@ -1,10 +1,10 @@
 import json
-import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import log_events
 from giseg.training.cv import gpu_groups, parse_folds
 from giseg.commands.cv import main as cv_main
 from giseg.utils.errors import UserError
@@ -280,7 +280,8 @@ def test_a_presence_cv_scores_its_folds_out_of_fold_and_gates_the_segmenter_cv_i
 def test_the_competition_preset_trains_both_families_and_tunes_their_ensemble_out_of_fold(cv_run, tiny_models,
                                                                                            tmp_path, capsys):
     """giseg cv --preset competition: the folds of --base_model and of --second_model with the same flags, then the
-    pair's thresholds, gates and post-processing tuned out of fold into tuned.json; the log names the predict command."""
+    pair's thresholds, gates and post-processing tuned out of fold into tuned.json; the log names the predict
+    command."""
     cv, args = cv_run
     trainer_args, out = args[args.index("--") + 1:], tmp_path / "preset"
     assert cv_main(["--output_dir", str(out), "--preset", "competition", "--", *trainer_args]) == 2
@@ -295,7 +296,7 @@ def test_the_competition_preset_trains_both_families_and_tunes_their_ensemble_ou
     report = json.loads((out / "tuned.json").read_text())
     assert report["source"] == f"out-of-fold validation of {out / 'first'}, {out / 'second'}"
     assert report["after"]["score"] >= report["before"]["score"]
-    log = re.sub(r"\n\S+ \S+ INFO \.\.\. ", " ", (out / "preset.log").read_text())  # (its lines joined again)
+    log = "\n".join(log_events((out / "preset.log").read_text()))
     assert f"predict with: giseg predict --model {out / 'first'}" in log and f"--tuned {out / 'tuned.json'}" in log
     # a plain CV folder is not taken for the recipe's (a rerun's resume: test_a_second_start_keeps_the_finished_folds)
     assert cv_main([*preset[:1], str(cv), *preset[2:], "--", *trainer_args]) == 2
